@@ -1,0 +1,361 @@
+"""``migrelay connect``: the source relay, and the WebSocket client it uses.
+
+Source QEMU migrates to a local unix socket; every connection it opens there (the main
+channel, then multifd or postcopy-preempt channels) becomes its own WebSocket, opened
+when QEMU connects. The handshake names the migration (``Migrelay-Session``) and the
+channel's accept order (``Migrelay-Channel``) so the server can connect the channels to
+destination QEMU in the same order (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import ssl
+import stat
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from ..config import Limits
+from ..core.handshake import Accepted, ClientHandshake
+from ..core.session import RelaySession, Role
+from ..errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
+from .channel import Channel, UnixLeg
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = {"ws": 80, "wss": 443}
+
+
+@dataclass(frozen=True)
+class WebSocketURL:
+    """A parsed ``ws://`` or ``wss://`` URL."""
+
+    secure: bool
+    host: str
+    port: int
+    target: str
+
+    @classmethod
+    def parse(cls, url: str) -> WebSocketURL:
+        """Parse ``url``; raise ValueError with a one-line reason when it is not one."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"not a ws:// or wss:// URL: {url}")
+        if not parts.hostname:
+            raise ValueError(f"URL has no host: {url}")
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        return cls(
+            secure=parts.scheme == "wss",
+            host=parts.hostname,
+            port=parts.port or DEFAULT_PORT[parts.scheme],
+            target=target,
+        )
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = DEFAULT_PORT["wss" if self.secure else "ws"]
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass
+class ClientConfig:
+    """How the source relay reaches the server."""
+
+    url: str
+    token: str | None = None
+    headers: Sequence[tuple[str, str]] = ()
+    ssl_context: ssl.SSLContext | None = None
+    connect_timeout: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+
+
+class _ClientHandshakeProtocol(asyncio.Protocol):
+    def __init__(self, handshake: ClientHandshake, done: asyncio.Future[Accepted]) -> None:
+        self.handshake = handshake
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = stream = cast(asyncio.Transport, transport)
+        stream.write(self.handshake.request_bytes())
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            # More bytes after the 101 before the channel took over: keep them.
+            self.handshake.trailing_data += data
+            return
+        try:
+            accepted = self.handshake.receive_data(data)
+        except (HandshakeRefused, RemoteProtocolError) as exc:
+            self.done.set_exception(exc)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        if accepted is not None:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.done.set_result(accepted)
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            try:
+                self.handshake.receive_eof()
+            except RelayError as exc:
+                self.done.set_exception(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            error = ConnectError("connection closed during the handshake", exc)
+            self.done.set_exception(error)
+
+
+async def open_websocket(
+    config: ClientConfig, extra_headers: Sequence[tuple[str, str]] = ()
+) -> tuple[asyncio.Transport, bytes]:
+    """Connect and complete the opening handshake.
+
+    Returns:
+        The transport (reading paused) and any bytes received after the 101.
+
+    Raises:
+        ConnectError: the server could not be reached or closed early.
+        HandshakeRefused: the server answered with an HTTP error.
+        RemoteProtocolError: the server's answer was not a valid upgrade.
+    """
+    url = WebSocketURL.parse(config.url)
+    headers = list(config.headers)
+    if config.token:
+        headers.append(("Authorization", f"Bearer {config.token}"))
+    headers.extend(extra_headers)
+    handshake = ClientHandshake(
+        url.host_header, url.target, headers=headers, max_head_bytes=config.limits.max_head_bytes
+    )
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Accepted] = loop.create_future()
+    ssl_context = config.ssl_context
+    if url.secure and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    try:
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: _ClientHandshakeProtocol(handshake, done),
+                url.host,
+                url.port,
+                ssl=ssl_context if url.secure else None,
+                server_hostname=url.host if url.secure else None,
+            ),
+            timeout=config.connect_timeout,
+        )
+    except TimeoutError as exc:
+        raise ConnectError(
+            f"cannot connect to {url.host_header}",
+            TimeoutError(f"timed out after {config.connect_timeout:g} s"),
+        ) from exc
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {url.host_header}", exc) from exc
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        accepted = await asyncio.wait_for(asyncio.shield(done), timeout=config.connect_timeout)
+    except TimeoutError as exc:
+        transport.abort()
+        raise ConnectError(
+            f"no handshake answer from {url.host_header}",
+            TimeoutError(f"timed out after {config.connect_timeout:g} s"),
+        ) from exc
+    except BaseException:
+        transport.abort()
+        raise
+    if accepted.subprotocol is None:
+        transport.abort()
+        raise RemoteProtocolError("server did not select subprotocol migrelay.v1", 1002)
+    return transport, handshake.trailing_data
+
+
+def prepare_unix_listener(path: Path, mode: int = 0o600) -> socket.socket:
+    """Bind a listening unix socket at ``path`` with ``mode``, replacing a stale one.
+
+    A socket file that still has a listener is in use: refuse rather than steal it.
+    Anything that is not a socket is never removed.
+
+    Raises:
+        RelayError: the path is in use or is not a socket.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise RelayError(f"{path} exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # stale: nobody listens there
+        else:
+            raise RelayError(f"{path} is in use by another listener")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a umask so the file is never, even briefly, more open than ``mode``.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+class _SourceUnixLeg(UnixLeg):
+    def __init__(self, relay: SourceRelay) -> None:
+        super().__init__(relay.config.limits.read_bytes)
+        self.relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.relay._accepted(self)
+
+
+@dataclass
+class _SourceSession:
+    id: str
+    next_channel: int = 0
+    open_channels: int = 0
+    channels: list[Channel] = field(default_factory=list)
+    failed: bool = False
+
+
+class SourceRelay:
+    """Listens on a unix socket for source QEMU; one WebSocket per connection.
+
+    Args:
+        config: how to reach the server.
+        listen_path: the unix socket QEMU migrates to.
+        once: stop after the first migration session ends.
+        mode: the socket file's permissions.
+    """
+
+    def __init__(
+        self, config: ClientConfig, listen_path: Path, *, once: bool = False, mode: int = 0o600
+    ) -> None:
+        self.config = config
+        self.listen_path = listen_path
+        self.once = once
+        self.mode = mode
+        self.sessions_done = 0
+        #: Set when ``once`` and the first session ended.
+        self.finished = asyncio.Event()
+        #: Whether every channel of every finished session ended cleanly.
+        self.all_clean = True
+        self._session: _SourceSession | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._channels: set[Channel] = set()
+
+    async def start(self) -> None:
+        """Start listening. Raises RelayError/OSError when the socket cannot be made."""
+        WebSocketURL.parse(self.config.url)  # fail early on a bad URL
+        sock = prepare_unix_listener(self.listen_path, self.mode)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _SourceUnixLeg(self), sock=sock)
+        logger.info("listening on %s, relaying to %s", self.listen_path, self.config.url)
+
+    async def close(self) -> None:
+        """Stop listening, abort open channels, remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            with_socket = self.listen_path
+            try:
+                if stat.S_ISSOCK(with_socket.lstat().st_mode):
+                    with_socket.unlink()
+            except FileNotFoundError:
+                pass
+        for task in list(self._tasks):
+            task.cancel()
+        for channel in list(self._channels):
+            channel.abort("relay stopped")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _accepted(self, leg: _SourceUnixLeg) -> None:
+        session = self._session
+        if session is None or session.open_channels == 0:
+            # A new migration: earlier channels of the last one have all ended.
+            session = self._session = _SourceSession(secrets.token_hex(8))
+            logger.debug("= new session %s", session.id)
+        number = session.next_channel
+        session.next_channel += 1
+        session.open_channels += 1
+        task = asyncio.get_running_loop().create_task(self._open_channel(leg, session, number))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_channel(
+        self, leg: _SourceUnixLeg, session: _SourceSession, number: int
+    ) -> None:
+        name = f"{session.id}/{number}"
+        headers = [("Migrelay-Session", session.id), ("Migrelay-Channel", str(number))]
+        try:
+            transport, trailing = await open_websocket(self.config, headers)
+        except (RelayError, OSError) as exc:
+            logger.error("channel %s: cannot open websocket to %s: %s", name, self.config.url, exc)
+            session.failed = True
+            if leg.transport is not None:
+                # QEMU must see the failure now, not wait on a socket nobody reads.
+                leg.transport.abort()
+            self._channel_ended(session, None)
+            return
+        channel = Channel(
+            RelaySession(Role.CLIENT, max_message_bytes=self.config.limits.max_message_bytes),
+            leg,
+            transport,
+            self.config.limits,
+            name,
+            on_closed=lambda ch: self._channel_ended(session, ch),
+        )
+        self._channels.add(channel)
+        session.channels.append(channel)
+        logger.info("channel %s opened: %s -> %s", name, self.listen_path, self.config.url)
+        channel.start(trailing)
+        transport.resume_reading()
+
+    def _channel_ended(self, session: _SourceSession, channel: Channel | None) -> None:
+        if channel is not None:
+            self._channels.discard(channel)
+            if not channel.clean:
+                session.failed = True
+        session.open_channels -= 1
+        if session.open_channels == 0:
+            self.sessions_done += 1
+            if session.failed:
+                self.all_clean = False
+            logger.info(
+                "session %s ended: %d channel(s), %s",
+                session.id,
+                session.next_channel,
+                "failed" if session.failed else "completed",
+            )
+            if self.once:
+                self.finished.set()

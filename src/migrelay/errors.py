@@ -1,0 +1,88 @@
+"""Exceptions raised by migrelay.
+
+::
+
+    RelayError
+     ├─ ProtocolError
+     │   ├─ LocalProtocolError          we misused the protocol (a bug here)  (sans-IO)
+     │   └─ RemoteProtocolError         the peer misbehaved; carries a close code (sans-IO)
+     ├─ HandshakeRefused                the server answered the upgrade with an HTTP error
+     ├─ StateError                      an operation needs another state
+     ├─ ConnectError                    could not reach a peer; wraps the root cause
+     └─ MigrationError                  QEMU reported a failure; keeps QEMU's text whole
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class RelayError(Exception):
+    """Base class of every error that migrelay raises on purpose."""
+
+
+class ProtocolError(RelayError):
+    """A WebSocket or HTTP protocol rule was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried something the protocol forbids in its state (sans-IO)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol (sans-IO).
+
+    Attributes:
+        close_code: the status the connection should be closed with, or the HTTP
+            status to refuse a handshake with.
+    """
+
+    def __init__(self, message: str, close_code: int) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class HandshakeRefused(RelayError):
+    """The server refused the WebSocket upgrade.
+
+    Attributes:
+        status: the HTTP status code.
+        reason: the server's one-line explanation (its body or reason phrase).
+    """
+
+    def __init__(self, status: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(f"server refused the upgrade with {status}: {reason}")
+        self.status = status
+        self.reason = reason
+        self.headers: Mapping[str, str] = dict(headers or {})
+
+
+class StateError(RelayError):
+    """An operation was attempted in a state that does not allow it."""
+
+    def __init__(self, state: object, required: object) -> None:
+        super().__init__(f"state is {state}, but {required} is required")
+        self.state = state
+        self.required = required
+
+
+class ConnectError(RelayError):
+    """Could not connect to a peer (relay, proxy, QMP socket).
+
+    ``str()`` is ``"message: cause"``.
+    """
+
+    def __init__(self, message: str, exc: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exc = exc
+
+    def __str__(self) -> str:
+        if self.exc is None:
+            return self.message
+        cause = str(self.exc) or type(self.exc).__name__
+        return f"{self.message}: {cause}"
+
+
+class MigrationError(RelayError):
+    """QEMU refused a command or reported a failed migration; the text is QEMU's own."""
