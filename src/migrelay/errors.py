@@ -7,9 +7,10 @@
      │   ├─ LocalProtocolError          we misused the protocol (a bug here)  (sans-IO)
      │   └─ RemoteProtocolError         the peer misbehaved; carries a close code (sans-IO)
      ├─ HandshakeRefused                the server answered the upgrade with an HTTP error
-     ├─ StateError                      an operation needs another state
+     ├─ StateError                      an operation needs another state (e.g. a VM runstate)
      ├─ ConnectError                    could not reach a peer; wraps the root cause
-     └─ MigrationError                  QEMU reported a failure; keeps QEMU's text whole
+     └─ MigrationError                  QEMU refused a command or a migration failed;
+                                        keeps QEMU's text whole
 """
 
 from __future__ import annotations
@@ -58,12 +59,22 @@ class HandshakeRefused(RelayError):
 
 
 class StateError(RelayError):
-    """An operation was attempted in a state that does not allow it."""
+    """An operation was attempted in a state that does not allow it.
 
-    def __init__(self, state: object, required: object) -> None:
-        super().__init__(f"state is {state}, but {required} is required")
+    Attributes:
+        state: the state that was found.
+        required: the state (or a description of the states) that would have allowed it.
+        hint: what the operator can do about it, if known.
+    """
+
+    def __init__(self, state: object, required: object, hint: str | None = None) -> None:
+        message = f"state is {state}, but {required} is required"
+        if hint:
+            message = f"{message}: {hint}"
+        super().__init__(message)
         self.state = state
         self.required = required
+        self.hint = hint
 
 
 class ConnectError(RelayError):
@@ -85,4 +96,19 @@ class ConnectError(RelayError):
 
 
 class MigrationError(RelayError):
-    """QEMU refused a command or reported a failed migration; the text is QEMU's own."""
+    """QEMU refused a command or reported a failed migration; the text is QEMU's own.
+
+    ``str()`` is QEMU's ``desc`` / ``error-desc`` text, unchanged.
+
+    Attributes:
+        command: the QMP command that failed, if a command failed (``None`` when a
+            running migration failed).
+        error_class: QEMU's error class (usually ``GenericError``), if known.
+    """
+
+    def __init__(
+        self, message: str, command: str | None = None, error_class: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.command = command
+        self.error_class = error_class

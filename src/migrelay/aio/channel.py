@@ -22,7 +22,9 @@ see the failure at once. One INFO line per channel tells how it ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Final, cast
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Room reserved in front of each unix read for the frame header.
 HEADROOM: Final = MAX_HEADER_BYTES
+#: SO_SNDBUF asked for on unix legs (Linux doubles it, capped by net.core.wmem_max).
+UNIX_SNDBUF_BYTES: Final = 2 << 20
 
 _CLOSE_REASONS: Final[dict[int, str]] = {
     CloseCode.NORMAL: "normal",
@@ -98,6 +102,14 @@ class UnixLeg(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = stream = cast(asyncio.Transport, transport)
         stream.set_write_buffer_limits(high=0, low=0)
+        sock = stream.get_extra_info("socket")
+        if sock is not None:
+            # QEMU reads a unix socket ~220 KiB at a time; with the default 208 KiB send
+            # buffer the destination relay wrote each 1 MiB read in ~5 pieces, each a
+            # wake-up. 4 MiB measured ~20 % less relay CPU. The kernel caps it at
+            # net.core.wmem_max; it is kernel memory, not the relay's buffers.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF_BYTES)
         if self.channel is None:
             # Nothing to relay to yet: let QEMU's writes wait in the kernel.
             stream.pause_reading()

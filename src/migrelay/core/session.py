@@ -59,9 +59,25 @@ class SessionState(Enum):
     CLOSED = "closed"
 
 
-def _urandom_key() -> bytes:
-    # RFC 6455 §5.3: the key "MUST be derived from a strong source of entropy".
-    return os.urandom(4)
+class _KeyPool:
+    """Masking keys from ``os.urandom``, 1024 at a time.
+
+    RFC 6455 §5.3: the key "MUST be derived from a strong source of entropy". One
+    getrandom() per 1024 frames instead of one per frame (6000 calls per GiB).
+    """
+
+    def __init__(self, keys_per_refill: int = 1024) -> None:
+        self._refill_bytes = 4 * keys_per_refill
+        self._pool = b""
+        self._offset = 0
+
+    def __call__(self) -> bytes:
+        if self._offset >= len(self._pool):
+            self._pool = os.urandom(self._refill_bytes)
+            self._offset = 0
+        offset = self._offset
+        self._offset = offset + 4
+        return self._pool[offset : offset + 4]
 
 
 class RelaySession:
@@ -70,7 +86,8 @@ class RelaySession:
     Args:
         role: client (source relay) or server (destination relay).
         max_message_bytes: the largest message accepted from the peer.
-        mask_key: source of 4-byte masking keys (client only); injectable for tests.
+        mask_key: source of 4-byte masking keys (client only; default: os.urandom,
+            in batches); injectable for tests.
     """
 
     def __init__(
@@ -78,11 +95,14 @@ class RelaySession:
         role: Role,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        mask_key: Callable[[], bytes] = _urandom_key,
+        mask_key: Callable[[], bytes] | None = None,
     ) -> None:
         self.role = role
         self.state = SessionState.OPEN
-        self._mask_key = mask_key if role is Role.CLIENT else None
+        if role is Role.CLIENT:
+            self._mask_key: Callable[[], bytes] | None = mask_key or _KeyPool()
+        else:
+            self._mask_key = None
         self._parser = FrameParser(
             expect_masked=role is Role.SERVER, max_message_bytes=max_message_bytes
         )
