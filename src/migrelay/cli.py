@@ -11,15 +11,16 @@ import ipaddress
 import json
 import logging
 import signal
+import ssl
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from . import __version__
-from .aio import runner
+from .aio import runner, tls
 from .aio.client import ClientConfig, SourceRelay
 from .aio.server import RelayServer, ServerConfig, load_tokens
 from .config import Limits
@@ -132,7 +133,7 @@ def _run_until_signal(coro: Coroutine[Any, Any, int]) -> int:
         return 130
 
 
-async def _serve(config: ServerConfig) -> int:
+async def _serve(config: ServerConfig, reload: Callable[[ServerConfig], None]) -> int:
     server = RelayServer(config)
     try:
         await server.start()
@@ -142,6 +143,16 @@ async def _serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+
+    def on_hangup() -> None:
+        try:
+            reload(config)
+        except (OSError, ssl.SSLError, RelayError) as exc:
+            logger.error("reload failed, keeping the old settings: %s", exc)
+        else:
+            logger.info("reloaded tokens and certificates")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
     logger.info("shutting down")
     await server.close()
@@ -172,6 +183,21 @@ def serve(
             help="File of accepted bearer tokens, one a line.", envvar="MIGRELAY_TOKEN_FILE"
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Certificate chain (PEM) to serve wss://.", envvar="MIGRELAY_TLS_CERT"),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
+    ] = None,
+    client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="Require client certificates signed by this CA (mTLS).",
+            envvar="MIGRELAY_CLIENT_CA",
+        ),
+    ] = None,
     wait_target: Annotated[
         float, typer.Option(help="Seconds to wait for the destination socket to appear.")
     ] = 30.0,
@@ -192,7 +218,17 @@ def serve(
     tokens = load_tokens(token_file) if token_file else []
     if token_file and not tokens:
         raise fail(f"{token_file} holds no token")
-    if not tokens and not _is_loopback(host) and not insecure:
+    if (tls_cert is None) != (tls_key is None):
+        raise fail("--tls-cert and --tls-key go together")
+    if client_ca is not None and tls_cert is None:
+        raise fail("--client-ca needs --tls-cert and --tls-key")
+    try:
+        ssl_context = (
+            tls.server_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise fail(f"cannot load the TLS certificate: {exc}") from None
+    if not tokens and client_ca is None and not _is_loopback(host) and not insecure:
         raise fail(
             f"refusing to listen on {host} without authentication: "
             "give --token-file (or --insecure on a trusted network)"
@@ -204,12 +240,22 @@ def serve(
         target=target,
         target_dir=target_dir,
         tokens=tokens,
+        ssl_context=ssl_context,
         wait_target=wait_target,
         max_sessions=max_sessions,
         limits=limits,
     )
+
+    def reload(config: ServerConfig) -> None:
+        new_tokens = load_tokens(token_file) if token_file else []
+        if token_file and not new_tokens:
+            raise RelayError(f"{token_file} holds no token")
+        if config.ssl_context is not None and tls_cert and tls_key:
+            tls.reload_server_context(config.ssl_context, tls_cert, tls_key, client_ca)
+        config.tokens = new_tokens
+
     try:
-        raise typer.Exit(_run_until_signal(_serve(config)))
+        raise typer.Exit(_run_until_signal(_serve(config, reload)))
     except RelayError as exc:
         raise fail(str(exc)) from None
 
@@ -239,6 +285,23 @@ def _read_token(token_file: Path | None) -> str | None:
     if not tokens:
         raise fail(f"{token_file} holds no token")
     return tokens[0].decode("utf-8")
+
+
+def _client_tls(
+    ca: Path | None, fingerprint: str | None, cert: Path | None, key: Path | None
+) -> dict[str, Any]:
+    if ca is None and fingerprint is None and cert is None:
+        return {}
+    if ca is not None and fingerprint is not None:
+        raise fail("--ca and --fingerprint exclude each other")
+    try:
+        pin = tls.normalize_fingerprint(fingerprint) if fingerprint else None
+        context = tls.client_context(ca, pin, cert, key)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise fail(f"cannot load TLS files: {exc}") from None
+    return {"ssl_context": context, "fingerprint": pin}
 
 
 def _parse_headers(values: list[str]) -> list[tuple[str, str]]:
@@ -271,6 +334,31 @@ def connect(
     header: Annotated[
         list[str] | None, typer.Option(help="Extra handshake header 'Name: value' (repeatable).")
     ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA file to verify the server's certificate (default: system trust).",
+            envvar="MIGRELAY_CA",
+        ),
+    ] = None,
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="Accept only the server certificate with this SHA-256 fingerprint.",
+            envvar="MIGRELAY_FINGERPRINT",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="Client certificate (PEM) for servers that require one.",
+            envvar="MIGRELAY_TLS_CERT",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
+    ] = None,
     once: Annotated[bool, typer.Option(help="Exit after the first migration ends.")] = False,
     ping_interval: Annotated[float, typer.Option(help="Seconds of silence before a ping.")] = 15.0,
     ping_timeout: Annotated[float, typer.Option(help="Seconds to wait for the pong.")] = 15.0,
@@ -281,7 +369,11 @@ def connect(
     configure_logging(verbose, log_format)
     limits = Limits(ping_interval=ping_interval, ping_timeout=ping_timeout)
     config = ClientConfig(
-        url=url, token=_read_token(token_file), headers=_parse_headers(header or []), limits=limits
+        url=url,
+        token=_read_token(token_file),
+        headers=_parse_headers(header or []),
+        limits=limits,
+        **_client_tls(ca, fingerprint, tls_cert, tls_key),
     )
     relay = SourceRelay(config, listen_unix, once=once)
     try:

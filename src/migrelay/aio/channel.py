@@ -71,6 +71,20 @@ def describe_close(code: int) -> str:
     return f"{code} {name}" if name else str(code)
 
 
+def pause_on_any_queued_byte(transport: asyncio.WriteTransport) -> None:
+    """Make ``transport`` call pause_writing() as soon as anything stays queued.
+
+    OWNERSHIP: this is what lets a relay reuse its read buffer (module docstring). The
+    plain transports pause when the queue is *above* the high-water mark, so 0 is
+    right for them; the TLS transports (asyncio's sslproto, and uvloop's port of it)
+    pause when it is *at or above* it, so 0 would pause them for good after the first
+    write (seen: a wss:// relay stalled after 1 MiB). Their queue holds encrypted
+    copies, never the caller's buffer, so 1 is exact for them.
+    """
+    high = 1 if transport.get_extra_info("ssl_object") is not None else 0
+    transport.set_write_buffer_limits(high=high, low=0)
+
+
 def _fmt_bytes(count: int) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -101,7 +115,7 @@ class UnixLeg(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = stream = cast(asyncio.Transport, transport)
-        stream.set_write_buffer_limits(high=0, low=0)
+        pause_on_any_queued_byte(stream)
         sock = stream.get_extra_info("socket")
         if sock is not None:
             # QEMU reads a unix socket ~220 KiB at a time; with the default 208 KiB send
@@ -243,7 +257,7 @@ class Channel:
         self.debug = self.log.isEnabledFor(logging.DEBUG)
 
         self._ws_leg = WebSocketLeg(self, limits.read_bytes)
-        ws_transport.set_write_buffer_limits(high=0, low=0)
+        pause_on_any_queued_byte(ws_transport)
         ws_transport.set_protocol(self._ws_leg)
         unix.channel = self
         self._arm_liveness(limits.ping_interval)

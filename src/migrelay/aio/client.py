@@ -27,6 +27,7 @@ from ..core.handshake import Accepted, ClientHandshake
 from ..core.session import RelaySession, Role
 from ..errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
 from .channel import Channel, UnixLeg
+from .tls import check_peer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +76,37 @@ class ClientConfig:
     token: str | None = None
     headers: Sequence[tuple[str, str]] = ()
     ssl_context: ssl.SSLContext | None = None
+    #: SHA-256 of the server certificate to require (with a context from
+    #: :func:`migrelay.aio.tls.client_context` that was given the same pin).
+    fingerprint: bytes | None = None
     connect_timeout: float = 10.0
     limits: Limits = field(default_factory=Limits)
 
 
 class _ClientHandshakeProtocol(asyncio.Protocol):
-    def __init__(self, handshake: ClientHandshake, done: asyncio.Future[Accepted]) -> None:
+    def __init__(
+        self,
+        handshake: ClientHandshake,
+        done: asyncio.Future[Accepted],
+        fingerprint: bytes | None = None,
+    ) -> None:
         self.handshake = handshake
         self.done = done
+        self.fingerprint = fingerprint
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = stream = cast(asyncio.Transport, transport)
+        if self.fingerprint is not None:
+            # The TLS handshake is complete here; check the pin before sending the
+            # request, so a token never goes to an impostor.
+            try:
+                check_peer_fingerprint(stream.get_extra_info("ssl_object"), self.fingerprint)
+            except ConnectError as exc:
+                self.done.set_exception(exc)
+                stream.abort()
+                return
         stream.write(self.handshake.request_bytes())
 
     def data_received(self, data: bytes) -> None:
@@ -150,7 +169,7 @@ async def open_websocket(
     try:
         transport, _ = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _ClientHandshakeProtocol(handshake, done),
+                lambda: _ClientHandshakeProtocol(handshake, done, config.fingerprint),
                 url.host,
                 url.port,
                 ssl=ssl_context if url.secure else None,
@@ -163,6 +182,8 @@ async def open_websocket(
             f"cannot connect to {url.host_header}",
             TimeoutError(f"timed out after {config.connect_timeout:g} s"),
         ) from exc
+    except ssl.SSLError as exc:
+        raise ConnectError(f"TLS handshake with {url.host_header} failed", exc) from exc
     except OSError as exc:
         raise ConnectError(f"cannot connect to {url.host_header}", exc) from exc
     sock = transport.get_extra_info("socket")
