@@ -9,6 +9,7 @@
      ├─ HandshakeRefused                the server answered the upgrade with an HTTP error
      ├─ StateError                      an operation needs another state (e.g. a VM runstate)
      ├─ ConnectError                    could not reach a peer; wraps the root cause
+     ├─ VMError                         a disposable test/benchmark VM failed to start or stop
      └─ MigrationError                  QEMU refused a command or a migration failed;
                                         keeps QEMU's text whole
 """
@@ -93,6 +94,21 @@ class ConnectError(RelayError):
             return self.message
         cause = str(self.exc) or type(self.exc).__name__
         return f"{self.message}: {cause}"
+
+
+class VMError(RelayError):
+    """A disposable test or benchmark VM (`migrelay.control.vm`) could not be started.
+
+    Attributes:
+        returncode: QEMU's exit status, if it exited.
+        stderr: the tail of what QEMU wrote to stderr (its own explanation).
+    """
+
+    def __init__(self, message: str, returncode: int | None = None, stderr: str = "") -> None:
+        detail = f": {stderr.strip()}" if stderr.strip() else ""
+        super().__init__(f"{message}{detail}")
+        self.returncode = returncode
+        self.stderr = stderr
 
 
 class MigrationError(RelayError):

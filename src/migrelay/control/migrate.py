@@ -1,0 +1,386 @@
+"""Source and destination orchestration of one live migration, over `QMP`.
+
+The destination is prepared first (`prepare_incoming`), then the source starts
+(`start_migration`) and is followed to the end (`follow_migration`); the destination's own
+view is awaited last (`wait_destination_completed`), because the source reports
+``completed`` before the destination has loaded the final state.
+
+Both sides get the same capabilities (``events``, ``multifd`` with ``multifd-channels``,
+``postcopy-ram``): QEMU requires them to match, and a mismatch shows up only as a hang or an
+opaque stream error mid-migration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from migrelay.control.qmp import (
+    QMP,
+    UNLIMITED_BANDWIDTH,
+    Capability,
+    MigrationInfo,
+    MigrationStatus,
+    RunState,
+)
+from migrelay.errors import MigrationError, StateError
+
+__all__ = [
+    "DEFAULT_POLL_INTERVAL_S",
+    "MigrationOptions",
+    "MigrationResult",
+    "Progress",
+    "RunState",
+    "cancel",
+    "follow_migration",
+    "prepare_incoming",
+    "require",
+    "start_migration",
+    "wait_destination_completed",
+]
+
+logger = logging.getLogger(__name__)
+
+#: How often `follow_migration` polls ``query-migrate``; once a second is what an operator
+#: reads, and a status change wakes the loop early through the ``MIGRATION`` event.
+DEFAULT_POLL_INTERVAL_S = 1.0
+
+#: A typed ``query-migrate`` snapshot, as handed to ``on_progress``.
+Progress = MigrationInfo
+
+#: Runstates a source may migrate from. ``prelaunch`` is a VM started with ``-S`` (the test
+#: VMs); ``postmigrate`` may migrate again (QEMU allows it, e.g. after a cancelled target).
+_SOURCE_STATES = frozenset(
+    {RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH, RunState.POSTMIGRATE}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOptions:
+    """What both sides of a migration agree on, and the source's limits.
+
+    Attributes:
+        multifd_channels: use multifd with this many channels; ``None`` for one channel.
+        postcopy: enable ``postcopy-ram`` on both sides (switch with
+            ``migrate-start-postcopy`` later).
+        max_bandwidth: source rate limit in bytes/s; ``None`` lifts QEMU's 128 MiB/s
+            default to unlimited.
+        downtime_limit_ms: the longest pause QEMU aims for; ``None`` keeps its 300 ms.
+    """
+
+    multifd_channels: int | None = None
+    postcopy: bool = False
+    max_bandwidth: int | None = None
+    downtime_limit_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here, not only by QEMU, so that the operator hears it before either VM
+        # is touched. The range is QEMU's (migration.c, migrate_params_check).
+        if self.multifd_channels is not None and not 1 <= self.multifd_channels <= 255:
+            raise ValueError(f"multifd channels must be 1..255, got {self.multifd_channels}")
+        if self.max_bandwidth is not None and self.max_bandwidth <= 0:
+            raise ValueError(f"max bandwidth must be positive, got {self.max_bandwidth}")
+        if self.downtime_limit_ms is not None and self.downtime_limit_ms < 0:
+            raise ValueError(f"downtime limit must be >= 0, got {self.downtime_limit_ms}")
+
+    def capabilities(self) -> dict[Capability | str, bool]:
+        """Return the capabilities both sides must set, every one explicitly on or off.
+
+        Explicit ``False`` matters: a VM reused after an earlier migration keeps its
+        capabilities, and one side with multifd and the other without hangs.
+        """
+        return {
+            Capability.EVENTS: True,
+            Capability.MULTIFD: self.multifd_channels is not None,
+            Capability.POSTCOPY_RAM: self.postcopy,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """How a finished migration went, from the source's final ``query-migrate``.
+
+    Attributes:
+        status: always `MigrationStatus.COMPLETED` (other endings raise).
+        total_time_ms: from ``migrate`` to completion, QEMU's count.
+        downtime_ms: how long the VM was stopped.
+        setup_time_ms: time in ``setup``.
+        transferred: RAM bytes sent.
+        rate_bytes_per_s: ``transferred`` over ``total_time_ms`` (QEMU's own final
+            ``mbps`` covers only the last pass).
+        passes: dirty-bitmap syncs (``dirty-sync-count``).
+        info: the final snapshot as QEMU reported it.
+    """
+
+    status: MigrationStatus
+    total_time_ms: int | None
+    downtime_ms: int | None
+    setup_time_ms: int | None
+    transferred: int | None
+    rate_bytes_per_s: float | None
+    passes: int | None
+    info: MigrationInfo
+
+    @classmethod
+    def from_info(cls, info: MigrationInfo) -> MigrationResult:
+        """Build the result from the final snapshot."""
+        rate = None
+        if info.transferred is not None and info.total_time_ms:
+            rate = info.transferred / (info.total_time_ms / 1000)
+        return cls(
+            status=info.status,
+            total_time_ms=info.total_time_ms,
+            downtime_ms=info.downtime_ms,
+            setup_time_ms=info.setup_time_ms,
+            transferred=info.transferred,
+            rate_bytes_per_s=rate,
+            passes=info.dirty_sync_count,
+            info=info,
+        )
+
+
+async def require(
+    qmp: QMP, allowed: RunState | Collection[RunState], hint: str | None = None
+) -> RunState:
+    """Check that the VM behind ``qmp`` is in one of the ``allowed`` runstates.
+
+    Args:
+        qmp: a connected client.
+        allowed: the runstate, or runstates, the next operation needs.
+        hint: what to do otherwise, for the error message.
+
+    Returns:
+        The runstate found.
+
+    Raises:
+        StateError: the VM is in another runstate; ``state`` and ``required`` name both.
+        MigrationError, ConnectError: from ``query-status``.
+    """
+    wanted = frozenset({allowed} if isinstance(allowed, RunState) else allowed)
+    state = await qmp.query_status()
+    if state not in wanted:
+        required = " or ".join(sorted(str(s) for s in wanted))
+        raise StateError(state, required, hint)
+    return state
+
+
+async def prepare_incoming(qmp: QMP, uri: str, options: MigrationOptions) -> MigrationInfo:
+    """Prepare the destination: same capabilities as the source, then listen on ``uri``.
+
+    Args:
+        qmp: connected to the destination QEMU, started with ``-incoming defer``.
+        uri: where to listen (``unix:PATH``, ``tcp:HOST:PORT``; port 0 picks one).
+        options: must equal the source's.
+
+    Returns:
+        The destination's ``query-migrate`` after ``migrate-incoming``; its
+        ``socket_addresses`` say where QEMU really listens.
+
+    Raises:
+        StateError: the VM is not waiting for an incoming migration (not started with
+            ``-incoming``), or already listens (started with ``-incoming URI`` rather than
+            ``defer``, or prepared before). Nothing was changed.
+        MigrationError: QEMU refused a capability, parameter or the URI; capabilities
+            may already have been set.
+        ConnectError: the connection is gone.
+    """
+    await require(
+        qmp,
+        RunState.INMIGRATE,
+        "start the destination qemu with -incoming defer to receive a migration",
+    )
+    before = await qmp.query_migrate()
+    if before.socket_addresses or before.status is not MigrationStatus.NONE:
+        where = ", ".join(before.socket_addresses) or f"status {before.status}"
+        raise StateError(
+            f"inmigrate, already listening on {where}",
+            "inmigrate with no listener",
+            "start the destination qemu with -incoming defer, not -incoming URI,"
+            " and prepare it once",
+        )
+    await qmp.set_capabilities(options.capabilities())
+    if options.multifd_channels is not None:
+        await qmp.set_parameters(multifd_channels=options.multifd_channels)
+    await qmp.migrate_incoming(uri)
+    info = await qmp.query_migrate()
+    logger.info("%s: listening for an incoming migration on %s", qmp.name, _where(info, uri))
+    return info
+
+
+async def start_migration(qmp: QMP, uri: str, options: MigrationOptions) -> None:
+    """Set up the source and start migrating it to ``uri``.
+
+    Sets the same capabilities as `prepare_incoming`, the multifd channel count, the
+    downtime limit, and ``max-bandwidth`` (raised from QEMU's 128 MiB/s to unlimited unless
+    ``options.max_bandwidth`` says otherwise). Returns once QEMU has accepted ``migrate``;
+    follow it with `follow_migration`.
+
+    Args:
+        qmp: connected to the source QEMU.
+        uri: the destination (``unix:PATH`` of a relay socket, ``tcp:HOST:PORT``).
+        options: must equal the destination's.
+
+    Raises:
+        StateError: the VM cannot be a source (it is itself an incoming VM, shut down, …),
+            or a migration is already under way. Nothing was changed.
+        MigrationError: QEMU refused a capability, a parameter or ``migrate``; no
+            migration is running, but capabilities/parameters may have been set.
+        ConnectError: the connection is gone.
+    """
+    await require(
+        qmp,
+        _SOURCE_STATES,
+        "only a running, paused or not yet started vm can be migrated",
+    )
+    current = await qmp.query_migrate()
+    if current.status.is_active:
+        raise StateError(
+            f"migration {current.status}",
+            "no migration in progress",
+            "wait for it to end or cancel it",
+        )
+    await qmp.set_capabilities(options.capabilities())
+    await qmp.set_parameters(
+        multifd_channels=options.multifd_channels,
+        max_bandwidth=(
+            options.max_bandwidth if options.max_bandwidth is not None else UNLIMITED_BANDWIDTH
+        ),
+        downtime_limit_ms=options.downtime_limit_ms,
+    )
+    await qmp.migrate(uri)
+    logger.info("%s: migration to %s started", qmp.name, uri)
+
+
+async def follow_migration(
+    qmp: QMP,
+    on_progress: Callable[[Progress], object] | None = None,
+    interval: float = DEFAULT_POLL_INTERVAL_S,
+    *,
+    postcopy_after_passes: int | None = None,
+) -> MigrationResult:
+    """Poll the source's ``query-migrate`` until the migration ends.
+
+    A ``MIGRATION`` event wakes the loop before ``interval`` is up, so the end is seen
+    at once rather than up to ``interval`` later.
+
+    Args:
+        qmp: connected to the source, after `start_migration`.
+        on_progress: called with every snapshot, the final one included.
+        interval: seconds between polls.
+        postcopy_after_passes: switch to postcopy (``migrate-start-postcopy``) once this
+            many dirty-sync passes have run; needs ``postcopy`` in the options.
+
+    Returns:
+        The result of a ``completed`` migration.
+
+    Raises:
+        MigrationError: the migration ``failed`` (``str()`` is QEMU's ``error-desc``) or was
+            ``cancelled``; the source VM keeps its state and stays where it was.
+        ConnectError: the connection is gone (the source QEMU died).
+    """
+    postcopy_requested = False
+    while True:
+        info = await qmp.query_migrate()
+        if on_progress is not None:
+            on_progress(info)
+        if info.status is MigrationStatus.COMPLETED:
+            result = MigrationResult.from_info(info)
+            logger.info(
+                "%s: migration completed: %s bytes in %s ms, downtime %s ms",
+                qmp.name,
+                result.transferred,
+                result.total_time_ms,
+                result.downtime_ms,
+            )
+            return result
+        _raise_if_ended(info)
+        if info.status is MigrationStatus.NONE:
+            raise StateError("no migration", "a started migration", "call start_migration first")
+        if (
+            postcopy_after_passes is not None
+            and not postcopy_requested
+            and info.status is MigrationStatus.ACTIVE
+            and (info.dirty_sync_count or 0) >= postcopy_after_passes
+        ):
+            await qmp.migrate_start_postcopy()
+            postcopy_requested = True
+        await qmp.next_migration_event(interval)
+
+
+async def wait_destination_completed(qmp: QMP, timeout_s: float) -> MigrationInfo:
+    """Wait until the destination's own ``query-migrate`` says ``completed``.
+
+    The source completes first; the destination is done only when it has loaded the
+    final device state, which is what this waits for.
+
+    Args:
+        qmp: connected to the destination, after `prepare_incoming`.
+        timeout_s: seconds to wait in all.
+
+    Returns:
+        The destination's final snapshot.
+
+    Raises:
+        MigrationError: the incoming migration failed or was cancelled, with QEMU's text.
+        TimeoutError: not completed within ``timeout_s``; the destination is left as is.
+        ConnectError: the connection is gone (the destination QEMU exited or died).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await qmp.query_migrate()
+        if info.status is MigrationStatus.COMPLETED:
+            return info
+        _raise_if_ended(info)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(
+                f"incoming migration on {qmp.name} not completed within {timeout_s:g} s"
+                f" (status {info.status})"
+            )
+        # The destination emits MIGRATION events too; poll as well, because an event
+        # can be consumed by an earlier wait and the status be final already.
+        await qmp.next_migration_event(min(remaining, 0.2))
+
+
+async def cancel(qmp: QMP, timeout_s: float = 10.0) -> MigrationInfo:
+    """Cancel the outgoing migration and wait until QEMU says it has ended.
+
+    Args:
+        qmp: connected to the source.
+        timeout_s: seconds to wait for ``cancelled`` (or another final status: the
+            migration may have completed or failed before the cancel arrived).
+
+    Returns:
+        The final snapshot (status ``cancelled``, ``completed``, ``failed`` or ``none``).
+
+    Raises:
+        TimeoutError: QEMU was still cancelling after ``timeout_s``.
+        MigrationError, ConnectError: from QMP.
+    """
+    await qmp.migrate_cancel()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await qmp.query_migrate()
+        if info.status.is_terminal or info.status is MigrationStatus.NONE:
+            logger.info("%s: migration cancel ended in %s", qmp.name, info.status)
+            return info
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(
+                f"migration on {qmp.name} still {info.status} {timeout_s:g} s after cancel"
+            )
+        await qmp.next_migration_event(min(remaining, 0.2))
+
+
+def _raise_if_ended(info: MigrationInfo) -> None:
+    if info.status is MigrationStatus.FAILED:
+        # QEMU's own text, whole; the fallback only for a QEMU that gave none.
+        raise MigrationError(info.error_desc or "migration failed (qemu gave no reason)")
+    if info.status is MigrationStatus.CANCELLED:
+        raise MigrationError("migration was cancelled")
+
+
+def _where(info: MigrationInfo, uri: str) -> str:
+    return ", ".join(info.socket_addresses) or uri

@@ -1,0 +1,633 @@
+"""Typed wrappers over ``qemu.qmp.QMPClient``: ALL of migrelay's QMP vocabulary lives here.
+
+The rest of migrelay never spells a QMP command, argument or reply key; it calls a method of
+`QMP` and receives dataclasses and enums. ``qemu.qmp`` supplies the protocol (greeting,
+negotiation, ids, events); this module supplies the vocabulary of live migration as QEMU 7.2
+speaks it (``qapi/migration.json``).
+
+Errors: a command that QEMU refuses raises `MigrationError` whose ``str()`` is QEMU's ``desc``
+whole; a socket that cannot be reached, or a connection lost in the middle of a command,
+raises `ConnectError`. ``asyncio.CancelledError`` is never wrapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from qemu.qmp import (
+    ConnectError as QMPConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    QMPError,
+)
+
+from migrelay.errors import ConnectError, MigrationError
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "QMP",
+    "UNLIMITED_BANDWIDTH",
+    "Capability",
+    "MigrationInfo",
+    "MigrationParameters",
+    "MigrationStatus",
+    "RunState",
+]
+
+logger = logging.getLogger(__name__)
+
+#: How long `QMP.connect` waits for the socket file to appear and for the greeting.
+#: QEMU creates its QMP socket within ~50 ms of starting here; 10 s leaves room for a
+#: loaded 2-core host and for a VM that is still being started by another tool.
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+
+#: Poll period while waiting for the QMP socket file to appear.
+_SOCKET_POLL_S = 0.02
+
+#: ``max-bandwidth`` that means "no limit". QEMU 7.2 checks only ``<= SIZE_MAX`` and its
+#: default is 128 MiB/s (``MAX_THROTTLE``); libvirt uses the same INT64_MAX ceiling for
+#: "unlimited". 0 is not used: its meaning has changed between QEMU versions.
+UNLIMITED_BANDWIDTH = 2**63 - 1
+
+#: The QMP event QEMU emits on every migration status change (only while the
+#: ``events`` capability is on).
+_MIGRATION_EVENT = "MIGRATION"
+
+
+class RunState(enum.StrEnum):
+    """A VM's runstate as ``query-status`` reports it (QAPI ``RunState``)."""
+
+    DEBUG = "debug"
+    #: Started with ``-incoming``: waiting for (or receiving) an incoming migration.
+    INMIGRATE = "inmigrate"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    PAUSED = "paused"
+    #: The source after a completed migration: stopped, its state now lives elsewhere.
+    POSTMIGRATE = "postmigrate"
+    #: Started with ``-S`` and never continued.
+    PRELAUNCH = "prelaunch"
+    FINISH_MIGRATE = "finish-migrate"
+    RESTORE_VM = "restore-vm"
+    RUNNING = "running"
+    SAVE_VM = "save-vm"
+    SHUTDOWN = "shutdown"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    GUEST_PANICKED = "guest-panicked"
+    COLO = "colo"
+    #: A value this version of migrelay does not know (a newer QEMU).
+    UNKNOWN = "unknown"
+
+
+class MigrationStatus(enum.StrEnum):
+    """A migration's status (QAPI ``MigrationStatus``)."""
+
+    #: No migration yet. QEMU reports it by leaving ``status`` out of ``query-migrate``.
+    NONE = "none"
+    SETUP = "setup"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COLO = "colo"
+    PRE_SWITCHOVER = "pre-switchover"
+    DEVICE = "device"
+    WAIT_UNPLUG = "wait-unplug"
+    #: A value this version of migrelay does not know (a newer QEMU).
+    UNKNOWN = "unknown"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the migration has ended (nothing more will happen without a command)."""
+        return self in _TERMINAL_STATUSES
+
+    @property
+    def is_active(self) -> bool:
+        """Whether a migration is under way, so another one cannot start."""
+        return self not in _TERMINAL_STATUSES and self is not MigrationStatus.NONE
+
+
+_TERMINAL_STATUSES = frozenset(
+    {MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED}
+)
+
+
+class Capability(enum.StrEnum):
+    """The migration capabilities migrelay sets (QAPI ``MigrationCapability``)."""
+
+    #: Emit ``MIGRATION`` events. Off by default in QEMU: without it no event ever comes.
+    EVENTS = "events"
+    MULTIFD = "multifd"
+    POSTCOPY_RAM = "postcopy-ram"
+    POSTCOPY_PREEMPT = "postcopy-preempt"
+    RETURN_PATH = "return-path"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationInfo:
+    """One ``query-migrate`` reply, typed.
+
+    Byte counts are bytes; times are milliseconds, as QEMU reports them. A field QEMU did
+    not report (it reports fewer while in ``setup`` and on the destination) is ``None``.
+
+    Attributes:
+        status: the migration status.
+        transferred: RAM bytes sent so far (``ram.transferred``).
+        remaining: RAM bytes still to send in this pass (``ram.remaining``).
+        total: guest RAM size in bytes (``ram.total``).
+        rate_bytes_per_s: current throughput; QEMU's ``ram.mbps`` (10^6 bits/s) in bytes/s.
+        dirty_pages_rate: pages dirtied per second (``ram.dirty-pages-rate``).
+        dirty_sync_count: how many dirty-bitmap syncs (passes over RAM) ran.
+        page_size: the target page size in bytes.
+        expected_downtime_ms: QEMU's estimate of the stop-and-copy downtime.
+        total_time_ms: time since the migration started (or the final total).
+        downtime_ms: the real downtime, once completed.
+        setup_time_ms: time spent in ``setup``.
+        error_desc: QEMU's own text on failure.
+        socket_addresses: where the destination listens after ``migrate-incoming``, as
+            migration URIs (``tcp:HOST:PORT``, ``unix:PATH``); QEMU resolves port 0 here.
+        raw: the reply as QEMU sent it.
+    """
+
+    status: MigrationStatus
+    transferred: int | None = None
+    remaining: int | None = None
+    total: int | None = None
+    rate_bytes_per_s: float | None = None
+    dirty_pages_rate: int | None = None
+    dirty_sync_count: int | None = None
+    page_size: int | None = None
+    expected_downtime_ms: int | None = None
+    total_time_ms: int | None = None
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+    error_desc: str | None = None
+    socket_addresses: tuple[str, ...] = ()
+    raw: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_reply(cls, reply: Mapping[str, object]) -> MigrationInfo:
+        """Parse a ``query-migrate`` reply.
+
+        Args:
+            reply: the ``return`` value of ``query-migrate``.
+
+        Returns:
+            The typed snapshot; unknown keys are kept only in ``raw``.
+        """
+        ram = reply.get("ram")
+        ram = ram if isinstance(ram, Mapping) else {}
+        mbps = ram.get("mbps")
+        return cls(
+            status=_parse_migration_status(reply.get("status")),
+            transferred=_int(ram.get("transferred")),
+            remaining=_int(ram.get("remaining")),
+            total=_int(ram.get("total")),
+            # "mbps" is megabits per second in decimal units: 10^6 bits, not 2^20
+            # (migration.c: bandwidth * 8 / 1000 per ms, i.e. bits/us).
+            rate_bytes_per_s=(
+                float(mbps) * 1_000_000 / 8
+                if isinstance(mbps, int | float) and not isinstance(mbps, bool)
+                else None
+            ),
+            dirty_pages_rate=_int(ram.get("dirty-pages-rate")),
+            dirty_sync_count=_int(ram.get("dirty-sync-count")),
+            page_size=_int(ram.get("page-size")),
+            expected_downtime_ms=_int(reply.get("expected-downtime")),
+            total_time_ms=_int(reply.get("total-time")),
+            downtime_ms=_int(reply.get("downtime")),
+            setup_time_ms=_int(reply.get("setup-time")),
+            error_desc=_str(reply.get("error-desc")),
+            socket_addresses=_parse_socket_addresses(reply.get("socket-address")),
+            raw=dict(reply),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationParameters:
+    """The ``query-migrate-parameters`` values migrelay cares about.
+
+    Attributes:
+        multifd_channels: number of multifd channels (used only with ``multifd``).
+        max_bandwidth: source rate limit in bytes/s (QEMU's default is 128 MiB/s).
+        downtime_limit_ms: the longest stop-and-copy phase QEMU aims for.
+        raw: the reply as QEMU sent it.
+    """
+
+    multifd_channels: int | None
+    max_bandwidth: int | None
+    downtime_limit_ms: int | None
+    raw: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    # QEMU sends some numbers as strings (socket-address ports); accept digits only.
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _exists(path: str) -> bool:
+    # A stat of a local path: microseconds, so not worth a thread.
+    return os.path.exists(path)
+
+
+def _parse_migration_status(value: object) -> MigrationStatus:
+    if value is None:
+        return MigrationStatus.NONE
+    try:
+        return MigrationStatus(str(value))
+    except ValueError:
+        logger.warning("! unknown migration status %r", value)
+        return MigrationStatus.UNKNOWN
+
+
+def _parse_socket_addresses(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    uris: list[str] = []
+    for address in value:
+        if not isinstance(address, Mapping):
+            continue
+        kind = address.get("type")
+        if kind == "inet":
+            host = str(address.get("host", ""))
+            # An IPv6 literal needs brackets in a migration URI, as in a URL.
+            if ":" in host and not host.startswith("["):
+                host = f"[{host}]"
+            uris.append(f"tcp:{host}:{address.get('port', '')}")
+        elif kind == "unix":
+            uris.append(f"unix:{address.get('path', '')}")
+        else:
+            uris.append(f"{kind}:{address}")
+    return tuple(uris)
+
+
+class QMP:
+    """One QMP connection to one VM; the only object that speaks QMP in migrelay.
+
+    Use as an async context manager (``async with QMP("src") as qmp: await
+    qmp.connect(path)``) or call `close` yourself.
+
+    A listener for ``MIGRATION`` events is registered in `connect`, before any command can
+    be sent, so no status change after ``migrate`` / ``migrate-incoming`` is lost (STYLE
+    §4). It holds at most one event per status change, a handful per migration, and is
+    emptied whenever a new migration is started.
+
+    Args:
+        name: the VM's name, used in messages and in the ``qemu.qmp.protocol.<name>``
+            logger.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.address: str | None = None
+        self._client = QMPClient(name=name)
+        self._migration_events = EventListener(_MIGRATION_EVENT)
+        self._listening = False
+
+    def __repr__(self) -> str:
+        return f"QMP(name={self.name!r}, address={self.address!r})"
+
+    async def __aenter__(self) -> QMP:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- connection --------------------------------------------------------------------
+
+    async def connect(self, path: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+        """Connect to a QMP unix socket, waiting (bounded) for the socket file to appear.
+
+        The wait lets a caller start QEMU and connect right away, in either order.
+
+        Args:
+            path: the QMP socket path (``-qmp unix:PATH,server=on,wait=off``).
+            timeout_s: seconds to wait for the socket file and for QEMU's greeting.
+
+        Raises:
+            ConnectError: the socket did not appear, refused the connection, or QEMU sent
+                no greeting in time (another client may hold the monitor). The client is
+                left disconnected.
+        """
+        self.address = path
+        deadline = time.monotonic() + timeout_s
+        while not _exists(path):
+            if time.monotonic() >= deadline:
+                raise ConnectError(
+                    f"qmp socket {path} of {self.name} did not appear within {timeout_s:g} s"
+                )
+            await asyncio.sleep(_SOCKET_POLL_S)
+        if not self._listening:
+            self._client.register_listener(self._migration_events)
+            self._listening = True
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            async with asyncio.timeout(remaining):
+                await self._client.connect(path)
+        except QMPConnectError as exc:
+            raise ConnectError(
+                f"cannot connect to qmp socket {path} of {self.name}", exc.exc
+            ) from exc
+        except TimeoutError as exc:
+            # qemu.qmp rolled itself back to IDLE when the timeout cancelled it.
+            raise ConnectError(
+                f"no qmp greeting from {path} of {self.name} within {timeout_s:g} s"
+                " (is another client connected to this monitor?)"
+            ) from exc
+        logger.debug("= %s: qmp connected to %s", self.name, path)
+
+    async def close(self) -> None:
+        """Disconnect; safe to call more than once and after QEMU has exited.
+
+        Errors of a connection that is already gone (QEMU quit or died) are logged at
+        DEBUG, not raised: there is nothing left to clean up.
+        """
+        try:
+            await self._client.disconnect()
+        except (EOFError, OSError, QMPError) as exc:
+            logger.debug("x %s: qmp connection ended: %r", self.name, exc)
+        if self._listening:
+            self._client.remove_listener(self._migration_events)
+            self._listening = False
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Run one QMP command (the single gateway every wrapper goes through).
+
+        Args:
+            command: the QMP command name.
+            arguments: its arguments, if any.
+
+        Returns:
+            The ``return`` value of the reply.
+
+        Raises:
+            MigrationError: QEMU refused the command; ``str()`` is QEMU's text whole.
+            ConnectError: not connected, or the connection was lost before the reply (QEMU
+                exited or crashed); whether the command took effect is then unknown.
+        """
+        logger.debug("> %s: %s %s", self.name, command, arguments or "")
+        try:
+            reply = await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise MigrationError(str(exc), command=command, error_class=exc.error_class) from exc
+        except ExecInterruptedError as exc:
+            raise ConnectError(
+                f"qmp connection to {self.name} was lost during {command}", exc
+            ) from exc
+        except QMPError as exc:
+            # qemu.qmp's StateError: execute() before connect() or after the peer left.
+            raise ConnectError(f"cannot run {command} on {self.name}", exc) from exc
+        logger.debug("< %s: %s", self.name, reply)
+        return reply
+
+    # -- VM ----------------------------------------------------------------------------
+
+    async def query_status(self) -> RunState:
+        """Return the VM's runstate (``query-status``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-status")
+        status = reply.get("status") if isinstance(reply, Mapping) else None
+        try:
+            return RunState(str(status))
+        except ValueError:
+            logger.warning("! %s: unknown runstate %r", self.name, status)
+            return RunState.UNKNOWN
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit (``quit``) and disconnect.
+
+        QEMU may close the socket before or after its reply reaches us; both count as
+        success here.
+
+        Raises:
+            MigrationError: QEMU refused the command.
+        """
+        # ConnectError (connection lost before the reply) is what a successful quit looks
+        # like when QEMU is faster than its own reply.
+        with contextlib.suppress(ConnectError):
+            await self.execute("quit")
+        await self.close()
+
+    # -- migration: capabilities and parameters ----------------------------------------
+
+    async def query_capabilities(self) -> dict[str, bool]:
+        """Return every migration capability and whether it is on.
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-migrate-capabilities")
+        caps: dict[str, bool] = {}
+        if isinstance(reply, list):
+            for item in reply:
+                if isinstance(item, Mapping):
+                    caps[str(item.get("capability"))] = bool(item.get("state"))
+        return caps
+
+    async def set_capabilities(self, capabilities: Mapping[Capability | str, bool]) -> None:
+        """Turn migration capabilities on or off (``migrate-set-capabilities``).
+
+        QEMU refuses this while a migration is in progress.
+
+        Args:
+            capabilities: capability name to wanted state.
+
+        Raises:
+            MigrationError: QEMU refused (unknown capability, incompatible set, migration
+                in progress); nothing was changed.
+            ConnectError: the connection is gone.
+        """
+        await self.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": str(name), "state": state}
+                    for name, state in capabilities.items()
+                ]
+            },
+        )
+
+    async def query_parameters(self) -> MigrationParameters:
+        """Return the migration parameters migrelay sets (``query-migrate-parameters``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-migrate-parameters")
+        params: Mapping[str, object] = reply if isinstance(reply, Mapping) else {}
+        return MigrationParameters(
+            multifd_channels=_int(params.get("multifd-channels")),
+            max_bandwidth=_int(params.get("max-bandwidth")),
+            downtime_limit_ms=_int(params.get("downtime-limit")),
+            raw=dict(params),
+        )
+
+    async def set_parameters(
+        self,
+        *,
+        multifd_channels: int | None = None,
+        max_bandwidth: int | None = None,
+        downtime_limit_ms: int | None = None,
+    ) -> None:
+        """Set migration parameters (``migrate-set-parameters``); ``None`` leaves one as is.
+
+        ``max-bandwidth`` and ``downtime-limit`` may also be changed during a migration.
+
+        Args:
+            multifd_channels: 1..255 (QEMU's default is 2).
+            max_bandwidth: bytes/s; `UNLIMITED_BANDWIDTH` for no limit.
+            downtime_limit_ms: 0..2000000 ms (QEMU's default is 300).
+
+        Raises:
+            MigrationError: QEMU refused a value (its text names the range).
+            ConnectError: the connection is gone.
+        """
+        arguments: dict[str, object] = {}
+        if multifd_channels is not None:
+            arguments["multifd-channels"] = multifd_channels
+        if max_bandwidth is not None:
+            arguments["max-bandwidth"] = max_bandwidth
+        if downtime_limit_ms is not None:
+            arguments["downtime-limit"] = downtime_limit_ms
+        if arguments:
+            await self.execute("migrate-set-parameters", arguments)
+
+    # -- migration: commands -----------------------------------------------------------
+
+    async def query_migrate(self) -> MigrationInfo:
+        """Return the current (or last) migration's status and statistics.
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-migrate")
+        return MigrationInfo.from_reply(reply if isinstance(reply, Mapping) else {})
+
+    async def migrate(self, uri: str, *, resume: bool = False) -> None:
+        """Start migrating to ``uri`` (``migrate``); returns once QEMU has started.
+
+        Stale ``MIGRATION`` events are dropped first, so events seen afterwards belong to
+        this migration. A failure to reach ``uri`` is not an error here: QEMU reports it
+        as status ``failed`` with ``error-desc`` (see `query_migrate`).
+
+        Args:
+            uri: ``unix:PATH``, ``tcp:HOST:PORT``, ``fd:NAME`` or ``exec:CMD``.
+            resume: resume a paused postcopy migration instead of starting one.
+
+        Raises:
+            MigrationError: QEMU refused (migration in progress, bad URI, nothing to
+                resume); no migration was started.
+            ConnectError: the connection is gone.
+        """
+        self._migration_events.clear()
+        arguments: dict[str, object] = {"uri": uri}
+        if resume:
+            arguments["resume"] = True
+        await self.execute("migrate", arguments)
+
+    async def migrate_incoming(self, uri: str) -> None:
+        """Make a VM started with ``-incoming defer`` listen on ``uri`` (``migrate-incoming``).
+
+        Args:
+            uri: ``unix:PATH`` or ``tcp:HOST:PORT`` (port 0: QEMU picks a free port, shown
+                in `MigrationInfo.socket_addresses`).
+
+        Raises:
+            MigrationError: QEMU refused (not started with ``-incoming``, already
+                listening, address in use).
+            ConnectError: the connection is gone.
+        """
+        self._migration_events.clear()
+        await self.execute("migrate-incoming", {"uri": uri})
+
+    async def migrate_cancel(self) -> None:
+        """Cancel the outgoing migration (``migrate_cancel``); the source keeps its state.
+
+        QEMU accepts this when no migration runs, and then does nothing.
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        await self.execute("migrate_cancel")
+
+    async def migrate_start_postcopy(self) -> None:
+        """Switch a running precopy migration to postcopy (``migrate-start-postcopy``).
+
+        Raises:
+            MigrationError: QEMU refused (postcopy-ram not enabled before the migration).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("migrate-start-postcopy")
+
+    async def migrate_recover(self, uri: str) -> None:
+        """Let a destination in ``postcopy-paused`` listen again on ``uri``.
+
+        Args:
+            uri: the new incoming URI; the source then calls `migrate` with ``resume``.
+
+        Raises:
+            MigrationError: QEMU refused (the migration is not paused).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("migrate-recover", {"uri": uri})
+
+    # -- events ------------------------------------------------------------------------
+
+    async def next_migration_event(self, timeout_s: float | None) -> MigrationStatus | None:
+        """Wait for the next ``MIGRATION`` event.
+
+        QEMU sends these only while capability ``events`` is on.
+
+        Args:
+            timeout_s: seconds to wait; ``None`` waits forever.
+
+        Returns:
+            The status the event announces, or ``None`` if none came in time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                event = await self._migration_events.get()
+        except TimeoutError:
+            return None
+        data = event.get("data")
+        status = data.get("status") if isinstance(data, Mapping) else None
+        logger.debug("< %s: MIGRATION %s", self.name, status)
+        return _parse_migration_status(status)

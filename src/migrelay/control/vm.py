@@ -1,0 +1,364 @@
+"""Disposable QEMU VMs for end-to-end tests, ``migrelay bench`` and the README demo.
+
+A test VM has no disk and no guest (DESIGN §7): it is stopped from the start (``-S``), has
+no default devices (``-nodefaults``), and its RAM is a shared file (``memory-backend-file``,
+``share=on``). The source's file holds random bytes, the destination's starts sparse, and
+after a successful migration the two files are equal byte for byte: that is the integrity
+check of every end-to-end test (`first_difference`).
+
+The processes are `subprocess.Popen` objects rather than asyncio subprocesses, so a VM is
+not tied to the event loop that started it (tests run one ``asyncio.run`` each, and a
+fixture must still be able to kill what a failed test left behind). Waiting is a short
+poll, which costs nothing at the scale of a VM's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from migrelay.errors import VMError
+
+__all__ = [
+    "MIB",
+    "QEMU_BINARY",
+    "DisposableVM",
+    "first_difference",
+    "parse_size",
+]
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+#: The emulator the test VMs run (Debian's ``qemu-system-x86``).
+QEMU_BINARY = "qemu-system-x86_64"
+
+#: Poll period while waiting for a process to exit or a socket to appear.
+_POLL_S = 0.02
+
+#: How long `DisposableVM.terminate` waits after SIGTERM before SIGKILL. A QEMU 7.2
+#: destination stuck in a multifd incoming migration ignored SIGTERM here (its main loop
+#: waits on the multifd threads), so the escalation is not optional.
+_TERM_GRACE_S = 5.0
+
+#: Bytes of QEMU's stderr kept for error messages.
+_STDERR_TAIL_BYTES = 2000
+
+
+def parse_size(text: str) -> int:
+    """Parse a RAM size such as ``64M``, ``1G``, ``512MiB`` or ``67108864`` into bytes.
+
+    Args:
+        text: a number with an optional binary suffix (K, M, G, T; ``iB``/``B`` optional).
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = value[-1:] if value[-1:] in units else ""
+    number = value[: len(value) - len(suffix)]
+    if not number.isdigit():
+        raise ValueError(f"not a size: {text!r} (expected e.g. 64M, 1G or a byte count)")
+    return int(number) * units[suffix]
+
+
+def first_difference(
+    path_a: str | os.PathLike[str], path_b: str | os.PathLike[str], chunk_size: int = 4 * MIB
+) -> int | None:
+    """Compare two files byte for byte, reading both in chunks.
+
+    Blocking: run it outside the event loop (or in ``asyncio.to_thread``).
+
+    Args:
+        path_a: one file (e.g. the source VM's RAM).
+        path_b: the other (e.g. the destination's).
+        chunk_size: bytes read from each file at a time.
+
+    Returns:
+        ``None`` if the files are equal, else the offset of the first differing byte (the
+        shorter file's size if one is a prefix of the other).
+    """
+    offset = 0
+    with open(path_a, "rb") as file_a, open(path_b, "rb") as file_b:
+        while True:
+            chunk_a = file_a.read(chunk_size)
+            chunk_b = file_b.read(chunk_size)
+            if chunk_a != chunk_b:
+                for index, (byte_a, byte_b) in enumerate(zip(chunk_a, chunk_b, strict=False)):
+                    if byte_a != byte_b:
+                        return offset + index
+                return offset + min(len(chunk_a), len(chunk_b))
+            if not chunk_a:
+                return None
+            offset += len(chunk_a)
+
+
+class DisposableVM:
+    """A stopped, diskless QEMU whose RAM is a file, for migration tests and benchmarks.
+
+    Files live in ``workdir``: ``NAME.qmp`` (QMP socket), ``NAME.ram`` (RAM) and
+    ``NAME.log`` (QEMU's stderr). ``workdir`` should have a short path: a unix socket path
+    is limited to 107 bytes.
+
+    Use as an async context manager, which always terminates and reaps QEMU::
+
+        async with DisposableVM(workdir, "src", 64 * MIB) as src:
+            async with QMP("src") as qmp:
+                await qmp.connect(str(src.qmp_path))
+
+    Args:
+        workdir: directory for the VM's files (must exist).
+        name: the VM's name; also the file name stem.
+        ram_size: guest RAM in bytes; a multiple of 2 MiB keeps QEMU's alignment happy.
+        incoming: start as a migration destination (``-incoming defer``, sparse RAM file)
+            instead of a source (RAM file of random bytes).
+        qemu_binary: the emulator to run.
+        extra_args: more QEMU arguments, appended last.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        name: str,
+        ram_size: int,
+        *,
+        incoming: bool = False,
+        qemu_binary: str = QEMU_BINARY,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        if ram_size <= 0 or ram_size % MIB:
+            raise ValueError(f"ram size must be a positive multiple of 1 MiB, got {ram_size}")
+        self.workdir = Path(workdir)
+        self.name = name
+        self.ram_size = ram_size
+        self.incoming = incoming
+        self.qemu_binary = qemu_binary
+        self.extra_args = extra_args
+        self.qmp_path = self.workdir / f"{name}.qmp"
+        self.ram_path = self.workdir / f"{name}.ram"
+        self.log_path = self.workdir / f"{name}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"DisposableVM(name={self.name!r}, pid={self.pid}, returncode={self.returncode})"
+
+    async def __aenter__(self) -> DisposableVM:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.terminate()
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id, once started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status (negative: killed by that signal); ``None`` while it runs."""
+        return self._process.poll() if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether QEMU was started and has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    def command(self) -> list[str]:
+        """Return the QEMU command line (DESIGN §7), for logs and for the README demo."""
+        args = [
+            self.qemu_binary,
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-S",
+            "-display",
+            "none",
+            # The RAM backend replaces -m: QEMU 7.2 takes the size from it.
+            "-machine",
+            "pc,memory-backend=ram0",
+            "-object",
+            f"memory-backend-file,id=ram0,size={self.ram_size},mem-path={self.ram_path},share=on",
+            # wait=off: QEMU does not block at start-up until a client connects.
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        if self.incoming:
+            args += ["-incoming", "defer"]
+        return [*args, *self.extra_args]
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Create the RAM file, start QEMU and wait for its QMP socket to appear.
+
+        Args:
+            timeout_s: seconds to wait for the RAM file and the QMP socket.
+
+        Raises:
+            VMError: the RAM file could not be written, or QEMU exited (or created no QMP
+                socket) in time; QEMU's stderr is in the message. Nothing is left running.
+        """
+        if self._process is not None:
+            raise VMError(f"vm {self.name} was already started")
+        if shutil.which(self.qemu_binary) is None:
+            raise VMError(f"{self.qemu_binary} not found on PATH (install qemu-system-x86)")
+        deadline = time.monotonic() + timeout_s
+        if self.incoming:
+            self._create_sparse_ram()
+        else:
+            await self._fill_random(deadline)
+        process = self._spawn()
+        try:
+            while not self.qmp_path.exists():
+                if process.poll() is not None:
+                    raise VMError(
+                        f"qemu {self.name} exited with status {process.returncode}"
+                        " during start-up",
+                        process.returncode,
+                        self.stderr_tail(),
+                    )
+                if time.monotonic() >= deadline:
+                    raise VMError(
+                        f"qemu {self.name} created no qmp socket within {timeout_s:g} s",
+                        None,
+                        self.stderr_tail(),
+                    )
+                await asyncio.sleep(_POLL_S)
+        except BaseException:
+            await self.terminate()
+            raise
+
+    # The three helpers below block only for a file open or a fork+exec (well under a
+    # millisecond each), so they stay synchronous rather than go through a thread.
+
+    def _create_sparse_ram(self) -> None:
+        # Sparse: the destination's pages are all written by the migration.
+        with open(self.ram_path, "wb") as ram:
+            ram.truncate(self.ram_size)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()  # a stale socket would look like a started QEMU
+        cmd = self.command()
+        logger.debug("= starting %s: %s", self.name, " ".join(cmd))
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self._process
+
+    def _spawn_filler(self) -> subprocess.Popen[bytes]:
+        # A short-lived child writes the random bytes, never this process: a 1 GiB file
+        # written by the long-lived test process made QEMU migrate it 2-3x slower
+        # (DESIGN §7, measured; cause unknown).
+        with open(self.ram_path, "wb") as ram:
+            return subprocess.Popen(
+                ["head", "-c", str(self.ram_size), "/dev/urandom"],
+                stdin=subprocess.DEVNULL,
+                stdout=ram,
+                stderr=subprocess.DEVNULL,
+            )
+
+    async def _fill_random(self, deadline: float) -> None:
+        filler = self._spawn_filler()
+        try:
+            returncode = await _wait_process(filler, deadline - time.monotonic())
+        except BaseException:
+            _kill_and_reap(filler)
+            raise
+        if returncode is None:
+            _kill_and_reap(filler)
+            raise VMError(f"writing {self.ram_size} random bytes to {self.ram_path} timed out")
+        size = self.ram_path.stat().st_size
+        if returncode != 0 or size != self.ram_size:
+            raise VMError(
+                f"writing random ram for {self.name} failed: head exited {returncode},"
+                f" wrote {size} of {self.ram_size} bytes",
+                returncode,
+            )
+
+    def stderr_tail(self) -> str:
+        """Return the end of QEMU's stderr (QEMU explains its failures there)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(log.tell() - _STDERR_TAIL_BYTES, 0))
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def wait(self, timeout_s: float | None = None) -> int:
+        """Wait for QEMU to exit (after ``quit``, say) and return its status.
+
+        Args:
+            timeout_s: seconds; ``None`` waits forever.
+
+        Raises:
+            TimeoutError: QEMU still runs after ``timeout_s``; it is left running.
+            VMError: the VM was never started.
+        """
+        if self._process is None:
+            raise VMError(f"vm {self.name} was never started")
+        returncode = await _wait_process(self._process, timeout_s)
+        if returncode is None:
+            raise TimeoutError(f"qemu {self.name} still running after {timeout_s:g} s")
+        return returncode
+
+    async def terminate(self, grace: float = _TERM_GRACE_S) -> int | None:
+        """Stop QEMU: SIGTERM, then SIGKILL after ``grace`` seconds; always reaps it.
+
+        Safe to call more than once, and on a VM that already exited or never started.
+
+        Returns:
+            QEMU's exit status, or ``None`` if it was never started.
+        """
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.terminate()
+            returncode = await _wait_process(process, grace)
+            if returncode is None:
+                logger.warning("! qemu %s ignored SIGTERM for %g s; killing it", self.name, grace)
+                return _kill_and_reap(process)
+        return process.wait()
+
+    def kill(self) -> int | None:
+        """SIGKILL and reap QEMU synchronously: the last resort of fixture teardown."""
+        if self._process is None:
+            return None
+        return _kill_and_reap(self._process)
+
+
+async def _wait_process(process: subprocess.Popen[bytes], timeout_s: float | None) -> int | None:
+    """Poll ``process`` until it exits; return its status, or ``None`` on timeout."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (returncode := process.poll()) is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(_POLL_S)
+    return returncode
+
+
+def _kill_and_reap(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGKILL)
+    return process.wait()

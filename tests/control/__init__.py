@@ -1,0 +1,1 @@
+"""Control-plane tests: QMP wrappers and orchestration against a fake QMP server."""

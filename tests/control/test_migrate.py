@@ -1,0 +1,275 @@
+"""`migrelay.control.migrate` against a fake QMP server: exact command sequences, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migrelay.control.migrate import (
+    MigrationOptions,
+    Progress,
+    cancel,
+    follow_migration,
+    prepare_incoming,
+    require,
+    start_migration,
+    wait_destination_completed,
+)
+from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
+from migrelay.errors import MigrationError, StateError
+
+from .fake_qmp import FakeQMP, Reply, serve
+
+
+def status(state: str) -> dict[str, object]:
+    return {"status": state, "running": state == "running"}
+
+
+def run_against(fake: FakeQMP, sockdir: Path, body: object) -> None:
+    """Connect a `QMP` to ``fake`` and run ``body(qmp)``."""
+
+    async def main() -> None:
+        async with serve(fake, sockdir / "q.qmp") as path, QMP("vm") as qmp:
+            await qmp.connect(path)
+            assert callable(body)
+            await body(qmp)
+
+    asyncio.run(main())
+
+
+def test_require_names_state_and_required_state(sockdir: Path) -> None:
+    fake = FakeQMP(replies={"query-status": status("postmigrate")})
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(StateError) as info:
+            await require(qmp, RunState.RUNNING)
+        assert info.value.state is RunState.POSTMIGRATE
+        assert str(info.value) == "state is postmigrate, but running is required"
+        assert await require(qmp, {RunState.POSTMIGRATE, RunState.PAUSED}) is RunState.POSTMIGRATE
+
+    run_against(fake, sockdir, body)
+
+
+def test_prepare_incoming_refuses_a_vm_not_started_with_incoming(sockdir: Path) -> None:
+    fake = FakeQMP(replies={"query-status": status("running")})
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(StateError) as info:
+            await prepare_incoming(qmp, "unix:/tmp/x.sock", MigrationOptions())
+        assert str(info.value) == (
+            "state is running, but inmigrate is required:"
+            " start the destination qemu with -incoming defer to receive a migration"
+        )
+
+    run_against(fake, sockdir, body)
+    assert fake.commands == ["query-status"]  # nothing changed
+
+
+def test_prepare_incoming_refuses_a_vm_that_already_listens(sockdir: Path) -> None:
+    listening = {"socket-address": [{"type": "inet", "host": "0.0.0.0", "port": "4444"}]}
+    fake = FakeQMP(replies={"query-status": status("inmigrate"), "query-migrate": listening})
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(StateError, match=r"already listening on tcp:0\.0\.0\.0:4444"):
+            await prepare_incoming(qmp, "unix:/tmp/x.sock", MigrationOptions())
+
+    run_against(fake, sockdir, body)
+    assert fake.commands == ["query-status", "query-migrate"]
+
+
+def test_prepare_incoming_sets_the_source_capabilities_then_listens(sockdir: Path) -> None:
+    after = {"socket-address": [{"type": "unix", "path": "/tmp/x.sock"}]}
+    fake = FakeQMP(replies={"query-status": status("inmigrate"), "query-migrate": [{}, after]})
+
+    async def body(qmp: QMP) -> None:
+        info = await prepare_incoming(
+            qmp, "unix:/tmp/x.sock", MigrationOptions(multifd_channels=4, postcopy=True)
+        )
+        assert info.socket_addresses == ("unix:/tmp/x.sock",)
+
+    run_against(fake, sockdir, body)
+    assert fake.received == [
+        ("query-status", {}),
+        ("query-migrate", {}),
+        (
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "events", "state": True},
+                    {"capability": "multifd", "state": True},
+                    {"capability": "postcopy-ram", "state": True},
+                ]
+            },
+        ),
+        ("migrate-set-parameters", {"multifd-channels": 4}),
+        ("migrate-incoming", {"uri": "unix:/tmp/x.sock"}),
+        ("query-migrate", {}),
+    ]
+
+
+def test_start_migration_lifts_the_default_bandwidth_limit(sockdir: Path) -> None:
+    fake = FakeQMP(replies={"query-status": status("running"), "query-migrate": {}})
+
+    async def body(qmp: QMP) -> None:
+        await start_migration(qmp, "tcp:10.0.0.2:4444", MigrationOptions())
+
+    run_against(fake, sockdir, body)
+    assert fake.received[2:] == [
+        (
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "events", "state": True},
+                    {"capability": "multifd", "state": False},
+                    {"capability": "postcopy-ram", "state": False},
+                ]
+            },
+        ),
+        ("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}),
+        ("migrate", {"uri": "tcp:10.0.0.2:4444"}),
+    ]
+
+
+def test_start_migration_keeps_given_limits(sockdir: Path) -> None:
+    fake = FakeQMP(replies={"query-status": status("paused"), "query-migrate": {}})
+    options = MigrationOptions(multifd_channels=2, max_bandwidth=1000, downtime_limit_ms=50)
+
+    async def body(qmp: QMP) -> None:
+        await start_migration(qmp, "unix:/tmp/s.sock", options)
+
+    run_against(fake, sockdir, body)
+    assert (
+        "migrate-set-parameters",
+        {"multifd-channels": 2, "max-bandwidth": 1000, "downtime-limit": 50},
+    ) in fake.received
+
+
+def test_start_migration_refuses_an_incoming_vm(sockdir: Path) -> None:
+    fake = FakeQMP(replies={"query-status": status("inmigrate")})
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(StateError, match=r"^state is inmigrate, but paused or postmigrate"):
+            await start_migration(qmp, "unix:/tmp/s.sock", MigrationOptions())
+
+    run_against(fake, sockdir, body)
+    assert fake.commands == ["query-status"]
+
+
+def test_start_migration_refuses_while_a_migration_runs(sockdir: Path) -> None:
+    fake = FakeQMP(
+        replies={"query-status": status("running"), "query-migrate": {"status": "active"}}
+    )
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(StateError, match=r"^state is migration active"):
+            await start_migration(qmp, "unix:/tmp/s.sock", MigrationOptions())
+
+    run_against(fake, sockdir, body)
+    assert "migrate" not in fake.commands
+
+
+def _ram(transferred: int, remaining: int, passes: int) -> dict[str, object]:
+    return {
+        "total": 64 << 20,
+        "transferred": transferred,
+        "remaining": remaining,
+        "mbps": 800.0,
+        "dirty-sync-count": passes,
+        "dirty-pages-rate": 0,
+    }
+
+
+def test_follow_migration_reports_every_snapshot_and_the_result(sockdir: Path) -> None:
+    sequence: list[Reply] = [
+        {"status": "setup"},
+        {"status": "active", "total-time": 100, "ram": _ram(10 << 20, 54 << 20, 1)},
+        {
+            "status": "completed",
+            "total-time": 500,
+            "downtime": 20,
+            "setup-time": 1,
+            "ram": _ram(64 << 20, 0, 2),
+        },
+    ]
+    fake = FakeQMP(replies={"query-migrate": sequence})
+    seen: list[Progress] = []
+
+    async def body(qmp: QMP) -> None:
+        result = await follow_migration(qmp, seen.append, interval=0.01)
+        assert result.status is MigrationStatus.COMPLETED
+        assert (result.total_time_ms, result.downtime_ms, result.passes) == (500, 20, 2)
+        assert result.rate_bytes_per_s == pytest.approx((64 << 20) / 0.5)
+
+    run_against(fake, sockdir, body)
+    assert [p.status for p in seen] == ["setup", "active", "completed"]
+    assert seen[1].rate_bytes_per_s == 100_000_000.0
+
+
+def test_follow_migration_raises_qemus_error_text_whole(sockdir: Path) -> None:
+    text = "Unable to write to socket: Broken pipe"
+    fake = FakeQMP(
+        replies={"query-migrate": [{"status": "active"}, {"status": "failed", "error-desc": text}]}
+    )
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(MigrationError) as info:
+            await follow_migration(qmp, interval=0.01)
+        assert str(info.value) == text
+
+    run_against(fake, sockdir, body)
+
+
+def test_follow_migration_switches_to_postcopy_once(sockdir: Path) -> None:
+    sequence: list[Reply] = [
+        {"status": "active", "ram": _ram(1, 1, 1)},
+        {"status": "active", "ram": _ram(2, 1, 2)},
+        {"status": "postcopy-active", "ram": _ram(3, 1, 3)},
+        {"status": "completed", "ram": _ram(4, 0, 3)},
+    ]
+    fake = FakeQMP(replies={"query-migrate": sequence})
+
+    async def body(qmp: QMP) -> None:
+        await follow_migration(qmp, interval=0.01, postcopy_after_passes=2)
+
+    run_against(fake, sockdir, body)
+    assert fake.commands.count("migrate-start-postcopy") == 1
+    assert fake.commands.index("migrate-start-postcopy") == 2
+
+
+def test_wait_destination_completed_times_out_with_the_status(sockdir: Path) -> None:
+    fake = FakeQMP(replies={"query-migrate": {"status": "active"}})
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(TimeoutError, match=r"not completed within 0\.3 s \(status active\)"):
+            await wait_destination_completed(qmp, 0.3)
+
+    run_against(fake, sockdir, body)
+
+
+def test_cancel_waits_for_cancelled(sockdir: Path) -> None:
+    fake = FakeQMP(replies={"query-migrate": [{"status": "cancelling"}, {"status": "cancelled"}]})
+
+    async def body(qmp: QMP) -> None:
+        info = await cancel(qmp)
+        assert info.status is MigrationStatus.CANCELLED
+
+    run_against(fake, sockdir, body)
+    assert fake.commands == ["migrate_cancel", "query-migrate", "query-migrate"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"multifd_channels": 0}, "multifd channels must be 1..255, got 0"),
+        ({"max_bandwidth": 0}, "max bandwidth must be positive, got 0"),
+        ({"downtime_limit_ms": -1}, "downtime limit must be >= 0, got -1"),
+    ],
+)
+def test_migration_options_reject_values_qemu_would_refuse(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        MigrationOptions(**kwargs)
