@@ -127,6 +127,9 @@ class DisposableVM:
             instead of a source (RAM file of random bytes).
         qemu_binary: the emulator to run.
         extra_args: more QEMU arguments, appended last.
+        reuse_ram: a source keeps an existing RAM file of the right size instead of
+            writing new random bytes (benchmarks migrate the same RAM run after run).
+        command_prefix: run QEMU under this command (``ip netns exec NAME``).
     """
 
     def __init__(
@@ -138,6 +141,8 @@ class DisposableVM:
         incoming: bool = False,
         qemu_binary: str = QEMU_BINARY,
         extra_args: tuple[str, ...] = (),
+        reuse_ram: bool = False,
+        command_prefix: tuple[str, ...] = (),
     ) -> None:
         if ram_size <= 0 or ram_size % MIB:
             raise ValueError(f"ram size must be a positive multiple of 1 MiB, got {ram_size}")
@@ -147,6 +152,8 @@ class DisposableVM:
         self.incoming = incoming
         self.qemu_binary = qemu_binary
         self.extra_args = extra_args
+        self.reuse_ram = reuse_ram
+        self.command_prefix = command_prefix
         self.qmp_path = self.workdir / f"{name}.qmp"
         self.ram_path = self.workdir / f"{name}.ram"
         self.log_path = self.workdir / f"{name}.log"
@@ -203,7 +210,7 @@ class DisposableVM:
         ]
         if self.incoming:
             args += ["-incoming", "defer"]
-        return [*args, *self.extra_args]
+        return [*self.command_prefix, *args, *self.extra_args]
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Create the RAM file, start QEMU and wait for its QMP socket to appear.
@@ -222,7 +229,7 @@ class DisposableVM:
         deadline = time.monotonic() + timeout_s
         if self.incoming:
             self._create_sparse_ram()
-        else:
+        elif not (self.reuse_ram and self._ram_file_size() == self.ram_size):
             await self._fill_random(deadline)
         process = self._spawn()
         try:
@@ -247,6 +254,12 @@ class DisposableVM:
 
     # The three helpers below block only for a file open or a fork+exec (well under a
     # millisecond each), so they stay synchronous rather than go through a thread.
+
+    def _ram_file_size(self) -> int | None:
+        try:
+            return self.ram_path.stat().st_size
+        except FileNotFoundError:
+            return None
 
     def _create_sparse_ram(self) -> None:
         # Sparse: the destination's pages are all written by the migration.

@@ -1,0 +1,447 @@
+"""Migration benchmark: the tunnel against a direct TCP migration, same VMs, same run.
+
+One question: how long does migrating N bytes of random RAM take through migrelay,
+compared with QEMU's own TCP migration on the same machine? Modes are interleaved
+(tcp, ws, tcp, ws, …) so that drift in the machine's load hits every mode alike, and
+each is timed from ``migrate`` until the *destination's* ``query-migrate`` says
+``completed``. Each run also reports the relays' CPU seconds per GiB and peak RSS
+(from ``/proc``) and checks that the destination RAM equals the source's.
+
+The relays run as real ``migrelay serve`` / ``migrelay connect`` processes (and socat,
+for the reference a WebSocket-free relay reaches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import RelayError
+from .migrate import (
+    MigrationOptions,
+    prepare_incoming,
+    start_migration,
+    wait_destination_completed,
+)
+from .qmp import QMP
+from .vm import MIB, DisposableVM, first_difference
+
+GIB = 1024 * MIB
+#: Seconds one migration may take before the run counts as failed.
+RUN_TIMEOUT_S = 600.0
+#: Seconds to wait for a relay to listen.
+RELAY_START_TIMEOUT_S = 20.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way to migrate: ``tcp``, ``unix``, ``ws``, ``wss``, ``socat``, ``ws-multifd4``."""
+
+    name: str
+    transport: str
+    multifd: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        """Parse a mode name; ``X-multifdN`` adds N multifd channels to transport X."""
+        transport, _, rest = text.partition("-multifd")
+        if transport not in ("tcp", "unix", "ws", "wss", "socat"):
+            raise ValueError(f"unknown mode {text!r} (tcp, unix, ws, wss, socat, X-multifdN)")
+        multifd = None
+        if _:
+            if not rest.isdigit() or not 1 <= int(rest) <= 255:
+                raise ValueError(f"bad channel count in mode {text!r}")
+            multifd = int(rest)
+        return cls(text, transport, multifd)
+
+
+def available_modes(names: Sequence[str]) -> list[Mode]:
+    """Parse mode names, dropping socat when it is not installed (said on stderr)."""
+    modes = [Mode.parse(name) for name in names]
+    if shutil.which("socat") is None and any(m.transport == "socat" for m in modes):
+        print("bench: socat is not installed; skipping the socat mode", file=sys.stderr)
+        modes = [m for m in modes if m.transport != "socat"]
+    return modes
+
+
+@dataclass
+class RunResult:
+    """One migration."""
+
+    mode: str
+    run: int
+    seconds: float | None = None
+    source_total_time_ms: int | None = None
+    downtime_ms: int | None = None
+    throughput_bytes_per_s: float | None = None
+    relay_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    relay_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    ram_matched: bool = False
+    error: str | None = None
+
+
+@dataclass
+class ModeSummary:
+    """Medians over the runs of one mode."""
+
+    mode: str
+    runs: int
+    failures: int
+    median_seconds: float | None
+    median_throughput_bytes_per_s: float | None
+    median_downtime_ms: float | None
+    ratio_to_tcp: float | None
+    relay_cpu_seconds_per_gib: dict[str, float]
+    relay_peak_rss_bytes: dict[str, int]
+    all_ram_matched: bool
+
+
+class _Process:
+    """A relay process whose CPU time and peak RSS are read before it is stopped."""
+
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name = name
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self.log = log
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime are fields 14-17 of proc(5); [0] here is field 3.
+        # Children count once reaped: socat does its copying in forked children.
+        return sum(int(value) for value in fields[11:15]) / _CLK_TCK
+
+    def peak_rss(self) -> int:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _wait_listening(check: Callable[[], bool], process: _Process) -> None:
+    deadline = time.monotonic() + RELAY_START_TIMEOUT_S
+    while not check():
+        if process.popen.poll() is not None:
+            raise RelayError(f"{process.name} exited: {process.log.read_text()[-500:]}")
+        if time.monotonic() > deadline:
+            raise RelayError(f"{process.name} did not start listening")
+        await asyncio.sleep(0.02)
+
+
+def _port_open(port: int) -> bool:
+    """Whether something listens on TCP ``port``, without connecting to it.
+
+    A test connection would be a session of its own: socat (without ``fork``) serves
+    exactly one connection and would hand that empty one to destination QEMU.
+    """
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                # local_address is HEX_IP:HEX_PORT; state 0A is LISTEN.
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def make_certificate(workdir: Path) -> tuple[Path, Path]:
+    """Write a self-signed certificate for localhost (openssl) and return (cert, key)."""
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    if not cert.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "2", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return cert, key
+
+
+class Bench:
+    """Runs migrations of one RAM size in the chosen modes.
+
+    Args:
+        ram_size: guest RAM in bytes (random, written once and reused by every run).
+        workdir: where VMs, sockets and logs live.
+        migrelay: the command that runs migrelay (default: this interpreter's module).
+    """
+
+    def __init__(
+        self, ram_size: int, workdir: Path, migrelay: Sequence[str] | None = None
+    ) -> None:
+        self.ram_size = ram_size
+        self.workdir = workdir
+        self.migrelay = list(migrelay or [sys.executable, "-m", "migrelay"])
+
+    async def run(self, mode: Mode, run: int) -> RunResult:
+        """Migrate once in ``mode``; failures are reported in the result, not raised."""
+        result = RunResult(mode.name, run)
+        src = DisposableVM(self.workdir, "src", self.ram_size, reuse_ram=True)
+        dst = DisposableVM(self.workdir, "dst", self.ram_size, incoming=True)
+        relays: list[_Process] = []
+        keep = os.environ.get("MIGRELAY_BENCH_KEEP")
+        try:
+            await src.start(timeout_s=120)
+            await dst.start()
+            async with QMP("bench-src") as src_qmp, QMP("bench-dst") as dst_qmp:
+                await src_qmp.connect(str(src.qmp_path))
+                await dst_qmp.connect(str(dst.qmp_path))
+                options = MigrationOptions(multifd_channels=mode.multifd)
+                in_uri, out_uri = await self._plumb(mode, dst_qmp, options, relays)
+                # Start-up CPU (the interpreter, imports) is not the migration's.
+                idle_cpu = {relay.name: relay.cpu_seconds() for relay in relays}
+                started = time.monotonic()
+                await start_migration(src_qmp, out_uri, options)
+                await wait_destination_completed(dst_qmp, RUN_TIMEOUT_S)
+                result.seconds = time.monotonic() - started
+                info = await src_qmp.query_migrate()
+                result.source_total_time_ms = info.total_time_ms
+                result.downtime_ms = info.downtime_ms
+                result.throughput_bytes_per_s = self.ram_size / result.seconds
+                for relay in relays:
+                    used = relay.cpu_seconds() - idle_cpu[relay.name]
+                    result.relay_cpu_seconds[relay.name] = used
+                    result.relay_peak_rss_bytes[relay.name] = relay.peak_rss()
+                del in_uri
+                await src_qmp.quit()
+                await dst_qmp.quit()
+            await src.wait(30)
+            await dst.wait(30)
+            result.ram_matched = first_difference(src.ram_path, dst.ram_path) is None
+            if not result.ram_matched:
+                result.error = "destination RAM differs from the source"
+        except Exception as exc:  # a failed run is a result, not the end of the bench
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            for relay in relays:
+                relay.stop()
+            if keep and result.error:
+                print(f"bench: kept {self.workdir} for inspection", file=sys.stderr)
+            await src.terminate()
+            await dst.terminate()
+            with contextlib.suppress(FileNotFoundError):
+                dst.ram_path.unlink()
+        return result
+
+    async def _plumb(
+        self, mode: Mode, dst_qmp: QMP, options: MigrationOptions, relays: list[_Process]
+    ) -> tuple[str, str]:
+        """Start the destination listening (and the relays); return (in_uri, out_uri)."""
+        work = self.workdir
+        if mode.transport == "tcp":
+            info = await prepare_incoming(dst_qmp, "tcp:127.0.0.1:0", options)
+            return info.socket_addresses[0], info.socket_addresses[0]
+        dest_sock, source_sock = work / "dest.sock", work / "source.sock"
+        for path in (dest_sock, source_sock):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        await prepare_incoming(dst_qmp, f"unix:{dest_sock}", options)
+        if mode.transport == "unix":
+            return f"unix:{dest_sock}", f"unix:{dest_sock}"
+        port = _free_port()
+        if mode.transport == "socat":
+            # The WebSocket-free reference: two plain copying relays.
+            server = _Process(
+                "socat-server",
+                [
+                    "socat",
+                    "-b",
+                    "1048576",
+                    f"TCP-LISTEN:{port},reuseaddr,fork,bind=127.0.0.1",
+                    f"UNIX-CONNECT:{dest_sock}",
+                ],
+                work / "socat-server.log",
+            )
+            relays.append(server)
+            await _wait_listening(lambda: _port_open(port), server)
+            client = _Process("socat-client", ["socat", "-b", "1048576",
+                              f"UNIX-LISTEN:{source_sock},fork", f"TCP:127.0.0.1:{port}"],
+                              work / "socat-client.log")  # fmt: skip
+            relays.append(client)
+            await _wait_listening(source_sock.exists, client)
+            return f"unix:{dest_sock}", f"unix:{source_sock}"
+        serve_tls: list[str] = []
+        connect_tls: list[str] = []
+        scheme = "ws"
+        if mode.transport == "wss":
+            cert, key = make_certificate(work)
+            serve_tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+            connect_tls = ["--ca", str(cert)]
+            scheme = "wss"
+        server = _Process(
+            "serve",
+            [
+                *self.migrelay,
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--target",
+                str(dest_sock),
+                *serve_tls,
+            ],
+            work / "serve.log",
+        )
+        relays.append(server)
+        await _wait_listening(lambda: _port_open(port), server)
+        client = _Process("connect", [*self.migrelay, "connect", f"{scheme}://localhost:{port}/",
+                          "--listen-unix", str(source_sock), *connect_tls],
+                          work / "connect.log")  # fmt: skip
+        relays.append(client)
+        await _wait_listening(source_sock.exists, client)
+        return f"unix:{dest_sock}", f"unix:{source_sock}"
+
+
+def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
+    """Medians per mode, and each mode's median time over direct TCP's."""
+    by_mode: dict[str, list[RunResult]] = {}
+    for result in results:
+        by_mode.setdefault(result.mode, []).append(result)
+    tcp_times = [r.seconds for r in by_mode.get("tcp", []) if r.seconds and not r.error]
+    tcp_median = statistics.median(tcp_times) if tcp_times else None
+    summaries = []
+    for mode, runs in by_mode.items():
+        good = [r for r in runs if r.error is None and r.seconds is not None]
+        times = [r.seconds for r in good if r.seconds is not None]
+        median = statistics.median(times) if times else None
+        cpu: dict[str, float] = {}
+        rss: dict[str, int] = {}
+        for name in {name for r in good for name in r.relay_cpu_seconds}:
+            cpu[name] = statistics.median(r.relay_cpu_seconds[name] for r in good) / (
+                ram_size / GIB
+            )
+            rss[name] = max(r.relay_peak_rss_bytes[name] for r in good)
+        downtimes = [r.downtime_ms for r in good if r.downtime_ms is not None]
+        summaries.append(
+            ModeSummary(
+                mode=mode,
+                runs=len(runs),
+                failures=len(runs) - len(good),
+                median_seconds=median,
+                median_throughput_bytes_per_s=ram_size / median if median else None,
+                median_downtime_ms=statistics.median(downtimes) if downtimes else None,
+                ratio_to_tcp=median / tcp_median if median and tcp_median else None,
+                relay_cpu_seconds_per_gib=cpu,
+                relay_peak_rss_bytes=rss,
+                all_ram_matched=all(r.ram_matched for r in runs),
+            )
+        )
+    return summaries
+
+
+def machine_info() -> dict[str, object]:
+    """Where the figures come from."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    qemu = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu": qemu[0] if qemu else "unknown",
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
+
+
+async def run_bench(
+    modes: Sequence[Mode],
+    ram_size: int,
+    runs: int,
+    workdir: Path | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> dict[str, object]:
+    """Run ``runs`` interleaved rounds of every mode; return the JSON-ready report."""
+    own_dir = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="migrelay-bench-", dir="/tmp")) if own_dir else workdir
+    assert work is not None
+    bench = Bench(ram_size, work)
+    results: list[RunResult] = []
+    try:
+        for run in range(1, runs + 1):
+            for mode in modes:
+                result = await bench.run(mode, run)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    finally:
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return {
+        "machine": machine_info(),
+        "ram_bytes": ram_size,
+        "runs": runs,
+        "modes": [m.name for m in modes],
+        "results": [asdict(r) for r in results],
+        "summary": [asdict(s) for s in summarize(results, ram_size)],
+    }
+
+
+def format_table(report: dict[str, object]) -> str:
+    """The summary as a plain-text table."""
+    lines = [
+        f"{'mode':<14}{'median s':>10}{'MiB/s':>9}{'x tcp':>8}{'downtime':>10}"
+        f"{'relay CPU s/GiB':>22}{'peak RSS MiB':>16}  ram",
+    ]
+    summary = report["summary"]
+    assert isinstance(summary, list)
+    for row in summary:
+        secs = row["median_seconds"]
+        rate = row["median_throughput_bytes_per_s"]
+        ratio = row["ratio_to_tcp"]
+        down = row["median_downtime_ms"]
+        cpu = " ".join(f"{k}={v:.2f}" for k, v in sorted(row["relay_cpu_seconds_per_gib"].items()))
+        rss = " ".join(f"{v / MIB:.0f}" for _, v in sorted(row["relay_peak_rss_bytes"].items()))
+        lines.append(
+            f"{row['mode']:<14}"
+            f"{f'{secs:.2f}' if secs else 'failed':>10}"
+            f"{f'{rate / MIB:.0f}' if rate else '-':>9}"
+            f"{f'{ratio:.2f}' if ratio else '-':>8}"
+            f"{f'{down:.0f} ms' if down is not None else '-':>10}"
+            f"{cpu or '-':>22}{rss or '-':>16}  "
+            f"{'ok' if row['all_ram_matched'] else 'MISMATCH'}"
+            + (f" ({row['failures']} failed)" if row["failures"] else "")
+        )
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, object], path: Path) -> None:
+    """Write the report as indented JSON."""
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
