@@ -1,0 +1,148 @@
+"""Real QEMU migrations through ``migrelay connect`` and ``migrelay serve`` processes.
+
+Every test ends with the destination's RAM file equal to the source's byte for byte,
+checked once the destination itself reports ``completed`` and both QEMUs have quit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from migrelay.control.migrate import (
+    MigrationOptions,
+    prepare_incoming,
+    start_migration,
+    wait_destination_completed,
+)
+from migrelay.control.qmp import QMP, MigrationStatus
+from migrelay.control.vm import DisposableVM, first_difference
+
+from ..conftest import MigrelayProcess, MigrelayProcesses
+from .conftest import VMPairFactory
+
+pytestmark = pytest.mark.e2e
+
+MIGRATION_TIMEOUT_S = 120.0
+RAM_BYTES = 64 << 20
+
+
+async def _finish(src: DisposableVM, dst: DisposableVM, src_qmp: QMP, dst_qmp: QMP) -> None:
+    final = await wait_destination_completed(dst_qmp, MIGRATION_TIMEOUT_S)
+    assert final.status is MigrationStatus.COMPLETED
+    assert (await src_qmp.query_migrate()).status is MigrationStatus.COMPLETED
+    await src_qmp.quit()
+    await dst_qmp.quit()
+    assert await src.wait(30) == 0
+    assert await dst.wait(30) == 0
+    assert first_difference(src.ram_path, dst.ram_path) is None
+
+
+def _relays(
+    procs: MigrelayProcesses, workdir: Path, *serve_args: str
+) -> tuple[MigrelayProcess, MigrelayProcess]:
+    server = procs.serve("--target", str(workdir / "dest.sock"), *serve_args)
+    client = procs.connect(f"{server.url}/", workdir / "source.sock")
+    return server, client
+
+
+def _closed_lines(process: MigrelayProcess) -> list[str]:
+    return [line for line in process.log().splitlines() if " closed: " in line]
+
+
+@pytest.mark.parametrize("multifd", [None, 4], ids=["single-channel", "multifd4"])
+def test_migration_through_the_tunnel_keeps_ram_identical(
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    workdir: Path,
+    multifd: int | None,
+) -> None:
+    server, client = _relays(migrelay_procs, workdir)
+    options = MigrationOptions(multifd_channels=multifd)
+
+    async def scenario() -> None:
+        async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
+            await sq.connect(str(src.qmp_path))
+            await dq.connect(str(dst.qmp_path))
+            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            await _finish(src, dst, sq, dq)
+
+    asyncio.run(scenario())
+    channels = 1 + (multifd or 0)
+    # One "closed" line per channel on each side, each saying it completed normally.
+    for relay in (server, client):
+        relay.wait_for_log(rf"(?s)(channel \S+ closed: completed.*){{{channels}}}")
+        lines = _closed_lines(relay)
+        assert len(lines) == channels, relay.log()
+        assert all("close code 1000 normal" in line for line in lines), relay.log()
+    # The server connected the channels to destination QEMU in the source's accept order.
+    opened = [line.split("channel ")[1].split()[0] for line in server.log().splitlines()
+              if " opened: " in line]  # fmt: skip
+    assert [name.rsplit("/", 1)[1] for name in opened] == [str(n) for n in range(channels)]
+
+
+def test_relays_started_after_migrate_incoming(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+) -> None:
+    options = MigrationOptions()
+
+    async def scenario() -> None:
+        async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
+            await sq.connect(str(src.qmp_path))
+            await dq.connect(str(dst.qmp_path))
+            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+            # Only now do the relays start.
+            _relays(migrelay_procs, workdir)
+            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            await _finish(src, dst, sq, dq)
+
+    asyncio.run(scenario())
+
+
+def test_migration_started_before_the_destination_listens_waits_for_it(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+) -> None:
+    # The original workflow may start the source before destination QEMU listens: the
+    # server waits (bounded by --wait-target) for the destination socket to appear.
+    server, _ = _relays(migrelay_procs, workdir, "--wait-target", "30")
+    options = MigrationOptions()
+
+    async def scenario() -> None:
+        async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
+            await sq.connect(str(src.qmp_path))
+            await dq.connect(str(dst.qmp_path))
+            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            # The WebSocket is up and waiting on the server: no "opened" line yet.
+            await asyncio.sleep(1.0)
+            assert " opened: " not in server.log()
+            assert (await sq.query_migrate()).status is not MigrationStatus.FAILED
+            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+            await _finish(src, dst, sq, dq)
+
+    asyncio.run(scenario())
+
+
+def test_second_migration_through_the_same_relays_completes(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+) -> None:
+    # Without --once, connect serves migration after migration, each its own session.
+    _, client = _relays(migrelay_procs, workdir)
+    options = MigrationOptions()
+
+    async def one(name: str) -> None:
+        async with vm_pair(32 << 20, name=name) as (src, dst), QMP("s") as sq, QMP("d") as dq:
+            await sq.connect(str(src.qmp_path))
+            await dq.connect(str(dst.qmp_path))
+            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            await _finish(src, dst, sq, dq)
+
+    asyncio.run(one("first"))
+    asyncio.run(one("second"))
+    sessions = [
+        line for line in client.log().splitlines() if "session " in line and "ended" in line
+    ]
+    assert len(sessions) == 2 and all("completed" in line for line in sessions), client.log()
