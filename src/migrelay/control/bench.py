@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,7 @@ from .migrate import (
     start_migration,
     wait_destination_completed,
 )
+from .netns import LinkedNamespaces
 from .qmp import QMP
 from .vm import MIB, DisposableVM, first_difference
 
@@ -104,6 +107,7 @@ class ModeSummary:
     median_seconds: float | None
     median_throughput_bytes_per_s: float | None
     median_downtime_ms: float | None
+    #: Median time over direct TCP's with the same multifd channel count.
     ratio_to_tcp: float | None
     relay_cpu_seconds_per_gib: dict[str, float]
     relay_peak_rss_bytes: dict[str, int]
@@ -158,13 +162,13 @@ async def _wait_listening(check: Callable[[], bool], process: _Process) -> None:
         await asyncio.sleep(0.02)
 
 
-def _port_open(port: int) -> bool:
-    """Whether something listens on TCP ``port``, without connecting to it.
+def _port_open(port: int, process: _Process) -> bool:
+    """Whether something listens on TCP ``port`` in ``process``'s network namespace.
 
-    A test connection would be a session of its own: socat (without ``fork``) serves
-    exactly one connection and would hand that empty one to destination QEMU.
+    Checked in /proc rather than by connecting: a test connection would be a session
+    of its own, handed on to destination QEMU as an empty migration stream.
     """
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{process.popen.pid}/net/tcp", f"/proc/{process.popen.pid}/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
@@ -198,17 +202,31 @@ class Bench:
     """
 
     def __init__(
-        self, ram_size: int, workdir: Path, migrelay: Sequence[str] | None = None
+        self,
+        ram_size: int,
+        workdir: Path,
+        migrelay: Sequence[str] | None = None,
+        link: LinkedNamespaces | None = None,
     ) -> None:
         self.ram_size = ram_size
         self.workdir = workdir
         self.migrelay = list(migrelay or [sys.executable, "-m", "migrelay"])
+        self.link = link
+        #: Source-side and destination-side command prefixes, and the address the
+        #: destination host listens on.
+        self.src_prefix: tuple[str, ...] = link.prefix(link.source_ns) if link else ()
+        self.dst_prefix: tuple[str, ...] = link.prefix(link.dest_ns) if link else ()
+        self.dest_host = link.dest_addr if link else "127.0.0.1"
 
     async def run(self, mode: Mode, run: int) -> RunResult:
         """Migrate once in ``mode``; failures are reported in the result, not raised."""
         result = RunResult(mode.name, run)
-        src = DisposableVM(self.workdir, "src", self.ram_size, reuse_ram=True)
-        dst = DisposableVM(self.workdir, "dst", self.ram_size, incoming=True)
+        src = DisposableVM(
+            self.workdir, "src", self.ram_size, reuse_ram=True, command_prefix=self.src_prefix
+        )
+        dst = DisposableVM(
+            self.workdir, "dst", self.ram_size, incoming=True, command_prefix=self.dst_prefix
+        )
         relays: list[_Process] = []
         keep = os.environ.get("MIGRELAY_BENCH_KEEP")
         try:
@@ -260,7 +278,7 @@ class Bench:
         """Start the destination listening (and the relays); return (in_uri, out_uri)."""
         work = self.workdir
         if mode.transport == "tcp":
-            info = await prepare_incoming(dst_qmp, "tcp:127.0.0.1:0", options)
+            info = await prepare_incoming(dst_qmp, f"tcp:{self.dest_host}:0", options)
             return info.socket_addresses[0], info.socket_addresses[0]
         dest_sock, source_sock = work / "dest.sock", work / "source.sock"
         for path in (dest_sock, source_sock):
@@ -268,6 +286,8 @@ class Bench:
                 path.unlink()
         await prepare_incoming(dst_qmp, f"unix:{dest_sock}", options)
         if mode.transport == "unix":
+            if self.link is not None:
+                raise RelayError("mode unix needs both QEMUs on one host; drop it with --link")
             return f"unix:{dest_sock}", f"unix:{dest_sock}"
         port = _free_port()
         if mode.transport == "socat":
@@ -275,18 +295,19 @@ class Bench:
             server = _Process(
                 "socat-server",
                 [
+                    *self.dst_prefix,
                     "socat",
                     "-b",
                     "1048576",
-                    f"TCP-LISTEN:{port},reuseaddr,fork,bind=127.0.0.1",
+                    f"TCP-LISTEN:{port},reuseaddr,fork,bind={self.dest_host}",
                     f"UNIX-CONNECT:{dest_sock}",
                 ],
                 work / "socat-server.log",
             )
             relays.append(server)
-            await _wait_listening(lambda: _port_open(port), server)
-            client = _Process("socat-client", ["socat", "-b", "1048576",
-                              f"UNIX-LISTEN:{source_sock},fork", f"TCP:127.0.0.1:{port}"],
+            await _wait_listening(lambda: _port_open(port, server), server)
+            client = _Process("socat-client", [*self.src_prefix, "socat", "-b", "1048576",
+                              f"UNIX-LISTEN:{source_sock},fork", f"TCP:{self.dest_host}:{port}"],
                               work / "socat-client.log")  # fmt: skip
             relays.append(client)
             await _wait_listening(source_sock.exists, client)
@@ -299,24 +320,21 @@ class Bench:
             serve_tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
             connect_tls = ["--ca", str(cert)]
             scheme = "wss"
-        server = _Process(
-            "serve",
-            [
-                *self.migrelay,
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--target",
-                str(dest_sock),
-                *serve_tls,
-            ],
-            work / "serve.log",
-        )
+        # The certificate names localhost and 127.0.0.1; across namespaces the pin is
+        # what lets the client trust it.
+        host = self.dest_host if self.link else "localhost"
+        if self.link and scheme == "wss":
+            pem = (work / "cert.pem").read_text(encoding="ascii")
+            pin = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+            connect_tls = ["--fingerprint", pin]
+        server = _Process("serve", [*self.dst_prefix, *self.migrelay, "serve", "--listen",
+                          f"{self.dest_host}:{port}", "--target", str(dest_sock), "--insecure",
+                          *serve_tls], work / "serve.log")  # fmt: skip
         relays.append(server)
-        await _wait_listening(lambda: _port_open(port), server)
-        client = _Process("connect", [*self.migrelay, "connect", f"{scheme}://localhost:{port}/",
-                          "--listen-unix", str(source_sock), *connect_tls],
-                          work / "connect.log")  # fmt: skip
+        await _wait_listening(lambda: _port_open(port, server), server)
+        client = _Process("connect", [*self.src_prefix, *self.migrelay, "connect",
+                          f"{scheme}://{host}:{port}/", "--listen-unix", str(source_sock),
+                          *connect_tls], work / "connect.log")  # fmt: skip
         relays.append(client)
         await _wait_listening(source_sock.exists, client)
         return f"unix:{dest_sock}", f"unix:{source_sock}"
@@ -327,10 +345,20 @@ def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
     by_mode: dict[str, list[RunResult]] = {}
     for result in results:
         by_mode.setdefault(result.mode, []).append(result)
-    tcp_times = [r.seconds for r in by_mode.get("tcp", []) if r.seconds and not r.error]
-    tcp_median = statistics.median(tcp_times) if tcp_times else None
+
+    def tcp_median_for(mode: str) -> float | None:
+        # Compare like with like: a multifd mode against direct TCP with as many
+        # channels when that was measured, else against plain direct TCP.
+        multifd = Mode.parse(mode).multifd
+        reference = (
+            f"tcp-multifd{multifd}" if multifd and f"tcp-multifd{multifd}" in by_mode else "tcp"
+        )
+        times = [r.seconds for r in by_mode.get(reference, []) if r.seconds and not r.error]
+        return statistics.median(times) if times else None
+
     summaries = []
     for mode, runs in by_mode.items():
+        tcp_median = tcp_median_for(mode)
         good = [r for r in runs if r.error is None and r.seconds is not None]
         times = [r.seconds for r in good if r.seconds is not None]
         median = statistics.median(times) if times else None
@@ -387,25 +415,40 @@ async def run_bench(
     runs: int,
     workdir: Path | None = None,
     on_result: Callable[[RunResult], None] | None = None,
+    link_rate: str | None = None,
+    on_start: Callable[[Mode, int], None] | None = None,
 ) -> dict[str, object]:
-    """Run ``runs`` interleaved rounds of every mode; return the JSON-ready report."""
+    """Run ``runs`` interleaved rounds of every mode; return the JSON-ready report.
+
+    With ``link_rate`` the two sides run in network namespaces joined by a veth pair
+    shaped to that rate (``"none"``: unshaped).
+    """
     own_dir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="migrelay-bench-", dir="/tmp")) if own_dir else workdir
     assert work is not None
-    bench = Bench(ram_size, work)
+    link = None
+    if link_rate is not None:
+        link = LinkedNamespaces(None if link_rate == "none" else link_rate)
+        link.create()
+    bench = Bench(ram_size, work, link=link)
     results: list[RunResult] = []
     try:
         for run in range(1, runs + 1):
             for mode in modes:
+                if on_start is not None:
+                    on_start(mode, run)
                 result = await bench.run(mode, run)
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
     finally:
+        if link is not None:
+            link.destroy()
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
     return {
         "machine": machine_info(),
+        "link": link_rate or "loopback",
         "ram_bytes": ram_size,
         "runs": runs,
         "modes": [m.name for m in modes],
