@@ -281,14 +281,14 @@ class Channel:
         if unix.early_lost is not None:
             self.unix_lost(unix.early_lost[0])
             return
-        if unix.transport is not None and not self._unix_closed:
+        if unix.transport is not None and not self._unix_closed and not self._unix_reading_paused:
             unix.transport.resume_reading()
 
     # -- unix → WebSocket --------------------------------------------------------------
 
     def unix_data(self, view: memoryview, nbytes: int) -> None:
         session = self.session
-        if session.local_ended or session.close_sent is not None:
+        if session.local_ended or session.close_sent is not None or self._ws_closed:
             return  # the WebSocket is closing; QEMU's late bytes have nowhere to go
         start = session.frame_data(view, HEADROOM, nbytes)
         self.bytes_sent += nbytes
