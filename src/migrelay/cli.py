@@ -10,10 +10,13 @@ import asyncio
 import ipaddress
 import json
 import logging
+import shutil
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Coroutine
+import tempfile
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,10 +25,21 @@ import typer
 from . import __version__
 from .aio import runner, tls
 from .aio.client import ClientConfig, SourceRelay
-from .aio.server import RelayServer, ServerConfig, load_tokens
+from .aio.server import PrepareTarget, Refusal, RelayServer, ServerConfig, load_tokens
 from .config import Limits
+from .control import operations
+from .control.migrate import MigrationOptions
+from .control.progress import (
+    ProgressRenderer,
+    TerminalProgress,
+    progress_line,
+    renderer_for,
+    snapshot_document,
+)
+from .control.qmp import MigrationStatus
+from .control.vm import parse_size
 from .core.mask import MASK_IMPLEMENTATION, mask_implementation_warning
-from .errors import RelayError
+from .errors import ConnectError, MigrationError, RelayError, StateError
 
 logger = logging.getLogger("migrelay")
 
@@ -198,6 +212,22 @@ def serve(
             envvar="MIGRELAY_CLIENT_CA",
         ),
     ] = None,
+    qmp: Annotated[
+        Path | None,
+        typer.Option(
+            help="QMP socket of destination QEMU for the path /: issue migrate-incoming"
+            " there when a migration arrives.",
+            envvar="MIGRELAY_QMP",
+        ),
+    ] = None,
+    qmp_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of NAME.qmp sockets: issue migrate-incoming on NAME.qmp when a"
+            " migration arrives for /NAME.",
+            envvar="MIGRELAY_QMP_DIR",
+        ),
+    ] = None,
     wait_target: Annotated[
         float, typer.Option(help="Seconds to wait for the destination socket to appear.")
     ] = 30.0,
@@ -244,6 +274,7 @@ def serve(
         wait_target=wait_target,
         max_sessions=max_sessions,
         limits=limits,
+        prepare_target=_prepare_target_hook(qmp, qmp_dir),
     )
 
     def reload(config: ServerConfig) -> None:
@@ -258,6 +289,31 @@ def serve(
         raise typer.Exit(_run_until_signal(_serve(config, reload)))
     except RelayError as exc:
         raise fail(str(exc)) from None
+
+
+def _prepare_target_hook(qmp: Path | None, qmp_dir: Path | None) -> PrepareTarget | None:
+    """``serve --qmp/--qmp-dir``: the server's hook that runs ``migrate-incoming``."""
+    if qmp is None and qmp_dir is None:
+        return None
+
+    async def prepare(name: str, target: Path, headers: Mapping[str, str]) -> None:
+        path = qmp if name == "/" else None
+        if name != "/" and qmp_dir is not None:
+            path = qmp_dir / f"{name}.qmp"
+        if path is None:
+            return  # this path has no QMP socket: the operator runs `incoming` there
+        try:
+            await operations.prepare_target(str(path), target, headers)
+        except ValueError as exc:
+            raise Refusal(400, str(exc)) from None
+        except StateError as exc:
+            raise Refusal(409, f"destination vm not ready: {exc}") from None
+        except (ConnectError, MigrationError, TimeoutError) as exc:
+            raise Refusal(
+                503, f"destination qemu not prepared: {exc}", (("Retry-After", "5"),)
+            ) from None
+
+    return prepare
 
 
 async def _connect(relay: SourceRelay) -> int:
@@ -380,6 +436,367 @@ def connect(
         raise typer.Exit(_run_until_signal(_connect(relay)))
     except (RelayError, ValueError, OSError) as exc:
         raise fail(str(exc)) from None
+
+
+# -- QMP control: incoming, migrate, status, cancel ---------------------------------------
+
+#: Seconds ``migrate --to`` waits, after QEMU reports ``completed``, for the in-process
+#: relay to deliver the last bytes and close its channels before tearing it down.
+RELAY_DRAIN_TIMEOUT_S = 30.0
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+QmpOpt = Annotated[
+    Path, typer.Option("--qmp", help="QMP unix socket of the VM.", envvar="MIGRELAY_QMP")
+]
+MultifdOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--multifd",
+        min=1,
+        max=255,
+        help="Use multifd with N channels (set the same on both sides).",
+    ),
+]
+PostcopyOpt = Annotated[
+    bool, typer.Option("--postcopy", help="Enable postcopy-ram (set the same on both sides).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document at the end.")]
+
+
+def _configure_command_logging(verbose: int, log_format: str) -> None:
+    # The QMP commands print their own results; their log says only what went wrong,
+    # unless asked: -v for the steps, -vv for every QMP message.
+    configure_logging(max(verbose - 1, 0), log_format)
+    if verbose == 0:
+        logging.getLogger("migrelay").setLevel(logging.WARNING)
+
+
+def _options(
+    multifd: int | None,
+    postcopy: bool,
+    max_bandwidth: str | None = None,
+    downtime_limit: int | None = None,
+) -> MigrationOptions:
+    try:
+        return MigrationOptions(
+            multifd_channels=multifd,
+            postcopy=postcopy,
+            max_bandwidth=parse_size(max_bandwidth) if max_bandwidth is not None else None,
+            downtime_limit_ms=downtime_limit,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+def _run_control(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a control coroutine; every expected failure becomes one line and exit 1."""
+    try:
+        return runner.run(coro)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (RelayError, TimeoutError, OSError) as exc:
+        raise fail(str(exc) or type(exc).__name__) from None
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT and SIGTERM (instead of KeyboardInterrupt mid-QMP)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def _renderer(json_output: bool) -> ProgressRenderer:
+    return renderer_for(
+        sys.stdout, json_output=json_output, columns=shutil.get_terminal_size().columns
+    )
+
+
+def _poll_interval(renderer: ProgressRenderer) -> float:
+    # A bar redraws four times a second; a line a second is printed from polls every
+    # half second, so that no second goes without one.
+    return 0.25 if isinstance(renderer, TerminalProgress) else 0.5
+
+
+@app.command()
+def incoming(
+    qmp: QmpOpt,
+    socket: Annotated[
+        Path,
+        typer.Option(
+            "--socket", help="Unix socket destination QEMU listens on.", envvar="MIGRELAY_SOCKET"
+        ),
+    ] = DEFAULT_DEST_SOCKET,
+    multifd: MultifdOpt = None,
+    postcopy: PostcopyOpt = False,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Destination: make QEMU (started with -incoming defer) listen for the migration."""
+    _configure_command_logging(verbose, log_format)
+    options = _options(multifd, postcopy)
+
+    async def main() -> int:
+        info = await operations.incoming(str(qmp), f"unix:{socket}", options)
+        where = ", ".join(info.socket_addresses) or f"unix:{socket}"
+        typer.echo(f"{qmp.stem}: listening for an incoming migration on {where}")
+        return 0
+
+    raise typer.Exit(_run_control(main()))
+
+
+@asynccontextmanager
+async def _in_process_relay(
+    url: str,
+    options: MigrationOptions,
+    token_file: Path | None,
+    headers: list[str],
+    ca: Path | None,
+    fingerprint: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> AsyncIterator[SourceRelay]:
+    """``migrate --to``: the source relay on a private socket, for one migration."""
+    config = ClientConfig(
+        url=url,
+        token=_read_token(token_file),
+        headers=[
+            *_parse_headers(headers),
+            (operations.MIGRATION_HEADER, operations.announcement(options)),
+        ],
+        **_client_tls(ca, fingerprint, tls_cert, tls_key),
+    )
+    # mkdtemp makes the directory 0700: no other user can reach the socket inside.
+    directory = Path(tempfile.mkdtemp(prefix="migrelay-"))
+    relay = SourceRelay(config, directory / "source.sock", once=True)
+    try:
+        await relay.start()
+        yield relay
+    finally:
+        await relay.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@app.command()
+def migrate(
+    qmp: QmpOpt,
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            "--socket",
+            help=f"Unix socket of migrelay connect [default: {DEFAULT_SOURCE_SOCKET}].",
+            envvar="MIGRELAY_SOCKET",
+        ),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="ws:// or wss:// URL of migrelay serve; runs the relay in-process."
+        ),
+    ] = None,
+    multifd: MultifdOpt = None,
+    postcopy: PostcopyOpt = False,
+    max_bandwidth: Annotated[
+        str | None,
+        typer.Option(
+            "--max-bandwidth",
+            help="Limit in bytes/s (64M, 1G, ...) [default: unlimited, not QEMU's 128 MiB/s].",
+        ),
+    ] = None,
+    downtime_limit: Annotated[
+        int | None,
+        typer.Option("--downtime-limit", min=0, help="Longest pause in ms [QEMU: 300]."),
+    ] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once the migration has started.")
+    ] = False,
+    json_output: JsonOpt = False,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --to: file whose first token is sent as a bearer token.",
+            envvar="MIGRELAY_TOKEN_FILE",
+        ),
+    ] = None,
+    header: Annotated[
+        list[str] | None,
+        typer.Option(help="With --to: extra handshake header 'Name: value' (repeatable)."),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(help="With --to: CA file to verify the server.", envvar="MIGRELAY_CA"),
+    ] = None,
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="With --to: accept only this SHA-256 server certificate fingerprint.",
+            envvar="MIGRELAY_FINGERPRINT",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="With --to: client certificate (PEM).", envvar="MIGRELAY_TLS_CERT"),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(help="With --to: private key of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
+    ] = None,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Source: migrate the VM and follow it; exit 0 once it has completed.
+
+    Ctrl-C cancels the migration; the source VM stays as it was.
+    """
+    _configure_command_logging(verbose, log_format)
+    if socket is not None and to is not None:
+        raise fail("--socket and --to exclude each other")
+    if to is not None and no_wait:
+        raise fail("--no-wait cannot be used with --to: the relay runs inside this command")
+    options = _options(multifd, postcopy, max_bandwidth, downtime_limit)
+    if to is None:
+        uri = f"unix:{socket or DEFAULT_SOURCE_SOCKET}"
+    elif verbose == 0:
+        # The in-process relay's failures reach the operator through this command's
+        # own error line; its log would say the same thing a second time.
+        logging.getLogger("migrelay.aio").setLevel(logging.CRITICAL)
+    renderer = _renderer(json_output)
+
+    async def main() -> int:
+        stop = _stop_on_signals()
+        if to is None:
+            return await _migrate_and_report(uri, None, stop)
+        async with _in_process_relay(
+            to, options, token_file, header or [], ca, fingerprint, tls_cert, tls_key
+        ) as relay:
+            return await _migrate_and_report(f"unix:{relay.listen_path}", relay, stop)
+
+    async def _migrate_and_report(
+        target: str, relay: SourceRelay | None, stop: asyncio.Event
+    ) -> int:
+        try:
+            result = await operations.migrate(
+                str(qmp),
+                target,
+                options,
+                on_progress=renderer.update,
+                interval=_poll_interval(renderer),
+                stop=stop,
+                wait=not no_wait,
+            )
+        except MigrationError as exc:
+            # The document keeps QEMU's text whole; stderr says what failed, too.
+            error = message = str(exc)
+            if relay is not None and relay.first_error is not None:
+                error = message = (
+                    f"cannot open websocket to {to}: {relay.first_error} (qemu: {error})"
+                )
+            elif not stop.is_set():
+                message = f"migration failed: {error}"
+            return _report_failure(renderer, error, message, interrupted=stop.is_set())
+        except (RelayError, TimeoutError) as exc:
+            if json_output:
+                renderer.finish(str(exc))
+            raise
+        if result is None:
+            typer.echo(f"{qmp.stem}: migration to {target} started")
+            return 0
+        if relay is not None:
+            try:
+                async with asyncio.timeout(RELAY_DRAIN_TIMEOUT_S):
+                    await relay.finished.wait()
+            except TimeoutError:
+                logger.warning(
+                    "relay channels still open %g s after completion", RELAY_DRAIN_TIMEOUT_S
+                )
+        renderer.finish()
+        return 0
+
+    raise typer.Exit(_run_control(main()))
+
+
+def _report_failure(
+    renderer: ProgressRenderer, error: str, message: str, *, interrupted: bool
+) -> int:
+    """Finish the progress output with ``error``; say ``message`` on stderr."""
+    if interrupted:
+        error = message = "migration cancelled on interrupt; the source vm was left as it was"
+    if renderer.last is not None or not isinstance(renderer, TerminalProgress):
+        renderer.finish(error)
+    typer.echo(f"migrelay: error: {message}", err=True)
+    return EXIT_INTERRUPTED if interrupted else 1
+
+
+@app.command()
+def status(
+    qmp: QmpOpt,
+    json_output: JsonOpt = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the migration until it ends.")
+    ] = False,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Show the VM's runstate and its migration (exit 1 if the migration failed)."""
+    _configure_command_logging(verbose, log_format)
+
+    async def once() -> int:
+        runstate, info = await operations.query(str(qmp))
+        if json_output:
+            typer.echo(json.dumps(snapshot_document(info, str(runstate))))
+        else:
+            typer.echo(f"{qmp.stem}: {runstate}, migration {progress_line(info)}")
+            if info.error_desc:
+                typer.echo(f"{qmp.stem}: error: {info.error_desc}")
+        return 1 if info.status is MigrationStatus.FAILED else 0
+
+    async def follow() -> int:
+        renderer = _renderer(json_output)
+        stop = _stop_on_signals()
+        info = await operations.watch(
+            str(qmp), renderer.update, _poll_interval(renderer), stop=stop
+        )
+        if info.status is MigrationStatus.COMPLETED:
+            renderer.finish()
+            return 0
+        if info.status is MigrationStatus.NONE:
+            renderer.finish()
+            return 0
+        if stop.is_set() and not info.status.is_terminal:
+            renderer.finish("interrupted; the migration goes on")
+            return EXIT_INTERRUPTED
+        error = info.error_desc or f"migration {info.status}"
+        return _report_failure(renderer, error, f"migration failed: {error}", interrupted=False)
+
+    raise typer.Exit(_run_control(follow() if watch else once()))
+
+
+@app.command()
+def cancel(
+    qmp: QmpOpt,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Cancel the VM's outgoing migration; the VM keeps running where it is."""
+    _configure_command_logging(verbose, log_format)
+
+    async def main() -> int:
+        info, runstate = await operations.cancel_migration(str(qmp))
+        if info.status is MigrationStatus.COMPLETED:
+            raise MigrationError(
+                f"the migration had already completed; {qmp.stem} is {runstate} and"
+                " now runs on the destination"
+            )
+        if info.status is MigrationStatus.NONE:
+            typer.echo(f"{qmp.stem}: no migration to cancel; vm is {runstate}")
+        else:
+            typer.echo(f"{qmp.stem}: migration {info.status}; vm is {runstate}")
+        return 0
+
+    raise typer.Exit(_run_control(main()))
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import socket
 import ssl
 import stat
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -27,6 +27,7 @@ from ..core.handshake import Accepted, ClientHandshake
 from ..core.session import RelaySession, Role
 from ..errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
 from .channel import Channel, UnixLeg
+from .proxy import ProxyURL, open_tunnel
 from .tls import check_peer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class ClientConfig:
     fingerprint: bytes | None = None
     connect_timeout: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    #: HTTP CONNECT proxy to reach the server through (:mod:`migrelay.aio.proxy`).
+    proxy: ProxyURL | None = None
 
 
 class _ClientHandshakeProtocol(asyncio.Protocol):
@@ -168,12 +171,11 @@ async def open_websocket(
         ssl_context = ssl.create_default_context()
     try:
         transport, _ = await asyncio.wait_for(
-            loop.create_connection(
+            _create_connection(
+                config,
+                url,
                 lambda: _ClientHandshakeProtocol(handshake, done, config.fingerprint),
-                url.host,
-                url.port,
-                ssl=ssl_context if url.secure else None,
-                server_hostname=url.host if url.secure else None,
+                ssl_context if url.secure else None,
             ),
             timeout=config.connect_timeout,
         )
@@ -204,6 +206,31 @@ async def open_websocket(
         transport.abort()
         raise RemoteProtocolError("server did not select subprotocol migrelay.v1", 1002)
     return transport, handshake.trailing_data
+
+
+async def _create_connection(
+    config: ClientConfig,
+    url: WebSocketURL,
+    factory: Callable[[], asyncio.Protocol],
+    ssl_context: ssl.SSLContext | None,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """Connect directly, or through ``config.proxy``'s CONNECT tunnel (then TLS in it)."""
+    loop = asyncio.get_running_loop()
+    hostname = url.host if ssl_context is not None else None
+    if config.proxy is None:
+        transport, protocol = await loop.create_connection(
+            factory, url.host, url.port, ssl=ssl_context, server_hostname=hostname
+        )
+    else:
+        sock = await open_tunnel(config.proxy, url.host, url.port)
+        try:
+            transport, protocol = await loop.create_connection(
+                factory, sock=sock, ssl=ssl_context, server_hostname=hostname
+            )
+        except BaseException:
+            sock.close()
+            raise
+    return transport, protocol
 
 
 def prepare_unix_listener(path: Path, mode: int = 0o600) -> socket.socket:
@@ -288,6 +315,9 @@ class SourceRelay:
         self.finished = asyncio.Event()
         #: Whether every channel of every finished session ended cleanly.
         self.all_clean = True
+        #: The first error that kept a channel from opening (a refusal, an unreachable
+        #: server), for a caller that reports why QEMU's migration failed.
+        self.first_error: RelayError | OSError | None = None
         self._session: _SourceSession | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -342,6 +372,8 @@ class SourceRelay:
             transport, trailing = await open_websocket(self.config, headers)
         except (RelayError, OSError) as exc:
             logger.error("channel %s: cannot open websocket to %s: %s", name, self.config.url, exc)
+            if self.first_error is None:
+                self.first_error = exc
             session.failed = True
             if leg.transport is not None:
                 # QEMU must see the failure now, not wait on a socket nobody reads.

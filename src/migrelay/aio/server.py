@@ -15,16 +15,19 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, cast
 
 from ..config import Limits
+from ..core.frames import CloseCode
 from ..core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
 from ..core.session import RelaySession, Role
 from ..errors import RemoteProtocolError
+from . import access
 from .channel import Channel, UnixLeg
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +41,54 @@ MAX_CHANNEL: Final = 256
 TARGET_RETRY_SECONDS: Final = 0.05
 
 
-class Refusal(Exception):
-    """Refuse the upgrade with an HTTP status; ``reason`` is sent and logged."""
+#: ``prepare_target(name, target, request_headers)``: see `ServerConfig.prepare_target`.
+PrepareTarget = Callable[[str, Path, Mapping[str, str]], Awaitable[object]]
 
-    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()):
+
+#: The ``reason`` label of ``migrelay_refusals_total`` when a refusal names none.
+REFUSAL_KINDS: Final = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    408: "handshake_timeout",
+    409: "conflict",
+    426: "not_websocket",
+    429: "too_many_channels",
+    431: "header_too_large",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class Refusal(Exception):
+    """Refuse the upgrade with an HTTP status; ``reason`` is sent and logged.
+
+    ``kind`` is a fixed word for the metrics (``migrelay_refusals_total{reason=}``);
+    by default it follows from the status.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        kind: str | None = None,
+    ):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.kind = kind or REFUSAL_KINDS.get(status, "other")
 
 
 def load_tokens(path: Path) -> list[bytes]:
-    """Read bearer tokens, one a line; blank lines and ``#`` comments are skipped."""
-    tokens = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        token = line.strip()
-        if token and not token.startswith("#"):
-            tokens.append(token.encode("utf-8"))
-    return tokens
+    """Read bearer tokens, one a line; blank lines and ``#`` comments are skipped.
+
+    A line may name the targets its token is restricted to after the token
+    (:mod:`migrelay.aio.access`); :func:`access.load_token_file` reads those too.
+    """
+    return [entry.secret for entry in access.load_token_file(path)]
 
 
 @dataclass
@@ -72,6 +105,25 @@ class ServerConfig:
     wait_target: float = 30.0
     max_sessions: int = 64
     limits: Limits = field(default_factory=Limits)
+    #: Awaited once per session, before its first channel connects the destination
+    #: socket, with the session's name (``/`` or ``NAME``), that socket's path and the
+    #: first request's headers (names in lower case). ``serve --qmp`` issues
+    #: ``migrate-incoming`` here. It may raise `Refusal` to choose the answer; any other
+    #: exception refuses every channel of the session with 503.
+    prepare_target: PrepareTarget | None = None
+    #: Tokens restricted to some targets (``/`` or NAME); the others reach every target.
+    token_targets: Mapping[bytes, frozenset[str]] = field(default_factory=dict)
+    #: Accepted ``Origin`` values (normalized, see `access.normalize_origin`); empty: any.
+    allowed_origins: frozenset[str] = frozenset()
+    #: Peers whose ``X-Forwarded-For`` names the client in log lines (reverse proxies).
+    trusted_proxies: tuple[access.IPNetwork, ...] = ()
+    #: Path prefix a reverse proxy forwards under (``/migrelay``), or "".
+    path_prefix: str = ""
+    #: Most channels of one session (QEMU: 1 main + multifd channels + 1 preempt).
+    max_channels: int = 64
+    #: Seconds without a byte in either direction before a channel is closed with
+    #: 4002; 0 turns the idle timeout off.
+    idle_timeout: float = 0.0
 
 
 @dataclass
@@ -84,6 +136,8 @@ class _MigrationSession:
     claimed: set[int] = field(default_factory=set)
     channels: set[Channel] = field(default_factory=set)
     pending: int = 0
+    #: The `ServerConfig.prepare_target` call, shared by all channels of the session.
+    prepared: asyncio.Future[None] | None = None
 
     def slot(self, number: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -104,6 +158,12 @@ class RelayServer:
         self._anonymous = 0
         #: Called with each channel when it closes (used by tests and metrics).
         self.on_channel_closed: Callable[[Channel], None] | None = None
+        self.metrics = RelayMetrics(self.sessions, self.channels)
+        #: Set by :meth:`shutdown`: new sessions are refused with 503.
+        self.draining = False
+        #: Set once draining and the last session has ended.
+        self._drained = asyncio.Event()
+        self._idle_task: asyncio.Task[None] | None = None
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -128,6 +188,8 @@ class RelayServer:
                 "wss" if self.config.ssl_context else "ws",
                 _format_address(sock.getsockname()),
             )
+        if self.config.idle_timeout > 0:
+            self._idle_task = loop.create_task(self._watch_idle(self.config.idle_timeout))
 
     async def serve_forever(self) -> None:
         """Serve until cancelled."""
@@ -138,6 +200,10 @@ class RelayServer:
         """Stop listening and close every connection and channel."""
         if self._server is not None:
             self._server.close()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            await asyncio.gather(self._idle_task, return_exceptions=True)
+            self._idle_task = None
         for connection in list(self._connections):
             connection.abort()
         for channel in list(self.channels):
@@ -152,8 +218,10 @@ class RelayServer:
 
     def resolve_target(self, request: UpgradeRequest) -> tuple[str, Path]:
         """Map the request path to a destination socket (DESIGN.md §3 "Path")."""
-        path = request.path
         config = self.config
+        path = access.strip_prefix(request.path, config.path_prefix)
+        if path is None:
+            raise Refusal(404, "unknown target")
         if path == "/":
             if config.target is None:
                 raise Refusal(404, "no default target: use /NAME")
@@ -165,11 +233,15 @@ class RelayServer:
             raise Refusal(404, "unknown target")
         return name, config.target_dir / f"{name}.sock"
 
-    def authenticate(self, request: UpgradeRequest) -> None:
-        """Check the bearer token in constant time against every configured token."""
+    def authenticate(self, request: UpgradeRequest) -> bytes | None:
+        """Check the bearer token in constant time against every configured token.
+
+        Returns:
+            The token that matched (None when no token is configured).
+        """
         tokens = self.config.tokens
         if not tokens:
-            return
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential:
@@ -177,13 +249,27 @@ class RelayServer:
         given = credential.strip().encode("utf-8")
         # Compare with every token, without stopping at a match, so the time taken
         # says nothing about which token (if any) matched.
-        matched = False
+        matched: bytes | None = None
         for token in tokens:
-            matched |= hmac.compare_digest(given, token)
-        if not matched:
+            if hmac.compare_digest(given, token):
+                matched = token
+        if matched is None:
             raise Refusal(
-                403 if header else 401, "invalid token", (("WWW-Authenticate", "Bearer"),)
+                403 if header else 401,
+                "invalid token",
+                (("WWW-Authenticate", "Bearer"),),
+                kind="invalid_token",
             )
+        return matched
+
+    def authorize(self, token: bytes | None, name: str) -> None:
+        """Refuse with 403 when ``token`` is restricted to targets other than ``name``."""
+        if token is None:
+            return
+        allowed = self.config.token_targets.get(token)
+        if allowed is not None and name not in allowed:
+            shown = "/" if name == "/" else f"/{name}"
+            raise Refusal(403, f"token not valid for target {shown}", kind="target_not_allowed")
 
     async def handle_upgrade(
         self, connection: _HandshakeProtocol, request: UpgradeRequest
@@ -195,8 +281,11 @@ class RelayServer:
             return
         if SUBPROTOCOL not in request.subprotocols:
             raise Refusal(400, f"subprotocol {SUBPROTOCOL} required")
-        self.authenticate(request)
+        if not access.origin_allowed(request.headers.get("origin"), self.config.allowed_origins):
+            raise Refusal(403, "origin not allowed", kind="origin")
+        token = self.authenticate(request)
         name, target = self.resolve_target(request)
+        self.authorize(token, name)
         session_id = request.headers.get("migrelay-session")
         channel_text = request.headers.get("migrelay-channel", "0")
         if session_id is None:
@@ -210,17 +299,25 @@ class RelayServer:
         if not channel_text.isdigit() or int(channel_text) >= MAX_CHANNEL:
             raise Refusal(400, "invalid Migrelay-Channel")
         number = int(channel_text)
+        if number >= self.config.max_channels:
+            raise Refusal(
+                429, f"too many channels in one session (limit {self.config.max_channels})"
+            )
 
         session = self.sessions.get(session_id)
         if session is None:
+            if self.draining:
+                raise Refusal(503, "shutting down", (("Retry-After", "5"),), kind="shutting_down")
             if len(self.sessions) >= self.config.max_sessions:
                 raise Refusal(
                     503,
                     f"too many sessions (limit {self.config.max_sessions})",
                     (("Retry-After", "5"),),
+                    kind="max_sessions",
                 )
             session = _MigrationSession(session_id, target)
             self.sessions[session_id] = session
+            self.metrics.session_started()
         if session.target != target:
             raise Refusal(409, f"session {session_id} belongs to another target")
         if number in session.claimed:
@@ -228,40 +325,77 @@ class RelayServer:
         session.claimed.add(number)
         session.pending += 1
         try:
+            await self._prepare_target(session, name, target, request)
             unix = await self._connect_in_order(session, number, target)
+            channel_name = f"{session_id}/{number}"
+            transport = connection.transport
+            if transport is None or transport.is_closing():
+                # The client left while we waited; let QEMU see a closed connection.
+                assert unix.transport is not None
+                unix.transport.close()
+                logger.info("channel %s abandoned by %s before 101", channel_name, peer)
+                return
+            transport.write(connection.handshake.accept(SUBPROTOCOL))
+            channel = Channel(
+                RelaySession(Role.SERVER, max_message_bytes=self.config.limits.max_message_bytes),
+                unix,
+                transport,
+                self.config.limits,
+                channel_name,
+                on_closed=lambda ch: self._channel_closed(session, ch),
+            )
+            connection.handed_over = True
+            self._connections.discard(connection)
+            self.channels.add(channel)
+            session.channels.add(channel)
+            self.metrics.channel_opened(channel, name)
+            self.metrics.handshake_seconds.observe(connection.age())
+            logger.info(
+                "channel %s opened: %s -> %s (%s)",
+                channel_name,
+                peer,
+                target,
+                "target /" if name == "/" else f"target {name}",
+            )
+            channel.start(connection.handshake.trailing_data)
+            transport.resume_reading()
         finally:
+            # Only now, once the channel belongs to the session (or failed): forgetting
+            # the session between the unix connect and the registration made a channel
+            # N arriving in that window start a new session and wait for its channel 0.
             session.pending -= 1
             self._forget_if_idle(session)
-        channel_name = f"{session_id}/{number}"
-        transport = connection.transport
-        if transport is None or transport.is_closing():
-            # The client left while we waited; let QEMU see a closed connection.
-            assert unix.transport is not None
-            unix.transport.close()
-            logger.info("channel %s abandoned by %s before 101", channel_name, peer)
+
+    async def _prepare_target(
+        self, session: _MigrationSession, name: str, target: Path, request: UpgradeRequest
+    ) -> None:
+        hook = self.config.prepare_target
+        if hook is None:
             return
-        transport.write(connection.handshake.accept(SUBPROTOCOL))
-        channel = Channel(
-            RelaySession(Role.SERVER, max_message_bytes=self.config.limits.max_message_bytes),
-            unix,
-            transport,
-            self.config.limits,
-            channel_name,
-            on_closed=lambda ch: self._channel_closed(session, ch),
-        )
-        connection.handed_over = True
-        self._connections.discard(connection)
-        self.channels.add(channel)
-        session.channels.add(channel)
-        logger.info(
-            "channel %s opened: %s -> %s (%s)",
-            channel_name,
-            peer,
-            target,
-            "target /" if name == "/" else f"target {name}",
-        )
-        channel.start(connection.handshake.trailing_data)
-        transport.resume_reading()
+        if session.prepared is None:
+            session.prepared = asyncio.ensure_future(
+                self._run_prepare(hook, name, target, dict(request.headers))
+            )
+            # Every channel awaits it, but all of them may be gone (clients left): mark
+            # the outcome as retrieved so that asyncio does not report it as lost.
+            session.prepared.add_done_callback(
+                lambda future: None if future.cancelled() else future.exception()
+            )
+        # shield: a client that leaves must not cancel the preparation that the other
+        # channels of its session wait for.
+        await asyncio.shield(session.prepared)
+
+    async def _run_prepare(
+        self, hook: PrepareTarget, name: str, target: Path, headers: Mapping[str, str]
+    ) -> None:
+        try:
+            await hook(name, target, headers)
+        except Refusal:
+            raise
+        except Exception as exc:
+            raise Refusal(
+                503, f"destination not prepared: {exc}", (("Retry-After", "5"),)
+            ) from exc
 
     async def _connect_in_order(
         self, session: _MigrationSession, number: int, target: Path
@@ -322,6 +456,8 @@ class RelayServer:
     def _channel_closed(self, session: _MigrationSession, channel: Channel) -> None:
         self.channels.discard(channel)
         session.channels.discard(channel)
+        close = channel.session.close_rcvd or channel.session.close_sent
+        self.metrics.channel_closed(channel, close[0] if close else None)
         self._forget_if_idle(session)
         if self.on_channel_closed is not None:
             self.on_channel_closed(channel)
@@ -329,6 +465,71 @@ class RelayServer:
     def _forget_if_idle(self, session: _MigrationSession) -> None:
         if not session.channels and not session.pending:
             self.sessions.pop(session.id, None)
+            if self.draining and not self.sessions:
+                self._drained.set()
+
+    # -- service operation ---------------------------------------------------------------
+
+    async def shutdown(self, deadline_s: float) -> None:
+        """Graceful stop (SIGTERM): let running migrations finish, for up to ``deadline_s``.
+
+        Stops listening at once and refuses new sessions; channels still open at the
+        deadline are closed with 4004 (relay shut down), then everything is closed as by
+        :meth:`close`. Channels of sessions already under way may still join them.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        if self.sessions:
+            logger.info(
+                "shutting down: waiting up to %g s for %d session(s), %d channel(s)",
+                deadline_s,
+                len(self.sessions),
+                len(self.channels),
+            )
+            try:
+                async with asyncio.timeout(deadline_s):
+                    await self._drained.wait()
+            except TimeoutError:
+                pass
+        if self.channels:
+            logger.info(
+                "shutdown deadline of %g s passed: closing %d channel(s) with 4004",
+                deadline_s,
+                len(self.channels),
+            )
+            for channel in list(self.channels):
+                channel.close(CloseCode.SHUTDOWN, f"relay shut down after {deadline_s:g} s")
+            waits = [channel.closed.wait() for channel in self.channels]
+            if waits:
+                await asyncio.wait(
+                    [asyncio.ensure_future(wait) for wait in waits],
+                    timeout=self.config.limits.close_timeout + 1,
+                )
+        await self.close()
+
+    async def _watch_idle(self, idle_s: float) -> None:
+        """Close channels that moved no byte either way for ``idle_s`` (code 4002).
+
+        Reads the channels' own counters a few times per timeout, so the data path is
+        not touched. The liveness ping is a different matter: it catches a dead peer;
+        this catches a live one that holds a channel open without migrating anything.
+        """
+        loop = asyncio.get_running_loop()
+        seen: dict[Channel, tuple[int, float]] = {}
+        while True:
+            await asyncio.sleep(min(1.0, idle_s / 4))
+            now = loop.time()
+            for channel in list(self.channels):
+                total = channel.bytes_sent + channel.bytes_rcvd
+                last = seen.get(channel)
+                if last is None or last[0] != total:
+                    seen[channel] = (total, now)
+                elif now - last[1] >= idle_s:
+                    channel.close(CloseCode.IDLE_TIMEOUT, f"idle for {idle_s:g} s (idle timeout)")
+                    seen[channel] = (total, float("inf"))
+            for channel in [channel for channel in seen if channel not in self.channels]:
+                del seen[channel]
 
 
 def _format_address(address: object) -> str:
@@ -349,11 +550,20 @@ class _HandshakeProtocol(asyncio.Protocol):
         self.handed_over = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._started = time.monotonic()
+        self._peer_ip: str | None = None
+
+    def age(self) -> float:
+        """Seconds since the connection was accepted."""
+        return time.monotonic() - self._started
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = _format_address(transport.get_extra_info("peername"))
+        peername = transport.get_extra_info("peername")
+        self.peer = _format_address(peername)
+        if isinstance(peername, tuple) and peername:
+            self._peer_ip = str(peername[0])
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The return path and postcopy page requests are small and latency-bound.
@@ -377,6 +587,14 @@ class _HandshakeProtocol(asyncio.Protocol):
             return
         if self._timer is not None:
             self._timer.cancel()
+        client = access.forwarded_client(
+            self._peer_ip,
+            request.headers.get("x-forwarded-for"),
+            self.server.config.trusted_proxies,
+        )
+        if client is not None:
+            # Log lines name the client a trusted reverse proxy speaks for.
+            self.peer = f"{client} via {self.peer}"
         assert self.transport is not None
         self.transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._handle(request))
@@ -392,14 +610,25 @@ class _HandshakeProtocol(asyncio.Protocol):
 
     def respond_plain(self, request: UpgradeRequest) -> None:
         """Answer a request that is not an upgrade (health checks)."""
-        if request.path == "/healthz":
+        path = request.path
+        prefixed = access.strip_prefix(path, self.server.config.path_prefix)
+        if prefixed is not None:
+            path = prefixed  # the same answers directly and through the reverse proxy
+        if path == "/healthz":
             self._send_and_close(self.handshake.respond(200, b"ok\n"))
+            return
+        if path == "/metrics":
+            body = self.server.metrics.exposition()
+            self._send_and_close(self.handshake.respond(200, body, METRICS_CONTENT_TYPE))
             return
         raise Refusal(426, "this is a migrelay websocket endpoint", (("Upgrade", "websocket"),))
 
     def _refuse(self, refusal: Refusal, request: UpgradeRequest | None = None) -> None:
         what = f"{request.path}" if request is not None else "request"
         logger.info("refused %s from %s: %d %s", what, self.peer, refusal.status, refusal.reason)
+        metrics = self.server.metrics
+        metrics.refused(refusal.status, refusal.kind)
+        metrics.handshake_seconds.observe(self.age())
         try:
             response = self.handshake.refuse(refusal.status, refusal.reason, refusal.headers)
         except Exception:  # already answered

@@ -1,0 +1,257 @@
+"""What the ``incoming``, ``migrate``, ``status`` and ``cancel`` commands do, over QMP.
+
+Each function opens its own QMP connection to one VM, does one job and closes it again:
+a QEMU monitor serves one client at a time, so a command that kept it open would lock
+out the next one (``status`` while ``migrate --no-wait`` runs, the test's own checks).
+
+The source announces its capabilities to ``serve --qmp`` in the WebSocket handshake, so
+that the destination is prepared to match without an ``incoming`` step::
+
+    Migrelay-Migration: multifd=4,postcopy=0
+
+``multifd=N`` is the number of multifd channels (0: multifd off); ``postcopy`` is 0 or 1.
+Both keys are always sent by ``migrate --to``. A handshake without the header (plain
+``migrelay connect``, any other WebSocket client) gets the defaults: one channel, no
+postcopy. An unknown key is refused rather than ignored: a capability the destination
+did not set makes QEMU hang or fail mid-migration, long after the handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from migrelay.control.migrate import (
+    DEFAULT_POLL_INTERVAL_S,
+    MigrationOptions,
+    MigrationResult,
+    cancel,
+    follow_migration,
+    prepare_incoming,
+    start_migration,
+)
+from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
+from migrelay.errors import StateError
+
+__all__ = [
+    "MIGRATION_HEADER",
+    "POSTCOPY_AFTER_PASSES",
+    "announcement",
+    "cancel_migration",
+    "incoming",
+    "migrate",
+    "parse_announcement",
+    "prepare_target",
+    "query",
+    "watch",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The handshake header in which the source announces its migration capabilities.
+MIGRATION_HEADER = "Migrelay-Migration"
+
+#: With ``--postcopy``, switch to postcopy once this many passes over RAM have not
+#: converged: pass 1 sends all of RAM, and a guest that still needs a fourth pass dirties
+#: memory about as fast as the link carries it, so precopy may never end.
+POSTCOPY_AFTER_PASSES = 4
+
+#: The longest header value accepted; the real one is about 20 bytes.
+_MAX_ANNOUNCEMENT_CHARS = 200
+
+
+def announcement(options: MigrationOptions) -> str:
+    """The `MIGRATION_HEADER` value for ``options``: ``multifd=4,postcopy=0``."""
+    return f"multifd={options.multifd_channels or 0},postcopy={int(options.postcopy)}"
+
+
+def parse_announcement(value: str | None) -> MigrationOptions:
+    """Parse a `MIGRATION_HEADER` value; ``None`` (no header) gives the defaults.
+
+    Raises:
+        ValueError: the value is malformed, or names a key or value this version does
+            not know; the message says which.
+    """
+    if value is None:
+        return MigrationOptions()
+    if len(value) > _MAX_ANNOUNCEMENT_CHARS:
+        raise ValueError(f"{MIGRATION_HEADER} longer than {_MAX_ANNOUNCEMENT_CHARS} characters")
+    multifd: int | None = None
+    postcopy = False
+    for item in value.split(","):
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not text.isdigit():
+            raise ValueError(f"{MIGRATION_HEADER} item {item.strip()!r} is not key=number")
+        number = int(text)
+        if key == "multifd":
+            multifd = number or None
+        elif key == "postcopy" and number in (0, 1):
+            postcopy = bool(number)
+        elif key == "postcopy":
+            raise ValueError(f"{MIGRATION_HEADER} postcopy must be 0 or 1, not {number}")
+        else:
+            raise ValueError(f"{MIGRATION_HEADER} names unknown capability {key!r}")
+    return MigrationOptions(multifd_channels=multifd, postcopy=postcopy)
+
+
+async def incoming(qmp_path: str, uri: str, options: MigrationOptions) -> MigrationInfo:
+    """Prepare a destination QEMU (``-incoming defer``) to receive on ``uri``.
+
+    Args:
+        qmp_path: the destination's QMP socket.
+        uri: where QEMU should listen (``unix:PATH``).
+        options: the capabilities the source will use.
+
+    Returns:
+        The destination's ``query-migrate`` once it listens.
+
+    Raises:
+        ConnectError: the QMP socket cannot be reached.
+        StateError: the VM is not waiting for an incoming migration, or already listens.
+        MigrationError: QEMU refused a capability, a parameter or the URI.
+    """
+    async with QMP(_vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        return await prepare_incoming(qmp, uri, options)
+
+
+async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]) -> MigrationInfo:
+    """``serve --qmp``: make the destination listen on ``target`` as the source announced.
+
+    A destination already listening on exactly ``unix:TARGET`` is left as it is (an
+    operator who also ran ``incoming``); anything else already set up is an error.
+
+    Args:
+        qmp_path: the destination's QMP socket.
+        target: the unix socket the server will connect the channels to.
+        headers: the handshake's request headers, names in lower case.
+
+    Raises:
+        ValueError: the `MIGRATION_HEADER` is malformed.
+        ConnectError, StateError, MigrationError: as `incoming`.
+    """
+    options = parse_announcement(headers.get(MIGRATION_HEADER.lower()))
+    uri = f"unix:{target}"
+    async with QMP(_vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        current = await qmp.query_migrate()
+        if uri in current.socket_addresses and current.status is MigrationStatus.NONE:
+            logger.info("%s: already listening on %s", qmp.name, uri)
+            return current
+        return await prepare_incoming(qmp, uri, options)
+
+
+async def migrate(
+    qmp_path: str,
+    uri: str,
+    options: MigrationOptions,
+    *,
+    on_progress: Callable[[MigrationInfo], object] | None = None,
+    interval: float = DEFAULT_POLL_INTERVAL_S,
+    stop: asyncio.Event | None = None,
+    wait: bool = True,
+) -> MigrationResult | None:
+    """Start migrating the VM behind ``qmp_path`` to ``uri`` and follow it to the end.
+
+    With ``options.postcopy``, the migration switches to postcopy after
+    `POSTCOPY_AFTER_PASSES` passes that did not converge.
+
+    Args:
+        qmp_path: the source's QMP socket.
+        uri: the destination (``unix:PATH`` of a relay socket).
+        options: must match the destination's.
+        on_progress: called with every ``query-migrate`` snapshot, the final one included.
+        interval: seconds between snapshots.
+        stop: set it (on Ctrl-C) to cancel the migration; the source keeps running in
+            the state it had.
+        wait: ``False`` returns ``None`` as soon as QEMU has accepted ``migrate``.
+
+    Returns:
+        The result of the completed migration, or ``None`` when not waiting.
+
+    Raises:
+        ConnectError: the QMP socket cannot be reached, or QEMU went away.
+        StateError: the VM cannot be a source, or a migration already runs; nothing
+            was changed.
+        MigrationError: QEMU refused to start, or the migration failed (QEMU's own
+            text) or was cancelled.
+    """
+    async with QMP(_vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        await start_migration(qmp, uri, options)
+        if not wait:
+            return None
+        return await follow_migration(
+            qmp,
+            on_progress,
+            interval,
+            postcopy_after_passes=POSTCOPY_AFTER_PASSES if options.postcopy else None,
+            stop=stop,
+        )
+
+
+async def query(qmp_path: str) -> tuple[RunState, MigrationInfo]:
+    """The VM's runstate and its current (or last) migration's snapshot."""
+    async with QMP(_vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        return await qmp.query_status(), await qmp.query_migrate()
+
+
+async def watch(
+    qmp_path: str,
+    on_progress: Callable[[MigrationInfo], object],
+    interval: float = DEFAULT_POLL_INTERVAL_S,
+    stop: asyncio.Event | None = None,
+) -> MigrationInfo:
+    """Report snapshots until the migration ends (or ``stop`` is set); never changes it.
+
+    Returns:
+        The last snapshot: a final status, ``none`` (no migration), or whatever it was
+        when ``stop`` was set.
+    """
+    async with QMP(_vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        while True:
+            info = await qmp.query_migrate()
+            on_progress(info)
+            if info.status.is_terminal or info.status is MigrationStatus.NONE:
+                return info
+            if stop is not None and stop.is_set():
+                return info
+            if stop is None:
+                # A MIGRATION event (when the migrating side turned them on) ends the
+                # wait early, so the final status shows without a second's delay.
+                await qmp.next_migration_event(interval)
+                continue
+            try:
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+
+async def cancel_migration(qmp_path: str) -> tuple[MigrationInfo, RunState]:
+    """Cancel the outgoing migration; return how it ended and the VM's runstate.
+
+    Raises:
+        ConnectError, MigrationError: from QMP.
+        TimeoutError: QEMU was still cancelling 10 s later.
+    """
+    async with QMP(_vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        if (await qmp.query_status()) is RunState.INMIGRATE:
+            raise StateError(
+                RunState.INMIGRATE,
+                "a source vm",
+                "migrate_cancel cancels outgoing migrations; stop the destination qemu"
+                " to abandon an incoming one",
+            )
+        info = await cancel(qmp)
+        return info, await qmp.query_status()
+
+
+def _vm_name(qmp_path: str) -> str:
+    # The socket's file name stem names the VM in messages: "vm.qmp" -> "vm".
+    return Path(qmp_path).stem or qmp_path

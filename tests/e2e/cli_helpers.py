@@ -1,0 +1,183 @@
+"""Run ``migrelay`` commands as subprocesses and check migrations, for the CLI e2e tests.
+
+`Command` keeps stdout and stderr apart (progress goes to stdout, errors to stderr), in
+files, so a test can poll what a running command printed so far. ``serve`` and
+``connect`` come from the ``migrelay_procs`` fixture of ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from migrelay.control.migrate import wait_destination_completed
+from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
+from migrelay.control.vm import DisposableVM, first_difference
+
+#: Multiplies every timeout on a slow or busy host (as in tests/conftest.py).
+TIMEOUT_FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+#: Generous for 64 MiB over a relay on a shared 2-core host (~1 s when idle).
+MIGRATION_TIMEOUT_S = 120.0 * TIMEOUT_FACTOR
+#: A command that only talks to QMP: python start-up and a few commands.
+QUICK_TIMEOUT_S = 30.0 * TIMEOUT_FACTOR
+
+
+class Command:
+    """One ``python -m migrelay ARGS`` process with its stdout and stderr in files.
+
+    Args:
+        directory: where the output files go.
+        label: a name for the files.
+        args: the command line after ``migrelay``.
+        env: variables added to the environment.
+        stdout_fd: a descriptor to use as stdout instead of a file (a pty).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        label: str,
+        args: tuple[str, ...],
+        env: Mapping[str, str] | None = None,
+        stdout_fd: int | None = None,
+    ) -> None:
+        self.args = args
+        self.stdout_path = directory / f"{label}.out"
+        self.stderr_path = directory / f"{label}.err"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "migrelay", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout_fd if stdout_fd is not None else out,
+                stderr=err,
+                env=full_env,
+            )
+
+    def __repr__(self) -> str:
+        return f"Command({' '.join(self.args)!r}, pid={self.popen.pid})"
+
+    def stdout(self) -> str:
+        """What the command printed to stdout so far."""
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def stderr(self) -> str:
+        """What the command printed to stderr so far."""
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def describe(self) -> str:
+        """The command, its exit status and its output, for assertion messages."""
+        return (
+            f"{self!r} exit {self.popen.poll()}\n--- stdout:\n{self.stdout()}"
+            f"\n--- stderr:\n{self.stderr()}"
+        )
+
+    async def wait(self, timeout_s: float = MIGRATION_TIMEOUT_S) -> int:
+        """Wait (polling, without blocking the loop) for the exit status."""
+        deadline = time.monotonic() + timeout_s
+        while (returncode := self.popen.poll()) is None:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"still running after {timeout_s:g} s: {self.describe()}")
+            await asyncio.sleep(0.02)
+        return returncode
+
+    async def wait_for_stdout(
+        self, pattern: str, timeout_s: float = QUICK_TIMEOUT_S
+    ) -> re.Match[str]:
+        """Poll stdout until ``pattern`` matches; fail if the command exits first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            match = regex.search(self.stdout())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(f"exited before printing {pattern!r}: {self.describe()}")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no {pattern!r} within {timeout_s:g} s: {self.describe()}")
+            await asyncio.sleep(0.02)
+
+    def interrupt(self) -> None:
+        """Send SIGINT, as Ctrl-C in a terminal does."""
+        self.popen.send_signal(signal.SIGINT)
+
+    def stop(self) -> None:
+        """SIGKILL and reap the process if it still runs (teardown)."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+
+
+class Commands:
+    """Starts `Command` processes in a directory and kills leftovers at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Command] = []
+
+    def start(
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        stdout_fd: int | None = None,
+    ) -> Command:
+        """Start ``migrelay ARGS``; see `Command`."""
+        label = f"{args[0]}-{len(self.started)}"
+        command = Command(self.directory, label, args, env, stdout_fd)
+        self.started.append(command)
+        return command
+
+    async def run(self, *args: str, timeout_s: float = QUICK_TIMEOUT_S) -> Command:
+        """Run ``migrelay ARGS`` to its end and return it (exit status in ``popen``)."""
+        command = self.start(*args)
+        await command.wait(timeout_s)
+        return command
+
+
+def commands_in(workdir: Path) -> Iterator[Commands]:
+    """Body of a test module's ``commands`` fixture: leftovers are killed at teardown.
+
+    Each module declares the fixture itself (``yield from commands_in(workdir)``): a
+    fixture imported from a helper module would look unused to the linters.
+    """
+    started = Commands(workdir)
+    try:
+        yield started
+    finally:
+        for command in started.started:
+            command.stop()
+
+
+async def source_state(src: DisposableVM) -> tuple[RunState, MigrationInfo]:
+    """The source's runstate and last migration, through its own QMP socket."""
+    async with QMP(src.name) as qmp:
+        await qmp.connect(str(src.qmp_path))
+        return await qmp.query_status(), await qmp.query_migrate()
+
+
+async def check_migrated(src: DisposableVM, dst: DisposableVM) -> MigrationInfo:
+    """Wait for the destination's own ``completed``, quit both QEMUs, compare RAM.
+
+    DESIGN.md §7: the source completes first, so only the destination's own status
+    says that all of RAM has arrived; the files are compared after both QEMUs exited.
+    """
+    async with QMP(dst.name) as dst_qmp:
+        await dst_qmp.connect(str(dst.qmp_path))
+        final = await wait_destination_completed(dst_qmp, MIGRATION_TIMEOUT_S)
+        assert final.status is MigrationStatus.COMPLETED
+        await dst_qmp.quit()
+    async with QMP(src.name) as src_qmp:
+        await src_qmp.connect(str(src.qmp_path))
+        assert await src_qmp.query_status() is RunState.POSTMIGRATE
+        await src_qmp.quit()
+    assert await dst.wait(30) == 0
+    assert await src.wait(30) == 0
+    assert first_difference(src.ram_path, dst.ram_path) is None
+    return final

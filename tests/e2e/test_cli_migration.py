@@ -1,0 +1,389 @@
+"""Migrations driven by the ``migrelay`` commands, each its own process, with real QEMU.
+
+DESIGN.md §1 and §2: the four original steps (serve, connect, incoming, migrate) in their
+original order and in others; the two-command form (``serve --qmp-dir`` and ``migrate
+--to``); multifd through the tunnel; a failed migration; a refused handshake; Ctrl-C; and
+the three forms of progress output. Every completed migration is checked byte for byte
+once the destination itself says ``completed`` (`check_migrated`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from migrelay.control.qmp import QMP, MigrationStatus, RunState
+from migrelay.control.vm import DisposableVM
+
+from .cli_helpers import Commands, check_migrated, commands_in, source_state
+from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
+
+if TYPE_CHECKING:
+    # Fixtures of tests/conftest.py are used, never imported at run time: pytest loads
+    # every conftest.py as "conftest", so an import would find whichever came last.
+    from tests.conftest import MigrelayProcesses
+
+pytestmark = pytest.mark.e2e
+
+#: Slow enough that 64 MiB takes ~8 s, so a test can act while the migration runs.
+SLOW_BANDWIDTH = "8M"
+
+
+@pytest.fixture
+def commands(workdir: Path) -> Iterator[Commands]:
+    """``migrelay`` commands with stdout and stderr kept apart."""
+    yield from commands_in(workdir)
+
+
+def _summary_line(stdout: str) -> str:
+    lines = stdout.strip().splitlines()
+    assert lines, "no output"
+    return lines[-1]
+
+
+def _check_line_output(stdout: str) -> None:
+    """The non-terminal form: one plain line per snapshot kind, then the summary."""
+    lines = stdout.strip().splitlines()
+    assert "\r" not in stdout and "\x1b" not in stdout
+    *progress, summary = lines
+    assert progress and all(re.match(r"(setup|active|completed)\b", line) for line in progress), (
+        stdout
+    )
+    active = [line for line in progress if line.startswith("active ")]
+    assert active, stdout
+    for word in ("transferred", "remaining", "rate", "eta", "dirty", "pass"):
+        assert word in active[-1], active[-1]
+    assert re.fullmatch(
+        r"completed in [0-9.]+ s: [0-9.]+ MiB at [0-9.]+ MiB/s, downtime \d+ ms, \d+ pass(es)?",
+        summary,
+    ), summary
+
+
+def test_four_commands_in_the_original_order_copy_ram_exactly(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    procs = migrelay_procs
+    source_sock, dest_sock = workdir / "source.sock", workdir / "dest.sock"
+
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = procs.serve("--target", str(dest_sock))
+            procs.connect(f"{serve.url}/", source_sock)
+            incoming = await commands.run(
+                "incoming", "--qmp", str(dst.qmp_path), "--socket", str(dest_sock)
+            )
+            assert incoming.popen.returncode == 0, incoming.describe()
+            assert f"listening for an incoming migration on unix:{dest_sock}" in (
+                incoming.stdout()
+            )
+            # 32 MiB/s: about two seconds, so the line form shows several lines.
+            migrate = commands.start(
+                "migrate",
+                "--qmp",
+                str(src.qmp_path),
+                "--socket",
+                str(source_sock),
+                "--max-bandwidth",
+                "32M",
+            )
+            assert await migrate.wait() == 0, migrate.describe()
+            _check_line_output(migrate.stdout())
+            await check_migrated(src, dst)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        # QEMU listens first; the source relay starts before the server exists (it
+        # opens its WebSocket only when QEMU connects).
+        ("incoming", "connect", "serve", "migrate"),
+        # The migration starts before the destination listens: the server waits
+        # (bounded, --wait-target) for the destination socket to appear.
+        ("connect", "serve", "migrate", "incoming"),
+    ],
+    ids="-".join,
+)
+def test_four_commands_in_another_order_copy_ram_exactly(
+    order: tuple[str, ...],
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    procs = migrelay_procs
+    source_sock, dest_sock = workdir / "source.sock", workdir / "dest.sock"
+
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            # serve's port is learnt when it starts, so connect gets a fixed one here.
+            port = _free_port()
+            url = f"ws://127.0.0.1:{port}/"
+            migrate = None
+            for step in order:
+                if step == "serve":
+                    procs.serve("--target", str(dest_sock), listen=f"127.0.0.1:{port}")
+                elif step == "connect":
+                    procs.connect(url, source_sock)
+                elif step == "incoming":
+                    incoming = await commands.run(
+                        "incoming", "--qmp", str(dst.qmp_path), "--socket", str(dest_sock)
+                    )
+                    assert incoming.popen.returncode == 0, incoming.describe()
+                else:
+                    migrate = commands.start(
+                        "migrate", "--qmp", str(src.qmp_path), "--socket", str(source_sock)
+                    )
+                    # The migration has really started before the next step runs.
+                    await migrate.wait_for_stdout(r"(?m)^(setup|active|completed)\b")
+            assert migrate is not None
+            assert await migrate.wait() == 0, migrate.describe()
+            await check_migrated(src, dst)
+
+    asyncio.run(main())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_serve_qmp_dir_and_migrate_to_need_no_other_command_and_print_json(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            migrate = commands.start(
+                "migrate", "--qmp", str(src.qmp_path), "--to", f"{serve.url}/{dst.name}", "--json"
+            )
+            assert await migrate.wait() == 0, migrate.describe()
+            assert migrate.stderr() == ""
+            document = json.loads(migrate.stdout())
+            assert document["status"] == "completed"
+            assert document["error"] is None
+            assert document["transferred_bytes"] >= DEFAULT_RAM_BYTES
+            assert document["total_bytes"] >= DEFAULT_RAM_BYTES
+            assert document["total_time_ms"] > 0
+            assert isinstance(document["downtime_ms"], int)
+            assert document["average_rate_bytes_per_s"] > 0
+            assert document["passes"] >= 1
+            assert document["elapsed_s"] > 0
+            # The server, not an `incoming` command, made the destination listen.
+            assert f"{dst.name}: listening for an incoming migration" in serve.log()
+            await check_migrated(src, dst)
+
+    asyncio.run(main())
+
+
+def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            controller, terminal = pty.openpty()
+            try:
+                migrate = commands.start(
+                    "migrate",
+                    "--qmp",
+                    str(src.qmp_path),
+                    "--to",
+                    f"{serve.url}/{dst.name}",
+                    "--multifd",
+                    "4",
+                    # Slow enough for the bar to be redrawn a few times.
+                    "--max-bandwidth",
+                    "32M",
+                    env={"COLUMNS": "100"},
+                    stdout_fd=terminal,
+                )
+            finally:
+                os.close(terminal)
+            screen = await asyncio.to_thread(_read_until_closed, controller)
+            assert await migrate.wait() == 0, migrate.describe()
+            # Main channel and four multifd channels, each its own WebSocket, in order.
+            for number in range(5):
+                assert re.search(rf"channel \w+/{number} opened", serve.log()), serve.log()
+            async with QMP(dst.name) as dst_qmp:
+                await dst_qmp.connect(str(dst.qmp_path))
+                assert (await dst_qmp.query_capabilities())["multifd"] is True
+                assert (await dst_qmp.query_parameters()).multifd_channels == 4
+            await check_migrated(src, dst)
+        # The bar is redrawn in place ("\r" + erase to end of line), never wider than the
+        # terminal, then replaced by the summary. The pty turns "\n" into "\r\n".
+        redraws = [part for part in screen.split("\r") if part.startswith("[")]
+        assert len(redraws) >= 2, repr(screen)
+        for redraw in redraws:
+            assert redraw.endswith("\x1b[K"), repr(redraw)
+            assert len(redraw) - len("\x1b[K") < 100
+        assert any(re.match(r"\[#*-*\]\s+\d+% active ", redraw) for redraw in redraws)
+        assert re.search(r"\r\x1b\[Kcompleted in .* pass(es)?\r\n$", screen), repr(screen)
+
+    asyncio.run(main())
+
+
+def _read_until_closed(fd: int) -> str:
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the other side of the pty was closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_running(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            migrate = commands.start(
+                "migrate",
+                "--qmp",
+                str(src.qmp_path),
+                "--to",
+                f"{serve.url}/{dst.name}",
+                "--max-bandwidth",
+                SLOW_BANDWIDTH,
+            )
+            # Under way end to end: the source relay buffers a little before its
+            # WebSocket is up, so "active" alone does not say the destination gets data.
+            serve.wait_for_log(r"channel \S+/0 opened")
+            await migrate.wait_for_stdout(r"(?m)^active .*transferred [1-9]")
+            dst.kill()
+            assert await migrate.wait() == 1, migrate.describe()
+            stderr = migrate.stderr()
+            assert "Traceback" not in stderr
+            assert stderr.count("\n") == 1, stderr
+            runstate, info = await source_state(src)
+            assert info.status is MigrationStatus.FAILED
+            assert info.error_desc
+            # QEMU's own text, whole, after a plain prefix.
+            assert stderr == f"migrelay: error: migration failed: {info.error_desc}\n"
+            assert _summary_line(migrate.stdout()).startswith("failed in ")
+            assert runstate is RunState.PRELAUNCH
+
+    asyncio.run(main())
+
+
+def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    token_file = workdir / "tokens"
+    token_file.write_text("s3cret-token\n", encoding="utf-8")
+
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = migrelay_procs.serve(
+                "--target-dir",
+                str(workdir),
+                "--qmp-dir",
+                str(workdir),
+                "--token-file",
+                str(token_file),
+            )
+            url = f"{serve.url}/{dst.name}"
+            refused = commands.start("migrate", "--qmp", str(src.qmp_path), "--to", url)
+            assert await refused.wait() == 1, refused.describe()
+            stderr = refused.stderr()
+            assert "Traceback" not in stderr
+            assert stderr.count("\n") == 1, stderr
+            assert stderr.startswith(
+                f"migrelay: error: cannot open websocket to {url}: server refused the"
+                " upgrade with 401: authentication required"
+            ), stderr
+            runstate, info = await source_state(src)
+            assert runstate is RunState.PRELAUNCH
+            assert info.status is MigrationStatus.FAILED
+            # Authentication comes before the destination is touched, so the same
+            # destination still takes the migration once the token is given.
+            migrate = commands.start(
+                "migrate", "--qmp", str(src.qmp_path), "--to", url, "--token-file", str(token_file)
+            )
+            assert await migrate.wait() == 0, migrate.describe()
+            await check_migrated(src, dst)
+
+    asyncio.run(main())
+
+
+def test_ctrl_c_cancels_and_the_source_then_migrates_again(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            migrate = commands.start(
+                "migrate",
+                "--qmp",
+                str(src.qmp_path),
+                "--to",
+                f"{serve.url}/{dst.name}",
+                "--max-bandwidth",
+                SLOW_BANDWIDTH,
+            )
+            # Under way end to end: the source relay buffers a little before its
+            # WebSocket is up, so "active" alone does not say the destination gets data.
+            serve.wait_for_log(r"channel \S+/0 opened")
+            await migrate.wait_for_stdout(r"(?m)^active .*transferred [1-9]")
+            migrate.interrupt()
+            assert await migrate.wait() == 130, migrate.describe()
+            stderr = migrate.stderr()
+            assert "Traceback" not in stderr
+            assert stderr == (
+                "migrelay: error: migration cancelled on interrupt;"
+                " the source vm was left as it was\n"
+            )
+            assert _summary_line(migrate.stdout()).startswith("cancelled in ")
+            runstate, info = await source_state(src)
+            assert info.status is MigrationStatus.CANCELLED
+            assert runstate is RunState.PRELAUNCH
+
+            # A fresh destination (the first one gave up with the cancelled stream).
+            again = DisposableVM(workdir, "again", DEFAULT_RAM_BYTES, incoming=True)
+            async with again:
+                second = commands.start(
+                    "migrate", "--qmp", str(src.qmp_path), "--to", f"{serve.url}/{again.name}"
+                )
+                assert await second.wait() == 0, second.describe()
+                await check_migrated(src, again)
+
+    asyncio.run(main())
