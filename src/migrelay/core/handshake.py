@@ -166,6 +166,10 @@ class ServerHandshake:
             hint = exc.event_hint
             status = hint.status_code if isinstance(hint, RejectConnection) else 400
             raise RemoteProtocolError(f"invalid upgrade: {exc}", close_code=status) from exc
+        except UnicodeError as exc:
+            # wsproto decodes Connection/Upgrade as ASCII and Host as IDNA without
+            # catching the error (found by tools/fuzz_frames.py): a header byte >= 0x80.
+            raise RemoteProtocolError("invalid upgrade: undecodable header", 400) from exc
         if not _valid_key(headers.get("sec-websocket-key", "")):
             raise RemoteProtocolError("invalid Sec-WebSocket-Key", close_code=400)
         return UpgradeRequest(
@@ -283,6 +287,11 @@ class ClientHandshake:
             events = list(self._wsproto.events())
         except WsprotoRemoteProtocolError as exc:
             raise RemoteProtocolError(f"invalid handshake response: {exc}", 1002) from exc
+        except UnicodeError as exc:
+            # As in ServerHandshake._parse: wsproto decodes headers without catching.
+            raise RemoteProtocolError(
+                "invalid handshake response: undecodable header", 1002
+            ) from exc
         except h11.RemoteProtocolError as exc:  # pragma: no cover - wsproto wraps these
             raise RemoteProtocolError("malformed HTTP response", 1002) from exc
         for event in events:
