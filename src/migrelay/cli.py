@@ -7,6 +7,7 @@ coroutine from :mod:`migrelay.aio` or :mod:`migrelay.control`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -15,17 +16,17 @@ import signal
 import ssl
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from . import __version__
+from . import __version__, hosting
 from .aio import runner, tls
 from .aio.client import ClientConfig, SourceRelay
-from .aio.server import PrepareTarget, Refusal, RelayServer, ServerConfig, load_tokens
+from .aio.server import PrepareTarget, Refusal, ServerConfig, load_tokens
 from .config import Limits
 from .control import operations
 from .control.migrate import MigrationOptions
@@ -140,37 +141,52 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML file setting any of this command's flags (table [serve] or [connect]).",
+        envvar="MIGRELAY_CONFIG",
+        is_eager=True,
+        callback=hosting.config_callback,
+    ),
+]
+MaxMessageOpt = Annotated[
+    str,
+    typer.Option(
+        help="Largest message accepted, and sent (1M, 256K, ...); a bigger one closes 1009.",
+        envvar="MIGRELAY_MAX_MESSAGE",
+    ),
+]
+
+
+def _message_limits(
+    max_message: str,
+    ping_interval: float,
+    ping_timeout: float,
+    handshake_timeout: float = Limits.handshake_timeout,
+) -> Limits:
+    try:
+        size = parse_size(max_message)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if size < 1024:
+        raise fail(f"--max-message of {size} bytes is below the minimum of 1024")
+    # A relay never sends a message larger than it would accept.
+    return Limits(
+        max_message_bytes=size,
+        read_bytes=min(Limits.read_bytes, size),
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        handshake_timeout=handshake_timeout,
+    )
+
+
 def _run_until_signal(coro: Coroutine[Any, Any, int]) -> int:
     try:
         return runner.run(coro)
     except KeyboardInterrupt:
         return 130
-
-
-async def _serve(config: ServerConfig, reload: Callable[[ServerConfig], None]) -> int:
-    server = RelayServer(config)
-    try:
-        await server.start()
-    except OSError as exc:
-        raise RelayError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-
-    def on_hangup() -> None:
-        try:
-            reload(config)
-        except (OSError, ssl.SSLError, RelayError) as exc:
-            logger.error("reload failed, keeping the old settings: %s", exc)
-        else:
-            logger.info("reloaded tokens and certificates")
-
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    await stop.wait()
-    logger.info("shutting down")
-    await server.close()
-    return 0
 
 
 @app.command()
@@ -229,14 +245,92 @@ def serve(
         ),
     ] = None,
     wait_target: Annotated[
-        float, typer.Option(help="Seconds to wait for the destination socket to appear.")
+        float,
+        typer.Option(
+            help="Seconds to wait for the destination socket to appear.",
+            envvar="MIGRELAY_WAIT_TARGET",
+        ),
     ] = 30.0,
-    max_sessions: Annotated[int, typer.Option(help="Most migrations at once.")] = 64,
-    ping_interval: Annotated[float, typer.Option(help="Seconds of silence before a ping.")] = 15.0,
-    ping_timeout: Annotated[float, typer.Option(help="Seconds to wait for the pong.")] = 15.0,
+    max_sessions: Annotated[
+        int, typer.Option(help="Most migrations at once.", envvar="MIGRELAY_MAX_SESSIONS")
+    ] = 64,
+    ping_interval: Annotated[
+        float,
+        typer.Option(help="Seconds of silence before a ping.", envvar="MIGRELAY_PING_INTERVAL"),
+    ] = 15.0,
+    ping_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the pong.", envvar="MIGRELAY_PING_TIMEOUT")
+    ] = 15.0,
     insecure: Annotated[
-        bool, typer.Option(help="Allow listening beyond loopback without authentication.")
+        bool,
+        typer.Option(
+            help="Allow listening beyond loopback without authentication.",
+            envvar="MIGRELAY_INSECURE",
+        ),
     ] = False,
+    config_file: ConfigOpt = None,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Accept browser clients only from this Origin (repeatable).",
+            envvar="MIGRELAY_ALLOW_ORIGIN",
+        ),
+    ] = None,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Address or network of a reverse proxy whose X-Forwarded-For is believed"
+            " (repeatable).",
+            envvar="MIGRELAY_TRUSTED_PROXY",
+        ),
+    ] = None,
+    path_prefix: Annotated[
+        str,
+        typer.Option(
+            help="Path prefix a reverse proxy forwards under, e.g. /migrelay.",
+            envvar="MIGRELAY_PATH_PREFIX",
+        ),
+    ] = "",
+    max_channels: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Most channels in one migration session.", envvar="MIGRELAY_MAX_CHANNELS"
+        ),
+    ] = 64,
+    max_message: MaxMessageOpt = "1M",
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Close a channel that carried no data for this many seconds (4002); 0: never.",
+            envvar="MIGRELAY_IDLE_TIMEOUT",
+        ),
+    ] = 0.0,
+    handshake_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds a client has to send its upgrade request (408).",
+            envvar="MIGRELAY_HANDSHAKE_TIMEOUT",
+        ),
+    ] = 10.0,
+    max_header_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1024,
+            help="Largest request head accepted (431).",
+            envvar="MIGRELAY_MAX_HEADER_BYTES",
+        ),
+    ] = 16384,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM, seconds running migrations get to finish before their"
+            " channels are closed (4004).",
+            envvar="MIGRELAY_SHUTDOWN_TIMEOUT",
+        ),
+    ] = 120.0,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -245,9 +339,13 @@ def serve(
     host, port = _parse_listen(listen)
     if target is None and target_dir is None:
         target = DEFAULT_DEST_SOCKET
-    tokens = load_tokens(token_file) if token_file else []
-    if token_file and not tokens:
-        raise fail(f"{token_file} holds no token")
+    try:
+        access_fields = hosting.access_settings(
+            token_file, allow_origin or [], trusted_proxy or [], path_prefix
+        )
+    except (RelayError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    tokens = access_fields["tokens"]
     if (tls_cert is None) != (tls_key is None):
         raise fail("--tls-cert and --tls-key go together")
     if client_ca is not None and tls_cert is None:
@@ -263,30 +361,39 @@ def serve(
             f"refusing to listen on {host} without authentication: "
             "give --token-file (or --insecure on a trusted network)"
         )
-    limits = Limits(ping_interval=ping_interval, ping_timeout=ping_timeout)
+    limits = _message_limits(
+        max_message,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        handshake_timeout=handshake_timeout,
+    )
+    limits = dataclasses.replace(limits, max_head_bytes=max_header_bytes)
     config = ServerConfig(
         host=host,
         port=port,
         target=target,
         target_dir=target_dir,
-        tokens=tokens,
         ssl_context=ssl_context,
         wait_target=wait_target,
         max_sessions=max_sessions,
         limits=limits,
         prepare_target=_prepare_target_hook(qmp, qmp_dir),
+        max_channels=max_channels,
+        idle_timeout=idle_timeout,
+        **access_fields,
     )
 
     def reload(config: ServerConfig) -> None:
-        new_tokens = load_tokens(token_file) if token_file else []
-        if token_file and not new_tokens:
-            raise RelayError(f"{token_file} holds no token")
+        if token_file:
+            hosting.load_token_entries(token_file)  # check before touching anything
         if config.ssl_context is not None and tls_cert and tls_key:
             tls.reload_server_context(config.ssl_context, tls_cert, tls_key, client_ca)
-        config.tokens = new_tokens
+        hosting.reload_tokens(config, token_file)
 
     try:
-        raise typer.Exit(_run_until_signal(_serve(config, reload)))
+        raise typer.Exit(
+            _run_until_signal(hosting.serve_until_stopped(config, reload, shutdown_timeout))
+        )
     except RelayError as exc:
         raise fail(str(exc)) from None
 
@@ -415,20 +522,42 @@ def connect(
         Path | None,
         typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
     ] = None,
-    once: Annotated[bool, typer.Option(help="Exit after the first migration ends.")] = False,
-    ping_interval: Annotated[float, typer.Option(help="Seconds of silence before a ping.")] = 15.0,
-    ping_timeout: Annotated[float, typer.Option(help="Seconds to wait for the pong.")] = 15.0,
+    once: Annotated[
+        bool, typer.Option(help="Exit after the first migration ends.", envvar="MIGRELAY_ONCE")
+    ] = False,
+    ping_interval: Annotated[
+        float,
+        typer.Option(help="Seconds of silence before a ping.", envvar="MIGRELAY_PING_INTERVAL"),
+    ] = 15.0,
+    ping_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the pong.", envvar="MIGRELAY_PING_TIMEOUT")
+    ] = 15.0,
+    config_file: ConfigOpt = None,
+    proxy: Annotated[
+        str | None,
+        typer.Option(
+            help="HTTP CONNECT proxy http://[USER:PASS@]HOST:PORT ('direct': none)"
+            " [default: https_proxy/http_proxy unless no_proxy].",
+            envvar="MIGRELAY_PROXY",
+        ),
+    ] = None,
+    max_message: MaxMessageOpt = "1M",
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
     """Source relay: listen for source QEMU and carry each connection over a WebSocket."""
     configure_logging(verbose, log_format)
-    limits = Limits(ping_interval=ping_interval, ping_timeout=ping_timeout)
+    limits = _message_limits(max_message, ping_interval=ping_interval, ping_timeout=ping_timeout)
+    try:
+        proxy_url = hosting.choose_proxy(url, proxy)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     config = ClientConfig(
         url=url,
         token=_read_token(token_file),
         headers=_parse_headers(header or []),
         limits=limits,
+        proxy=proxy_url,
         **_client_tls(ca, fingerprint, tls_cert, tls_key),
     )
     relay = SourceRelay(config, listen_unix, once=once)
@@ -567,6 +696,7 @@ async def _in_process_relay(
             *_parse_headers(headers),
             (operations.MIGRATION_HEADER, operations.announcement(options)),
         ],
+        proxy=hosting.choose_proxy(url, None),  # https_proxy/http_proxy/no_proxy
         **_client_tls(ca, fingerprint, tls_cert, tls_key),
     )
     # mkdtemp makes the directory 0700: no other user can reach the socket inside.
@@ -797,6 +927,73 @@ def cancel(
         return 0
 
     raise typer.Exit(_run_control(main()))
+
+
+@app.command()
+def bench(
+    ram: Annotated[str, typer.Option(help="Guest RAM of each test VM (random bytes).")] = "1G",
+    runs: Annotated[int, typer.Option(min=1, help="Interleaved rounds of every mode.")] = 3,
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: tcp, unix, ws, wss, socat, and X-multifdN (ws-multifd4)."
+        ),
+    ] = "tcp,ws,wss,tcp-multifd4,ws-multifd4,socat",
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the full report (JSON) here.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw throughput per mode into this PNG (matplotlib).")
+    ] = None,
+    link: Annotated[
+        str | None,
+        typer.Option(
+            help="Put the two sides in network namespaces joined by a veth shaped to this "
+            "rate (10gbit, 800mbit; 'none' for unshaped). Needs root."
+        ),
+    ] = None,
+) -> None:
+    """Benchmark migrations: the tunnel against a direct TCP migration, same VMs."""
+    from .control import bench as bench_module
+
+    try:
+        mode_list = bench_module.available_modes([m.strip() for m in modes.split(",") if m])
+        ram_bytes = parse_size(ram)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if link is not None and any(m.transport == "unix" for m in mode_list):
+        raise fail("mode unix needs both QEMUs on one host; drop it with --link")
+    if plot is not None:
+        bench_module.require_matplotlib()
+    total = runs * len(mode_list)
+    done = 0
+
+    def on_start(mode: bench_module.Mode, run: int) -> None:
+        typer.echo(f"[{done + 1}/{total}] run {run}: {mode.name} ...", err=True)
+
+    def on_result(result: bench_module.RunResult) -> None:
+        nonlocal done
+        done += 1
+        took = f"{result.seconds:.2f} s" if result.seconds else "failed"
+        ram_ok = "RAM identical" if result.ram_matched else "RAM MISMATCH"
+        error = f" ({result.error})" if result.error else ""
+        typer.echo(f"    {result.mode}: {took}, {ram_ok}{error}", err=True)
+
+    report = runner.run(
+        bench_module.run_bench(
+            mode_list, ram_bytes, runs, on_result=on_result, on_start=on_start, link_rate=link
+        ),
+        "asyncio",
+    )
+    typer.echo(bench_module.format_table(report))
+    if json_file is not None:
+        bench_module.write_json(report, json_file)
+    if plot is not None:
+        bench_module.plot_report(report, plot)
+    summary = report["summary"]
+    assert isinstance(summary, list)
+    failed = any(row["failures"] or not row["all_ram_matched"] for row in summary)
+    raise typer.Exit(1 if failed else 0)
 
 
 def main() -> None:
