@@ -312,6 +312,11 @@ class ClientHandshake:
         raise RemoteProtocolError("unexpected handshake response", 1002)  # pragma: no cover
 
     def _receive_refusal_body(self, data: bytes) -> None:
+        if not data:
+            # wsproto (h11) takes b"" as the end of the connection: fed the empty rest
+            # of a head that arrived alone, it dropped the body that followed (its
+            # one-line reason) or raised RuntimeError on it (found by fuzz_frames.py).
+            return
         try:
             self._wsproto.receive_data(data)
             events = list(self._wsproto.events())
