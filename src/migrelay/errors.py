@@ -37,11 +37,15 @@ class RemoteProtocolError(ProtocolError):
     Attributes:
         close_code: the status the connection should be closed with, or the HTTP
             status to refuse a handshake with.
+        headers: response headers that refusal must carry (426 names the version).
     """
 
-    def __init__(self, message: str, close_code: int) -> None:
+    def __init__(
+        self, message: str, close_code: int, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.close_code = close_code
+        self.headers = headers
 
 
 class HandshakeRefused(RelayError):

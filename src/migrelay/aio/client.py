@@ -193,14 +193,16 @@ async def open_websocket(
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         accepted = await asyncio.wait_for(asyncio.shield(done), timeout=config.connect_timeout)
-    except TimeoutError as exc:
+    except BaseException as exc:
+        # Nobody will read ``done`` now: settle it before connection_lost() would set
+        # an exception on it that is never retrieved.
+        done.cancel()
         transport.abort()
-        raise ConnectError(
-            f"no handshake answer from {url.host_header}",
-            TimeoutError(f"timed out after {config.connect_timeout:g} s"),
-        ) from exc
-    except BaseException:
-        transport.abort()
+        if isinstance(exc, TimeoutError):
+            raise ConnectError(
+                f"no handshake answer from {url.host_header}",
+                TimeoutError(f"timed out after {config.connect_timeout:g} s"),
+            ) from exc
         raise
     if accepted.subprotocol is None:
         transport.abort()
@@ -370,6 +372,12 @@ class SourceRelay:
         headers = [("Migrelay-Session", session.id), ("Migrelay-Channel", str(number))]
         try:
             transport, trailing = await open_websocket(self.config, headers)
+        except asyncio.CancelledError:
+            # The relay is closing: QEMU's connection must not outlive it.
+            if leg.transport is not None:
+                leg.transport.abort()
+            self._channel_ended(session, None)
+            raise
         except (RelayError, OSError) as exc:
             logger.error("channel %s: cannot open websocket to %s: %s", name, self.config.url, exc)
             if self.first_error is None:

@@ -581,7 +581,7 @@ class _HandshakeProtocol(asyncio.Protocol):
         try:
             request = self.handshake.receive_data(data)
         except RemoteProtocolError as exc:
-            self._refuse(Refusal(exc.close_code, str(exc)))
+            self._refuse(Refusal(exc.close_code, str(exc), exc.headers))
             return
         if request is None:
             return

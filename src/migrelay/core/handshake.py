@@ -164,8 +164,15 @@ class ServerHandshake:
             request = next(ev for ev in self._wsproto.events() if isinstance(ev, Request))
         except WsprotoRemoteProtocolError as exc:
             hint = exc.event_hint
-            status = hint.status_code if isinstance(hint, RejectConnection) else 400
-            raise RemoteProtocolError(f"invalid upgrade: {exc}", close_code=status) from exc
+            status = 400
+            refusal_headers: tuple[tuple[str, str], ...] = ()
+            if isinstance(hint, RejectConnection):
+                # RFC 6455 §4.2.2: a 426 names the versions the server speaks.
+                status = hint.status_code
+                refusal_headers = tuple(
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in hint.headers
+                )
+            raise RemoteProtocolError(f"invalid upgrade: {exc}", status, refusal_headers) from exc
         except UnicodeError as exc:
             # wsproto decodes Connection/Upgrade as ASCII and Host as IDNA without
             # catching the error (found by tools/fuzz_frames.py): a header byte >= 0x80.
