@@ -33,6 +33,9 @@ class Limits:
     #: Seconds without traffic from the peer before a Ping (DESIGN.md §3: 15 s).
     ping_interval: float = 15.0
     #: Seconds after a Ping without any sign of life before the channel is closed.
+    #: The check is a timer, not a per-read reset (nothing on the hot path): a peer
+    #: that dies is noticed between ``ping_interval + ping_timeout`` and
+    #: ``2 × ping_interval + ping_timeout`` after its last byte (30-45 s by default).
     ping_timeout: float = 15.0
     #: Seconds to wait for the peer's side of the close handshake (websockets: 10 s).
     close_timeout: float = 5.0
