@@ -245,6 +245,7 @@ class Channel:
         self._unix_reading_paused = False
         self._ws_reading_paused = False
         self._unix_closed = False
+        self._unix_error: Exception | None = None
         self._ws_closed = False
         self._finished = False
         self.end_reason: str | None = None
@@ -302,22 +303,33 @@ class Channel:
 
     def unix_lost(self, exc: Exception | None) -> None:
         self._unix_closed = True
+        self._unix_error = exc
         session = self.session
         if session.state is SessionState.OPEN and not (
             session.local_ended and session.remote_ended
         ):
-            # QEMU went away (or a write to it failed) before the channel finished:
-            # tell the peer, which closes its own unix side, so both QEMUs see it.
-            code = (
-                CloseCode.DESTINATION_CLOSED
-                if session.role is Role.SERVER
-                else CloseCode.SOURCE_CLOSED
-            )
-            why = f"{'QEMU' if exc is None else exc}"
-            self._set_reason(f"unix side closed ({why})")
-            session.send_close(code, "")
-            self._flush_control()
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                # QEMU closed its socket, perhaps with bytes still unread: QEMU 7.2's
+                # destination does that to multifd channels at the end of a migration
+                # that completed. Like EOF, this ends QEMU's direction; whatever the
+                # peer sends after it cannot be delivered and fails the channel (see
+                # _undeliverable), which is what QEMU over direct TCP would see.
+                if self.debug:
+                    self.log.debug("x %s: unix side closed: %s", self.name, exc)
+                self.session.send_end_of_stream()
+                self._flush_control()
+            else:
+                # QEMU went away before the channel finished: tell the peer, which
+                # closes its own unix side, so both QEMUs see it.
+                self._set_reason(f"unix side closed ({exc or 'QEMU'})")
+                session.send_close(self._unix_close_code(), "")
+                self._flush_control()
         self._maybe_finish()
+
+    def _unix_close_code(self) -> CloseCode:
+        if self.session.role is Role.SERVER:
+            return CloseCode.DESTINATION_CLOSED
+        return CloseCode.SOURCE_CLOSED
 
     def pause_unix_reading(self) -> None:
         self.ws_write_busy = True
@@ -367,14 +379,9 @@ class Channel:
         self._flush_control()
 
     def _undeliverable(self) -> None:
-        session = self.session
-        code = (
-            CloseCode.DESTINATION_CLOSED
-            if session.role is Role.SERVER
-            else CloseCode.SOURCE_CLOSED
-        )
-        self._set_reason("unix side closed while data was still arriving")
-        session.send_close(code, "")
+        why = f" ({self._unix_error})" if self._unix_error else ""
+        self._set_reason(f"unix side closed{why} while data was still arriving")
+        self.session.send_close(self._unix_close_code(), "")
 
     def ws_eof(self) -> None:
         if self.debug:
