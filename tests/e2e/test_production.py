@@ -1,0 +1,465 @@
+"""Real QEMU migrations through ``serve``/``connect`` set up as on production hosts.
+
+wss:// with a CA and with a pinned fingerprint, mTLS, Debian's nginx as a TLS-terminating
+reverse proxy with a path prefix, tinyproxy as the HTTP CONNECT proxy, SIGTERM during a
+migration, and ``/metrics`` after one. Every completed migration ends with the
+destination's RAM equal to the source's byte for byte; every refused one with the
+source VM where it was.
+
+nginx and tinyproxy are installed by ``tools/setup``; these tests never skip when they
+are missing. Each runs in the foreground with its config, pid and logs in the test's
+directory, and is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from migrelay.control.migrate import (
+    MigrationOptions,
+    prepare_incoming,
+    start_migration,
+    wait_destination_completed,
+)
+from migrelay.control.qmp import QMP, MigrationStatus
+from migrelay.control.vm import first_difference
+
+from ..conftest import MigrelayProcess, MigrelayProcesses
+from .conftest import VMPairFactory
+
+pytestmark = pytest.mark.e2e
+
+MIGRATION_TIMEOUT_S = 120.0
+RAM_BYTES = 32 << 20
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+DAEMON_START_S = 10.0
+
+
+# -- certificates ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PKI:
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+    def fingerprint(self) -> str:
+        out = subprocess.run(
+            ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(self.cert)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return out.strip().split("=", 1)[1]
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+
+
+def _ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    subject = f"/CN={name}"
+    _openssl("req", "-x509", *EC_KEY, "-keyout", str(key), "-out", str(cert), "-days", "2",
+             "-subj", subject)  # fmt: skip
+    return cert, key
+
+
+def _issue(directory: Path, name: str, ca: tuple[Path, Path], extension: str) -> tuple[Path, Path]:
+    key, csr = directory / f"{name}.key", directory / f"{name}.csr"
+    cert, ext = directory / f"{name}.pem", directory / f"{name}.ext"
+    ext.write_text(extension)
+    _openssl("req", *EC_KEY, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def pki(workdir: Path) -> PKI:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate."""
+    directory = workdir / "pki"
+    directory.mkdir()
+    ca = _ca(directory, "ca")
+    other = _ca(directory, "other-ca")
+    server = _issue(directory, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    client = _issue(directory, "client", ca, "extendedKeyUsage=clientAuth\n")
+    return PKI(ca[0], server[0], server[1], client[0], client[1], other[0])
+
+
+# -- daemons -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + DAEMON_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args!r} exited: {log.read_text(errors='replace')}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{process.args!r} did not listen on {port}")
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Foreground daemons a test starts; killed and reaped at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+
+
+def start_nginx(
+    workdir: Path, daemons: list[subprocess.Popen[bytes]], pki: PKI, upstream: int
+) -> int:
+    """nginx terminating TLS and proxying ``/migrelay/`` to ``serve`` on ``upstream``."""
+    directory = workdir / "nginx"
+    directory.mkdir()
+    port = _free_port()
+    config = directory / "nginx.conf"
+    config.write_text(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {directory}/access.log;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {pki.cert};
+        ssl_certificate_key {pki.key};
+        location /migrelay/ {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+    }}
+}}
+""")
+    log = directory / "stderr.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [NGINX, "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    daemons.append(process)
+    _wait_port(port, process, directory / "error.log")
+    return port
+
+
+def start_tinyproxy(workdir: Path, daemons: list[subprocess.Popen[bytes]], upstream: int) -> int:
+    """tinyproxy allowing CONNECT from loopback to ``upstream`` only."""
+    directory = workdir / "tinyproxy"
+    directory.mkdir()
+    port = _free_port()
+    config = directory / "tinyproxy.conf"
+    config.write_text(f"""
+Port {port}
+Listen 127.0.0.1
+Timeout 600
+MaxClients 32
+Allow 127.0.0.1
+ConnectPort {upstream}
+LogFile "{directory}/tinyproxy.log"
+PidFile "{directory}/tinyproxy.pid"
+LogLevel Info
+""")
+    log = directory / "stderr.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [TINYPROXY, "-d", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    daemons.append(process)
+    _wait_port(port, process, log)
+    return port
+
+
+# -- migrations ------------------------------------------------------------------------
+
+
+async def migrate(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    options: MigrationOptions | None = None,
+    during: Callable[[QMP], Awaitable[None]] | None = None,
+) -> None:
+    """Migrate a fresh VM pair through ``workdir/source.sock``; check the RAM."""
+    options = options or MigrationOptions()
+    async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
+        await sq.connect(str(src.qmp_path))
+        await dq.connect(str(dst.qmp_path))
+        await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+        await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+        if during is not None:
+            await during(sq)
+        final = await wait_destination_completed(dq, MIGRATION_TIMEOUT_S)
+        assert final.status is MigrationStatus.COMPLETED
+        assert (await sq.query_migrate()).status is MigrationStatus.COMPLETED
+        await sq.quit()
+        await dq.quit()
+        assert await src.wait(30) == 0
+        assert await dst.wait(30) == 0
+        assert first_difference(src.ram_path, dst.ram_path) is None
+
+
+async def migration_fails(vm_pair: VMPairFactory, workdir: Path) -> None:
+    """Start a migration that the relays cannot carry; the source VM stays as it was."""
+    options = MigrationOptions()
+    async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
+        await sq.connect(str(src.qmp_path))
+        await dq.connect(str(dst.qmp_path))
+        before = await sq.query_status()
+        await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+        await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+        deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+        while (status := (await sq.query_migrate()).status) is not MigrationStatus.FAILED:
+            assert status is not MigrationStatus.COMPLETED
+            assert time.monotonic() < deadline, "the migration neither failed nor completed"
+            await asyncio.sleep(0.05)
+        assert await sq.query_status() == before
+        assert src.running
+
+
+def serve(procs: MigrelayProcesses, workdir: Path, *args: str) -> MigrelayProcess:
+    return procs.serve("--target", str(workdir / "dest.sock"), *args)
+
+
+def connect(procs: MigrelayProcesses, workdir: Path, url: str, *args: str) -> MigrelayProcess:
+    return procs.connect(url, workdir / "source.sock", *args)
+
+
+def assert_channels_completed(*relays: MigrelayProcess) -> None:
+    for relay in relays:
+        relay.wait_for_log(r"channel \S+ closed: completed")
+        closed = [line for line in relay.log().splitlines() if " closed: " in line]
+        assert closed and all("close code 1000 normal" in line for line in closed), relay.log()
+
+
+# -- TLS -------------------------------------------------------------------------------
+
+
+def test_wss_with_ca_carries_a_migration_intact(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+) -> None:
+    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    assert "listening on wss://" in server.log()
+    client = connect(
+        migrelay_procs, workdir, f"wss://localhost:{server.port}/", "--ca", str(pki.ca)
+    )
+    asyncio.run(migrate(vm_pair, workdir))
+    assert_channels_completed(server, client)
+
+
+def test_wss_with_pinned_fingerprint_carries_a_migration_intact(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+) -> None:
+    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    # No CA at all: the pin alone vouches for the server.
+    client = connect(
+        migrelay_procs,
+        workdir,
+        f"wss://127.0.0.1:{server.port}/",
+        "--fingerprint",
+        pki.fingerprint(),
+    )
+    asyncio.run(migrate(vm_pair, workdir, MigrationOptions(multifd_channels=2)))
+    assert_channels_completed(server, client)
+
+
+def test_wrong_fingerprint_is_refused_in_one_line_and_source_vm_stays(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+) -> None:
+    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    wrong = ":".join(["AB"] * 32)
+    client = connect(
+        migrelay_procs, workdir, f"wss://127.0.0.1:{server.port}/", "--fingerprint", wrong
+    )
+    asyncio.run(migration_fails(vm_pair, workdir))
+    errors = [line for line in client.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1, client.log()
+    assert "does not match the pinned fingerprint" in errors[0]
+    assert " opened: " not in server.log()
+
+
+def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+) -> None:
+    server = serve(
+        migrelay_procs,
+        workdir,
+        *("--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--client-ca", str(pki.ca)),
+    )
+    url = f"wss://127.0.0.1:{server.port}/"
+    anonymous = connect(migrelay_procs, workdir, url, "--ca", str(pki.ca), "--once")
+    asyncio.run(migration_fails(vm_pair, workdir))
+    anonymous.wait()
+    assert "cannot open websocket" in anonymous.log(), anonymous.log()
+    assert " opened: " not in server.log()
+    anonymous.stop()
+
+    client = connect(
+        migrelay_procs,
+        workdir,
+        url,
+        *(
+            "--ca",
+            str(pki.ca),
+            "--tls-cert",
+            str(pki.client_cert),
+            "--tls-key",
+            str(pki.client_key),
+        ),
+    )
+    asyncio.run(migrate(vm_pair, workdir))
+    assert_channels_completed(server, client)
+
+
+# -- proxies -----------------------------------------------------------------------------
+
+
+def test_nginx_terminating_tls_under_a_path_prefix_carries_a_migration_intact(
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    workdir: Path,
+    pki: PKI,
+    daemons: list[subprocess.Popen[bytes]],
+) -> None:
+    server = serve(
+        migrelay_procs, workdir, "--path-prefix", "/migrelay", "--trusted-proxy", "127.0.0.1"
+    )
+    assert server.port is not None
+    nginx_port = start_nginx(workdir, daemons, pki, server.port)
+    client = connect(
+        migrelay_procs,
+        workdir,
+        f"wss://localhost:{nginx_port}/migrelay/",
+        "--ca",
+        str(pki.ca),
+    )
+    asyncio.run(migrate(vm_pair, workdir, MigrationOptions(multifd_channels=2)))
+    assert_channels_completed(server, client)
+    opened = [line for line in server.log().splitlines() if " opened: " in line]
+    # nginx's X-Forwarded-For, trusted from 127.0.0.1, names the client in the log.
+    assert len(opened) == 3 and all(" via 127.0.0.1:" in line for line in opened), server.log()
+
+
+def test_connect_through_tinyproxy_carries_a_migration_intact(
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    workdir: Path,
+    daemons: list[subprocess.Popen[bytes]],
+) -> None:
+    token_file = workdir / "tokens"
+    token_file.write_text("proxy-test-token /\n")
+    server = serve(migrelay_procs, workdir, "--token-file", str(token_file))
+    assert server.port is not None
+    proxy_port = start_tinyproxy(workdir, daemons, server.port)
+    client = connect(
+        migrelay_procs,
+        workdir,
+        f"{server.url}/",
+        *("--token-file", str(token_file), "--proxy", f"http://127.0.0.1:{proxy_port}"),
+    )
+    asyncio.run(migrate(vm_pair, workdir))
+    assert_channels_completed(server, client)
+    proxy_log = (workdir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
+    # The one channel went through the proxy: one CONNECT, to serve's port.
+    assert proxy_log.count(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1") == 1, proxy_log
+    assert "proxy-test-token" not in server.log() + client.log() + proxy_log
+
+
+# -- service operation -------------------------------------------------------------------
+
+
+def test_sigterm_during_a_migration_lets_it_complete(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+) -> None:
+    server = serve(migrelay_procs, workdir, "--shutdown-timeout", "60")
+    connect(migrelay_procs, workdir, f"{server.url}/")
+
+    async def terminate_serve(source: QMP) -> None:
+        # The migration is under way once serve has opened its channel.
+        await asyncio.to_thread(server.wait_for_log, " opened: ")
+        assert (await source.query_migrate()).status is MigrationStatus.ACTIVE
+        server.popen.terminate()
+        await asyncio.sleep(0.3)
+        assert server.popen.poll() is None, "serve exited while the migration ran"
+
+    # 32 MiB at 8 MiB/s: about four seconds of migration to send SIGTERM into.
+    slow = MigrationOptions(max_bandwidth=8 << 20)
+    asyncio.run(migrate(vm_pair, workdir, slow, during=terminate_serve))
+    assert server.wait(10) == 0
+    log = server.log()
+    assert "shutting down" in log and "closed: completed" in log, log
+    assert "4004" not in log
+
+
+def test_metrics_after_a_migration_show_the_bytes_it_moved(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+) -> None:
+    server = serve(migrelay_procs, workdir)
+    connect(migrelay_procs, workdir, f"{server.url}/")
+    asyncio.run(migrate(vm_pair, workdir))
+    server.wait_for_log(r"channel \S+ closed: completed")
+    url = f"http://{server.host}:{server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    moved = re.search(
+        r'^migrelay_bytes_total\{direction="to_destination",target="/"\} (\S+)$', text, re.M
+    )
+    assert moved is not None, text
+    # The RAM and QEMU's own framing of it went through, and no more than a little extra.
+    assert RAM_BYTES <= float(moved.group(1)) < RAM_BYTES * 1.1, text
+    assert 'migrelay_channels_total{target="/"} 1.0' in text
+    assert "migrelay_sessions_total 1.0" in text
+    assert "migrelay_handshake_seconds_count 1.0" in text
