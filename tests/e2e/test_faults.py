@@ -1,0 +1,439 @@
+"""Faults in the middle of a real migration between two "hosts" (network namespaces).
+
+::
+
+    source namespace                                 destination namespace
+    QEMU src ──unix──▶ migrelay connect ══veth══▶ migrelay serve ──unix──▶ QEMU dst
+
+The source migrates at 16 MiB/s (``max-bandwidth``), so 64 MiB take ~4 s and the fault
+always hits a running migration, and both relays use a 1 s ping interval and a 2 s ping
+timeout, so a silent peer is declared dead 3 s after its last byte. For each fault:
+
+* the source's migration reaches ``failed`` within :data:`FAILURE_BOUND_S` of the fault
+  (3 s liveness + 2 s margin);
+* the source VM is intact: still in ``prelaunch`` (where it started) and its RAM file
+  unchanged;
+* the surviving relay(s) logged one "closed" line that names the cause;
+* no TCP connection is left in either namespace, and at the end no process is left in
+  them and no relay socket file is left on disk;
+* a second migration right after (fresh destination VM; relays restarted where one was
+  killed) completes with RAM identical.
+
+Run with ``-s`` to see the measured time to failure (the README's fault table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from migrelay.control.migrate import (
+    MigrationOptions,
+    prepare_incoming,
+    start_migration,
+    wait_destination_completed,
+)
+from migrelay.control.netns import LinkedNamespaces
+from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
+from migrelay.control.vm import MIB, DisposableVM, first_difference
+
+from ..conftest import MigrelayProcess, MigrelayProcesses
+
+pytestmark = pytest.mark.e2e
+
+FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+RAM_BYTES = 64 * MIB
+#: The source's rate limit while the fault hits: 64 MiB take ~4 s.
+SLOW_BANDWIDTH = 16 * MIB
+#: The fault is injected once this much has been sent (so the migration is under way).
+FAULT_AFTER_BYTES = 6 * MIB
+PING_INTERVAL_S = 1.0
+PING_TIMEOUT_S = 2.0
+LIVENESS_S = PING_INTERVAL_S + PING_TIMEOUT_S
+#: The stated bound: the liveness timeout plus 2 s for scheduling on a busy host.
+FAILURE_BOUND_S = (LIVENESS_S + 2.0) * FACTOR
+MIGRATION_TIMEOUT_S = 60.0 * FACTOR
+PORT = 8765
+LIVENESS_ARGS = ("--ping-interval", str(PING_INTERVAL_S), "--ping-timeout", str(PING_TIMEOUT_S))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(4 * MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    result = subprocess.run(
+        ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
+    )
+    return [int(pid) for pid in result.stdout.split()]
+
+
+def established_connections(namespace: str) -> list[str]:
+    result = subprocess.run(
+        ["ip", "netns", "exec", namespace, "ss", "-Htn", "state", "established"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def closed_lines(relay: MigrelayProcess) -> list[str]:
+    """The relay's "channel ... closed: ..." lines, without the timestamp and level."""
+    return [
+        line.split(" INFO ", 1)[-1] for line in relay.log().splitlines() if " closed: " in line
+    ]
+
+
+@dataclass
+class Hosts:
+    """Two namespaces, the relays in them, and the VMs; everything is cleaned up."""
+
+    ns: LinkedNamespaces
+    workdir: Path
+    procs: MigrelayProcesses
+    vms: list[DisposableVM] = field(default_factory=list)
+
+    @property
+    def dest_sock(self) -> Path:
+        return self.workdir / "dest.sock"
+
+    @property
+    def source_sock(self) -> Path:
+        return self.workdir / "source.sock"
+
+    def serve(self) -> MigrelayProcess:
+        return self.procs.serve(
+            "--target", str(self.dest_sock), "--token-file", str(self.workdir / "token"),
+            "--wait-target", "10", *LIVENESS_ARGS,
+            listen=f"{self.ns.dest_addr}:{PORT}", prefix=self.ns.prefix(self.ns.dest_ns),
+        )  # fmt: skip
+
+    def connect(self) -> MigrelayProcess:
+        return self.procs.connect(
+            f"ws://{self.ns.dest_addr}:{PORT}/", self.source_sock,
+            "--token-file", str(self.workdir / "token"), *LIVENESS_ARGS,
+            prefix=self.ns.prefix(self.ns.source_ns),
+        )  # fmt: skip
+
+    def vm(self, name: str, *, incoming: bool) -> DisposableVM:
+        ns = self.ns.dest_ns if incoming else self.ns.source_ns
+        vm = DisposableVM(
+            self.workdir, name, RAM_BYTES, incoming=incoming, command_prefix=self.ns.prefix(ns)
+        )
+        self.vms.append(vm)
+        return vm
+
+
+@pytest.fixture
+def hosts(workdir: Path, migrelay_procs: MigrelayProcesses) -> Iterator[Hosts]:
+    """Linked namespaces with a token file in ``workdir``; all torn down afterwards."""
+    (workdir / "token").write_text("fault-test-token\n")
+    with LinkedNamespaces() as ns:
+        hosts = Hosts(ns, workdir, migrelay_procs)
+        try:
+            yield hosts
+        finally:
+            migrelay_procs.stop_all()
+            for vm in hosts.vms:
+                vm.kill()
+
+
+@dataclass(frozen=True)
+class FaultOutcome:
+    seconds_to_failure: float
+    source_error: str
+
+
+async def migrate_until_fault(
+    sq: QMP, dq: QMP, hosts: Hosts, inject: Callable[[], None]
+) -> FaultOutcome:
+    """Start a slow migration, call ``inject`` mid-way, and wait for ``failed``."""
+    options = MigrationOptions(max_bandwidth=SLOW_BANDWIDTH)
+    await prepare_incoming(dq, f"unix:{hosts.dest_sock}", options)
+    await start_migration(sq, f"unix:{hosts.source_sock}", options)
+    deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+    while True:
+        info = await sq.query_migrate()
+        assert not info.status.is_terminal, f"migration ended before the fault: {info}"
+        if info.status is MigrationStatus.ACTIVE and (info.transferred or 0) >= FAULT_AFTER_BYTES:
+            break
+        assert time.monotonic() < deadline, "migration did not get under way"
+        await asyncio.sleep(0.02)
+    fault_at = time.monotonic()
+    inject()
+    final = await wait_failed(sq, fault_at)
+    return FaultOutcome(time.monotonic() - fault_at, final.error_desc or "")
+
+
+async def wait_failed(sq: QMP, since: float) -> MigrationInfo:
+    """Poll the source until ``failed``; fail the test past :data:`FAILURE_BOUND_S`."""
+    while True:
+        info = await sq.query_migrate()
+        if info.status is MigrationStatus.FAILED:
+            return info
+        assert info.status not in (MigrationStatus.COMPLETED, MigrationStatus.CANCELLED), info
+        elapsed = time.monotonic() - since
+        assert elapsed < FAILURE_BOUND_S, (
+            f"source still {info.status} {elapsed:.1f} s after the fault "
+            f"(bound {FAILURE_BOUND_S:g} s)"
+        )
+        await sq.next_migration_event(0.05)
+
+
+async def migrate_again(sq: QMP, src: DisposableVM, hosts: Hosts, name: str) -> None:
+    """A second migration of the same source to a fresh destination, at full speed."""
+    dst = hosts.vm(name, incoming=True)
+    await dst.start()
+    options = MigrationOptions()
+    async with QMP(name) as dq:
+        await dq.connect(str(dst.qmp_path))
+        await prepare_incoming(dq, f"unix:{hosts.dest_sock}", options)
+        await start_migration(sq, f"unix:{hosts.source_sock}", options)
+        final = await wait_destination_completed(dq, MIGRATION_TIMEOUT_S)
+        assert final.status is MigrationStatus.COMPLETED
+        assert (await sq.query_migrate()).status is MigrationStatus.COMPLETED
+        await dq.quit()
+    await sq.quit()
+    assert await src.wait(30) == 0
+    assert await dst.wait(30) == 0
+    assert first_difference(src.ram_path, dst.ram_path) is None
+
+
+def wait_no_connections(hosts: Hosts, timeout: float = 5.0) -> None:
+    """Both relays let go of the broken WebSocket (no established TCP connection)."""
+    deadline = time.monotonic() + timeout * FACTOR
+    while True:
+        left = established_connections(hosts.ns.source_ns) + established_connections(
+            hosts.ns.dest_ns
+        )
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"connections left after the fault: {left}"
+        time.sleep(0.05)
+
+
+def check_nothing_left(hosts: Hosts) -> None:
+    """After a graceful stop: no process in the namespaces, no relay socket on disk."""
+    hosts.procs.stop_all()
+    for process in hosts.procs.processes:
+        assert process.popen.returncode is not None
+    deadline = time.monotonic() + 10 * FACTOR
+    while pids := namespace_pids(hosts.ns.source_ns) + namespace_pids(hosts.ns.dest_ns):
+        assert time.monotonic() < deadline, f"processes left in the namespaces: {pids}"
+        time.sleep(0.05)
+    assert not hosts.source_sock.exists(), "connect left its socket file behind"
+
+
+RESULTS: list[str] = []
+
+
+def report(fault: str, outcome: FaultOutcome, relay_lines: list[str]) -> None:
+    line = (
+        f"FAULT {fault}: source failed after {outcome.seconds_to_failure:.2f} s "
+        f"(bound {FAILURE_BOUND_S:g} s); qemu: {outcome.source_error!r}; "
+        f"relay: {' | '.join(relay_lines)}; retry: completed, RAM identical"
+    )
+    RESULTS.append(line)
+    print("\n" + line)
+
+
+def run_fault(
+    hosts: Hosts,
+    inject: Callable[[Hosts, DisposableVM, DisposableVM], None],
+    after_failure: Callable[[Hosts], None],
+) -> FaultOutcome:
+    """The common scenario: migrate, inject, check the source, recover, migrate again."""
+
+    async def scenario() -> FaultOutcome:
+        src = hosts.vm("src", incoming=False)
+        dst = hosts.vm("dst", incoming=True)
+        await src.start()
+        await dst.start()
+        ram_before = sha256_file(src.ram_path)
+        async with QMP("src") as sq, QMP("dst") as dq:
+            await sq.connect(str(src.qmp_path))
+            await dq.connect(str(dst.qmp_path))
+            assert await sq.query_status() is RunState.PRELAUNCH
+            outcome = await migrate_until_fault(sq, dq, hosts, lambda: inject(hosts, src, dst))
+            # The source VM is intact: where it was, RAM untouched, QMP answering.
+            assert await sq.query_status() is RunState.PRELAUNCH
+            assert sha256_file(src.ram_path) == ram_before
+            await asyncio.to_thread(after_failure, hosts)
+            await dst.terminate()
+            await migrate_again(sq, src, hosts, "dst2")
+        return outcome
+
+    return asyncio.run(scenario())
+
+
+# -- the faults -----------------------------------------------------------------------------
+
+
+def test_source_relay_killed_mid_migration_fails_source_at_once_and_retry_completes(
+    hosts: Hosts,
+) -> None:
+    server = hosts.serve()
+    client = hosts.connect()
+
+    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
+        os.kill(client.pid, signal.SIGKILL)
+
+    def recover(hosts: Hosts) -> None:
+        line = server.wait_for_log(r"channel \S+ closed: [^\n]*")
+        assert "websocket" in line.group(0), line.group(0)
+        wait_no_connections(hosts)
+        client.popen.wait(5)
+        hosts.connect()  # replaces the stale socket file of the killed one
+
+    outcome = run_fault(hosts, inject, recover)
+    lines = closed_lines(server)
+    assert len(lines) == 2, lines  # the fault, then the retry
+    assert "closed without a close frame" in lines[0] or "connection lost" in lines[0]
+    report("kill -9 source relay (connect)", outcome, lines[:1])
+    check_nothing_left(hosts)
+
+
+def test_destination_relay_killed_mid_migration_fails_source_at_once_and_retry_completes(
+    hosts: Hosts,
+) -> None:
+    server = hosts.serve()
+    client = hosts.connect()
+
+    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
+        os.kill(server.pid, signal.SIGKILL)
+
+    def recover(hosts: Hosts) -> None:
+        client.wait_for_log(r"session \S+ ended: [^\n]*failed")
+        wait_no_connections(hosts)
+        server.popen.wait(5)
+        hosts.serve()
+
+    outcome = run_fault(hosts, inject, recover)
+    lines = closed_lines(client)
+    assert len(lines) == 2, lines
+    assert "closed without a close frame" in lines[0] or "connection lost" in lines[0]
+    report("kill -9 destination relay (serve)", outcome, lines[:1])
+    check_nothing_left(hosts)
+
+
+def test_destination_qemu_killed_mid_migration_fails_source_at_once_and_retry_completes(
+    hosts: Hosts,
+) -> None:
+    server = hosts.serve()
+    client = hosts.connect()
+
+    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
+        assert dst.pid is not None
+        os.kill(dst.pid, signal.SIGKILL)
+
+    def recover(hosts: Hosts) -> None:
+        client.wait_for_log(r"session \S+ ended: [^\n]*failed")
+        wait_no_connections(hosts)
+
+    outcome = run_fault(hosts, inject, recover)
+    server_lines, client_lines = closed_lines(server), closed_lines(client)
+    assert len(server_lines) == len(client_lines) == 2, (server_lines, client_lines)
+    assert "unix side closed" in server_lines[0], server_lines[0]
+    assert "close code 4000 destination closed" in server_lines[0], server_lines[0]
+    assert "peer closed with 4000 destination closed" in client_lines[0], client_lines[0]
+    report("kill -9 destination QEMU", outcome, [server_lines[0], client_lines[0]])
+    check_nothing_left(hosts)
+
+
+def test_link_cut_beyond_liveness_timeout_fails_source_within_bound_and_retry_completes(
+    hosts: Hosts,
+) -> None:
+    server = hosts.serve()
+    client = hosts.connect()
+
+    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
+        hosts.ns.set_link(False)
+
+    def recover(hosts: Hosts) -> None:
+        server.wait_for_log(r"channel \S+ closed: [^\n]*liveness timeout")
+        client.wait_for_log(r"channel \S+ closed: [^\n]*liveness timeout")
+        wait_no_connections(hosts)
+        hosts.ns.set_link(True)
+
+    outcome = run_fault(hosts, inject, recover)
+    # Nothing reached the peer while the link was down: each side's own timer decided.
+    assert outcome.seconds_to_failure >= LIVENESS_S - PING_INTERVAL_S
+    lines = [closed_lines(server)[0], closed_lines(client)[0]]
+    for line in lines:
+        assert "(liveness timeout)" in line and "close code 4002" in line, line
+    report("link cut (ip link set down)", outcome, lines)
+    check_nothing_left(hosts)
+
+
+def test_destination_relay_frozen_is_declared_dead_by_liveness_and_retry_completes(
+    hosts: Hosts,
+) -> None:
+    server = hosts.serve()
+    client = hosts.connect()
+
+    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
+        os.kill(server.pid, signal.SIGSTOP)
+
+    def recover(hosts: Hosts) -> None:
+        client.wait_for_log(r"channel \S+ closed: [^\n]*liveness timeout")
+        os.kill(server.pid, signal.SIGCONT)
+        # Thawed, the server finds its WebSocket reset and closes destination QEMU's side.
+        server.wait_for_log(r"channel \S+ closed: ")
+        wait_no_connections(hosts)
+
+    outcome = run_fault(hosts, inject, recover)
+    assert outcome.seconds_to_failure >= LIVENESS_S - PING_INTERVAL_S
+    client_line = closed_lines(client)[0]
+    assert "(liveness timeout)" in client_line and "close code 4002" in client_line
+    report("SIGSTOP destination relay (serve)", outcome, [client_line, closed_lines(server)[0]])
+    check_nothing_left(hosts)
+
+
+def test_source_relay_frozen_holds_source_until_thawed_then_fails_at_once(
+    hosts: Hosts,
+) -> None:
+    # A frozen source relay is on the source host itself: QEMU's socket to it stays open,
+    # so nothing can fail the migration until the relay runs again (or dies). The server
+    # meanwhile declares it dead and frees the destination; on SIGCONT the relay finds
+    # its WebSocket gone and fails the source at once.
+    server = hosts.serve()
+    client = hosts.connect()
+    frozen_for: list[float] = []
+
+    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
+        frozen_at = time.monotonic()
+        os.kill(client.pid, signal.SIGSTOP)
+        server.wait_for_log(r"channel \S+ closed: [^\n]*liveness timeout")
+        frozen_for.append(time.monotonic() - frozen_at)
+        os.kill(client.pid, signal.SIGCONT)
+
+    def recover(hosts: Hosts) -> None:
+        client.wait_for_log(r"channel \S+ closed: ")
+        wait_no_connections(hosts)
+
+    outcome = run_fault(hosts, inject, recover)
+    after_thaw = outcome.seconds_to_failure - frozen_for[0]
+    print(
+        f"\nsource relay frozen {frozen_for[0]:.2f} s; "
+        f"source failed {after_thaw:.2f} s after SIGCONT"
+    )
+    assert after_thaw < 1.0 * FACTOR
+    server_line = closed_lines(server)[0]
+    assert "(liveness timeout)" in server_line and "close code 4002" in server_line
+    report("SIGSTOP source relay (connect), thawed after serve gave up", outcome,
+           [server_line, closed_lines(client)[0]])  # fmt: skip
+    check_nothing_left(hosts)

@@ -1,0 +1,170 @@
+"""Eight migrations at once through one ``migrelay serve``, with its memory sampled.
+
+Eight 32 MiB VMs migrate at the same time, each through its own ``migrelay connect``
+(a relay groups the channels QEMU opens into one migration, so one relay carries one
+migration at a time) to the same ``serve --target-dir`` (``/vmN`` → ``vmN.sock``). Half
+of them use multifd with 2 channels, so serve carries 4 × 1 + 4 × 3 = 16 channels.
+
+Memory: `migrelay.config.Limits` bounds a channel's migration data in user space by
+``2 × read_bytes`` (2 MiB). The test samples serve's RSS every 20 ms and checks that its
+growth over the idle baseline stays within ``channels × 2 × read_bytes`` plus
+:data:`INTERPRETER_ALLOWANCE_BYTES` (Python objects per connection, the handshake, the
+log, and the spare buffer a leg takes while its previous one is still queued).
+
+Run with ``-s`` to see sessions, total throughput and peak memory (the README figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from migrelay.config import Limits
+from migrelay.control.migrate import (
+    MigrationOptions,
+    prepare_incoming,
+    start_migration,
+    wait_destination_completed,
+)
+from migrelay.control.qmp import QMP, MigrationStatus
+from migrelay.control.vm import MIB, first_difference
+
+from ..conftest import MigrelayProcess, MigrelayProcesses
+from .conftest import VMPairFactory
+
+pytestmark = pytest.mark.e2e
+
+SESSIONS = 8
+RAM_BYTES = 32 * MIB
+#: multifd channel count per VM: even VMs single-channel, odd VMs multifd 2.
+MULTIFD = [None if index % 2 == 0 else 2 for index in range(SESSIONS)]
+CHANNELS = sum(1 + (channels or 0) for channels in MULTIFD)
+#: Headroom over the idle process for what is not migration data: per-connection
+#: Python objects and asyncio/uvloop handles (a few KiB each), log records, and a spare
+#: read buffer a leg allocates while its last one is still queued in a transport
+#: (channel.py OWNERSHIP). 16 MiB is about one such buffer per channel.
+INTERPRETER_ALLOWANCE_BYTES = 16 * MIB
+MIGRATION_TIMEOUT_S = 180.0
+
+
+class RssSampler:
+    """Samples a process's RSS in a thread until stopped; keeps the peak."""
+
+    def __init__(self, process: MigrelayProcess, period: float = 0.02) -> None:
+        self.process = process
+        self.period = period
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                self.peak = max(self.peak, self.process.rss_bytes())
+                self.samples += 1
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bound(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+) -> None:
+    target_dir = workdir / "targets"
+    target_dir.mkdir()
+    server = migrelay_procs.serve("--target-dir", str(target_dir), "--wait-target", "60")
+    clients = [
+        migrelay_procs.connect(f"{server.url}/vm{index}", workdir / f"src{index}.sock")
+        for index in range(SESSIONS)
+    ]
+    assert len(clients) == SESSIONS
+    baseline = server.rss_bytes()
+    transferred: list[int] = []
+
+    async def one(
+        index: int, stack: contextlib.AsyncExitStack, go: asyncio.Event, all_closed: asyncio.Event
+    ) -> None:
+        options = MigrationOptions(multifd_channels=MULTIFD[index])
+        src, dst = await stack.enter_async_context(vm_pair(RAM_BYTES, name=f"vm{index}"))
+        sq = await stack.enter_async_context(QMP(f"src{index}"))
+        dq = await stack.enter_async_context(QMP(f"dst{index}"))
+        await sq.connect(str(src.qmp_path))
+        await dq.connect(str(dst.qmp_path))
+        await prepare_incoming(dq, f"unix:{target_dir / f'vm{index}.sock'}", options)
+        await go.wait()
+        await start_migration(sq, f"unix:{workdir / f'src{index}.sock'}", options)
+        final = await wait_destination_completed(dq, MIGRATION_TIMEOUT_S)
+        assert final.status is MigrationStatus.COMPLETED
+        info = await sq.query_migrate()
+        assert info.status is MigrationStatus.COMPLETED
+        transferred.append(info.transferred or 0)
+        # Both stopped (source postmigrate, destination paused by -S): RAM is final.
+        assert first_difference(src.ram_path, dst.ram_path) is None, f"vm{index} RAM differs"
+        # The destination VM lives on in real use: quit it only once serve has closed
+        # every channel of the run (see the end of the test).
+        await all_closed.wait()
+        await sq.quit()
+        await dq.quit()
+        assert await src.wait(30) == 0
+        assert await dst.wait(30) == 0
+
+    async def scenario() -> float:
+        async with contextlib.AsyncExitStack() as stack:
+            go, all_closed = asyncio.Event(), asyncio.Event()
+            ready = [asyncio.ensure_future(one(i, stack, go, all_closed)) for i in range(SESSIONS)]
+            # All VMs up and prepared, then every migration starts at once.
+            await asyncio.sleep(0)
+            started = time.monotonic()
+            while not all(  # every destination listens
+                (target_dir / f"vm{i}.sock").exists() for i in range(SESSIONS)
+            ):
+                assert not any(task.done() for task in ready), [t for t in ready if t.done()]
+                assert time.monotonic() - started < 60, "VMs did not start"
+                await asyncio.sleep(0.02)
+            started = time.monotonic()
+            go.set()
+            while len(transferred) < SESSIONS:
+                assert not any(task.done() and task.exception() for task in ready)
+                await asyncio.sleep(0.02)
+            elapsed = time.monotonic() - started
+            await asyncio.to_thread(
+                server.wait_for_log, rf"(?s)(channel \S+ closed: .*){{{CHANNELS}}}", 60
+            )
+            all_closed.set()
+            await asyncio.gather(*ready)
+            return elapsed
+
+    with RssSampler(server) as sampler:
+        elapsed = asyncio.run(scenario())
+    limits = Limits()
+    bound = CHANNELS * 2 * limits.read_bytes + INTERPRETER_ALLOWANCE_BYTES
+    growth = sampler.peak - baseline
+    total = sum(transferred)
+    print(
+        f"\nLOAD: {SESSIONS} sessions ({CHANNELS} channels, multifd 2 on {MULTIFD.count(2)}),"
+        f" {total / MIB:.0f} MiB in {elapsed:.2f} s = {total / MIB / elapsed:.0f} MiB/s total;"
+        f" serve RSS idle {baseline / MIB:.1f} MiB, peak {sampler.peak / MIB:.1f} MiB"
+        f" (+{growth / MIB:.1f} MiB, bound +{bound / MIB:.0f} MiB, {sampler.samples} samples)"
+    )
+    assert sampler.samples > 10
+    assert growth <= bound, f"serve grew by {growth} bytes, bound {bound}"
+    # Every channel of every (completed, RAM-identical) migration ended cleanly on the
+    # server, so that neither relay reports a failure the operator would act on.
+    closed = [line for line in server.log().splitlines() if " closed: " in line]
+    assert len(closed) == CHANNELS
+    unclean = [line for line in closed if "closed: completed" not in line]
+    assert not unclean, "completed migrations whose channels serve did not close cleanly:\n" + (
+        "\n".join(unclean)
+    )
