@@ -952,8 +952,20 @@ def bench(
             "rate (10gbit, 800mbit; 'none' for unshaped). Needs root."
         ),
     ] = None,
+    src_qmp: Annotated[
+        Path | None,
+        typer.Option(help="Migrate your own source VM (QMP socket) instead of a test VM."),
+    ] = None,
+    dst_qmp: Annotated[
+        Path | None,
+        typer.Option(help="Your destination VM (QMP socket; started with -incoming defer)."),
+    ] = None,
 ) -> None:
-    """Benchmark migrations: the tunnel against a direct TCP migration, same VMs."""
+    """Benchmark migrations: the tunnel against a direct TCP migration, same VMs.
+
+    With --src-qmp and --dst-qmp it migrates your own two VMs once, in one mode, and
+    leaves them as QEMU does (their RAM is not compared).
+    """
     from .control import bench as bench_module
 
     try:
@@ -963,6 +975,11 @@ def bench(
         raise fail(str(exc)) from None
     if link is not None and any(m.transport == "unix" for m in mode_list):
         raise fail("mode unix needs both QEMUs on one host; drop it with --link")
+    if (src_qmp is None) != (dst_qmp is None):
+        raise fail("--src-qmp and --dst-qmp go together")
+    given = (src_qmp, dst_qmp) if src_qmp is not None and dst_qmp is not None else None
+    if given is not None and (len(mode_list) != 1 or runs != 1 or link is not None):
+        raise fail("your own VMs can be migrated once: give one --modes, --runs 1, no --link")
     if plot is not None:
         bench_module.require_matplotlib()
     total = runs * len(mode_list)
@@ -975,13 +992,21 @@ def bench(
         nonlocal done
         done += 1
         took = f"{result.seconds:.2f} s" if result.seconds else "failed"
-        ram_ok = "RAM identical" if result.ram_matched else "RAM MISMATCH"
+        ram_ok = {True: "RAM identical", False: "RAM MISMATCH", None: "RAM not compared"}[
+            result.ram_matched
+        ]
         error = f" ({result.error})" if result.error else ""
         typer.echo(f"    {result.mode}: {took}, {ram_ok}{error}", err=True)
 
     report = runner.run(
         bench_module.run_bench(
-            mode_list, ram_bytes, runs, on_result=on_result, on_start=on_start, link_rate=link
+            mode_list,
+            ram_bytes,
+            runs,
+            on_result=on_result,
+            on_start=on_start,
+            link_rate=link,
+            given_qmp=given,
         ),
         "asyncio",
     )

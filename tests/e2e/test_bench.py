@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from migrelay.control.qmp import QMP, MigrationStatus
+from migrelay.control.vm import first_difference
+
+from .conftest import VMPairFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -68,3 +74,50 @@ def test_bench_across_a_shaped_link_between_two_namespaces(tmp_path: Path) -> No
     summary = report["summary"]
     assert isinstance(summary, list)
     assert all(row["all_ram_matched"] and not row["failures"] for row in summary)
+
+
+def test_bench_migrates_given_vms_once_and_leaves_their_ram_to_the_user(
+    tmp_path: Path, vm_pair: VMPairFactory
+) -> None:
+    async def scenario() -> dict[str, object]:
+        async with vm_pair(32 << 20) as (src, dst):
+            report_path = tmp_path / "given.json"
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "migrelay", "bench", "--modes", "ws", "--runs", "1",
+                "--src-qmp", str(src.qmp_path), "--dst-qmp", str(dst.qmp_path),
+                "--json", str(report_path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            output, _ = await process.communicate()
+            assert process.returncode == 0, output.decode()
+            assert b"RAM not compared" in output
+            # The VMs are the user's: still running, the migration done on both sides.
+            async with QMP("check-src") as sq, QMP("check-dst") as dq:
+                await sq.connect(str(src.qmp_path))
+                await dq.connect(str(dst.qmp_path))
+                assert (await dq.query_migrate()).status is MigrationStatus.COMPLETED
+                await sq.quit()
+                await dq.quit()
+            await src.wait(30)
+            await dst.wait(30)
+            assert first_difference(src.ram_path, dst.ram_path) is None
+            report: dict[str, object] = json.loads(report_path.read_text())
+            return report
+
+    report = asyncio.run(scenario())
+    results = report["results"]
+    assert isinstance(results, list) and len(results) == 1
+    assert results[0]["ram_matched"] is None and results[0]["error"] is None
+    assert results[0]["seconds"] > 0
+
+
+def test_bench_refuses_several_runs_of_given_vms(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "migrelay", "bench", "--runs", "2", "--modes", "ws",
+         "--src-qmp", str(tmp_path / "a.qmp"), "--dst-qmp", str(tmp_path / "b.qmp")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "migrelay: error: your own VMs can be migrated once: give one --modes, --runs 1, no --link"
+    )

@@ -93,7 +93,8 @@ class RunResult:
     throughput_bytes_per_s: float | None = None
     relay_cpu_seconds: dict[str, float] = field(default_factory=dict)
     relay_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
-    ram_matched: bool = False
+    #: None when not checked (the user's own VMs).
+    ram_matched: bool | None = False
     error: str | None = None
 
 
@@ -235,23 +236,7 @@ class Bench:
             async with QMP("bench-src") as src_qmp, QMP("bench-dst") as dst_qmp:
                 await src_qmp.connect(str(src.qmp_path))
                 await dst_qmp.connect(str(dst.qmp_path))
-                options = MigrationOptions(multifd_channels=mode.multifd)
-                in_uri, out_uri = await self._plumb(mode, dst_qmp, options, relays)
-                # Start-up CPU (the interpreter, imports) is not the migration's.
-                idle_cpu = {relay.name: relay.cpu_seconds() for relay in relays}
-                started = time.monotonic()
-                await start_migration(src_qmp, out_uri, options)
-                await wait_destination_completed(dst_qmp, RUN_TIMEOUT_S)
-                result.seconds = time.monotonic() - started
-                info = await src_qmp.query_migrate()
-                result.source_total_time_ms = info.total_time_ms
-                result.downtime_ms = info.downtime_ms
-                result.throughput_bytes_per_s = self.ram_size / result.seconds
-                for relay in relays:
-                    used = relay.cpu_seconds() - idle_cpu[relay.name]
-                    result.relay_cpu_seconds[relay.name] = used
-                    result.relay_peak_rss_bytes[relay.name] = relay.peak_rss()
-                del in_uri
+                await self._migrate(mode, src_qmp, dst_qmp, relays, result)
                 await src_qmp.quit()
                 await dst_qmp.quit()
             await src.wait(30)
@@ -272,14 +257,61 @@ class Bench:
                 dst.ram_path.unlink()
         return result
 
+    async def run_given(self, mode: Mode, src_qmp_path: Path, dst_qmp_path: Path) -> RunResult:
+        """Migrate the user's own two VMs once (destination started ``-incoming defer``).
+
+        They are left as QEMU leaves them (source ``postmigrate``, destination
+        running); their RAM is not compared (``ram_matched`` stays None) since where
+        it lives is not known here.
+        """
+        result = RunResult(mode.name, 1, ram_matched=None)
+        relays: list[_Process] = []
+        try:
+            async with QMP("bench-src") as src_qmp, QMP("bench-dst") as dst_qmp:
+                await src_qmp.connect(str(src_qmp_path))
+                await dst_qmp.connect(str(dst_qmp_path))
+                await self._migrate(mode, src_qmp, dst_qmp, relays, result)
+        except Exception as exc:  # a failed run is a result, not the end of the bench
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            for relay in relays:
+                relay.stop()
+        return result
+
+    async def _migrate(
+        self,
+        mode: Mode,
+        src_qmp: QMP,
+        dst_qmp: QMP,
+        relays: list[_Process],
+        result: RunResult,
+    ) -> None:
+        """Plumb, migrate, and time until the destination says completed."""
+        options = MigrationOptions(multifd_channels=mode.multifd)
+        out_uri = await self._plumb(mode, dst_qmp, options, relays)
+        # Start-up CPU (the interpreter, imports) is not the migration's.
+        idle_cpu = {relay.name: relay.cpu_seconds() for relay in relays}
+        started = time.monotonic()
+        await start_migration(src_qmp, out_uri, options)
+        await wait_destination_completed(dst_qmp, RUN_TIMEOUT_S)
+        result.seconds = time.monotonic() - started
+        info = await src_qmp.query_migrate()
+        result.source_total_time_ms = info.total_time_ms
+        result.downtime_ms = info.downtime_ms
+        result.throughput_bytes_per_s = (info.total or self.ram_size) / result.seconds
+        for relay in relays:
+            used = relay.cpu_seconds() - idle_cpu[relay.name]
+            result.relay_cpu_seconds[relay.name] = used
+            result.relay_peak_rss_bytes[relay.name] = relay.peak_rss()
+
     async def _plumb(
         self, mode: Mode, dst_qmp: QMP, options: MigrationOptions, relays: list[_Process]
-    ) -> tuple[str, str]:
-        """Start the destination listening (and the relays); return (in_uri, out_uri)."""
+    ) -> str:
+        """Start the destination listening (and the relays); return the source's URI."""
         work = self.workdir
         if mode.transport == "tcp":
             info = await prepare_incoming(dst_qmp, f"tcp:{self.dest_host}:0", options)
-            return info.socket_addresses[0], info.socket_addresses[0]
+            return info.socket_addresses[0]
         dest_sock, source_sock = work / "dest.sock", work / "source.sock"
         for path in (dest_sock, source_sock):
             with contextlib.suppress(FileNotFoundError):
@@ -288,7 +320,7 @@ class Bench:
         if mode.transport == "unix":
             if self.link is not None:
                 raise RelayError("mode unix needs both QEMUs on one host; drop it with --link")
-            return f"unix:{dest_sock}", f"unix:{dest_sock}"
+            return f"unix:{dest_sock}"
         port = _free_port()
         if mode.transport == "socat":
             # The WebSocket-free reference: two plain copying relays.
@@ -311,7 +343,7 @@ class Bench:
                               work / "socat-client.log")  # fmt: skip
             relays.append(client)
             await _wait_listening(source_sock.exists, client)
-            return f"unix:{dest_sock}", f"unix:{source_sock}"
+            return f"unix:{source_sock}"
         serve_tls: list[str] = []
         connect_tls: list[str] = []
         scheme = "ws"
@@ -337,7 +369,7 @@ class Bench:
                           *connect_tls], work / "connect.log")  # fmt: skip
         relays.append(client)
         await _wait_listening(source_sock.exists, client)
-        return f"unix:{dest_sock}", f"unix:{source_sock}"
+        return f"unix:{source_sock}"
 
 
 def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
@@ -381,7 +413,7 @@ def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
                 ratio_to_tcp=median / tcp_median if median and tcp_median else None,
                 relay_cpu_seconds_per_gib=cpu,
                 relay_peak_rss_bytes=rss,
-                all_ram_matched=all(r.ram_matched for r in runs),
+                all_ram_matched=all(r.ram_matched is not False for r in runs),
             )
         )
     return summaries
@@ -417,12 +449,21 @@ async def run_bench(
     on_result: Callable[[RunResult], None] | None = None,
     link_rate: str | None = None,
     on_start: Callable[[Mode, int], None] | None = None,
+    given_qmp: tuple[Path, Path] | None = None,
 ) -> dict[str, object]:
     """Run ``runs`` interleaved rounds of every mode; return the JSON-ready report.
 
     With ``link_rate`` the two sides run in network namespaces joined by a veth pair
-    shaped to that rate (``"none"``: unshaped).
+    shaped to that rate (``"none"``: unshaped). With ``given_qmp`` (source, destination
+    QMP sockets) the user's own VMs are migrated once, in the one mode given.
+
+    Raises:
+        ValueError: ``given_qmp`` with more than one mode or run, or with ``link_rate``.
     """
+    if given_qmp is not None and (len(modes) != 1 or runs != 1 or link_rate is not None):
+        raise ValueError(
+            "given QMP sockets allow exactly one migration: one mode, --runs 1, no --link"
+        )
     own_dir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="migrelay-bench-", dir="/tmp")) if own_dir else workdir
     assert work is not None
@@ -437,7 +478,10 @@ async def run_bench(
             for mode in modes:
                 if on_start is not None:
                     on_start(mode, run)
-                result = await bench.run(mode, run)
+                if given_qmp is not None:
+                    result = await bench.run_given(mode, *given_qmp)
+                else:
+                    result = await bench.run(mode, run)
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
