@@ -121,6 +121,42 @@ LogFormatOpt = Annotated[
     str, typer.Option("--log-format", help="text or json", envvar="MIGRELAY_LOG_FORMAT")
 ]
 
+# Options the source side shares (connect, and migrate --to, which runs the same relay).
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="File whose first token is sent as a bearer token.", envvar="MIGRELAY_TOKEN_FILE"
+    ),
+]
+HeaderOpt = Annotated[
+    list[str] | None, typer.Option(help="Extra handshake header 'Name: value' (repeatable).")
+]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="CA file to verify the server's certificate (default: system trust).",
+        envvar="MIGRELAY_CA",
+    ),
+]
+FingerprintOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Accept only the server certificate with this SHA-256 fingerprint.",
+        envvar="MIGRELAY_FINGERPRINT",
+    ),
+]
+ClientCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Client certificate (PEM) for servers that require one.",
+        envvar="MIGRELAY_TLS_CERT",
+    ),
+]
+ClientKeyOpt = Annotated[
+    Path | None,
+    typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
+]
+
 
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -488,40 +524,12 @@ def connect(
             help="Unix socket that source QEMU migrates to.", envvar="MIGRELAY_LISTEN_UNIX"
         ),
     ] = DEFAULT_SOURCE_SOCKET,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(
-            help="File whose first token is sent as a bearer token.", envvar="MIGRELAY_TOKEN_FILE"
-        ),
-    ] = None,
-    header: Annotated[
-        list[str] | None, typer.Option(help="Extra handshake header 'Name: value' (repeatable).")
-    ] = None,
-    ca: Annotated[
-        Path | None,
-        typer.Option(
-            help="CA file to verify the server's certificate (default: system trust).",
-            envvar="MIGRELAY_CA",
-        ),
-    ] = None,
-    fingerprint: Annotated[
-        str | None,
-        typer.Option(
-            help="Accept only the server certificate with this SHA-256 fingerprint.",
-            envvar="MIGRELAY_FINGERPRINT",
-        ),
-    ] = None,
-    tls_cert: Annotated[
-        Path | None,
-        typer.Option(
-            help="Client certificate (PEM) for servers that require one.",
-            envvar="MIGRELAY_TLS_CERT",
-        ),
-    ] = None,
-    tls_key: Annotated[
-        Path | None,
-        typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
-    ] = None,
+    token_file: TokenFileOpt = None,
+    header: HeaderOpt = None,
+    ca: CaOpt = None,
+    fingerprint: FingerprintOpt = None,
+    tls_cert: ClientCertOpt = None,
+    tls_key: ClientKeyOpt = None,
     once: Annotated[
         bool, typer.Option(help="Exit after the first migration ends.", envvar="MIGRELAY_ONCE")
     ] = False,
@@ -744,36 +752,12 @@ def migrate(
         bool, typer.Option("--no-wait", help="Return once the migration has started.")
     ] = False,
     json_output: JsonOpt = False,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(
-            help="With --to: file whose first token is sent as a bearer token.",
-            envvar="MIGRELAY_TOKEN_FILE",
-        ),
-    ] = None,
-    header: Annotated[
-        list[str] | None,
-        typer.Option(help="With --to: extra handshake header 'Name: value' (repeatable)."),
-    ] = None,
-    ca: Annotated[
-        Path | None,
-        typer.Option(help="With --to: CA file to verify the server.", envvar="MIGRELAY_CA"),
-    ] = None,
-    fingerprint: Annotated[
-        str | None,
-        typer.Option(
-            help="With --to: accept only this SHA-256 server certificate fingerprint.",
-            envvar="MIGRELAY_FINGERPRINT",
-        ),
-    ] = None,
-    tls_cert: Annotated[
-        Path | None,
-        typer.Option(help="With --to: client certificate (PEM).", envvar="MIGRELAY_TLS_CERT"),
-    ] = None,
-    tls_key: Annotated[
-        Path | None,
-        typer.Option(help="With --to: private key of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
-    ] = None,
+    token_file: TokenFileOpt = None,
+    header: HeaderOpt = None,
+    ca: CaOpt = None,
+    fingerprint: FingerprintOpt = None,
+    tls_cert: ClientCertOpt = None,
+    tls_key: ClientKeyOpt = None,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
