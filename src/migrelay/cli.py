@@ -29,7 +29,7 @@ from .aio.client import ClientConfig, SourceRelay
 from .aio.server import PrepareTarget, Refusal, ServerConfig, load_tokens
 from .config import Limits
 from .control import operations
-from .control.migrate import MigrationOptions
+from .control.migrate import DEFAULT_RECOVER_TIMEOUT_S, MigrationOptions, PostcopyPausedError
 from .control.progress import (
     ProgressRenderer,
     TerminalProgress,
@@ -268,7 +268,7 @@ def serve(
         Path | None,
         typer.Option(
             help="QMP socket of destination QEMU for the path /: issue migrate-incoming"
-            " there when a migration arrives.",
+            " there when a migration arrives (migrate-recover if its postcopy is paused).",
             envvar="MIGRELAY_QMP",
         ),
     ] = None,
@@ -276,7 +276,7 @@ def serve(
         Path | None,
         typer.Option(
             help="Directory of NAME.qmp sockets: issue migrate-incoming on NAME.qmp when a"
-            " migration arrives for /NAME.",
+            " migration arrives for /NAME (migrate-recover if its postcopy is paused).",
             envvar="MIGRELAY_QMP_DIR",
         ),
     ] = None,
@@ -540,6 +540,16 @@ def connect(
     ping_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the pong.", envvar="MIGRELAY_PING_TIMEOUT")
     ] = 15.0,
+    retry_open: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to hold QEMU's connection and retry when the server cannot be"
+            " reached, instead of failing it; lets migrate --postcopy resume after a"
+            " failed link [default: 0, fail at once].",
+            envvar="MIGRELAY_RETRY_OPEN",
+        ),
+    ] = 0.0,
     config_file: ConfigOpt = None,
     proxy: Annotated[
         str | None,
@@ -566,6 +576,7 @@ def connect(
         headers=_parse_headers(header or []),
         limits=limits,
         proxy=proxy_url,
+        open_retry=retry_open,
         **_client_tls(ca, fingerprint, tls_cert, tls_key),
     )
     relay = SourceRelay(config, listen_unix, once=once)
@@ -669,6 +680,14 @@ def incoming(
     ] = DEFAULT_DEST_SOCKET,
     multifd: MultifdOpt = None,
     postcopy: PostcopyOpt = False,
+    recover: Annotated[
+        bool,
+        typer.Option(
+            "--recover",
+            help="The link failed during postcopy: listen again (migrate-recover) so that"
+            " migrate --postcopy can resume.",
+        ),
+    ] = False,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -677,9 +696,10 @@ def incoming(
     options = _options(multifd, postcopy)
 
     async def main() -> int:
-        info = await operations.incoming(str(qmp), f"unix:{socket}", options)
+        info = await operations.incoming(str(qmp), f"unix:{socket}", options, recover=recover)
         where = ", ".join(info.socket_addresses) or f"unix:{socket}"
-        typer.echo(f"{qmp.stem}: listening for an incoming migration on {where}")
+        what = "the paused postcopy migration to resume" if recover else "an incoming migration"
+        typer.echo(f"{qmp.stem}: listening for {what} on {where}")
         return 0
 
     raise typer.Exit(_run_control(main()))
@@ -695,6 +715,7 @@ async def _in_process_relay(
     fingerprint: str | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    open_retry: float = 0.0,
 ) -> AsyncIterator[SourceRelay]:
     """``migrate --to``: the source relay on a private socket, for one migration."""
     config = ClientConfig(
@@ -705,6 +726,7 @@ async def _in_process_relay(
             (operations.MIGRATION_HEADER, operations.announcement(options)),
         ],
         proxy=hosting.choose_proxy(url, None),  # https_proxy/http_proxy/no_proxy
+        open_retry=open_retry,
         **_client_tls(ca, fingerprint, tls_cert, tls_key),
     )
     # mkdtemp makes the directory 0700: no other user can reach the socket inside.
@@ -748,6 +770,23 @@ def migrate(
         int | None,
         typer.Option("--downtime-limit", min=0, help="Longest pause in ms [QEMU: 300]."),
     ] = None,
+    postcopy_after: Annotated[
+        int,
+        typer.Option(
+            "--postcopy-after",
+            min=1,
+            help="With --postcopy: switch to postcopy in this pass over RAM (1: at once).",
+        ),
+    ] = operations.POSTCOPY_AFTER_PASSES,
+    recover_timeout: Annotated[
+        float,
+        typer.Option(
+            "--recover-timeout",
+            min=0,
+            help="With --postcopy: seconds to wait for a link that failed during postcopy"
+            " to return, then resume.",
+        ),
+    ] = DEFAULT_RECOVER_TIMEOUT_S,
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Return once the migration has started.")
     ] = False,
@@ -784,7 +823,16 @@ def migrate(
         if to is None:
             return await _migrate_and_report(uri, None, stop)
         async with _in_process_relay(
-            to, options, token_file, header or [], ca, fingerprint, tls_cert, tls_key
+            to,
+            options,
+            token_file,
+            header or [],
+            ca,
+            fingerprint,
+            tls_cert,
+            tls_key,
+            # A postcopy resume must not be dropped once QEMU connected (ClientConfig).
+            open_retry=recover_timeout if postcopy else 0.0,
         ) as relay:
             return await _migrate_and_report(f"unix:{relay.listen_path}", relay, stop)
 
@@ -800,6 +848,8 @@ def migrate(
                 interval=_poll_interval(renderer),
                 stop=stop,
                 wait=not no_wait,
+                recover_timeout=recover_timeout,
+                postcopy_after_passes=postcopy_after,
             )
         except MigrationError as exc:
             # The document keeps QEMU's text whole; stderr says what failed, too.
@@ -810,7 +860,9 @@ def migrate(
                 )
             elif not stop.is_set():
                 message = f"migration failed: {error}"
-            return _report_failure(renderer, error, message, interrupted=stop.is_set())
+            # A paused postcopy migration was not cancelled: its own text says so.
+            interrupted = stop.is_set() and not isinstance(exc, PostcopyPausedError)
+            return _report_failure(renderer, error, message, interrupted=interrupted)
         except (RelayError, TimeoutError) as exc:
             if json_output:
                 renderer.finish(str(exc))

@@ -16,6 +16,7 @@ import secrets
 import socket
 import ssl
 import stat
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,23 @@ class ClientConfig:
     limits: Limits = field(default_factory=Limits)
     #: HTTP CONNECT proxy to reach the server through (:mod:`migrelay.aio.proxy`).
     proxy: ProxyURL | None = None
+    #: Seconds a channel keeps QEMU's connection and retries opening its WebSocket
+    #: after a transient failure (unreachable, timed out, 502/503/504) before giving up;
+    #: 0 gives up at once. Resuming a paused postcopy migration needs it: QEMU 7.2's
+    #: source hangs in postcopy-recover for good if a resume connection it made is
+    #: dropped, so the relay must wait for the link rather than fail the connection.
+    open_retry: float = 0.0
+
+
+#: Seconds between two attempts to open a channel's WebSocket (`ClientConfig.open_retry`).
+OPEN_RETRY_INTERVAL_S = 1.0
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether opening a WebSocket may succeed later (the link or the server is down)."""
+    if isinstance(exc, HandshakeRefused):
+        return exc.status in (502, 503, 504)
+    return isinstance(exc, ConnectError | OSError)
 
 
 class _ClientHandshakeProtocol(asyncio.Protocol):
@@ -313,7 +331,8 @@ class SourceRelay:
         self.once = once
         self.mode = mode
         self.sessions_done = 0
-        #: Set when ``once`` and the first session ended.
+        #: Set when ``once`` and the latest session ended; cleared when another begins
+        #: (a postcopy migration resumed after a failed link opens a new session).
         self.finished = asyncio.Event()
         #: Whether every channel of every finished session ended cleanly.
         self.all_clean = True
@@ -358,6 +377,8 @@ class SourceRelay:
             # A new migration: earlier channels of the last one have all ended.
             session = self._session = _SourceSession(secrets.token_hex(8))
             logger.debug("= new session %s", session.id)
+            # Waiting on `finished` means waiting for this session now, not a failed one.
+            self.finished.clear()
         number = session.next_channel
         session.next_channel += 1
         session.open_channels += 1
@@ -370,8 +391,29 @@ class SourceRelay:
     ) -> None:
         name = f"{session.id}/{number}"
         headers = [("Migrelay-Session", session.id), ("Migrelay-Channel", str(number))]
+        deadline = time.monotonic() + self.config.open_retry
+        retrying = False
         try:
-            transport, trailing = await open_websocket(self.config, headers)
+            while True:
+                try:
+                    transport, trailing = await open_websocket(self.config, headers)
+                    break
+                except (RelayError, OSError) as exc:
+                    # QEMU's bytes wait in the kernel meanwhile (reading is paused).
+                    if not _transient(exc) or leg.early_lost is not None:
+                        raise
+                    if time.monotonic() + OPEN_RETRY_INTERVAL_S > deadline:
+                        raise
+                    if not retrying:
+                        retrying = True
+                        logger.warning(
+                            "channel %s: cannot open websocket to %s: %s; retrying for up to %g s",
+                            name,
+                            self.config.url,
+                            exc,
+                            self.config.open_retry,
+                        )
+                    await asyncio.sleep(OPEN_RETRY_INTERVAL_S)
         except asyncio.CancelledError:
             # The relay is closing: QEMU's connection must not outlive it.
             if leg.transport is not None:

@@ -30,8 +30,11 @@ from migrelay.errors import MigrationError, StateError
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
+    "DEFAULT_RECOVER_TIMEOUT_S",
+    "RESUME_RETRY_S",
     "MigrationOptions",
     "MigrationResult",
+    "PostcopyPausedError",
     "Progress",
     "RunState",
     "cancel",
@@ -48,10 +51,30 @@ logger = logging.getLogger(__name__)
 #: reads, and a status change wakes the loop early through the ``MIGRATION`` event.
 DEFAULT_POLL_INTERVAL_S = 1.0
 
+#: How long `follow_migration` waits, by default, for the link of a ``postcopy-paused``
+#: migration to return. In postcopy the VM's state is split between the hosts and cannot
+#: go back to the source, so waiting is the only way out; 5 min covers a relay restart or
+#: a short network outage without holding an operator's terminal for long.
+DEFAULT_RECOVER_TIMEOUT_S = 300.0
+
+#: Seconds between two ``migrate resume`` attempts while the link is down. Each attempt
+#: makes the relay open a WebSocket, which fails fast while the link is down and logs a
+#: line: 3 s resumes soon after the link returns without flooding the relays' logs.
+RESUME_RETRY_S = 3.0
+
 #: How long `follow_migration` waits for QEMU to fill in a completed migration's
 #: totals, and how often it looks (see `_settled`).
 _SETTLE_TIMEOUT_S = 1.0
 _SETTLE_POLL_S = 0.01
+
+
+class PostcopyPausedError(MigrationError):
+    """A postcopy migration stayed ``postcopy-paused``: not failed, and not cancellable.
+
+    The VM's state is split between both hosts; resuming (``migrate --postcopy`` again)
+    is the way out, so callers must not report it as a cancelled or failed migration.
+    """
+
 
 #: A typed ``query-migrate`` snapshot, as handed to ``on_progress``.
 Progress = MigrationInfo
@@ -266,6 +289,8 @@ async def follow_migration(
     *,
     postcopy_after_passes: int | None = None,
     stop: asyncio.Event | None = None,
+    resume_uri: str | None = None,
+    recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
 ) -> MigrationResult:
     """Poll the source's ``query-migrate`` until the migration ends.
 
@@ -284,13 +309,22 @@ async def follow_migration(
             many dirty-sync passes have run; needs ``postcopy`` in the options.
         stop: when set, cancel the migration (``migrate_cancel``) and report how it
             ended; a migration that completed before the cancel arrived still returns.
+            While ``postcopy-paused`` it ends the wait without cancelling (see below).
+        resume_uri: where to resume a ``postcopy-paused`` migration (the link failed
+            during postcopy): ``migrate`` with ``resume`` to this URI every
+            `RESUME_RETRY_S` until it is ``postcopy-active`` again. The destination must
+            be told ``migrate-recover`` by its side (``serve --qmp``, ``incoming
+            --recover``). ``None``: a paused migration raises at once.
+        recover_timeout: seconds a paused migration may stay paused.
 
     Returns:
         The result of a ``completed`` migration.
 
     Raises:
         MigrationError: the migration ``failed`` (``str()`` is QEMU's ``error-desc``) or was
-            ``cancelled``; the source VM keeps its state and stays where it was.
+            ``cancelled``; the source VM keeps its state and stays where it was. Or it
+            is ``postcopy-paused`` and was not resumed (no ``resume_uri``, timeout,
+            ``stop``): it stays paused and may still be resumed later.
         ConnectError: the connection is gone (the source QEMU died).
         TimeoutError: ``stop`` was set and QEMU was still cancelling 10 s later.
     """
@@ -322,6 +356,11 @@ async def follow_migration(
         _raise_if_ended(info)
         if info.status is MigrationStatus.NONE:
             raise StateError("no migration", "a started migration", "call start_migration first")
+        if info.status is MigrationStatus.POSTCOPY_PAUSED:
+            # Without this the loop would poll a paused migration forever: QEMU waits
+            # for a command, not for the link.
+            await _resume_postcopy(qmp, resume_uri, recover_timeout, on_progress, interval, stop)
+            continue
         if (
             postcopy_after_passes is not None
             and not postcopy_requested
@@ -331,6 +370,71 @@ async def follow_migration(
             await qmp.migrate_start_postcopy()
             postcopy_requested = True
         await _next_event_or_stop(qmp, interval, stop)
+
+
+async def _resume_postcopy(
+    qmp: QMP,
+    uri: str | None,
+    timeout_s: float,
+    on_progress: Callable[[Progress], object] | None,
+    interval: float,
+    stop: asyncio.Event | None,
+) -> None:
+    """Resume a ``postcopy-paused`` migration once the link is back; see `follow_migration`.
+
+    Returns once the source is ``postcopy-active`` (or beyond) again.
+
+    QEMU 7.2 (seen here): the source goes ``postcopy-paused`` when its stream fails and
+    stays there, with no ``error-desc``. ``migrate`` with ``resume`` makes it
+    ``postcopy-recover`` and connect; a connection that fails (link still down, relay
+    refused) brings it back to ``postcopy-paused``, so retrying is safe. Unlike precopy,
+    the migration cannot be cancelled back to the source: the destination already runs
+    on pages the source no longer has.
+    """
+    paused_at = time.monotonic()
+    deadline = paused_at + timeout_s
+    hint = "the vm's state is split between both hosts; resume with migrate --postcopy"
+    if uri is None:
+        raise PostcopyPausedError(f"postcopy paused: the link to the destination failed; {hint}")
+    # The one line the operator sees (besides the progress) until it resumes or gives up.
+    logger.warning(
+        "%s: postcopy paused: the link to the destination failed;"
+        " waiting up to %g s for it to return, then resuming",
+        qmp.name,
+        timeout_s,
+    )
+    last_attempt: float | None = None
+    while True:
+        info = await qmp.query_migrate()
+        if on_progress is not None:
+            on_progress(info)
+        _raise_if_ended(info)
+        now = time.monotonic()
+        if info.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED):
+            logger.info("%s: postcopy resumed after %.1f s", qmp.name, now - paused_at)
+            return
+        if stop is not None and stop.is_set():
+            # Not migrate_cancel: it would lose the pages only the destination has.
+            raise PostcopyPausedError(f"interrupted while postcopy was paused; {hint}")
+        if now >= deadline:
+            # Also in postcopy-recover: an attempt that never completes must not hang us.
+            raise PostcopyPausedError(
+                f"postcopy {info.status}: the link to the destination did not return"
+                f" within {timeout_s:g} s; {hint}"
+            )
+        # postcopy-recover: an attempt is connecting; its outcome arrives as an event.
+        due = last_attempt is None or now - last_attempt >= RESUME_RETRY_S
+        if info.status is MigrationStatus.POSTCOPY_PAUSED and due:
+            last_attempt = now
+            try:
+                await qmp.migrate(uri, resume=True)
+            except MigrationError as exc:
+                # QEMU still tearing down the last attempt; the next one will do.
+                logger.debug("%s: resume not accepted yet: %s", qmp.name, exc)
+        wait = interval
+        if last_attempt is not None:
+            wait = min(wait, max(last_attempt + RESUME_RETRY_S - now, 0.05))
+        await _next_event_or_stop(qmp, wait, stop)
 
 
 async def wait_destination_completed(qmp: QMP, timeout_s: float) -> MigrationInfo:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from migrelay.control.migrate import (
     DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_RECOVER_TIMEOUT_S,
     MigrationOptions,
     MigrationResult,
     cancel,
@@ -33,7 +34,7 @@ from migrelay.control.migrate import (
     start_migration,
 )
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
-from migrelay.errors import StateError
+from migrelay.errors import MigrationError, StateError
 
 __all__ = [
     "MIGRATION_HEADER",
@@ -96,32 +97,55 @@ def parse_announcement(value: str | None) -> MigrationOptions:
     return MigrationOptions(multifd_channels=multifd, postcopy=postcopy)
 
 
-async def incoming(qmp_path: str, uri: str, options: MigrationOptions) -> MigrationInfo:
+async def incoming(
+    qmp_path: str, uri: str, options: MigrationOptions, *, recover: bool = False
+) -> MigrationInfo:
     """Prepare a destination QEMU (``-incoming defer``) to receive on ``uri``.
 
     Args:
         qmp_path: the destination's QMP socket.
         uri: where QEMU should listen (``unix:PATH``).
         options: the capabilities the source will use.
+        recover: instead, let a ``postcopy-paused`` incoming migration listen again on
+            ``uri`` (``migrate-recover``), for the source to resume.
 
     Returns:
         The destination's ``query-migrate`` once it listens.
 
     Raises:
         ConnectError: the QMP socket cannot be reached.
-        StateError: the VM is not waiting for an incoming migration, or already listens.
+        StateError: the VM is not waiting for an incoming migration, or already listens;
+            with ``recover``: its migration is not ``postcopy-paused``.
         MigrationError: QEMU refused a capability, a parameter or the URI.
     """
     async with QMP(_vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
+        if recover:
+            return await _recover(qmp, uri)
         return await prepare_incoming(qmp, uri, options)
+
+
+async def _recover(qmp: QMP, uri: str) -> MigrationInfo:
+    """``migrate-recover`` on a destination whose postcopy migration is paused."""
+    current = await qmp.query_migrate()
+    if current.status is not MigrationStatus.POSTCOPY_PAUSED:
+        raise StateError(
+            f"migration {current.status}",
+            f"migration {MigrationStatus.POSTCOPY_PAUSED}",
+            "only a postcopy migration whose link failed can be recovered",
+        )
+    await qmp.migrate_recover(uri)
+    logger.info("%s: postcopy paused; listening again on %s to resume", qmp.name, uri)
+    return await qmp.query_migrate()
 
 
 async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]) -> MigrationInfo:
     """``serve --qmp``: make the destination listen on ``target`` as the source announced.
 
     A destination already listening on exactly ``unix:TARGET`` is left as it is (an
-    operator who also ran ``incoming``); anything else already set up is an error.
+    operator who also ran ``incoming``); one whose postcopy migration is paused (the
+    link failed) gets ``migrate-recover`` instead, since this session is the source
+    resuming; anything else already set up is an error.
 
     Args:
         qmp_path: the destination's QMP socket.
@@ -140,6 +164,14 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
         if uri in current.socket_addresses and current.status is MigrationStatus.NONE:
             logger.info("%s: already listening on %s", qmp.name, uri)
             return current
+        if current.status is MigrationStatus.POSTCOPY_PAUSED:
+            return await _recover(qmp, uri)
+        if current.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+            # The source resumes before this side noticed the old link die (its own
+            # liveness timeout): refuse now, the source retries (RESUME_RETRY_S).
+            raise MigrationError(
+                f"incoming migration still {current.status}; not yet paused to recover"
+            )
         return await prepare_incoming(qmp, uri, options)
 
 
@@ -152,11 +184,16 @@ async def migrate(
     interval: float = DEFAULT_POLL_INTERVAL_S,
     stop: asyncio.Event | None = None,
     wait: bool = True,
+    recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
+    postcopy_after_passes: int = POSTCOPY_AFTER_PASSES,
 ) -> MigrationResult | None:
     """Start migrating the VM behind ``qmp_path`` to ``uri`` and follow it to the end.
 
     With ``options.postcopy``, the migration switches to postcopy after
-    `POSTCOPY_AFTER_PASSES` passes that did not converge.
+    ``postcopy_after_passes`` passes that did not converge; if the link then fails
+    (``postcopy-paused``), it is resumed to ``uri`` once the link is back, waiting up to
+    ``recover_timeout`` seconds. A source found ``postcopy-paused`` (an earlier run gave
+    up waiting) is resumed rather than started.
 
     Args:
         qmp_path: the source's QMP socket.
@@ -167,6 +204,8 @@ async def migrate(
         stop: set it (on Ctrl-C) to cancel the migration; the source keeps running in
             the state it had.
         wait: ``False`` returns ``None`` as soon as QEMU has accepted ``migrate``.
+        recover_timeout: seconds to wait for a failed link during postcopy.
+        postcopy_after_passes: with ``options.postcopy``, switch in this pass (1: at once).
 
     Returns:
         The result of the completed migration, or ``None`` when not waiting.
@@ -176,19 +215,31 @@ async def migrate(
         StateError: the VM cannot be a source, or a migration already runs; nothing
             was changed.
         MigrationError: QEMU refused to start, or the migration failed (QEMU's own
-            text) or was cancelled.
+            text) or was cancelled, or stayed postcopy-paused.
     """
     async with QMP(_vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
-        await start_migration(qmp, uri, options)
+        paused = options.postcopy and (
+            (await qmp.query_migrate()).status is MigrationStatus.POSTCOPY_PAUSED
+        )
+        if paused:
+            # follow_migration resumes it: the same path as a link that fails now.
+            logger.info("%s: postcopy migration is paused; resuming it to %s", qmp.name, uri)
+            if not wait:
+                await qmp.migrate(uri, resume=True)  # one attempt; `status` tells the rest
+                return None
+        else:
+            await start_migration(qmp, uri, options)
         if not wait:
             return None
         return await follow_migration(
             qmp,
             on_progress,
             interval,
-            postcopy_after_passes=POSTCOPY_AFTER_PASSES if options.postcopy else None,
+            postcopy_after_passes=postcopy_after_passes if options.postcopy else None,
             stop=stop,
+            resume_uri=uri if options.postcopy else None,
+            recover_timeout=recover_timeout,
         )
 
 
