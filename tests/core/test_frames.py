@@ -855,3 +855,31 @@ def test_receive_never_raises_and_reports_at_most_one_violation_last(
             assert events[-1] is violations[0]
             seen_violation = True
     assert parser.failed == seen_violation
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x82\x7e\x00\x05",  # 5 bytes in the 16-bit form
+        b"\x82\x7f\x00\x00\x00\x00\x00\x00\x00\x05",  # 5 bytes in the 64-bit form
+        b"\x82\x7f\x00\x00\x00\x00\x00\x00\xff\xff",  # 65535 bytes in the 64-bit form
+    ],
+)
+def test_length_not_in_its_shortest_form_is_a_protocol_error(header: bytes) -> None:
+    parser = FrameParser(expect_masked=False)
+    events = parser.receive(memoryview(bytearray(header + b"hello")))
+    assert events == [
+        ProtocolViolation(CloseCode.PROTOCOL_ERROR, "length not in its shortest form")
+    ]
+    # The same frame fed one byte at a time fails the same way.
+    bytewise = FrameParser(expect_masked=False)
+    found = [e for b in header for e in bytewise.receive(memoryview(bytearray([b])))]
+    assert found == events
+
+
+def test_shortest_form_boundaries_are_accepted() -> None:
+    parser = FrameParser(expect_masked=False, max_message_bytes=1 << 17)
+    for size in (125, 126, 65535, 65536):
+        frame = encode_frame(Opcode.BINARY, bytes(size), None)
+        events = parser.receive(memoryview(frame))
+        assert sum(len(e.data) for e in events if isinstance(e, Payload)) == size

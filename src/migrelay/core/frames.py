@@ -325,6 +325,10 @@ class FrameParser:
             offset += 4
         else:
             mask_key = None
+        if offset - base != header_size(payload_bytes, masked):
+            # RFC 6455 §5.2: "the minimal number of bytes MUST be used to encode the
+            # length" (wsproto fails such frames too).
+            return self._fail(events, CloseCode.PROTOCOL_ERROR, "length not in its shortest form")
         if source is data:
             position = offset
         else:
