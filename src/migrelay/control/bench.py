@@ -505,7 +505,7 @@ def format_table(report: dict[str, object]) -> str:
     """The summary as a plain-text table."""
     lines = [
         f"{'mode':<14}{'median s':>10}{'MiB/s':>9}{'x tcp':>8}{'downtime':>10}"
-        f"  {'relay CPU s/GiB':<28}{'peak RSS MiB':<14}ram",
+        f"  {'relay CPU s/GiB':<38}{'peak RSS MiB':<14}ram",
     ]
     summary = report["summary"]
     assert isinstance(summary, list)
@@ -522,7 +522,7 @@ def format_table(report: dict[str, object]) -> str:
             f"{f'{rate / MIB:.0f}' if rate else '-':>9}"
             f"{f'{ratio:.2f}' if ratio else '-':>8}"
             f"{f'{down:.0f} ms' if down is not None else '-':>10}"
-            f"  {cpu or '-':<28}{rss or '-':<14}"
+            f"  {cpu or '-':<38}{rss or '-':<14}"
             f"{'ok' if row['all_ram_matched'] else 'MISMATCH'}"
             + (f" ({row['failures']} failed)" if row["failures"] else "")
         )
