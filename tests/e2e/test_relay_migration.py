@@ -142,6 +142,8 @@ def test_second_migration_through_the_same_relays_completes(
 
     asyncio.run(one("first"))
     asyncio.run(one("second"))
+    # The relay logs a session's end once its channels closed, a moment after QEMU quit.
+    client.wait_for_log(r"(?s)(session \S+ ended.*){2}")
     sessions = [
         line for line in client.log().splitlines() if "session " in line and "ended" in line
     ]
