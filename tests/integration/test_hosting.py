@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,6 +19,7 @@ from typing import Annotated, Any, cast
 
 import pytest
 import typer
+from tests import helpers
 from typer.testing import CliRunner
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
@@ -35,7 +35,7 @@ from migrelay.settings import ConfigError, load_section
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+FACTOR = helpers.FACTOR
 PROMPT_S = 3.0 * FACTOR
 TOKEN = "all-targets-token"
 TO_VM2 = 'migrelay_bytes_total{direction="to_destination",target="vm2"}'
@@ -80,11 +80,7 @@ class Served:
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + PROMPT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    await helpers.wait_until(predicate, PROMPT_S, what)
 
 
 @contextlib.asynccontextmanager

@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import helpers
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -31,7 +30,7 @@ from migrelay.aio.server import RelayServer, ServerConfig
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+FACTOR = helpers.FACTOR
 PROMPT_SECONDS = 2.0 * FACTOR
 TRANSFER_SECONDS = 30.0 * FACTOR
 MESSAGE_LIMIT = 1 << 20  # DESIGN.md §3: the default largest message
@@ -52,11 +51,7 @@ def digest_of(seed: int, total: int) -> bytes:
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + PROMPT_SECONDS
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    await helpers.wait_until(predicate, PROMPT_SECONDS, what)
 
 
 @dataclass

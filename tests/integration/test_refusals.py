@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import helpers
 
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.server import RelayServer, ServerConfig
@@ -27,7 +28,7 @@ from migrelay.core.frames import Opcode, encode_frame
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+FACTOR = helpers.FACTOR
 PROMPT_SECONDS = 2.0 * FACTOR
 TOKEN = "s3cret-token"
 HANDSHAKE_TIMEOUT = 0.3
@@ -144,11 +145,7 @@ class Served:
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + PROMPT_SECONDS
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    await helpers.wait_until(predicate, PROMPT_SECONDS, what)
 
 
 @contextlib.asynccontextmanager

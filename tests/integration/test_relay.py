@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests import helpers
+from tests.helpers import wait_until
 
 from migrelay.aio.client import ClientConfig, SourceRelay, open_websocket
 from migrelay.aio.server import RelayServer, ServerConfig
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+FACTOR = helpers.FACTOR
 #: How long a relay may take to pass on a close: "promptly", not a timer expiring.
 PROMPT_SECONDS = 2.0 * FACTOR
 #: Upper bound for a whole bulk transfer (64 MiB each way runs in ~1 s here).
@@ -81,15 +83,6 @@ async def receive_all(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         digest.update(chunk)
         count += len(chunk)
     return count, digest.digest()
-
-
-async def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    """Poll ``predicate`` every 5 ms; fail the test after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def read_until_closed(reader: asyncio.StreamReader) -> None:
