@@ -330,7 +330,6 @@ class SourceRelay:
         self.listen_path = listen_path
         self.once = once
         self.mode = mode
-        self.sessions_done = 0
         #: Set when ``once`` and the latest session ended; cleared when another begins
         #: (a postcopy migration resumed after a failed link opens a new session).
         self.finished = asyncio.Event()
@@ -451,7 +450,6 @@ class SourceRelay:
                 session.failed = True
         session.open_channels -= 1
         if session.open_channels == 0:
-            self.sessions_done += 1
             if session.failed:
                 self.all_clean = False
             logger.info(

@@ -20,7 +20,6 @@ Protocol violations never raise out of :meth:`FrameParser.receive`: they become 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from enum import IntEnum
 from typing import Final
 
@@ -109,8 +108,6 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
 _FIN: Final = 0x80
 _RSV_MASK: Final = 0x70
 _MASK_BIT: Final = 0x80
-
-MaskKeySource = Callable[[], bytes]
 
 
 def is_valid_close_code(code: int) -> bool:
