@@ -46,6 +46,31 @@ def test_connect_to_dead_socket_names_the_socket_and_the_cause(sockdir: Path) ->
     asyncio.run(main())
 
 
+def test_connect_retries_a_socket_bound_but_not_yet_listening(sockdir: Path) -> None:
+    # QEMU binds its QMP socket (the file appears) before it calls listen(): a client
+    # that connects in between is refused, which is no reason to give up.
+    path = sockdir / "starting.qmp"
+    fake = FakeQMP(replies={"query-status": {"status": "running", "running": True}})
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+
+    async def main() -> None:
+        async def listen_late() -> None:
+            await asyncio.sleep(0.3)
+            sock.listen()
+            server = await asyncio.start_unix_server(fake.handle, sock=sock)
+            async with server:
+                await asyncio.sleep(1)
+
+        listener = asyncio.create_task(listen_late())
+        async with QMP("src") as qmp:
+            await qmp.connect(str(path), timeout_s=5)
+            assert await qmp.query_status() is RunState.RUNNING
+        await listener
+
+    asyncio.run(main())
+
+
 def test_connect_waits_for_the_socket_to_appear(sockdir: Path) -> None:
     fake = FakeQMP(replies={"query-status": {"status": "running", "running": True}})
 

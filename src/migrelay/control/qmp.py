@@ -54,6 +54,13 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 #: Poll period while waiting for the QMP socket file to appear.
 _SOCKET_POLL_S = 0.02
 
+#: How long a socket file that exists but refuses connections is retried. QEMU binds
+#: the socket (the file appears) before it calls listen(); on a loaded host the gap
+#: between the two lasts long enough to be hit (CI saw it with 16 QEMUs starting at
+#: once). A socket that still refuses after this is stale: its QEMU is gone, and the
+#: operator should hear so at once rather than after the whole connect timeout.
+_REFUSED_GRACE_S = 2.0
+
 #: ``max-bandwidth`` that means "no limit". QEMU 7.2 checks only ``<= SIZE_MAX`` and its
 #: default is 128 MiB/s (``MAX_THROTTLE``); libvirt uses the same INT64_MAX ceiling for
 #: "unlimited". 0 is not used: its meaning has changed between QEMU versions.
@@ -350,20 +357,28 @@ class QMP:
         if not self._listening:
             self._client.register_listener(self._migration_events)
             self._listening = True
-        remaining = max(deadline - time.monotonic(), 0.1)
-        try:
-            async with asyncio.timeout(remaining):
-                await self._client.connect(path)
-        except QMPConnectError as exc:
-            raise ConnectError(
-                f"cannot connect to qmp socket {path} of {self.name}", exc.exc
-            ) from exc
-        except TimeoutError as exc:
-            # qemu.qmp rolled itself back to IDLE when the timeout cancelled it.
-            raise ConnectError(
-                f"no qmp greeting from {path} of {self.name} within {timeout_s:g} s"
-                " (is another client connected to this monitor?)"
-            ) from exc
+        refused_until = min(time.monotonic() + _REFUSED_GRACE_S, deadline)
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.1)
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._client.connect(path)
+                break
+            except QMPConnectError as exc:
+                # qemu.qmp is back to IDLE after a failed connect, so it can try again.
+                refused = isinstance(exc.exc, ConnectionRefusedError)
+                if refused and time.monotonic() < refused_until:
+                    await asyncio.sleep(_SOCKET_POLL_S)
+                    continue
+                raise ConnectError(
+                    f"cannot connect to qmp socket {path} of {self.name}", exc.exc
+                ) from exc
+            except TimeoutError as exc:
+                # qemu.qmp rolled itself back to IDLE when the timeout cancelled it.
+                raise ConnectError(
+                    f"no qmp greeting from {path} of {self.name} within {timeout_s:g} s"
+                    " (is another client connected to this monitor?)"
+                ) from exc
         logger.debug("= %s: qmp connected to %s", self.name, path)
 
     async def close(self) -> None:
