@@ -26,6 +26,7 @@ import typer
 from . import __version__, hosting
 from .aio import runner, tls
 from .aio.client import ClientConfig, SourceRelay
+from .aio.proxy import ProxyURL
 from .aio.server import PrepareTarget, Refusal, ServerConfig, load_tokens
 from .config import Limits
 from .control import operations
@@ -155,6 +156,14 @@ ClientCertOpt = Annotated[
 ClientKeyOpt = Annotated[
     Path | None,
     typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
+]
+ProxyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="HTTP CONNECT proxy http://[USER:PASS@]HOST:PORT ('direct': none)"
+        " [default: https_proxy/http_proxy unless no_proxy].",
+        envvar="MIGRELAY_PROXY",
+    ),
 ]
 
 
@@ -551,14 +560,7 @@ def connect(
         ),
     ] = 0.0,
     config_file: ConfigOpt = None,
-    proxy: Annotated[
-        str | None,
-        typer.Option(
-            help="HTTP CONNECT proxy http://[USER:PASS@]HOST:PORT ('direct': none)"
-            " [default: https_proxy/http_proxy unless no_proxy].",
-            envvar="MIGRELAY_PROXY",
-        ),
-    ] = None,
+    proxy: ProxyOpt = None,
     max_message: MaxMessageOpt = "1M",
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
@@ -715,6 +717,7 @@ async def _in_process_relay(
     fingerprint: str | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    proxy: ProxyURL | None,
     open_retry: float = 0.0,
 ) -> AsyncIterator[SourceRelay]:
     """``migrate --to``: the source relay on a private socket, for one migration."""
@@ -725,7 +728,7 @@ async def _in_process_relay(
             *_parse_headers(headers),
             (operations.MIGRATION_HEADER, operations.announcement(options)),
         ],
-        proxy=hosting.choose_proxy(url, None),  # https_proxy/http_proxy/no_proxy
+        proxy=proxy,
         open_retry=open_retry,
         **_client_tls(ca, fingerprint, tls_cert, tls_key),
     )
@@ -742,6 +745,7 @@ async def _in_process_relay(
 
 @app.command()
 def migrate(
+    ctx: typer.Context,
     qmp: QmpOpt,
     socket: Annotated[
         Path | None,
@@ -797,6 +801,7 @@ def migrate(
     fingerprint: FingerprintOpt = None,
     tls_cert: ClientCertOpt = None,
     tls_key: ClientKeyOpt = None,
+    proxy: ProxyOpt = None,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -809,7 +814,15 @@ def migrate(
         raise fail("--socket and --to exclude each other")
     if to is not None and no_wait:
         raise fail("--no-wait cannot be used with --to: the relay runs inside this command")
+    # MIGRELAY_PROXY may be set for `connect` on this host; only the flag is a mistake.
+    proxy_source = ctx.get_parameter_source("proxy")
+    if to is None and proxy_source is not None and proxy_source.name == "COMMANDLINE":
+        raise fail("--proxy needs --to: with --socket, migrelay connect reaches the server")
     options = _options(multifd, postcopy, max_bandwidth, downtime_limit)
+    try:
+        proxy_url = hosting.choose_proxy(to, proxy) if to is not None else None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     if to is None:
         uri = f"unix:{socket or DEFAULT_SOURCE_SOCKET}"
     elif verbose == 0:
@@ -831,6 +844,7 @@ def migrate(
             fingerprint,
             tls_cert,
             tls_key,
+            proxy_url,
             # A postcopy resume must not be dropped once QEMU connected (ClientConfig).
             open_retry=recover_timeout if postcopy else 0.0,
         ) as relay:

@@ -36,6 +36,7 @@ from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.control.vm import first_difference
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
+from .cli_helpers import Commands, check_migrated
 from .conftest import VMPairFactory
 
 pytestmark = pytest.mark.e2e
@@ -415,6 +416,41 @@ def test_connect_through_tinyproxy_carries_a_migration_intact(
     # The one channel went through the proxy: one CONNECT, to serve's port.
     assert proxy_log.count(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1") == 1, proxy_log
     assert "proxy-test-token" not in server.log() + client.log() + proxy_log
+
+
+def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    workdir: Path,
+    daemons: list[subprocess.Popen[bytes]],
+    pki: PKI,
+) -> None:
+    # The two-command form from behind a corporate proxy: serve prepares the destination
+    # itself (--qmp-dir), migrate --to runs the source relay in-process via --proxy.
+    server = migrelay_procs.serve(
+        *("--target-dir", str(workdir), "--qmp-dir", str(workdir)),
+        *("--tls-cert", str(pki.cert), "--tls-key", str(pki.key)),
+    )
+    assert server.port is not None
+    proxy_port = start_tinyproxy(workdir, daemons, server.port)
+
+    async def main() -> None:
+        async with vm_pair(RAM_BYTES) as (src, dst):
+            migrate = Commands(workdir).start(
+                *("migrate", "--qmp", str(src.qmp_path), "--json"),
+                *("--to", f"wss://localhost:{server.port}/{dst.name}", "--ca", str(pki.ca)),
+                *("--proxy", f"http://127.0.0.1:{proxy_port}"),
+            )
+            try:
+                assert await migrate.wait() == 0, migrate.describe()
+            finally:
+                migrate.stop()
+            assert '"status": "completed"' in migrate.stdout(), migrate.describe()
+            await check_migrated(src, dst)
+
+    asyncio.run(main())
+    proxy_log = (workdir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
+    assert proxy_log.count(f"CONNECT localhost:{server.port} HTTP/1.1") == 1, proxy_log
 
 
 # -- service operation -------------------------------------------------------------------
