@@ -376,6 +376,14 @@ def serve(
             envvar="MIGRELAY_SHUTDOWN_TIMEOUT",
         ),
     ] = 120.0,
+    metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Bearer tokens (one a line) that may read /metrics [default: /metrics is"
+            " open to whoever reaches the port].",
+            envvar="MIGRELAY_METRICS_TOKEN_FILE",
+        ),
+    ] = None,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -391,6 +399,10 @@ def serve(
     except (RelayError, ValueError) as exc:
         raise fail(str(exc)) from None
     tokens = access_fields["tokens"]
+    try:
+        metrics_tokens = hosting.load_tokens(metrics_token_file)
+    except RelayError as exc:
+        raise fail(str(exc)) from None
     if (tls_cert is None) != (tls_key is None):
         raise fail("--tls-cert and --tls-key go together")
     if client_ca is not None and tls_cert is None:
@@ -425,15 +437,18 @@ def serve(
         prepare_target=_prepare_target_hook(qmp, qmp_dir),
         max_channels=max_channels,
         idle_timeout=idle_timeout,
+        metrics_tokens=metrics_tokens,
         **access_fields,
     )
 
     def reload(config: ServerConfig) -> None:
-        if token_file:
-            hosting.load_token_entries(token_file)  # check before touching anything
+        # Read every file before touching anything: a reload is all or nothing.
+        hosting.load_token_entries(token_file)
+        new_metrics_tokens = hosting.load_tokens(metrics_token_file)
         if config.ssl_context is not None and tls_cert and tls_key:
             tls.reload_server_context(config.ssl_context, tls_cert, tls_key, client_ca)
         hosting.reload_tokens(config, token_file)
+        config.metrics_tokens = new_metrics_tokens
 
     try:
         raise typer.Exit(

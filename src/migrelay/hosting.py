@@ -85,6 +85,15 @@ def load_token_entries(token_file: Path | None) -> list[access.TokenEntry]:
     return entries
 
 
+def load_tokens(token_file: Path | None) -> list[bytes]:
+    """The secrets of a token file, target restrictions aside (``--metrics-token-file``).
+
+    Raises:
+        RelayError: the file is unreadable, malformed or holds no token.
+    """
+    return [entry.secret for entry in load_token_entries(token_file)]
+
+
 def reload_tokens(config: ServerConfig, token_file: Path | None) -> None:
     """SIGHUP: read the token file again (all or nothing)."""
     entries = load_token_entries(token_file)

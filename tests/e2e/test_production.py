@@ -16,15 +16,21 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
 from migrelay.control.migrate import (
     MigrationOptions,
@@ -477,6 +483,112 @@ def test_sigterm_during_a_migration_lets_it_complete(
     log = server.log()
     assert "shutting down" in log and "closed: completed" in log, log
     assert "4004" not in log
+
+
+def _presented_certificate(port: int) -> bytes:
+    """The DER certificate that serve presents now (verification is not the point)."""
+    return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port)))
+
+
+def _der(cert: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+def _upgrade_status(port: int, ca: Path, token: str) -> int:
+    """Status of a WebSocket upgrade to ``/`` with ``token``, by the websockets library."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with ws_connect(
+            f"wss://localhost:{port}/",
+            ssl=context,
+            subprotocols=[Subprotocol("migrelay.v1")],
+            additional_headers={"Authorization": f"Bearer {token}"},
+            open_timeout=10,
+        ):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def _metrics_status(port: int, ca: Path, token: str | None) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(f"https://localhost:{port}/metrics")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+) -> None:
+    # serve reads its certificate, tokens and metrics tokens from files that the test
+    # replaces mid-migration, as certbot or a secrets manager would, then sends SIGHUP.
+    live_cert, live_key = workdir / "live.pem", workdir / "live.key"
+    shutil.copy(pki.cert, live_cert)
+    shutil.copy(pki.key, live_key)
+    tokens, metrics_tokens = workdir / "tokens", workdir / "metrics-tokens"
+    tokens.write_text("old-token\n")
+    metrics_tokens.write_text("old-scraper\n")
+    renewed = _issue(
+        workdir / "pki",
+        "renewed",
+        (pki.ca, workdir / "pki" / "ca.key"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    server = serve(
+        migrelay_procs,
+        workdir,
+        *("--tls-cert", str(live_cert), "--tls-key", str(live_key)),
+        *("--token-file", str(tokens), "--metrics-token-file", str(metrics_tokens)),
+    )
+    assert server.port is not None
+    port = server.port
+    connect(
+        migrelay_procs,
+        workdir,
+        f"wss://localhost:{port}/",
+        *("--ca", str(pki.ca), "--token-file", str(tokens)),
+    )
+    assert _presented_certificate(port) == _der(pki.cert)
+
+    async def reload_mid_migration(source: QMP) -> None:
+        await asyncio.to_thread(server.wait_for_log, " opened: ")
+        shutil.copy(renewed[0], live_cert)
+        shutil.copy(renewed[1], live_key)
+        tokens.write_text("new-token\n")
+        metrics_tokens.write_text("new-scraper\n")
+        server.popen.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(server.wait_for_log, "reloaded tokens and certificates")
+        assert (await source.query_migrate()).status is MigrationStatus.ACTIVE
+
+    # 32 MiB at 8 MiB/s: about four seconds of migration to reload into.
+    slow = MigrationOptions(max_bandwidth=8 << 20)
+    asyncio.run(migrate(vm_pair, workdir, slow, during=reload_mid_migration))
+    assert_channels_completed(server)
+
+    # New connections see the new certificate and the new tokens only.
+    assert _presented_certificate(port) == _der(renewed[0])
+    with socket.socket(socket.AF_UNIX) as destination:  # a target for the upgrades
+        destination.bind(str(workdir / "dest.sock"))
+        destination.listen()
+        assert _upgrade_status(port, pki.ca, "old-token") == 403
+        assert _upgrade_status(port, pki.ca, "new-token") == 101
+        assert _metrics_status(port, pki.ca, None) == 401
+        assert _metrics_status(port, pki.ca, "old-scraper") == 403
+        assert _metrics_status(port, pki.ca, "new-scraper") == 200
+
+        # A reload that cannot read its files changes nothing, and says so in one line.
+        tokens.write_text("# every token removed by mistake\n")
+        server.popen.send_signal(signal.SIGHUP)
+        server.wait_for_log("reload failed, keeping the old settings: .* holds no token")
+        assert _upgrade_status(port, pki.ca, "new-token") == 101
+    assert server.popen.poll() is None
+    assert "new-token" not in server.log() and "scraper" not in server.log()
 
 
 def test_metrics_after_a_migration_show_the_bytes_it_moved(

@@ -417,6 +417,34 @@ def test_metrics_count_bytes_each_way_per_target_while_open_and_after_close(
     run_async(main())
 
 
+def test_metrics_token_guards_metrics_but_not_healthz_with_one_line_per_refusal(
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with serving(sock_dir, logs, metrics_tokens=[b"scraper"]) as served:
+            assert (await http_get(served.port, "/metrics"))[0] == 401
+            # The migration token is not a metrics token: they are kept apart.
+            wrong = f"Authorization: Bearer {TOKEN}\r\n"
+            assert (await http_get(served.port, "/metrics", wrong))[0] == 403
+            status, body = await http_get(
+                served.port, "/metrics", "Authorization: Bearer scraper\r\n"
+            )
+            assert status == 200 and b"migrelay_refusals_total" in body
+            assert await http_get(served.port, "/healthz") == (200, b"ok\n")
+            refusals = [
+                re.sub(r":\d+:", ":PORT:", line)
+                for line in served.lines()
+                if line.startswith("refused ")
+            ]
+            assert refusals == [
+                "refused /metrics from 127.0.0.1:PORT: 401 authentication required",
+                "refused /metrics from 127.0.0.1:PORT: 403 invalid token",
+            ], refusals
+            assert all("scraper" not in line for line in served.lines())
+
+    run_async(main())
+
+
 # -- HTTP CONNECT proxy ----------------------------------------------------------------
 
 

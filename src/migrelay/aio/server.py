@@ -15,7 +15,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, cast
@@ -124,6 +124,41 @@ class ServerConfig:
     #: Seconds without a byte in either direction before a channel is closed with
     #: 4002; 0 turns the idle timeout off.
     idle_timeout: float = 0.0
+    #: Bearer tokens that may read ``/metrics``; empty: ``/metrics`` is open to anyone
+    #: who reaches the port (``/healthz`` always is: load balancers probe it).
+    metrics_tokens: list[bytes] = field(default_factory=list)
+
+
+def check_bearer(request: UpgradeRequest, tokens: Sequence[bytes]) -> bytes | None:
+    """Check the bearer token in constant time against every token of ``tokens``.
+
+    Returns:
+        The token that matched (None when ``tokens`` is empty: nothing to check).
+
+    Raises:
+        Refusal: 401 without a bearer token, 403 (``invalid_token``) with a wrong one.
+    """
+    if not tokens:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential:
+        raise Refusal(401, "authentication required", (("WWW-Authenticate", "Bearer"),))
+    given = credential.strip().encode("utf-8")
+    # Compare with every token, without stopping at a match, so the time taken
+    # says nothing about which token (if any) matched.
+    matched: bytes | None = None
+    for token in tokens:
+        if hmac.compare_digest(given, token):
+            matched = token
+    if matched is None:
+        raise Refusal(
+            403 if header else 401,
+            "invalid token",
+            (("WWW-Authenticate", "Bearer"),),
+            kind="invalid_token",
+        )
+    return matched
 
 
 @dataclass
@@ -234,33 +269,8 @@ class RelayServer:
         return name, config.target_dir / f"{name}.sock"
 
     def authenticate(self, request: UpgradeRequest) -> bytes | None:
-        """Check the bearer token in constant time against every configured token.
-
-        Returns:
-            The token that matched (None when no token is configured).
-        """
-        tokens = self.config.tokens
-        if not tokens:
-            return None
-        header = request.headers.get("authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() != "bearer" or not credential:
-            raise Refusal(401, "authentication required", (("WWW-Authenticate", "Bearer"),))
-        given = credential.strip().encode("utf-8")
-        # Compare with every token, without stopping at a match, so the time taken
-        # says nothing about which token (if any) matched.
-        matched: bytes | None = None
-        for token in tokens:
-            if hmac.compare_digest(given, token):
-                matched = token
-        if matched is None:
-            raise Refusal(
-                403 if header else 401,
-                "invalid token",
-                (("WWW-Authenticate", "Bearer"),),
-                kind="invalid_token",
-            )
-        return matched
+        """Check the request's bearer token against ``--token-file`` (`check_bearer`)."""
+        return check_bearer(request, self.config.tokens)
 
     def authorize(self, token: bytes | None, name: str) -> None:
         """Refuse with 403 when ``token`` is restricted to targets other than ``name``."""
@@ -618,6 +628,7 @@ class _HandshakeProtocol(asyncio.Protocol):
             self._send_and_close(self.handshake.respond(200, b"ok\n"))
             return
         if path == "/metrics":
+            check_bearer(request, self.server.config.metrics_tokens)
             body = self.server.metrics.exposition()
             self._send_and_close(self.handshake.respond(200, body, METRICS_CONTENT_TYPE))
             return
