@@ -408,8 +408,10 @@ def serve(
     if client_ca is not None and tls_cert is None:
         raise fail("--client-ca needs --tls-cert and --tls-key")
     try:
-        ssl_context = (
-            tls.server_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
+        credentials = (
+            tls.ReloadableServerContext(tls_cert, tls_key, client_ca)
+            if tls_cert and tls_key
+            else None
         )
     except (OSError, ssl.SSLError) as exc:
         raise fail(f"cannot load the TLS certificate: {exc}") from None
@@ -430,7 +432,7 @@ def serve(
         port=port,
         target=target,
         target_dir=target_dir,
-        ssl_context=ssl_context,
+        ssl_context=credentials.listening if credentials is not None else None,
         wait_target=wait_target,
         max_sessions=max_sessions,
         limits=limits,
@@ -442,12 +444,12 @@ def serve(
     )
 
     def reload(config: ServerConfig) -> None:
-        # Read every file before touching anything: a reload is all or nothing.
-        hosting.load_token_entries(token_file)
+        # Read every file before changing anything: a reload is all or nothing.
+        entries = hosting.load_token_entries(token_file)
         new_metrics_tokens = hosting.load_tokens(metrics_token_file)
-        if config.ssl_context is not None and tls_cert and tls_key:
-            tls.reload_server_context(config.ssl_context, tls_cert, tls_key, client_ca)
-        hosting.reload_tokens(config, token_file)
+        if credentials is not None:
+            credentials.reload()  # atomic in itself: a new context or none
+        hosting.apply_tokens(config, entries)
         config.metrics_tokens = new_metrics_tokens
 
     try:

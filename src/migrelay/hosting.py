@@ -94,9 +94,8 @@ def load_tokens(token_file: Path | None) -> list[bytes]:
     return [entry.secret for entry in load_token_entries(token_file)]
 
 
-def reload_tokens(config: ServerConfig, token_file: Path | None) -> None:
-    """SIGHUP: read the token file again (all or nothing)."""
-    entries = load_token_entries(token_file)
+def apply_tokens(config: ServerConfig, entries: Sequence[access.TokenEntry]) -> None:
+    """SIGHUP: use the token file's new entries (read by `load_token_entries`)."""
     config.tokens = [entry.secret for entry in entries]
     config.token_targets = access.token_targets(entries)
 

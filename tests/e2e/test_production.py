@@ -24,7 +24,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.control.vm import first_difference
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
+from ..pki import PKI, SERVER_NAMES, issue, make_pki
 from .cli_helpers import Commands, check_migrated
 from .conftest import VMPairFactory
 
@@ -57,60 +57,10 @@ DAEMON_START_S = 10.0
 # -- certificates ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PKI:
-    ca: Path
-    cert: Path
-    key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path
-
-    def fingerprint(self) -> str:
-        out = subprocess.run(
-            ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(self.cert)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        return out.strip().split("=", 1)[1]
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
-
-
-def _ca(directory: Path, name: str) -> tuple[Path, Path]:
-    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
-    subject = f"/CN={name}"
-    _openssl("req", "-x509", *EC_KEY, "-keyout", str(key), "-out", str(cert), "-days", "2",
-             "-subj", subject)  # fmt: skip
-    return cert, key
-
-
-def _issue(directory: Path, name: str, ca: tuple[Path, Path], extension: str) -> tuple[Path, Path]:
-    key, csr = directory / f"{name}.key", directory / f"{name}.csr"
-    cert, ext = directory / f"{name}.pem", directory / f"{name}.ext"
-    ext.write_text(extension)
-    _openssl("req", *EC_KEY, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture
 def pki(workdir: Path) -> PKI:
     """A CA, a server certificate for 127.0.0.1/localhost, a client certificate."""
-    directory = workdir / "pki"
-    directory.mkdir()
-    ca = _ca(directory, "ca")
-    other = _ca(directory, "other-ca")
-    server = _issue(directory, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    client = _issue(directory, "client", ca, "extendedKeyUsage=clientAuth\n")
-    return PKI(ca[0], server[0], server[1], client[0], client[1], other[0])
+    return make_pki(workdir / "pki")
 
 
 # -- daemons -----------------------------------------------------------------------------
@@ -534,12 +484,7 @@ def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
     tokens, metrics_tokens = workdir / "tokens", workdir / "metrics-tokens"
     tokens.write_text("old-token\n")
     metrics_tokens.write_text("old-scraper\n")
-    renewed = _issue(
-        workdir / "pki",
-        "renewed",
-        (pki.ca, workdir / "pki" / "ca.key"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
+    renewed = issue(workdir / "pki", "renewed", (pki.ca, pki.ca_key), SERVER_NAMES)
     server = serve(
         migrelay_procs,
         workdir,

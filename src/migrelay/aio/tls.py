@@ -19,8 +19,8 @@ from ..errors import ConnectError
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
     """Return a server context; with ``client_ca``, clients must present a certificate.
 
-    Call :func:`reload_server_context` on SIGHUP: new handshakes use the new
-    certificate, sessions already open are not touched.
+    Raises:
+        OSError, ssl.SSLError: a file cannot be read, or the key does not match.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -33,13 +33,39 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     return context
 
 
-def reload_server_context(
-    context: ssl.SSLContext, cert: Path, key: Path, client_ca: Path | None = None
-) -> None:
-    """Load the certificate (and client CA) again into the same context."""
-    context.load_cert_chain(cert, key)
-    if client_ca is not None:
-        context.load_verify_locations(cafile=client_ca)
+class ReloadableServerContext:
+    """The server's TLS settings, replaced whole on SIGHUP while the server listens.
+
+    The listener keeps :attr:`listening` for its life; each handshake is moved onto the
+    newest context in the ClientHello callback (OpenSSL calls it with or without SNI),
+    so that certificate, key and client CAs all come from one `server_context` call.
+    Loading into the live context instead would be neither atomic (a bad key file
+    would leave a certificate without its key) nor complete (a CA removed from the
+    client-CA file would stay trusted). Open connections keep the context they began
+    with.
+
+    Raises:
+        OSError, ssl.SSLError: from `server_context`, for the first load.
+    """
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self.current = server_context(cert, key, client_ca)
+        self.listening = server_context(cert, key, client_ca)
+        self.listening.sni_callback = self._choose_context
+
+    def reload(self) -> None:
+        """Read the files again; on any error the previous context stays in use.
+
+        Raises:
+            OSError, ssl.SSLError: a file cannot be read, or the key does not match.
+        """
+        self.current = server_context(self.cert, self.key, self.client_ca)
+
+    def _choose_context(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        ssl_object.context = self.current
 
 
 def normalize_fingerprint(text: str) -> bytes:
