@@ -41,7 +41,7 @@ from .control.progress import (
 from .control.qmp import MigrationStatus
 from .control.vm import parse_size
 from .core.mask import MASK_IMPLEMENTATION, mask_implementation_warning
-from .errors import ConnectError, MigrationError, RelayError, StateError
+from .errors import ConnectError, MigrationError, RelayError, StateError, UnsupportedError
 
 logger = logging.getLogger("migrelay")
 
@@ -477,6 +477,8 @@ def _prepare_target_hook(qmp: Path | None, qmp_dir: Path | None) -> PrepareTarge
             raise Refusal(400, str(exc)) from None
         except StateError as exc:
             raise Refusal(409, f"destination vm not ready: {exc}") from None
+        except UnsupportedError as exc:
+            raise Refusal(409, f"destination qemu cannot: {exc}") from None
         except (ConnectError, MigrationError, TimeoutError) as exc:
             raise Refusal(
                 503, f"destination qemu not prepared: {exc}", (("Retry-After", "5"),)

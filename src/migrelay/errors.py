@@ -115,6 +115,10 @@ class VMError(RelayError):
         self.stderr = stderr
 
 
+class UnsupportedError(RelayError):
+    """The QEMU in use lacks a feature that was asked for (too old, or built without it)."""
+
+
 class MigrationError(RelayError):
     """QEMU refused a command or reported a failed migration; the text is QEMU's own.
 

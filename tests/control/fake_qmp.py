@@ -40,6 +40,27 @@ HANG = object()
 HANGUP = object()
 
 
+#: The capabilities QEMU 7.2 lists, all off: the reply to ``query-migrate-capabilities``
+#: unless a test scripts another (an older QEMU's shorter list, say).
+QEMU_7_2_CAPABILITIES = [
+    {"capability": name, "state": False}
+    for name in (
+        "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
+        "postcopy-ram", "x-colo", "release-ram", "block", "return-path", "pause-before-switchover",
+        "multifd", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate",
+        "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
+        "postcopy-preempt",
+    )
+]  # fmt: skip
+
+#: Replies to commands a test did not script, as QEMU 7.2 would give them (a list is
+#: a script of replies, so a reply that is itself a list goes in one).
+DEFAULT_REPLIES: dict[str, object] = {
+    "query-migrate-capabilities": [QEMU_7_2_CAPABILITIES],
+    "query-version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "fake"},
+}
+
+
 @dataclass
 class FakeQMP:
     """Script of replies per command; a list is consumed one reply per call (last repeats).
@@ -60,7 +81,7 @@ class FakeQMP:
         return [name for name, _ in self.received]
 
     def _next_reply(self, command: str) -> Reply:
-        scripted = self.replies.get(command, {})
+        scripted = self.replies.get(command, DEFAULT_REPLIES.get(command, {}))
         if isinstance(scripted, list):
             items: list[Reply] = scripted
             return items.pop(0) if len(items) > 1 else items[0]

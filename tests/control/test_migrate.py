@@ -12,6 +12,7 @@ from migrelay.control.migrate import (
     MigrationOptions,
     Progress,
     cancel,
+    check_prepared_for,
     follow_migration,
     prepare_incoming,
     require,
@@ -19,9 +20,9 @@ from migrelay.control.migrate import (
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
-from migrelay.errors import MigrationError, StateError
+from migrelay.errors import MigrationError, StateError, UnsupportedError
 
-from .fake_qmp import FakeQMP, Reply, serve
+from .fake_qmp import QEMU_7_2_CAPABILITIES, FakeQMP, Reply, serve
 
 
 def status(state: str) -> dict[str, object]:
@@ -94,6 +95,7 @@ def test_prepare_incoming_sets_the_source_capabilities_then_listens(sockdir: Pat
     assert fake.received == [
         ("query-status", {}),
         ("query-migrate", {}),
+        ("query-migrate-capabilities", {}),
         (
             "migrate-set-capabilities",
             {
@@ -118,6 +120,7 @@ def test_start_migration_lifts_the_default_bandwidth_limit(sockdir: Path) -> Non
 
     run_against(fake, sockdir, body)
     assert fake.received[2:] == [
+        ("query-migrate-capabilities", {}),
         (
             "migrate-set-capabilities",
             {
@@ -131,6 +134,133 @@ def test_start_migration_lifts_the_default_bandwidth_limit(sockdir: Path) -> Non
         ("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}),
         ("migrate", {"uri": "tcp:10.0.0.2:4444"}),
     ]
+
+
+#: What QEMU 3.1 lists: no multifd yet (it came in 4.0 as x-multifd before that).
+QEMU_3_1_CAPABILITIES = [c for c in QEMU_7_2_CAPABILITIES if c["capability"] != "multifd"]
+QEMU_3_1_VERSION = {"qemu": {"major": 3, "minor": 1, "micro": 0}, "package": ""}
+
+
+def test_a_qemu_without_multifd_is_told_so_before_anything_changes(sockdir: Path) -> None:
+    fake = FakeQMP(
+        replies={
+            "query-status": status("running"),
+            "query-migrate": {},
+            "query-migrate-capabilities": [QEMU_3_1_CAPABILITIES],
+            "query-version": QEMU_3_1_VERSION,
+        }
+    )
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(UnsupportedError) as info:
+            await start_migration(qmp, "unix:/tmp/s.sock", MigrationOptions(multifd_channels=4))
+        assert (
+            str(info.value) == "qemu 3.1.0 of vm cannot migrate with multifd (qemu 4.0 or later)"
+        )
+
+    run_against(fake, sockdir, body)
+    assert "migrate-set-capabilities" not in fake.commands
+    assert "migrate" not in fake.commands
+
+
+def test_a_capability_the_qemu_lacks_is_left_out_when_it_is_off(sockdir: Path) -> None:
+    # The same QEMU 3.1 migrates without multifd: "multifd off" is not sent at all.
+    fake = FakeQMP(
+        replies={
+            "query-status": status("running"),
+            "query-migrate": {},
+            "query-migrate-capabilities": [QEMU_3_1_CAPABILITIES],
+        }
+    )
+
+    async def body(qmp: QMP) -> None:
+        await start_migration(qmp, "unix:/tmp/s.sock", MigrationOptions())
+
+    run_against(fake, sockdir, body)
+    assert (
+        "migrate-set-capabilities",
+        {
+            "capabilities": [
+                {"capability": "events", "state": True},
+                {"capability": "postcopy-ram", "state": False},
+            ]
+        },
+    ) in fake.received
+    assert fake.commands[-1] == "migrate"
+
+
+def capabilities(**on: bool) -> list[dict[str, object]]:
+    return [
+        {"capability": c["capability"], "state": on.get(str(c["capability"]), False)}
+        for c in QEMU_7_2_CAPABILITIES
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listening", "channels", "announced", "message"),
+    [
+        (
+            {},
+            2,
+            MigrationOptions(multifd_channels=4),
+            "state is listening with no multifd, no postcopy, but multifd 4 channels,"
+            " no postcopy (as the source announced)",
+        ),
+        (
+            {"multifd": True},
+            2,
+            MigrationOptions(multifd_channels=4),
+            "state is listening with multifd 2 channels, no postcopy, but multifd 4"
+            " channels, no postcopy (as the source announced)",
+        ),
+        (
+            {"multifd": True, "postcopy-ram": True},
+            4,
+            MigrationOptions(),
+            "state is listening with multifd 4 channels, postcopy, but no multifd,"
+            " no postcopy (as the source announced)",
+        ),
+    ],
+    ids=["multifd-only-at-source", "channel-counts-differ", "multifd-and-postcopy-only-here"],
+)
+def test_a_destination_prepared_otherwise_than_announced_is_refused_in_one_sentence(
+    sockdir: Path,
+    listening: dict[str, bool],
+    channels: int,
+    announced: MigrationOptions,
+    message: str,
+) -> None:
+    fake = FakeQMP(
+        replies={
+            "query-migrate-capabilities": [capabilities(**listening)],
+            "query-migrate-parameters": {"multifd-channels": channels},
+        }
+    )
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(StateError) as info:
+            await check_prepared_for(qmp, announced)
+        assert str(info.value) == (
+            f"{message} is required:"
+            " prepare the destination with the same --multifd and --postcopy as migrate"
+        )
+
+    run_against(fake, sockdir, body)
+
+
+def test_a_destination_prepared_as_announced_passes(sockdir: Path) -> None:
+    fake = FakeQMP(
+        replies={
+            "query-migrate-capabilities": [capabilities(multifd=True, events=True)],
+            "query-migrate-parameters": {"multifd-channels": 4},
+        }
+    )
+
+    async def body(qmp: QMP) -> None:
+        await check_prepared_for(qmp, MigrationOptions(multifd_channels=4))
+
+    run_against(fake, sockdir, body)
+    assert fake.commands == ["query-migrate-capabilities", "query-migrate-parameters"]
 
 
 def test_start_migration_keeps_given_limits(sockdir: Path) -> None:

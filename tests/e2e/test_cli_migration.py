@@ -342,6 +342,48 @@ def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
     asyncio.run(main())
 
 
+def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte_moves(
+    vm_pair: VMPairFactory,
+    workdir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    # The operator prepared the destination by hand without multifd, then migrates with
+    # it: QEMU itself would kill the destination with "Unknown combination of migration
+    # flags". serve --qmp-dir compares what the source announces with what listens.
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            target = workdir / f"{dst.name}.sock"
+            prepared = await commands.run(
+                "incoming", "--qmp", str(dst.qmp_path), "--socket", str(target)
+            )
+            assert prepared.popen.returncode == 0, prepared.describe()
+            url = f"{serve.url}/{dst.name}"
+            mismatched = commands.start(
+                "migrate", "--qmp", str(src.qmp_path), "--to", url, "--multifd", "2"
+            )
+            assert await mismatched.wait() == 1, mismatched.describe()
+            stderr = mismatched.stderr()
+            assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+            assert stderr.startswith(
+                f"migrelay: error: cannot open websocket to {url}: server refused the upgrade"
+                " with 409: destination vm not ready: state is listening with no multifd,"
+                " no postcopy, but multifd 2 channels, no postcopy (as the source announced)"
+                " is required: prepare the destination with the same --multifd and"
+                " --postcopy as migrate"
+            ), stderr
+            runstate, info = await source_state(src)
+            assert runstate is RunState.PRELAUNCH and info.status is MigrationStatus.FAILED
+            assert dst.running, "the destination qemu must be untouched"
+            # The destination still listens as prepared: the matching migration completes.
+            migrate = commands.start("migrate", "--qmp", str(src.qmp_path), "--to", url)
+            assert await migrate.wait() == 0, migrate.describe()
+            await check_migrated(src, dst)
+
+    asyncio.run(main())
+
+
 def test_ctrl_c_cancels_and_the_source_then_migrates_again(
     vm_pair: VMPairFactory,
     workdir: Path,

@@ -26,7 +26,7 @@ from migrelay.control.qmp import (
     MigrationStatus,
     RunState,
 )
-from migrelay.errors import MigrationError, StateError
+from migrelay.errors import MigrationError, StateError, UnsupportedError
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
@@ -38,6 +38,7 @@ __all__ = [
     "Progress",
     "RunState",
     "cancel",
+    "check_prepared_for",
     "follow_migration",
     "prepare_incoming",
     "require",
@@ -125,6 +126,75 @@ class MigrationOptions:
             Capability.MULTIFD: self.multifd_channels is not None,
             Capability.POSTCOPY_RAM: self.postcopy,
         }
+
+    def describe(self) -> str:
+        """``multifd 4 channels, postcopy`` / ``no multifd, no postcopy``: for messages."""
+        multifd = (
+            f"multifd {self.multifd_channels} channels"
+            if self.multifd_channels is not None
+            else "no multifd"
+        )
+        return f"{multifd}, {'postcopy' if self.postcopy else 'no postcopy'}"
+
+
+#: The first QEMU release with each capability migrelay may turn on, for the message
+#: that says a QEMU is too old for what was asked.
+_FIRST_RELEASE: dict[str, str] = {
+    Capability.EVENTS: "2.4",
+    Capability.MULTIFD: "4.0",
+    Capability.POSTCOPY_RAM: "2.5",
+}
+
+
+async def _set_capabilities(qmp: QMP, options: MigrationOptions) -> None:
+    """Set ``options.capabilities()`` after checking that this QEMU has them all.
+
+    Raises:
+        UnsupportedError: a capability to turn on is unknown to this QEMU; its version
+            and the first release that has the capability are named. Nothing was changed.
+        MigrationError, ConnectError: from QMP.
+    """
+    supported = await qmp.query_capabilities()
+    wanted = options.capabilities()
+    missing = [str(name) for name, on in wanted.items() if on and str(name) not in supported]
+    if missing:
+        version = await qmp.query_version()
+        needs = ", ".join(
+            f"{name} (qemu {_FIRST_RELEASE.get(name, '?')} or later)" for name in missing
+        )
+        raise UnsupportedError(f"qemu {version} of {qmp.name} cannot migrate with {needs}")
+    # A capability this QEMU does not know is off in it already: leave it out.
+    await qmp.set_capabilities({name: on for name, on in wanted.items() if str(name) in supported})
+
+
+async def check_prepared_for(qmp: QMP, options: MigrationOptions) -> None:
+    """Check that a destination that already listens was prepared with ``options``.
+
+    One side with multifd and the other without does not fail cleanly in QEMU 7.2: a
+    destination without it takes the extra channels as a stream error and exits, one
+    with it waits for channels that never come. So a mismatch is refused before the
+    source sends a byte.
+
+    Raises:
+        StateError: the capabilities or the multifd channel count differ.
+        MigrationError, ConnectError: from QMP.
+    """
+    capabilities = await qmp.query_capabilities()
+    channels = None
+    if capabilities.get(Capability.MULTIFD):
+        channels = (await qmp.query_parameters()).multifd_channels
+    prepared = MigrationOptions(
+        multifd_channels=channels, postcopy=capabilities.get(Capability.POSTCOPY_RAM, False)
+    )
+    if (prepared.multifd_channels, prepared.postcopy) != (
+        options.multifd_channels,
+        options.postcopy,
+    ):
+        raise StateError(
+            f"listening with {prepared.describe()}",
+            f"{options.describe()} (as the source announced)",
+            "prepare the destination with the same --multifd and --postcopy as migrate",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +299,7 @@ async def prepare_incoming(qmp: QMP, uri: str, options: MigrationOptions) -> Mig
             "start the destination qemu with -incoming defer, not -incoming URI,"
             " and prepare it once",
         )
-    await qmp.set_capabilities(options.capabilities())
+    await _set_capabilities(qmp, options)
     if options.multifd_channels is not None:
         await qmp.set_parameters(multifd_channels=options.multifd_channels)
     await qmp.migrate_incoming(uri)
@@ -270,7 +340,7 @@ async def start_migration(qmp: QMP, uri: str, options: MigrationOptions) -> None
             "no migration in progress",
             "wait for it to end or cancel it",
         )
-    await qmp.set_capabilities(options.capabilities())
+    await _set_capabilities(qmp, options)
     await qmp.set_parameters(
         multifd_channels=options.multifd_channels,
         max_bandwidth=(

@@ -29,6 +29,7 @@ from migrelay.control.migrate import (
     MigrationOptions,
     MigrationResult,
     cancel,
+    check_prepared_for,
     follow_migration,
     prepare_incoming,
     start_migration,
@@ -156,12 +157,15 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
         ValueError: the `MIGRATION_HEADER` is malformed.
         ConnectError, StateError, MigrationError: as `incoming`.
     """
-    options = parse_announcement(headers.get(MIGRATION_HEADER.lower()))
+    announced = headers.get(MIGRATION_HEADER.lower())
+    options = parse_announcement(announced)
     uri = f"unix:{target}"
     async with QMP(_vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
         current = await qmp.query_migrate()
         if uri in current.socket_addresses and current.status is MigrationStatus.NONE:
+            if announced is not None:  # a plain `connect` announces nothing to compare
+                await check_prepared_for(qmp, options)
             logger.info("%s: already listening on %s", qmp.name, uri)
             return current
         if current.status is MigrationStatus.POSTCOPY_PAUSED:

@@ -459,6 +459,19 @@ class QMP:
 
     # -- migration: capabilities and parameters ----------------------------------------
 
+    async def query_version(self) -> str:
+        """Return QEMU's version as ``MAJOR.MINOR.MICRO`` (``query-version``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-version")
+        qemu = reply.get("qemu") if isinstance(reply, Mapping) else None
+        if not isinstance(qemu, Mapping):
+            return "of unknown version"
+        return ".".join(str(qemu.get(part, "?")) for part in ("major", "minor", "micro"))
+
     async def query_capabilities(self) -> dict[str, bool]:
         """Return every migration capability and whether it is on.
 
