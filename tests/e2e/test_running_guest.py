@@ -4,7 +4,7 @@ The guest is a 118-byte boot sector built here (no download, no toolchain): it e
 A20, switches to 32-bit protected mode with a flat GDT, and then loops forever writing
 its pass counter into every 4 KiB page from 1 MiB to 5 MiB (1024 pages per pass), and
 the counter itself at guest-physical 0x500. Precopy therefore has to send those pages
-again and again (``dirty-sync-count`` > 1) until the dirty set fits the downtime.
+again and again until the dirty set fits the downtime: more than the RAM's size is sent.
 
 The source runs (``cont``); the destination starts paused (``-S -incoming defer``) and
 stays paused, and the source is ``postmigrate`` after completion, so both RAM files are
@@ -38,6 +38,9 @@ RAM_BYTES = 64 * MIB
 #: Guest-physical address of the pass counter (free low memory after the BIOS data area).
 COUNTER_ADDRESS = 0x500
 MIGRATION_TIMEOUT_S = 120.0
+#: A quarter of what the guest writes on each of its passes (1024 pages, 1 to 5 MiB):
+#: far above what a VM that writes nothing sends beyond its RAM size (~130 KiB here).
+RESENT_AT_LEAST_BYTES = 1 * MIB
 
 #: The boot sector's code, assembled with GNU as (``as --32``; ``ld -Ttext=0x7c00
 #: --oformat binary``) from::
@@ -98,7 +101,7 @@ def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
     dst = DisposableVM(workdir, "guest-dst", RAM_BYTES, incoming=True, extra_args=drive)
     options = MigrationOptions()
 
-    async def scenario() -> int:
+    async def scenario() -> None:
         async with src, dst, QMP("src") as sq, QMP("dst") as dq:
             await sq.connect(str(src.qmp_path))
             await dq.connect(str(dst.qmp_path))
@@ -122,17 +125,21 @@ def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
             # Both stopped: the source after completion, the destination by -S.
             assert await sq.query_status() is RunState.POSTMIGRATE
             assert await dq.query_status() is RunState.PAUSED
-            assert result.passes is not None and result.passes > 1, result.info
+            # Even a paused VM ends after 3 dirty syncs, so the pass count proves little;
+            # pages sent again do. A VM that writes nothing sends its RAM (ram.total) and
+            # page headers, 0.2 % more; this guest, slowed by TCG, rewrites a few hundred
+            # of its 1024 pages between two syncs.
+            resent = (result.transferred or 0) - (result.info.total or RAM_BYTES)
+            assert resent >= RESENT_AT_LEAST_BYTES, result.info
             counter = guest_counter(dst.ram_path)
             assert counter == guest_counter(src.ram_path) > first
             assert first_difference(src.ram_path, dst.ram_path) is None
             print(
-                f"\nRUNNING GUEST: {result.passes} dirty syncs, "
+                f"\nRUNNING GUEST: {result.passes} dirty syncs, {resent / MIB:.1f} MiB re-sent, "
                 f"{(result.transferred or 0) / MIB:.1f} MiB sent for {RAM_BYTES / MIB:.0f} MiB"
                 f" of RAM, downtime {result.downtime_ms} ms; guest pass counter {counter}"
             )
             await sq.quit()
             await dq.quit()
-            return result.passes
 
-    assert asyncio.run(scenario()) > 1
+    asyncio.run(scenario())
