@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .core.frames import DEFAULT_MAX_MESSAGE_BYTES
+from .core.frames import DEFAULT_MAX_MESSAGE_BYTES, MAX_HEADER_BYTES
 from .core.handshake import DEFAULT_MAX_HEAD_BYTES
 
 
@@ -12,12 +12,14 @@ from .core.handshake import DEFAULT_MAX_HEAD_BYTES
 class Limits:
     """Per-channel limits shared by both relays.
 
-    Memory per channel is bounded by the two read buffers (``read_bytes`` each, one per
-    direction, plus 14 bytes of header room): a buffer handed to ``transport.write()``
-    is not refilled until that transport has drained it, and while it is busy the
-    opposite leg does not read. So a channel holds at most ``2 × read_bytes`` of
-    migration data in user space (2 MiB by default) plus the kernel's socket buffers,
-    whatever the speed of either peer.
+    Memory per channel is bounded (`channel_memory_bound`): each direction reads into
+    one buffer (``read_bytes`` plus 14 bytes of header room); a buffer handed to
+    ``transport.write()`` is not refilled until that transport has drained it, and while
+    it is busy the opposite leg does not read. An event loop may still deliver one read
+    after ``pause_reading()`` (uvloop was seen to); that read goes into a spare buffer
+    while the first drains. So a direction holds at most two buffers and a channel
+    ``4 × read_bytes`` of migration data in user space (4 MiB by default; usually half
+    of that), plus the kernel's socket buffers, whatever the speed of either peer.
     """
 
     #: Bytes per read, and so the largest data message sent. 1 MiB reads used ~36 %
@@ -39,3 +41,9 @@ class Limits:
     ping_timeout: float = 15.0
     #: Seconds to wait for the peer's side of the close handshake (websockets: 10 s).
     close_timeout: float = 5.0
+
+    @property
+    def channel_memory_bound(self) -> int:
+        """The most migration data one channel holds in user space, in bytes."""
+        directions, buffers_each = 2, 2
+        return directions * buffers_each * (MAX_HEADER_BYTES + self.read_bytes)

@@ -5,11 +5,11 @@ Eight 32 MiB VMs migrate at the same time, each through its own ``migrelay conne
 migration at a time) to the same ``serve --target-dir`` (``/vmN`` → ``vmN.sock``). Half
 of them use multifd with 2 channels, so serve carries 4 × 1 + 4 × 3 = 16 channels.
 
-Memory: `migrelay.config.Limits` bounds a channel's migration data in user space by
-``2 × read_bytes`` (2 MiB). The test samples serve's RSS every 20 ms and checks that its
-growth over the idle baseline stays within ``channels × 2 × read_bytes`` plus
+Memory: `migrelay.config.Limits.channel_memory_bound` bounds a channel's migration data
+in user space (4 MiB). The test samples serve's RSS every 20 ms and checks that its
+growth over the idle baseline stays within ``channels × channel_memory_bound`` plus
 :data:`INTERPRETER_ALLOWANCE_BYTES` (Python objects per connection, the handshake, the
-log, and the spare buffer a leg takes while its previous one is still queued).
+log).
 
 Run with ``-s`` to see sessions, total throughput and peak memory (the README figures).
 """
@@ -45,10 +45,9 @@ RAM_BYTES = 32 * MIB
 MULTIFD = [None if index % 2 == 0 else 2 for index in range(SESSIONS)]
 CHANNELS = sum(1 + (channels or 0) for channels in MULTIFD)
 #: Headroom over the idle process for what is not migration data: per-connection
-#: Python objects and asyncio/uvloop handles (a few KiB each), log records, and a spare
-#: read buffer a leg allocates while its last one is still queued in a transport
-#: (channel.py OWNERSHIP). 16 MiB is about one such buffer per channel.
-INTERPRETER_ALLOWANCE_BYTES = 16 * MIB
+#: Python objects and asyncio/uvloop handles (a few KiB each), log records, allocator
+#: slack.
+INTERPRETER_ALLOWANCE_BYTES = 8 * MIB
 MIGRATION_TIMEOUT_S = 180.0
 
 
@@ -149,7 +148,7 @@ def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bo
     with RssSampler(server) as sampler:
         elapsed = asyncio.run(scenario())
     limits = Limits()
-    bound = CHANNELS * 2 * limits.read_bytes + INTERPRETER_ALLOWANCE_BYTES
+    bound = CHANNELS * limits.channel_memory_bound + INTERPRETER_ALLOWANCE_BYTES
     growth = sampler.peak - baseline
     total = sum(transferred)
     print(

@@ -4,7 +4,7 @@
 default loop) between a source that writes as fast as it can and a destination that
 reads at a fixed, slow rate. While the data flows, both relays' resident memory is
 sampled from ``/proc/PID/status``. By :class:`migrelay.config.Limits`, a channel holds at
-most ``2 × read_bytes`` of data in user space, whatever the speed of either peer; the
+most ``channel_memory_bound`` of data in user space, whatever the speed of either peer; the
 kernel's socket buffers absorb the rest. An unbounded queue anywhere would grow by
 tens of MiB here, since the source can outrun the destination by ~10×.
 """
@@ -46,8 +46,7 @@ def test_slow_destination_keeps_both_relays_memory_within_the_channel_bound(
     run_async: Run, sock_dir: Path, migrelay_procs: MigrelayProcesses
 ) -> None:
     dest_path, src_path = sock_dir / "dest.sock", sock_dir / "src.sock"
-    read_bytes = Limits().read_bytes
-    bound = 2 * read_bytes + INTERPRETER_ALLOWANCE_BYTES
+    bound = Limits().channel_memory_bound + INTERPRETER_ALLOWANCE_BYTES
     result: dict[str, Any] = {}
 
     async def destination(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
