@@ -7,6 +7,7 @@ checked once the destination itself reports ``completed`` and both QEMUs have qu
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,26 @@ def _closed_lines(process: MigrelayProcess) -> list[str]:
     return [line for line in process.log().splitlines() if " closed: " in line]
 
 
+_CLOSED_LINE = re.compile(
+    r"channel \S+ closed: (?P<how>[^;]+); sent (?P<sent>[\d.]+ \S+), received"
+    r" (?P<received>[\d.]+ \S+) in (?P<seconds>[\d.]+) s \((?P<rate>[\d.]+ \S+)/s\);"
+    r" close code (?P<code>.+)$"
+)
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def _size(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * _UNITS[unit]
+
+
+def _relayed(lines: list[str], field: str) -> float:
+    """Sum of one byte count over the closed lines, which must all parse."""
+    matches = [_CLOSED_LINE.search(line) for line in lines]
+    assert all(matches), lines
+    return sum(_size(match[field]) for match in matches if match)
+
+
 @pytest.mark.parametrize("multifd", [None, 4], ids=["single-channel", "multifd4"])
 def test_migration_through_the_tunnel_keeps_ram_identical(
     vm_pair: VMPairFactory,
@@ -78,6 +99,11 @@ def test_migration_through_the_tunnel_keeps_ram_identical(
         lines = _closed_lines(relay)
         assert len(lines) == channels, relay.log()
         assert all("close code 1000 normal" in line for line in lines), relay.log()
+    # The lines tell how much went each way: the RAM (and QEMU's framing of it, a little
+    # more) out of the source relay and into the server; the return path is small.
+    assert RAM_BYTES <= _relayed(_closed_lines(client), "sent") < RAM_BYTES * 1.1
+    assert RAM_BYTES <= _relayed(_closed_lines(server), "received") < RAM_BYTES * 1.1
+    assert _relayed(_closed_lines(server), "sent") < 1 << 20
     # The server connected the channels to destination QEMU in the source's accept order.
     opened = [line.split("channel ")[1].split()[0] for line in server.log().splitlines()
               if " opened: " in line]  # fmt: skip
