@@ -30,7 +30,12 @@ from .aio.proxy import ProxyURL
 from .aio.server import PrepareTarget, Refusal, ServerConfig, load_tokens
 from .config import Limits
 from .control import operations
-from .control.migrate import DEFAULT_RECOVER_TIMEOUT_S, MigrationOptions, PostcopyPausedError
+from .control.migrate import (
+    DEFAULT_RECOVER_TIMEOUT_S,
+    MigrationCancelledError,
+    MigrationOptions,
+    PostcopyPausedError,
+)
 from .control.progress import (
     ProgressRenderer,
     TerminalProgress,
@@ -890,6 +895,11 @@ def migrate(
             if relay is not None and relay.first_error is not None:
                 error = message = (
                     f"cannot open websocket to {to}: {relay.first_error} (qemu: {error})"
+                )
+            elif isinstance(exc, MigrationCancelledError) and not stop.is_set():
+                message = (
+                    "migration cancelled by another qmp client (migrelay cancel?);"
+                    " the source vm was left as it was"
                 )
             elif not stop.is_set():
                 message = f"migration failed: {error}"

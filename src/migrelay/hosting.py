@@ -37,13 +37,31 @@ def config_callback(ctx: typer.Context, value: Path | None) -> Path | None:
     if value is None or ctx.resilient_parsing:
         return value
     command = ctx.info_name or ""
-    known = {param.name for param in ctx.command.params if param.name}
+    params = {param.name: param for param in ctx.command.params if param.name}
     try:
-        defaults = settings.load_section(value, command, known)
+        defaults = settings.load_section(value, command, params)
     except settings.ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise _config_error(str(exc)) from None
+    for name, setting in list(defaults.items()):
+        param = params[name]
+        if param.multiple and isinstance(setting, str):
+            defaults[name] = setting = [setting]  # one origin, say, written without [ ]
+        # Check each value now, to name the file and the key: click would check it
+        # later and blame the environment variable of the same option.
+        try:
+            param.process_value(ctx, setting)  # conversion only: no other option has a callback
+        except typer.BadParameter as exc:
+            key = name.replace("_", "-")
+            where = f"{value}: setting {key!r} in [{command}]"
+            raise _config_error(f"{where}: {exc.message}") from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _config_error(message: str) -> typer.Exit:
+    # One line, like every other refusal to start, not click's usage text and box.
+    typer.echo(f"migrelay: error: {message}", err=True)
+    return typer.Exit(2)
 
 
 def access_settings(

@@ -505,6 +505,40 @@ def test_destination_closing_mid_stream_closes_source_peer_promptly(
     run_async(main())
 
 
+def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_closes(
+    run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
+) -> None:
+    # Destination QEMU writes its last words on the return path (an error, a postcopy
+    # page request) and dies at once: the source must get every byte, then the end.
+    last_words = random.Random(11).randbytes(3 * CHUNK_BYTES + 12345)
+
+    async def destination(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1 << 20)
+        writer.write(last_words)
+        writer.transport.abort()  # no drain, no shutdown: the process is gone
+
+    async def main() -> None:
+        async with relays(sock_dir) as r:
+            dest = UnixPeerServer(destination)
+            await dest.start(r.dest)
+            reader, writer = await asyncio.open_unix_connection(str(r.src))
+            pump = asyncio.create_task(write_until_closed(writer))
+            received = bytearray()
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(CHUNK_BYTES), PROMPT_SECONDS):
+                    received += chunk
+            assert bytes(received) == last_words
+            await asyncio.wait_for(pump, PROMPT_SECONDS)
+            writer.close()
+            await r.wait_all_closed()
+            await dest.close()
+            assert not r.source.all_clean
+            lines = channel_close_lines(relay_log)
+            assert any("destination closed" in line for line in lines), lines
+
+    run_async(main())
+
+
 def test_websocket_dropped_closes_both_unix_peers_promptly(
     run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
 ) -> None:

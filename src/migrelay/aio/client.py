@@ -270,10 +270,15 @@ def prepare_unix_listener(path: Path, mode: int = 0o600) -> socket.socket:
         if not stat.S_ISSOCK(info.st_mode):
             raise RelayError(f"{path} exists and is not a socket; not replacing it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Non-blocking: a listener with a full backlog (a hung process) would block a
+        # plain connect() for good; for a unix socket it fails at once with EAGAIN.
+        probe.setblocking(False)
         try:
             probe.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             path.unlink(missing_ok=True)  # stale: nobody listens there
+        except BlockingIOError:
+            raise RelayError(f"{path} is in use by another listener (not accepting)") from None
         else:
             raise RelayError(f"{path} is in use by another listener")
         finally:

@@ -13,6 +13,7 @@ opaque stream error mid-migration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
     "DEFAULT_RECOVER_TIMEOUT_S",
     "RESUME_RETRY_S",
+    "MigrationCancelledError",
     "MigrationOptions",
     "MigrationResult",
     "PostcopyPausedError",
@@ -42,6 +44,7 @@ __all__ = [
     "follow_migration",
     "prepare_incoming",
     "require",
+    "sleep_or_stop",
     "start_migration",
     "wait_destination_completed",
 ]
@@ -75,6 +78,10 @@ class PostcopyPausedError(MigrationError):
     The VM's state is split between both hosts; resuming (``migrate --postcopy`` again)
     is the way out, so callers must not report it as a cancelled or failed migration.
     """
+
+
+class MigrationCancelledError(MigrationError):
+    """The migration was cancelled (here, or by another QMP client): the source VM runs on."""
 
 
 #: A typed ``query-migrate`` snapshot, as handed to ``on_progress``.
@@ -407,7 +414,7 @@ async def follow_migration(
             if info.status is MigrationStatus.COMPLETED:
                 return MigrationResult.from_info(info)
             _raise_if_ended(info)
-            raise MigrationError("migration was cancelled")
+            raise MigrationCancelledError("migration was cancelled")
         info = await qmp.query_migrate()
         if info.status is MigrationStatus.COMPLETED:
             info = await _settled(qmp, info)
@@ -588,7 +595,16 @@ async def _settled(qmp: QMP, info: MigrationInfo) -> MigrationInfo:
 
 
 async def _next_event_or_stop(qmp: QMP, interval: float, stop: asyncio.Event | None) -> None:
-    """Wait for a ``MIGRATION`` event, ``interval`` seconds, or ``stop``, whichever is first."""
+    """Wait for a ``MIGRATION`` event, ``interval`` seconds, or ``stop``, whichever is first.
+
+    A `QMP` that shares the monitor is released for the wait instead (no events then):
+    another client's ``status`` or ``cancel`` gets its turn.
+    """
+    if qmp.share_monitor:
+        await qmp.release()
+        await sleep_or_stop(interval, stop)
+        await qmp.reconnect()
+        return
     if stop is None:
         await qmp.next_migration_event(interval)
         return
@@ -606,12 +622,22 @@ async def _next_event_or_stop(qmp: QMP, interval: float, stop: asyncio.Event | N
         await asyncio.gather(*waits, return_exceptions=True)
 
 
+async def sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> None:
+    """Wait ``seconds``, or less if ``stop`` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
 def _raise_if_ended(info: MigrationInfo) -> None:
     if info.status is MigrationStatus.FAILED:
         # QEMU's own text, whole; the fallback only for a QEMU that gave none.
         raise MigrationError(info.error_desc or "migration failed (qemu gave no reason)")
     if info.status is MigrationStatus.CANCELLED:
-        raise MigrationError("migration was cancelled")
+        raise MigrationCancelledError("migration was cancelled")
 
 
 def _where(info: MigrationInfo, uri: str) -> str:

@@ -32,6 +32,7 @@ from migrelay.control.migrate import (
     check_prepared_for,
     follow_migration,
     prepare_incoming,
+    sleep_or_stop,
     start_migration,
 )
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
@@ -221,7 +222,9 @@ async def migrate(
         MigrationError: QEMU refused to start, or the migration failed (QEMU's own
             text) or was cancelled, or stayed postcopy-paused.
     """
-    async with QMP(_vm_name(qmp_path)) as qmp:
+    # Following a migration takes minutes: let go of the monitor between polls, so that
+    # `status` and `cancel` work from another terminal meanwhile.
+    async with QMP(_vm_name(qmp_path), share_monitor=True) as qmp:
         await qmp.connect(qmp_path)
         paused = options.postcopy and (
             (await qmp.query_migrate()).status is MigrationStatus.POSTCOPY_PAUSED
@@ -266,7 +269,9 @@ async def watch(
         The last snapshot: a final status, ``none`` (no migration), or whatever it was
         when ``stop`` was set.
     """
-    async with QMP(_vm_name(qmp_path)) as qmp:
+    # The monitor is let go between polls, so that `cancel` (or `migrate`'s own polls)
+    # get through while this watches.
+    async with QMP(_vm_name(qmp_path), share_monitor=True) as qmp:
         await qmp.connect(qmp_path)
         while True:
             info = await qmp.query_migrate()
@@ -275,16 +280,11 @@ async def watch(
                 return info
             if stop is not None and stop.is_set():
                 return info
-            if stop is None:
-                # A MIGRATION event (when the migrating side turned them on) ends the
-                # wait early, so the final status shows without a second's delay.
-                await qmp.next_migration_event(interval)
-                continue
-            try:
-                async with asyncio.timeout(interval):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await qmp.release()
+            await sleep_or_stop(interval, stop)
+            if stop is not None and stop.is_set():
+                return info
+            await qmp.reconnect()
 
 
 async def cancel_migration(qmp_path: str) -> tuple[MigrationInfo, RunState]:

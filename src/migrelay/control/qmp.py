@@ -304,13 +304,21 @@ class QMP:
     §4). It holds at most one event per status change, a handful per migration, and is
     emptied whenever a new migration is started.
 
+    QEMU's monitor serves one client at a time; a second one waits, unanswered, until the
+    first disconnects. A long-running follower (``migrate``, ``status --watch``) therefore
+    passes ``share_monitor=True`` and lets go of the monitor between polls (`release`,
+    `reconnect`), so that ``status`` and ``cancel`` from another terminal get through.
+
     Args:
         name: the VM's name, used in messages and in the ``qemu.qmp.protocol.<name>``
             logger.
+        share_monitor: the caller releases the monitor while it waits (read by
+            `migrelay.control.migrate`).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, share_monitor: bool = False) -> None:
         self.name = name
+        self.share_monitor = share_monitor
         self.address: str | None = None
         self._client = QMPClient(name=name)
         self._migration_events = EventListener(_MIGRATION_EVENT)
@@ -380,6 +388,28 @@ class QMP:
                     " (is another client connected to this monitor?)"
                 ) from exc
         logger.debug("= %s: qmp connected to %s", self.name, path)
+
+    async def release(self) -> None:
+        """Disconnect, keeping the address and the event listener, until `reconnect`.
+
+        ``MIGRATION`` events that QEMU sends in between are not seen; a poll after
+        `reconnect` is.
+        """
+        try:
+            await self._client.disconnect()
+        except (EOFError, OSError, QMPError) as exc:
+            logger.debug("x %s: qmp connection ended: %r", self.name, exc)
+
+    async def reconnect(self, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+        """Connect again to the address of the last `connect`, after `release`.
+
+        Raises:
+            ConnectError: as `connect` (QEMU exited, or another client held the monitor
+                for ``timeout_s``).
+        """
+        if self.address is None:
+            raise ConnectError(f"qmp connection of {self.name} was never made")
+        await self.connect(self.address, timeout_s)
 
     async def close(self) -> None:
         """Disconnect; safe to call more than once and after QEMU has exited.
