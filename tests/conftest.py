@@ -92,15 +92,17 @@ async def _checked(coro: Coroutine[Any, Any, T], limit_seconds: float) -> T:
         reported.append(context)
 
     loop.set_exception_handler(handler)
-    result = await asyncio.wait_for(coro, limit_seconds)
+    try:
+        result = await asyncio.wait_for(coro, limit_seconds)
+    except BaseException:
+        # The test failed: end what it left running, but never wait on it for good (the
+        # loop's own shutdown would, and a hang there is no failure report at all).
+        await _cancel_leftovers()
+        raise
     # Let callbacks that closing transports scheduled (connection_lost) run.
     for _ in range(5):
         await asyncio.sleep(0)
-    leaked = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in leaked:
-        task.cancel()
-    if leaked:
-        await asyncio.gather(*leaked, return_exceptions=True)
+    leaked = await _cancel_leftovers()
     problems = [f"task left running: {task!r}" for task in leaked]
     problems += [
         f"loop exception handler called: {context.get('message')!r} {context.get('exception')!r}"
@@ -109,6 +111,29 @@ async def _checked(coro: Coroutine[Any, Any, T], limit_seconds: float) -> T:
     if problems:
         raise AssertionError("; ".join(problems))
     return result
+
+
+#: How long tasks left running get to end once cancelled.
+CANCEL_TIMEOUT_SECONDS: float = 5.0 * TIMEOUT_FACTOR
+
+
+async def _cancel_leftovers() -> list[asyncio.Task[Any]]:
+    """Cancel every other task and wait (bounded) for them; return those there were.
+
+    Raises:
+        AssertionError: a task was still running ``CANCEL_TIMEOUT_SECONDS`` after its
+            cancellation (it swallows ``CancelledError``), with its stack.
+    """
+    leaked = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in leaked:
+        task.cancel()
+    if not leaked:
+        return leaked
+    _, stuck = await asyncio.wait(leaked, timeout=CANCEL_TIMEOUT_SECONDS)
+    if stuck:
+        stacks = "\n".join(f"{task!r}: {task.get_stack()}" for task in stuck)
+        raise AssertionError(f"tasks ignored their cancellation:\n{stacks}")
+    return leaked
 
 
 class AsyncRunner(Protocol):

@@ -510,12 +510,15 @@ def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_c
 ) -> None:
     # Destination QEMU writes its last words on the return path (an error, a postcopy
     # page request) and dies at once: the source must get every byte, then the end.
-    last_words = random.Random(11).randbytes(3 * CHUNK_BYTES + 12345)
+    # Less than the socket's send buffer, so that all of it left the process: what a
+    # crashing process had not yet handed to the kernel is lost whatever the relay does.
+    last_words = random.Random(11).randbytes(100_000 + 12345)
 
     async def destination(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(1 << 20)
         writer.write(last_words)
-        writer.transport.abort()  # no drain, no shutdown: the process is gone
+        assert writer.transport.get_write_buffer_size() == 0  # all in the kernel
+        writer.transport.abort()  # no shutdown, no close handshake: the process is gone
 
     async def main() -> None:
         async with relays(sock_dir) as r:
