@@ -32,6 +32,7 @@ from .config import Limits
 from .control import operations
 from .control.migrate import (
     DEFAULT_RECOVER_TIMEOUT_S,
+    DEFAULT_STALL_TIMEOUT_S,
     MigrationCancelledError,
     MigrationOptions,
     PostcopyPausedError,
@@ -815,6 +816,15 @@ def migrate(
             " to return, then resume.",
         ),
     ] = DEFAULT_RECOVER_TIMEOUT_S,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stall-timeout",
+            min=0,
+            help="Seconds without any data moving after which the stuck stream is shut"
+            " down (yank) and the migration fails; 0: wait for ever.",
+        ),
+    ] = DEFAULT_STALL_TIMEOUT_S,
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Return once the migration has started.")
     ] = False,
@@ -888,6 +898,7 @@ def migrate(
                 wait=not no_wait,
                 recover_timeout=recover_timeout,
                 postcopy_after_passes=postcopy_after,
+                stall_timeout=stall_timeout or None,
             )
         except MigrationError as exc:
             # The document keeps QEMU's text whole; stderr says what failed, too.

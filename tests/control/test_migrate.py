@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +368,57 @@ def test_follow_migration_switches_to_postcopy_once(sockdir: Path) -> None:
     run_against(fake, sockdir, body)
     assert fake.commands.count("migrate-start-postcopy") == 1
     assert fake.commands.index("migrate-start-postcopy") == 2
+
+
+def test_a_stream_that_moves_no_data_for_the_stall_timeout_is_yanked(sockdir: Path) -> None:
+    broken = "Unable to write to socket: Broken pipe"
+    fake = FakeQMP()
+
+    def query_migrate(_: object) -> object:
+        # Progress at first, then none (a relay that stopped reading), until yanked.
+        polls = fake.commands.count("query-migrate")
+        if "yank" in fake.commands:
+            return {"status": "failed", "error-desc": broken}
+        return {"status": "active", "ram": _ram(min(polls, 3) << 20, 60 << 20, 1)}
+
+    fake.replies["query-migrate"] = query_migrate
+    stall = 0.3
+
+    async def body(qmp: QMP) -> None:
+        started = time.monotonic()
+        with pytest.raises(MigrationError) as info:
+            await follow_migration(qmp, interval=0.02, stall_timeout=stall)
+        assert stall <= time.monotonic() - started < stall + 1.0
+        assert str(info.value) == (
+            "no data moved for 0.3 s, so the stuck stream was shut down"
+            f" (a frozen relay or peer?); qemu: {broken}"
+        )
+
+    run_against(fake, sockdir, body)
+    assert fake.commands.count("yank") == 1
+    assert fake.received[fake.commands.index("yank")] == (
+        "yank",
+        {"instances": [{"type": "migration"}]},
+    )
+
+
+def test_a_slow_stream_that_still_moves_is_never_yanked(sockdir: Path) -> None:
+    fake = FakeQMP()
+
+    def query_migrate(_: object) -> object:
+        polls = fake.commands.count("query-migrate")
+        if polls > 40:
+            return {"status": "completed", "ram": _ram(64 << 20, 0, 2)}
+        return {"status": "active", "ram": _ram(polls, 60 << 20, 1)}  # a byte a poll
+
+    fake.replies["query-migrate"] = query_migrate
+
+    async def body(qmp: QMP) -> None:
+        result = await follow_migration(qmp, interval=0.02, stall_timeout=0.1)
+        assert result.status is MigrationStatus.COMPLETED
+
+    run_against(fake, sockdir, body)
+    assert "yank" not in fake.commands
 
 
 def test_wait_destination_completed_times_out_with_the_status(sockdir: Path) -> None:

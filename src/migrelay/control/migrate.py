@@ -32,6 +32,7 @@ from migrelay.errors import MigrationError, StateError, UnsupportedError
 __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
     "DEFAULT_RECOVER_TIMEOUT_S",
+    "DEFAULT_STALL_TIMEOUT_S",
     "RESUME_RETRY_S",
     "MigrationCancelledError",
     "MigrationOptions",
@@ -60,6 +61,12 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 #: go back to the source, so waiting is the only way out; 5 min covers a relay restart or
 #: a short network outage without holding an operator's terminal for long.
 DEFAULT_RECOVER_TIMEOUT_S = 300.0
+
+#: How long `migrelay migrate` lets a migration move no data before it shuts the stuck
+#: stream down: past the relays' own liveness timeout (15 + 15 s, up to 45 s), so a dead
+#: link is theirs to report; what is left is a peer that is alive but does not read
+#: (a frozen relay on the source host), which nothing else would ever end.
+DEFAULT_STALL_TIMEOUT_S = 60.0
 
 #: Seconds between two ``migrate resume`` attempts while the link is down. Each attempt
 #: makes the relay open a WebSocket, which fails fast while the link is down and logs a
@@ -368,6 +375,7 @@ async def follow_migration(
     stop: asyncio.Event | None = None,
     resume_uri: str | None = None,
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
+    stall_timeout: float | None = None,
 ) -> MigrationResult:
     """Poll the source's ``query-migrate`` until the migration ends.
 
@@ -393,6 +401,10 @@ async def follow_migration(
             be told ``migrate-recover`` by its side (``serve --qmp``, ``incoming
             --recover``). ``None``: a paused migration raises at once.
         recover_timeout: seconds a paused migration may stay paused.
+        stall_timeout: seconds without a byte of progress (``ram.transferred``) while
+            ``active`` or ``postcopy-active`` after which the stream counts as stuck and
+            is shut down (`QMP.yank_migration`): QEMU waits on a peer that stopped
+            reading for ever, and only this side can tell. ``None``: never.
 
     Returns:
         The result of a ``completed`` migration.
@@ -406,6 +418,7 @@ async def follow_migration(
         TimeoutError: ``stop`` was set and QEMU was still cancelling 10 s later.
     """
     postcopy_requested = False
+    stall = _StallWatch(stall_timeout)
     while True:
         if stop is not None and stop.is_set():
             info = await cancel(qmp)
@@ -430,9 +443,19 @@ async def follow_migration(
                 result.downtime_ms,
             )
             return result
+        stall.raise_if_ended(info)
         _raise_if_ended(info)
         if info.status is MigrationStatus.NONE:
             raise StateError("no migration", "a started migration", "call start_migration first")
+        if stall.is_stuck(info):
+            logger.warning(
+                "%s: no data moved for %g s; the stream is stuck (a frozen relay or"
+                " peer?): shutting it down",
+                qmp.name,
+                stall.timeout,
+            )
+            await qmp.yank_migration()
+            continue
         if info.status is MigrationStatus.POSTCOPY_PAUSED:
             # Without this the loop would poll a paused migration forever: QEMU waits
             # for a command, not for the link.
@@ -447,6 +470,38 @@ async def follow_migration(
             await qmp.migrate_start_postcopy()
             postcopy_requested = True
         await _next_event_or_stop(qmp, interval, stop)
+
+
+class _StallWatch:
+    """Tells when a migration moved no data for ``timeout`` seconds (`follow_migration`)."""
+
+    _WATCHED = (MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE)
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.yanked = False
+        self._last: tuple[MigrationStatus, int | None] | None = None
+        self._since = time.monotonic()
+
+    def is_stuck(self, info: MigrationInfo) -> bool:
+        now = time.monotonic()
+        marker = (info.status, info.transferred)
+        if marker != self._last or info.status not in self._WATCHED:
+            self._last, self._since = marker, now
+            return False
+        if self.timeout is None or now - self._since < self.timeout:
+            return False
+        self.yanked = True
+        self._last, self._since = None, now  # postcopy resumes: watch it afresh
+        return True
+
+    def raise_if_ended(self, info: MigrationInfo) -> None:
+        """Say why a migration that this watch shut down failed."""
+        if self.yanked and info.status is MigrationStatus.FAILED:
+            raise MigrationError(
+                f"no data moved for {self.timeout:g} s, so the stuck stream was shut down"
+                f" (a frozen relay or peer?); qemu: {info.error_desc or 'failed'}"
+            )
 
 
 async def _resume_postcopy(

@@ -26,6 +26,7 @@ from pathlib import Path
 from migrelay.control.migrate import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_RECOVER_TIMEOUT_S,
+    DEFAULT_STALL_TIMEOUT_S,
     MigrationOptions,
     MigrationResult,
     cancel,
@@ -191,6 +192,7 @@ async def migrate(
     wait: bool = True,
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
     postcopy_after_passes: int = POSTCOPY_AFTER_PASSES,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
 ) -> MigrationResult | None:
     """Start migrating the VM behind ``qmp_path`` to ``uri`` and follow it to the end.
 
@@ -211,6 +213,8 @@ async def migrate(
         wait: ``False`` returns ``None`` as soon as QEMU has accepted ``migrate``.
         recover_timeout: seconds to wait for a failed link during postcopy.
         postcopy_after_passes: with ``options.postcopy``, switch in this pass (1: at once).
+        stall_timeout: seconds without progress before a stuck stream is shut down
+            (`follow_migration`); ``None``: never.
 
     Returns:
         The result of the completed migration, or ``None`` when not waiting.
@@ -247,6 +251,7 @@ async def migrate(
             stop=stop,
             resume_uri=uri if options.postcopy else None,
             recover_timeout=recover_timeout,
+            stall_timeout=stall_timeout,
         )
 
 

@@ -646,6 +646,19 @@ class QMP:
         """
         await self.execute("migrate_cancel")
 
+    async def yank_migration(self) -> None:
+        """Shut down the migration's sockets at once (``yank``, QEMU 6.0 and later).
+
+        For a stream that is stuck rather than broken (a peer that stopped reading):
+        precopy then ends ``failed`` with the source VM as it was, postcopy goes
+        ``postcopy-paused`` and can be resumed.
+
+        Raises:
+            MigrationError: QEMU refused (no migration running, or too old for yank).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("yank", {"instances": [{"type": "migration"}]})
+
     async def migrate_start_postcopy(self) -> None:
         """Switch a running precopy migration to postcopy (``migrate-start-postcopy``).
 
