@@ -24,33 +24,31 @@ Each figure is the median over ``--repeat`` runs of ``timeit.repeat`` (GB/s = 10
 bytes/s of payload); the best run is kept in the JSON too.
 
 Conclusion, measured on a 2-core AMD EPYC VM shared with other work (CPython 3.11.7,
-wsproto 1.3.2, C mask, ``python benches/codec.py``, median of 7 runs, GB/s). Two runs
-minutes apart differed by up to 2x on this host; the second, quieter one:
+wsproto 1.3.2, C mask with the AVX2 clone, ``python benches/codec.py --json
+benches/results/2026-11-26-codec.json``, median of 7 runs, GB/s). Runs minutes apart
+differ by up to 1.5x on this host:
 
 ======  ======  ========  =======  =====
 size    op      migrelay  wsproto  ratio
 ======  ======  ========  =======  =====
-64 KiB  encode     15.6     0.82     19x
-64 KiB  decode     10.5     0.80     13x
-1 MiB   encode     26.4     0.30     88x
-1 MiB   decode     25.1     0.83     30x
-4 MiB   encode     28.4     0.29     99x
-4 MiB   decode     27.9     0.81     35x
+64 KiB  encode     26.5     0.81     33x
+64 KiB  decode     11.5     0.59     19x
+1 MiB   encode     58.1     0.34    173x
+1 MiB   decode     37.1     0.55     68x
+4 MiB   encode     44.9     0.28    162x
+4 MiB   decode     64.8     0.78     83x
 ======  ======  ========  =======  =====
 
-(first run: migrelay 8-18 GB/s, wsproto 0.19-0.77 GB/s, ratios 15-93x). migrelay's
-path is one to two orders of magnitude faster than wsproto's; wsproto's encode drops
-from 0.8 to 0.3 GB/s above 64 KiB, consistent with the page-fault cliff of fresh
-per-frame buffers of 128 KiB and more (DESIGN.md §4; page faults not counted here).
-At 64 KiB the per-frame Python overhead (header, events) still shows: decode runs at
-about a third of the mask's speed.
+migrelay's path is one to two orders of magnitude faster than wsproto's; wsproto's
+encode drops from 0.8 to 0.3 GB/s above 64 KiB, consistent with the page-fault cliff of
+fresh per-frame buffers of 128 KiB and more (DESIGN.md §4; page faults not counted
+here). At 64 KiB the per-frame Python overhead (header, events) still shows: decode runs
+at about a sixth of the mask's speed.
 
-Masking alone ran at 28-29 GB/s against 44-53 GB/s for a copy of the same buffer
-(mask/copy 0.53-0.63); the noisier first run gave 15-28 against 29-46 (0.40-0.61, so
-2.5x slower than a copy at 1 MiB). Masking is about 2x a copy, not at copy speed: the
-same C loop compiled
-standalone reached memcpy speed (about 47 GB/s) on this host, so the extension has
-headroom worth a look.
+Masking alone ran at 72-90 GB/s against 39-47 GB/s for a copy of the same buffer
+(mask/copy 1.6-2.1x): in place and 32 bytes at a time, it touches each byte once where a
+copy reads one buffer and writes another. (Before the AVX2 clone, 8 bytes at a time, it
+ran at 28 GB/s, about half a copy.)
 """
 
 from __future__ import annotations
