@@ -116,25 +116,31 @@ class ModeSummary:
 
 
 class _Process:
-    """A relay process whose CPU time and peak RSS are read before it is stopped."""
+    """A relay process whose CPU time and peak RSS are read before it is stopped.
+
+    Both cover the process's whole tree: socat copies in a child it forks per connection,
+    so its parent alone would show next to nothing.
+    """
 
     def __init__(self, name: str, argv: list[str], log: Path) -> None:
         self.name = name
         with open(log, "wb") as out:
             self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         self.log = log
+        self._peak_tree_rss = 0
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # utime, stime, cutime, cstime are fields 14-17 of proc(5); [0] here is field 3.
-        # Children count once reaped: socat does its copying in forked children.
-        return sum(int(value) for value in fields[11:15]) / _CLK_TCK
+        """CPU seconds of the tree: each live process's own and its reaped children's."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.popen.pid))
+
+    def sample_rss(self) -> None:
+        """Note the tree's summed resident memory (call it while the relay works)."""
+        total = sum(_status_kib(pid, "VmRSS:") for pid in _process_tree(self.popen.pid))
+        self._peak_tree_rss = max(self._peak_tree_rss, total * 1024)
 
     def peak_rss(self) -> int:
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        """The largest of the parent's own peak and the tree's sampled sums."""
+        return max(_status_kib(self.popen.pid, "VmHWM:") * 1024, self._peak_tree_rss)
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -144,6 +150,35 @@ class _Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (``/proc/PID/task/TID/children``)."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{tree[index]}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    tree += [int(child) for child in (task / "children").read_text().split()]
+        index += 1
+    return tree
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0  # gone meanwhile: its parent's cutime/cstime holds it once reaped
+    # utime, stime, cutime, cstime are fields 14-17 of proc(5); [0] here is field 3.
+    return sum(int(value) for value in fields[11:15]) / _CLK_TCK
+
+
+def _status_kib(pid: int, key: str) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
 
 
 def _free_port() -> int:
@@ -291,10 +326,18 @@ class Bench:
         out_uri = await self._plumb(mode, dst_qmp, options, relays)
         # Start-up CPU (the interpreter, imports) is not the migration's.
         idle_cpu = {relay.name: relay.cpu_seconds() for relay in relays}
+        sampler = asyncio.ensure_future(_sample_rss(relays))
         started = time.monotonic()
-        await start_migration(src_qmp, out_uri, options)
-        await wait_destination_completed(dst_qmp, RUN_TIMEOUT_S)
-        result.seconds = time.monotonic() - started
+        try:
+            await start_migration(src_qmp, out_uri, options)
+            await wait_destination_completed(dst_qmp, RUN_TIMEOUT_S)
+            result.seconds = time.monotonic() - started
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        # socat's per-connection children exit once QEMU closed its end: let them be
+        # reaped, so that their CPU time shows in the parent's cutime.
+        await _children_reaped(relays)
         info = await src_qmp.query_migrate()
         result.source_total_time_ms = info.total_time_ms
         result.downtime_ms = info.downtime_ms
@@ -370,6 +413,27 @@ class Bench:
         relays.append(client)
         await _wait_listening(source_sock.exists, client)
         return f"unix:{source_sock}"
+
+
+#: How often the relays' memory is sampled during a run.
+_RSS_SAMPLE_S = 0.05
+#: How long to wait for a relay's finished children to be reaped.
+_REAP_TIMEOUT_S = 2.0
+
+
+async def _sample_rss(relays: Sequence[_Process]) -> None:
+    while True:
+        for relay in relays:
+            relay.sample_rss()
+        await asyncio.sleep(_RSS_SAMPLE_S)
+
+
+async def _children_reaped(relays: Sequence[_Process]) -> None:
+    deadline = time.monotonic() + _REAP_TIMEOUT_S
+    while any(len(_process_tree(relay.popen.pid)) > 1 for relay in relays):
+        if time.monotonic() >= deadline:
+            return  # still running: what they did so far is counted as theirs
+        await asyncio.sleep(0.02)
 
 
 def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
