@@ -14,8 +14,9 @@ timeout, so a silent peer is declared dead 3 s after its last byte. For each fau
 * the source VM is intact: still in ``prelaunch`` (where it started) and its RAM file
   unchanged;
 * the surviving relay(s) logged one "closed" line that names the cause;
-* no TCP connection is left in either namespace, and at the end no process is left in
-  them and no relay socket file is left on disk;
+* no established TCP connection is left in either namespace, and no relay holds a TCP
+  or unix connection in any state but listening (half-closed ones count); at the end no
+  process is left in them and no relay socket file is left on disk;
 * a second migration right after (fresh destination VM; relays restarted where one was
   killed) completes with RAM identical.
 
@@ -227,13 +228,45 @@ async def migrate_again(sq: QMP, src: DisposableVM, hosts: Hosts, name: str) -> 
     assert first_difference(src.ram_path, dst.ram_path) is None
 
 
+def sockets_held_by_relays(hosts: Hosts) -> list[str]:
+    """Connected TCP and unix sockets (any state but listening) that a relay still holds.
+
+    Unix sockets belong to the network namespace of the process that made them, so each
+    namespace is asked; QEMU's own sockets (its QMP connection) are not the relays'.
+    """
+    pids = [p.pid for p in hosts.procs.processes if p.popen.poll() is None]
+    held: list[str] = []
+    for namespace in (hosts.ns.source_ns, hosts.ns.dest_ns):
+        result = subprocess.run(
+            ["ip", "netns", "exec", namespace, "ss", "-Hp", "-A", "tcp,unix", "state",
+             "connected"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        lines = [
+            line
+            for line in result.stdout.splitlines()
+            if any(f"pid={pid}," in line for pid in pids)
+        ]
+        # The event loop's own wake-up socketpair: both ends in one process, for good.
+        inodes = {line.split()[5] for line in lines if line.startswith("u_str")}
+        held += [
+            line for line in lines if not (line.startswith("u_str") and line.split()[7] in inodes)
+        ]
+    return held
+
+
 def wait_no_connections(hosts: Hosts, timeout: float = 5.0) -> None:
-    """Both relays let go of the broken WebSocket (no established TCP connection)."""
+    """Both relays let go of everything of the failed migration.
+
+    No established TCP connection in either namespace (held by anyone), and no
+    connected TCP or unix socket (half-closed ones included) held by a relay.
+    """
     deadline = time.monotonic() + timeout * FACTOR
     while True:
         left = established_connections(hosts.ns.source_ns) + established_connections(
             hosts.ns.dest_ns
         )
+        left += sockets_held_by_relays(hosts)
         if not left:
             return
         assert time.monotonic() < deadline, f"connections left after the fault: {left}"

@@ -14,6 +14,12 @@ is back, ``migrate`` resumes (``migrate`` with ``resume`` to the same socket), `
 sees a new session for a paused destination and issues ``migrate-recover`` itself, and
 the migration completes with the destination's RAM equal to the source's.
 
+The same with the two-command form, ``serve --qmp-dir`` and ``migrate --to`` (the source
+relay inside ``migrate``), and nothing else: ``migrate`` has no ping options, so its
+relay notices the cut with the default liveness timeout (30-45 s) and the source pauses
+that much later; then it resumes by itself, its relay holding QEMU's resume connection
+(``open_retry``) until the link is back.
+
 The VMs' files live on tmpfs (``/dev/shm``): the destination of a postcopy migration
 registers its RAM with userfaultfd, which supports anonymous and shmem memory but not
 an ext4 file (QEMU 7.2: "ram_block_enable_notify userfault register: Invalid argument").
@@ -27,11 +33,13 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from migrelay.config import Limits
 from migrelay.control.migrate import MigrationOptions, wait_destination_completed
 from migrelay.control.netns import LinkedNamespaces
 from migrelay.control.operations import MIGRATION_HEADER, announcement
@@ -56,10 +64,23 @@ LIVENESS_ARGS = ("--ping-interval", str(PING_INTERVAL_S), "--ping-timeout", str(
 CUT_S = LIVENESS_S + 4.0
 #: The bound on noticing the cut: liveness plus 2 s for scheduling on a busy host.
 PAUSE_BOUND_S = (LIVENESS_S + 2.0) * FACTOR
+#: ``migrate --to`` runs its relay with the default limits (it has no ping options):
+#: a dead peer is noticed at most 2 × ping_interval + ping_timeout after its last byte.
+DEFAULT_LIMITS = Limits()
+IN_PROCESS_PAUSE_BOUND_S = (
+    2 * DEFAULT_LIMITS.ping_interval + DEFAULT_LIMITS.ping_timeout + 2.0
+) * FACTOR
+#: ``migrate --to``: the link stays down this long after the source paused, so that its
+#: first resume attempt finds the link down and its relay has to hold QEMU's connection.
+HOLD_AFTER_PAUSE_S = 3.0
 MIGRATION_TIMEOUT_S = 90.0 * FACTOR
+RECOVER_TIMEOUT_S = 60
 PORT = 8765
 NAME = "vm"
 OPTIONS = MigrationOptions(postcopy=True)
+PAUSED_LINE = r"postcopy paused: the link to the destination failed"
+LIVENESS_CLOSED = r"channel \S+ closed: [^\n]*liveness timeout"
+RECOVERED_LINE = r"listening again on unix:\S+ to resume"
 
 
 def allocated_bytes(path: Path) -> int:
@@ -81,14 +102,33 @@ def shm_workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_link_cut_during_postcopy_is_waited_out_resumed_and_ram_intact(
-    shm_workdir: Path, migrelay_procs: MigrelayProcesses
-) -> None:
+@dataclass
+class Hosts:
+    """The shaped link, both VMs (started) and ``serve --qmp-dir`` with its token."""
+
+    ns: LinkedNamespaces
+    workdir: Path
+    token: Path
+    src: DisposableVM
+    dst: DisposableVM
+    serve: MigrelayProcess
+    procs: MigrelayProcesses
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.ns.dest_addr}:{PORT}/{NAME}"
+
+    def source_prefix(self) -> tuple[str, ...]:
+        return self.ns.prefix(self.ns.source_ns)
+
+
+@pytest.fixture
+def hosts(shm_workdir: Path, migrelay_procs: MigrelayProcesses) -> Iterator[Hosts]:
+    """Two namespaces on a shaped link, the VMs and ``serve``; all torn down afterwards."""
     token = shm_workdir / "token"
     token.write_text("postcopy-recovery-token\n")
     dest_dir = shm_workdir / "dst"
     dest_dir.mkdir()
-    source_sock = shm_workdir / "source.sock"
     with LinkedNamespaces(rate=LINK_RATE) as ns:
         src = DisposableVM(shm_workdir, "src", RAM_BYTES, command_prefix=ns.prefix(ns.source_ns))
         dst = DisposableVM(
@@ -101,70 +141,139 @@ def test_link_cut_during_postcopy_is_waited_out_resumed_and_ram_intact(
                 "--token-file", str(token), "--wait-target", "10", *LIVENESS_ARGS,
                 listen=f"{ns.dest_addr}:{PORT}", prefix=ns.prefix(ns.dest_ns),
             )  # fmt: skip
-            # A plain connect announces no capabilities (serve would prepare the
-            # destination without postcopy); migrate --to sends this header itself.
-            # --retry-open: hold QEMU's resume connection until the link is back.
-            client = migrelay_procs.connect(
-                f"ws://{ns.dest_addr}:{PORT}/{NAME}", source_sock,
-                "--token-file", str(token), *LIVENESS_ARGS,
-                "--header", f"{MIGRATION_HEADER}: {announcement(OPTIONS)}",
-                "--retry-open", "60",
-                prefix=ns.prefix(ns.source_ns),
-            )  # fmt: skip
-            migrate = migrelay_procs.start(
-                "migrate", "--qmp", str(src.qmp_path), "--socket", str(source_sock),
-                "--postcopy", "--postcopy-after", "1", "--recover-timeout", "60",
-                prefix=ns.prefix(ns.source_ns), name="migrate",
-            )  # fmt: skip
-
-            migrate.wait_for_log(r"postcopy-active", timeout=30 * FACTOR)
-            deadline = time.monotonic() + 30 * FACTOR
-            while allocated_bytes(dst.ram_path) < CUT_AFTER_BYTES:
-                assert time.monotonic() < deadline, "postcopy did not get under way"
-                assert migrate.popen.poll() is None, migrate.log()
-                time.sleep(0.02)
-
-            ns.set_link(False)
-            cut_at = time.monotonic()
-            migrate.wait_for_log(
-                r"postcopy paused: the link to the destination failed", timeout=PAUSE_BOUND_S
-            )
-            paused_after = time.monotonic() - cut_at
-            serve.wait_for_log(r"channel \S+ closed: [^\n]*liveness timeout", timeout=10)
-            client.wait_for_log(r"channel \S+ closed: [^\n]*liveness timeout", timeout=10)
-            time.sleep(max(cut_at + CUT_S - time.monotonic(), 0))
-            # Still mid-way: the rest can only come over the restored link.
-            held = allocated_bytes(dst.ram_path)
-            assert held < RAM_BYTES - 8 * MIB, f"postcopy nearly done before the cut: {held}"
-            ns.set_link(True)
-            restored_at = time.monotonic()
-
-            serve.wait_for_log(r"listening again on unix:\S+ to resume", timeout=30 * FACTOR)
-            resumed_after = time.monotonic() - restored_at
-            status = migrate.wait(MIGRATION_TIMEOUT_S)
-            completed_after = time.monotonic() - restored_at
-            assert status == 0, migrate.log()
-
-            asyncio.run(_finish(src, dst))
-            assert first_difference(src.ram_path, dst.ram_path) is None
-
-            # The operator was told once that the link failed and that it waits.
-            paused = log_lines(migrate, r"postcopy paused")
-            assert len(paused) == 1, migrate.log()
-            assert "waiting up to 60 s for it to return" in paused[0]
-            assert re.search(r"^completed", migrate.log(), re.MULTILINE), migrate.log()
-            print(
-                f"\nPOSTCOPY RECOVERY: link cut after {held // MIB} MiB held by the"
-                f" destination; source paused {paused_after:.2f} s after the cut (bound"
-                f" {PAUSE_BOUND_S:g} s); link down {restored_at - cut_at:.1f} s; serve"
-                f" recovered {resumed_after:.2f} s and the migration completed"
-                f" {completed_after:.2f} s after the link returned; RAM identical"
-            )
+            yield Hosts(ns, shm_workdir, token, src, dst, serve, migrelay_procs)
         finally:
             migrelay_procs.stop_all()
             for vm in (src, dst):
                 vm.kill()
                 print(f"----- qemu {vm.name}:\n{vm.stderr_tail()}")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """When the link went down and came back, and what the destination held then."""
+
+    cut_at: float
+    restored_at: float
+    #: Seconds from the cut to ``migrate``'s "postcopy paused" line.
+    paused_after: float
+    #: Bytes of RAM the destination held just before the link returned.
+    held: int
+
+
+def cut_link_during_postcopy(
+    hosts: Hosts,
+    migrate: MigrelayProcess,
+    pause_bound_s: float,
+    relays: Sequence[MigrelayProcess],
+    hold_after_pause_s: float = 0.0,
+) -> Cut:
+    """Cut the link mid-postcopy, wait for the source to pause, restore the link.
+
+    The link stays down at least `CUT_S` (past the liveness timeout of every relay with
+    `LIVENESS_ARGS`, so that each of ``relays`` has closed its channel) and at least
+    ``hold_after_pause_s`` after ``migrate`` said that the source paused.
+    """
+    migrate.wait_for_log(r"postcopy-active", timeout=30 * FACTOR)
+    deadline = time.monotonic() + 30 * FACTOR
+    while allocated_bytes(hosts.dst.ram_path) < CUT_AFTER_BYTES:
+        assert time.monotonic() < deadline, "postcopy did not get under way"
+        assert migrate.popen.poll() is None, migrate.log()
+        time.sleep(0.02)
+
+    hosts.ns.set_link(False)
+    cut_at = time.monotonic()
+    migrate.wait_for_log(PAUSED_LINE, timeout=pause_bound_s)
+    paused_at = time.monotonic()
+    for relay in relays:
+        relay.wait_for_log(LIVENESS_CLOSED, timeout=10)
+    time.sleep(
+        max(
+            cut_at + CUT_S - time.monotonic(), paused_at + hold_after_pause_s - time.monotonic(), 0
+        )
+    )
+    # Still mid-way: the rest can only come over the restored link.
+    held = allocated_bytes(hosts.dst.ram_path)
+    assert held < RAM_BYTES - 8 * MIB, f"postcopy nearly done before the cut: {held}"
+    hosts.ns.set_link(True)
+    return Cut(cut_at, time.monotonic(), paused_at - cut_at, held)
+
+
+def check_recovered(hosts: Hosts, migrate: MigrelayProcess, cut: Cut) -> tuple[float, float]:
+    """``serve`` recovered the destination, ``migrate`` exited 0, RAM identical.
+
+    Returns:
+        Seconds from the link's return to ``serve``'s ``migrate-recover`` and to
+        ``migrate``'s exit.
+    """
+    hosts.serve.wait_for_log(RECOVERED_LINE, timeout=30 * FACTOR)
+    resumed_after = time.monotonic() - cut.restored_at
+    status = migrate.wait(MIGRATION_TIMEOUT_S)
+    completed_after = time.monotonic() - cut.restored_at
+    assert status == 0, migrate.log()
+
+    asyncio.run(_finish(hosts.src, hosts.dst))
+    assert first_difference(hosts.src.ram_path, hosts.dst.ram_path) is None
+
+    # The operator was told once that the link failed and that it waits.
+    paused = log_lines(migrate, r"postcopy paused")
+    assert len(paused) == 1, migrate.log()
+    assert f"waiting up to {RECOVER_TIMEOUT_S} s for it to return" in paused[0]
+    assert re.search(r"^completed", migrate.log(), re.MULTILINE), migrate.log()
+    return resumed_after, completed_after
+
+
+def report(
+    form: str, cut: Cut, pause_bound_s: float, resumed_after: float, completed_after: float
+) -> None:
+    print(
+        f"\nPOSTCOPY RECOVERY ({form}): link cut after {cut.held // MIB} MiB held by the"
+        f" destination; source paused {cut.paused_after:.2f} s after the cut (bound"
+        f" {pause_bound_s:g} s); link down {cut.restored_at - cut.cut_at:.1f} s; serve"
+        f" recovered {resumed_after:.2f} s and the migration completed"
+        f" {completed_after:.2f} s after the link returned; RAM identical"
+    )
+
+
+def test_link_cut_during_postcopy_is_waited_out_resumed_and_ram_intact(hosts: Hosts) -> None:
+    source_sock = hosts.workdir / "source.sock"
+    # A plain connect announces no capabilities (serve would prepare the
+    # destination without postcopy); migrate --to sends this header itself.
+    # --retry-open: hold QEMU's resume connection until the link is back.
+    client = hosts.procs.connect(
+        hosts.url, source_sock,
+        "--token-file", str(hosts.token), *LIVENESS_ARGS,
+        "--header", f"{MIGRATION_HEADER}: {announcement(OPTIONS)}",
+        "--retry-open", "60",
+        prefix=hosts.source_prefix(),
+    )  # fmt: skip
+    migrate = hosts.procs.start(
+        "migrate", "--qmp", str(hosts.src.qmp_path), "--socket", str(source_sock),
+        "--postcopy", "--postcopy-after", "1", "--recover-timeout", str(RECOVER_TIMEOUT_S),
+        prefix=hosts.source_prefix(), name="migrate",
+    )  # fmt: skip
+
+    cut = cut_link_during_postcopy(hosts, migrate, PAUSE_BOUND_S, [hosts.serve, client])
+    resumed_after, completed_after = check_recovered(hosts, migrate, cut)
+    report("connect + migrate --socket", cut, PAUSE_BOUND_S, resumed_after, completed_after)
+
+
+def test_two_command_form_recovers_from_a_link_cut_during_postcopy(hosts: Hosts) -> None:
+    """``serve --qmp-dir`` and ``migrate --to``: no ``connect``, no ``incoming --recover``."""
+    migrate = hosts.procs.start(
+        "migrate", "--qmp", str(hosts.src.qmp_path), "--to", hosts.url,
+        "--token-file", str(hosts.token),
+        "--postcopy", "--postcopy-after", "1", "--recover-timeout", str(RECOVER_TIMEOUT_S),
+        prefix=hosts.source_prefix(), name="migrate",
+    )  # fmt: skip
+
+    cut = cut_link_during_postcopy(
+        hosts, migrate, IN_PROCESS_PAUSE_BOUND_S, [hosts.serve], HOLD_AFTER_PAUSE_S
+    )
+    resumed_after, completed_after = check_recovered(hosts, migrate, cut)
+    # serve recovered the paused destination once, for the resumed session.
+    assert len(log_lines(hosts.serve, RECOVERED_LINE)) == 1, hosts.serve.log()
+    report("migrate --to", cut, IN_PROCESS_PAUSE_BOUND_S, resumed_after, completed_after)
 
 
 async def _start(src: DisposableVM, dst: DisposableVM) -> None:
