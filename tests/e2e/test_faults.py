@@ -303,8 +303,14 @@ def run_fault(
     inject: Callable[[Hosts, DisposableVM, DisposableVM], None],
     after_failure: Callable[[Hosts], None],
     stall_timeout: float | None = None,
+    source_running: bool = False,
 ) -> FaultOutcome:
-    """The common scenario: migrate, inject, check the source, recover, migrate again."""
+    """The common scenario: migrate, inject, check the source, recover, migrate again.
+
+    With ``source_running`` the source VM runs (``cont``) instead of staying in
+    ``prelaunch``; it must still run after the fault. (Its firmware then writes to its
+    RAM, so the RAM is compared only after the retry, not against the start.)
+    """
 
     async def scenario() -> FaultOutcome:
         src = hosts.vm("src", incoming=False)
@@ -316,12 +322,16 @@ def run_fault(
             await sq.connect(str(src.qmp_path))
             await dq.connect(str(dst.qmp_path))
             assert await sq.query_status() is RunState.PRELAUNCH
+            if source_running:
+                await sq.execute("cont")
+            before = await sq.query_status()
             outcome = await migrate_until_fault(
                 sq, dq, hosts, lambda: inject(hosts, src, dst), stall_timeout
             )
             # The source VM is intact: where it was, RAM untouched, QMP answering.
-            assert await sq.query_status() is RunState.PRELAUNCH
-            assert sha256_file(src.ram_path) == ram_before
+            assert await sq.query_status() is before
+            if not source_running:
+                assert sha256_file(src.ram_path) == ram_before
             await asyncio.to_thread(after_failure, hosts)
             await dst.terminate()
             await migrate_again(sq, src, hosts, "dst2")
@@ -354,6 +364,28 @@ def test_source_relay_killed_mid_migration_fails_source_at_once_and_retry_comple
     assert len(lines) == 2, lines  # the fault, then the retry
     assert "closed without a close frame" in lines[0] or "connection lost" in lines[0]
     report("kill -9 source relay (connect)", outcome, lines[:1])
+    check_nothing_left(hosts)
+
+
+def test_a_running_source_runs_on_after_its_migration_failed_and_retry_completes(
+    hosts: Hosts,
+) -> None:
+    # As the kill -9 of the destination relay below, with a guest that runs: after the
+    # failure it must be running, not paused or stopped by the failed migration.
+    server = hosts.serve()
+    client = hosts.connect()
+
+    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
+        os.kill(server.pid, signal.SIGKILL)
+
+    def recover(hosts: Hosts) -> None:
+        client.wait_for_log(r"session \S+ ended: [^\n]*failed")
+        wait_no_connections(hosts)
+        server.popen.wait(5)
+        hosts.serve()
+
+    outcome = run_fault(hosts, inject, recover, source_running=True)
+    assert outcome.source_error, outcome
     check_nothing_left(hosts)
 
 
