@@ -18,7 +18,7 @@ import functools
 import itertools
 import random
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -29,6 +29,7 @@ from wsproto.frame_protocol import (
     ParseFailed,
 )
 
+from migrelay.core import frames as frames_module
 from migrelay.core.events import (
     CloseReceived,
     EndOfStream,
@@ -49,9 +50,33 @@ from migrelay.core.frames import (
     mask_payload,
     write_header,
 )
+from migrelay.core.mask import MASK_IMPLEMENTATION, MaskFunction, apply_mask, apply_mask_python
 from migrelay.errors import LocalProtocolError
 
 KEY = bytes([0xA1, 0x5E, 0x00, 0x7F])
+
+
+@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
+def mask_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run every test of this module with the C mask and again with the Python fallback.
+
+    Module-scoped (Hypothesis refuses function-scoped fixtures around ``@given``): the
+    codec's module attribute is swapped for the whole module run and put back after.
+    """
+    implementation: MaskFunction = apply_mask if request.param == "c" else apply_mask_python
+    namespace = vars(frames_module)  # the name the codec looks up at each call
+    saved = namespace["apply_mask"]
+    namespace["apply_mask"] = implementation
+    try:
+        yield str(request.param)
+    finally:
+        namespace["apply_mask"] = saved
+
+
+def test_the_c_mask_is_what_the_codec_uses_by_default() -> None:
+    assert MASK_IMPLEMENTATION == "c"  # the set-up builds it; the fallback is tested too
+
+
 MIB = 1 << 20
 #: RFC 6455 §5.2 length encodings: 7-bit (0-125), 16-bit (126-65535), 64-bit (65536+),
 #: each at its boundaries, plus a message of 1 MiB and one just above it.

@@ -187,11 +187,8 @@ def cut_link_during_postcopy(
     paused_at = time.monotonic()
     for relay in relays:
         relay.wait_for_log(LIVENESS_CLOSED, timeout=10)
-    time.sleep(
-        max(
-            cut_at + CUT_S - time.monotonic(), paused_at + hold_after_pause_s - time.monotonic(), 0
-        )
-    )
+    restore_at = max(cut_at + CUT_S, paused_at + hold_after_pause_s)
+    time.sleep(max(restore_at - time.monotonic(), 0))
     # Still mid-way: the rest can only come over the restored link.
     held = allocated_bytes(hosts.dst.ram_path)
     assert held < RAM_BYTES - 8 * MIB, f"postcopy nearly done before the cut: {held}"
