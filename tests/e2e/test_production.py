@@ -230,8 +230,14 @@ def serve(procs: MigrelayProcesses, workdir: Path, *args: str) -> MigrelayProces
     return procs.serve("--target", str(workdir / "dest.sock"), *args)
 
 
-def connect(procs: MigrelayProcesses, workdir: Path, url: str, *args: str) -> MigrelayProcess:
-    return procs.connect(url, workdir / "source.sock", *args)
+def connect(
+    procs: MigrelayProcesses,
+    workdir: Path,
+    url: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> MigrelayProcess:
+    return procs.connect(url, workdir / "source.sock", *args, env=env)
 
 
 def assert_channels_completed(*relays: MigrelayProcess) -> None:
@@ -372,6 +378,34 @@ def test_connect_through_tinyproxy_carries_a_migration_intact(
     # The one channel went through the proxy: one CONNECT, to serve's port.
     assert proxy_log.count(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1") == 1, proxy_log
     assert "proxy-test-token" not in server.log() + client.log() + proxy_log
+
+
+def test_connect_follows_https_proxy_and_trusts_the_system_store_by_default(
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    workdir: Path,
+    daemons: list[subprocess.Popen[bytes]],
+    pki: PKI,
+) -> None:
+    # No --ca and no --proxy: what a host's environment provides. SSL_CERT_FILE stands in
+    # for the system trust store (OpenSSL reads its default CA file from it).
+    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    assert server.port is not None
+    proxy_port = start_tinyproxy(workdir, daemons, server.port)
+    environment = {"SSL_CERT_FILE": str(pki.ca), "https_proxy": f"http://127.0.0.1:{proxy_port}"}
+    client = connect(migrelay_procs, workdir, f"wss://localhost:{server.port}/", env=environment)
+    asyncio.run(migrate(vm_pair, workdir))
+    assert_channels_completed(server, client)
+    proxy_log = (workdir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
+    assert proxy_log.count(f"CONNECT localhost:{server.port} HTTP/1.1") == 1, proxy_log
+    client.stop()
+    # The same without the CA in the trust store: refused before a byte of the VM moves.
+    untrusting = connect(
+        migrelay_procs, workdir, f"wss://localhost:{server.port}/",
+        env={"SSL_CERT_FILE": str(pki.other_ca), "no_proxy": "localhost"},
+    )  # fmt: skip
+    asyncio.run(migration_fails(vm_pair, workdir))
+    assert "certificate verify failed" in untrusting.log(), untrusting.log()
 
 
 def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
