@@ -85,7 +85,7 @@ class StateError(RelayError):
 class ConnectError(RelayError):
     """Could not connect to a peer (relay, proxy, QMP socket).
 
-    ``str()`` is ``"message: cause"``.
+    ``str()`` is ``"message: cause"``, on one line (qemu.qmp's causes can span two).
     """
 
     def __init__(self, message: str, exc: BaseException | None = None) -> None:
@@ -96,7 +96,7 @@ class ConnectError(RelayError):
     def __str__(self) -> str:
         if self.exc is None:
             return self.message
-        cause = str(self.exc) or type(self.exc).__name__
+        cause = " ".join(str(self.exc).split()) or type(self.exc).__name__
         return f"{self.message}: {cause}"
 
 

@@ -46,6 +46,29 @@ def test_connect_to_dead_socket_names_the_socket_and_the_cause(sockdir: Path) ->
     asyncio.run(main())
 
 
+def test_a_socket_that_is_not_qmp_is_named_in_one_line(sockdir: Path) -> None:
+    # The wrong path: something listens there, but it is not a QEMU monitor.
+    path = sockdir / "not-qmp.sock"
+
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+        await writer.drain()
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(banner, str(path))
+        async with server, QMP("src") as qmp:
+            with pytest.raises(ConnectError) as info:
+                await qmp.connect(str(path), timeout_s=5)
+            message = str(info.value)
+            assert "\n" not in message
+            assert message.startswith(f"cannot connect to qmp socket {path} of src: ")
+            assert "Did not understand Greeting" in message and "SSH-2.0" in message
+
+    asyncio.run(main())
+
+
 def test_connect_retries_a_socket_bound_but_not_yet_listening(sockdir: Path) -> None:
     # QEMU binds its QMP socket (the file appears) before it calls listen(): a client
     # that connects in between is refused, which is no reason to give up.
