@@ -35,6 +35,8 @@ pytestmark = pytest.mark.e2e
 
 #: Slow enough that 64 MiB takes ~8 s, so a test can act while the migration runs.
 SLOW_BANDWIDTH = "8M"
+#: Terminal width for the bar test: room for every figure of the bar.
+COLUMNS = 160
 
 
 @pytest.fixture
@@ -217,7 +219,7 @@ def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
                     # Slow enough for the bar to be redrawn a few times.
                     "--max-bandwidth",
                     "32M",
-                    env={"COLUMNS": "100"},
+                    env={"COLUMNS": str(COLUMNS)},
                     stdout_fd=terminal,
                 )
             finally:
@@ -238,9 +240,20 @@ def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
         assert len(redraws) >= 2, repr(screen)
         for redraw in redraws:
             assert redraw.endswith("\x1b[K"), repr(redraw)
-            assert len(redraw) - len("\x1b[K") < 100
-        assert any(re.match(r"\[#*-*\]\s+\d+% active ", redraw) for redraw in redraws)
-        assert re.search(r"\r\x1b\[Kcompleted in .* pass(es)?\r\n$", screen), repr(screen)
+            assert len(redraw) - len("\x1b[K") < COLUMNS
+        # Every figure of the line form, in a line that fits: sent, left, rate, ETA,
+        # dirty-page rate and pass.
+        full = re.compile(
+            r"\[#*-*\]\s+\d+% active  [\d.]+ \S+ sent  [\d.]+ \S+ left  [\d.]+ \S+/s"
+            r"  eta .+?  dirty \S+ \S+  pass \d+\x1b\[K$"
+        )
+        assert any(full.match(redraw) for redraw in redraws), redraws
+        # The summary: total time, size, average rate, downtime and passes.
+        assert re.search(
+            r"\r\x1b\[Kcompleted in [\d.]+ s: [\d.]+ MiB at [\d.]+ MiB/s, downtime \d+ ms,"
+            r" \d+ pass(es)?\r\n$",
+            screen,
+        ), repr(screen)
 
     asyncio.run(main())
 
