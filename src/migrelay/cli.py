@@ -163,6 +163,17 @@ ClientKeyOpt = Annotated[
     Path | None,
     typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
 ]
+# Liveness, shared by serve, connect and migrate --to (DESIGN.md §3).
+PingIntervalOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.01, help="Seconds of silence before a ping.", envvar="MIGRELAY_PING_INTERVAL"
+    ),
+]
+PingTimeoutOpt = Annotated[
+    float,
+    typer.Option(min=0.01, help="Seconds to wait for the pong.", envvar="MIGRELAY_PING_TIMEOUT"),
+]
 ProxyOpt = Annotated[
     str | None,
     typer.Option(
@@ -305,13 +316,8 @@ def serve(
     max_sessions: Annotated[
         int, typer.Option(help="Most migrations at once.", envvar="MIGRELAY_MAX_SESSIONS")
     ] = 64,
-    ping_interval: Annotated[
-        float,
-        typer.Option(help="Seconds of silence before a ping.", envvar="MIGRELAY_PING_INTERVAL"),
-    ] = 15.0,
-    ping_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the pong.", envvar="MIGRELAY_PING_TIMEOUT")
-    ] = 15.0,
+    ping_interval: PingIntervalOpt = 15.0,
+    ping_timeout: PingTimeoutOpt = 15.0,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -567,13 +573,8 @@ def connect(
     once: Annotated[
         bool, typer.Option(help="Exit after the first migration ends.", envvar="MIGRELAY_ONCE")
     ] = False,
-    ping_interval: Annotated[
-        float,
-        typer.Option(help="Seconds of silence before a ping.", envvar="MIGRELAY_PING_INTERVAL"),
-    ] = 15.0,
-    ping_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the pong.", envvar="MIGRELAY_PING_TIMEOUT")
-    ] = 15.0,
+    ping_interval: PingIntervalOpt = 15.0,
+    ping_timeout: PingTimeoutOpt = 15.0,
     retry_open: Annotated[
         float,
         typer.Option(
@@ -743,6 +744,7 @@ async def _in_process_relay(
     tls_cert: Path | None,
     tls_key: Path | None,
     proxy: ProxyURL | None,
+    limits: Limits,
     open_retry: float = 0.0,
 ) -> AsyncIterator[SourceRelay]:
     """``migrate --to``: the source relay on a private socket, for one migration."""
@@ -754,6 +756,7 @@ async def _in_process_relay(
             (operations.MIGRATION_HEADER, operations.announcement(options)),
         ],
         proxy=proxy,
+        limits=limits,
         open_retry=open_retry,
         **_client_tls(ca, fingerprint, tls_cert, tls_key),
     )
@@ -836,6 +839,8 @@ def migrate(
     tls_cert: ClientCertOpt = None,
     tls_key: ClientKeyOpt = None,
     proxy: ProxyOpt = None,
+    ping_interval: PingIntervalOpt = 15.0,
+    ping_timeout: PingTimeoutOpt = 15.0,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -879,6 +884,7 @@ def migrate(
             tls_cert,
             tls_key,
             proxy_url,
+            dataclasses.replace(Limits(), ping_interval=ping_interval, ping_timeout=ping_timeout),
             # A postcopy resume must not be dropped once QEMU connected (ClientConfig).
             open_retry=recover_timeout if postcopy else 0.0,
         ) as relay:

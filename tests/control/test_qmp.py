@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,13 @@ def test_a_socket_that_is_not_qmp_is_named_in_one_line(sockdir: Path) -> None:
     async def main() -> None:
         server = await asyncio.start_unix_server(banner, str(path))
         async with server, QMP("src") as qmp:
-            with pytest.raises(ConnectError) as info:
-                await qmp.connect(str(path), timeout_s=5)
-            message = str(info.value)
+            # qemu.qmp puts the raw bytes into its message with str(), which `python -bb`
+            # (how the suite runs) turns into an error of its own; that is not ours.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BytesWarning)
+                with pytest.raises(ConnectError) as info:
+                    await qmp.connect(str(path), timeout_s=5)
+                message = str(info.value)
             assert "\n" not in message
             assert message.startswith(f"cannot connect to qmp socket {path} of src: ")
             assert "Did not understand Greeting" in message and "SSH-2.0" in message

@@ -15,10 +15,9 @@ sees a new session for a paused destination and issues ``migrate-recover`` itsel
 the migration completes with the destination's RAM equal to the source's.
 
 The same with the two-command form, ``serve --qmp-dir`` and ``migrate --to`` (the source
-relay inside ``migrate``), and nothing else: ``migrate`` has no ping options, so its
-relay notices the cut with the default liveness timeout (30-45 s) and the source pauses
-that much later; then it resumes by itself, its relay holding QEMU's resume connection
-(``open_retry``) until the link is back.
+relay inside ``migrate``, with the same ping options), and nothing else: it resumes by
+itself, its relay holding QEMU's resume connection (``open_retry``) until the link is
+back.
 
 The VMs' files live on tmpfs (``/dev/shm``): the destination of a postcopy migration
 registers its RAM with userfaultfd, which supports anonymous and shmem memory but not
@@ -39,7 +38,6 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.config import Limits
 from migrelay.control.migrate import MigrationOptions, wait_destination_completed
 from migrelay.control.netns import LinkedNamespaces
 from migrelay.control.operations import MIGRATION_HEADER, announcement
@@ -62,14 +60,12 @@ LIVENESS_S = PING_INTERVAL_S + PING_TIMEOUT_S
 LIVENESS_ARGS = ("--ping-interval", str(PING_INTERVAL_S), "--ping-timeout", str(PING_TIMEOUT_S))
 #: How long the link stays down: well past both relays' liveness timeout.
 CUT_S = LIVENESS_S + 4.0
-#: The bound on noticing the cut: liveness plus 2 s for scheduling on a busy host.
-PAUSE_BOUND_S = (LIVENESS_S + 2.0) * FACTOR
-#: ``migrate --to`` runs its relay with the default limits (it has no ping options):
-#: a dead peer is noticed at most 2 × ping_interval + ping_timeout after its last byte.
-DEFAULT_LIMITS = Limits()
-IN_PROCESS_PAUSE_BOUND_S = (
-    2 * DEFAULT_LIMITS.ping_interval + DEFAULT_LIMITS.ping_timeout + 2.0
-) * FACTOR
+#: The bound on noticing the cut: a silent peer is declared dead between interval +
+#: timeout and 2 × interval + timeout after its last byte (`Limits.ping_timeout`), plus
+#: 2 s for scheduling on a busy host.
+PAUSE_BOUND_S = (2 * PING_INTERVAL_S + PING_TIMEOUT_S + 2.0) * FACTOR
+#: ``migrate --to`` runs its relay with the same ping options, so the same bound holds.
+IN_PROCESS_PAUSE_BOUND_S = PAUSE_BOUND_S
 #: ``migrate --to``: the link stays down this long after the source paused, so that its
 #: first resume attempt finds the link down and its relay has to hold QEMU's connection.
 HOLD_AFTER_PAUSE_S = 3.0
@@ -261,7 +257,7 @@ def test_two_command_form_recovers_from_a_link_cut_during_postcopy(hosts: Hosts)
         "migrate", "--qmp", str(hosts.src.qmp_path), "--to", hosts.url,
         "--token-file", str(hosts.token),
         "--postcopy", "--postcopy-after", "1", "--recover-timeout", str(RECOVER_TIMEOUT_S),
-        prefix=hosts.source_prefix(), name="migrate",
+        *LIVENESS_ARGS, prefix=hosts.source_prefix(), name="migrate",
     )  # fmt: skip
 
     cut = cut_link_during_postcopy(
