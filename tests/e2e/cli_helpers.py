@@ -134,6 +134,18 @@ class Commands:
         self.started.append(command)
         return command
 
+    def migrate(
+        self,
+        vm: DisposableVM,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        stdout_fd: int | None = None,
+    ) -> Command:
+        """Start ``migrelay migrate --qmp QMP-OF-VM ARGS``; see `start`."""
+        return self.start(
+            "migrate", "--qmp", str(vm.qmp_path), *args, env=env, stdout_fd=stdout_fd
+        )
+
     async def run(self, *args: str, timeout_s: float = QUICK_TIMEOUT_S) -> Command:
         """Run ``migrelay ARGS`` to its end and return it (exit status in ``popen``)."""
         command = self.start(*args)

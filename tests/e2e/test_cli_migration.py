@@ -90,10 +90,8 @@ def test_four_commands_in_the_original_order_copy_ram_exactly(
                 incoming.stdout()
             )
             # 32 MiB/s: about two seconds, so the line form shows several lines.
-            migrate = commands.start(
-                "migrate",
-                "--qmp",
-                str(src.qmp_path),
+            migrate = commands.migrate(
+                src,
                 "--socket",
                 str(source_sock),
                 "--max-bandwidth",
@@ -145,9 +143,7 @@ def test_four_commands_in_another_order_copy_ram_exactly(
                     )
                     assert incoming.popen.returncode == 0, incoming.describe()
                 else:
-                    migrate = commands.start(
-                        "migrate", "--qmp", str(src.qmp_path), "--socket", str(source_sock)
-                    )
+                    migrate = commands.migrate(src, "--socket", str(source_sock))
                     # The migration has really started before the next step runs.
                     await migrate.wait_for_stdout(r"(?m)^(setup|active|completed)\b")
             assert migrate is not None
@@ -175,9 +171,7 @@ def test_serve_qmp_dir_and_migrate_to_need_no_other_command_and_print_json(
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
-            migrate = commands.start(
-                "migrate", "--qmp", str(src.qmp_path), "--to", f"{serve.url}/{dst.name}", "--json"
-            )
+            migrate = commands.migrate(src, "--to", f"{serve.url}/{dst.name}", "--json")
             assert await migrate.wait() == 0, migrate.describe()
             assert migrate.stderr() == ""
             document = json.loads(migrate.stdout())
@@ -208,10 +202,8 @@ def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
             controller, terminal = pty.openpty()
             try:
-                migrate = commands.start(
-                    "migrate",
-                    "--qmp",
-                    str(src.qmp_path),
+                migrate = commands.migrate(
+                    src,
                     "--to",
                     f"{serve.url}/{dst.name}",
                     "--multifd",
@@ -283,10 +275,8 @@ def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_ru
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
-            migrate = commands.start(
-                "migrate",
-                "--qmp",
-                str(src.qmp_path),
+            migrate = commands.migrate(
+                src,
                 "--to",
                 f"{serve.url}/{dst.name}",
                 "--max-bandwidth",
@@ -332,7 +322,7 @@ def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
                 str(token_file),
             )
             url = f"{serve.url}/{dst.name}"
-            refused = commands.start("migrate", "--qmp", str(src.qmp_path), "--to", url)
+            refused = commands.migrate(src, "--to", url)
             assert await refused.wait() == 1, refused.describe()
             stderr = refused.stderr()
             assert "Traceback" not in stderr
@@ -346,9 +336,7 @@ def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
             assert info.status is MigrationStatus.FAILED
             # Authentication comes before the destination is touched, so the same
             # destination still takes the migration once the token is given.
-            migrate = commands.start(
-                "migrate", "--qmp", str(src.qmp_path), "--to", url, "--token-file", str(token_file)
-            )
+            migrate = commands.migrate(src, "--to", url, "--token-file", str(token_file))
             assert await migrate.wait() == 0, migrate.describe()
             await check_migrated(src, dst)
 
@@ -373,9 +361,7 @@ def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte
             )
             assert prepared.popen.returncode == 0, prepared.describe()
             url = f"{serve.url}/{dst.name}"
-            mismatched = commands.start(
-                "migrate", "--qmp", str(src.qmp_path), "--to", url, "--multifd", "2"
-            )
+            mismatched = commands.migrate(src, "--to", url, "--multifd", "2")
             assert await mismatched.wait() == 1, mismatched.describe()
             stderr = mismatched.stderr()
             assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
@@ -390,7 +376,7 @@ def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte
             assert runstate is RunState.PRELAUNCH and info.status is MigrationStatus.FAILED
             assert dst.running, "the destination qemu must be untouched"
             # The destination still listens as prepared: the matching migration completes.
-            migrate = commands.start("migrate", "--qmp", str(src.qmp_path), "--to", url)
+            migrate = commands.migrate(src, "--to", url)
             assert await migrate.wait() == 0, migrate.describe()
             await check_migrated(src, dst)
 
@@ -406,10 +392,8 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
-            migrate = commands.start(
-                "migrate",
-                "--qmp",
-                str(src.qmp_path),
+            migrate = commands.migrate(
+                src,
                 "--to",
                 f"{serve.url}/{dst.name}",
                 "--max-bandwidth",
@@ -435,9 +419,7 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
             # A fresh destination (the first one gave up with the cancelled stream).
             again = DisposableVM(workdir, "again", DEFAULT_RAM_BYTES, incoming=True)
             async with again:
-                second = commands.start(
-                    "migrate", "--qmp", str(src.qmp_path), "--to", f"{serve.url}/{again.name}"
-                )
+                second = commands.migrate(src, "--to", f"{serve.url}/{again.name}")
                 assert await second.wait() == 0, second.describe()
                 await check_migrated(src, again)
 

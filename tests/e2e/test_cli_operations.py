@@ -77,9 +77,7 @@ async def _migrate_again(
     """Migrate ``src`` once more, to a fresh destination VM, and check its RAM."""
     again = DisposableVM(workdir, name, src.ram_size, incoming=True)
     async with again:
-        second = commands.start(
-            "migrate", "--qmp", str(src.qmp_path), "--to", f"{serve.url}/{again.name}"
-        )
+        second = commands.migrate(src, "--to", f"{serve.url}/{again.name}")
         assert await second.wait() == 0, second.describe()
         await check_migrated(src, again)
 
@@ -151,10 +149,8 @@ def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrate
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
-            migrate = commands.start(
-                "migrate",
-                "--qmp",
-                str(src.qmp_path),
+            migrate = commands.migrate(
+                src,
                 "--to",
                 f"{serve.url}/{dst.name}",
                 "--max-bandwidth",
@@ -196,10 +192,8 @@ def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             await _start_guest(src)
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
-            migrate = commands.start(
-                "migrate",
-                "--qmp",
-                str(src.qmp_path),
+            migrate = commands.migrate(
+                src,
                 "--to",
                 f"{serve.url}/{dst.name}",
                 "--max-bandwidth",
@@ -241,9 +235,7 @@ def test_serve_target_and_qmp_on_slash_prepare_the_destination_without_incoming(
             serve = migrelay_procs.serve(
                 "--target", str(dest_sock), "--qmp", str(dst.qmp_path), "--wait-target", "10"
             )
-            migrate = commands.start(
-                "migrate", "--qmp", str(src.qmp_path), "--to", f"{serve.url}/"
-            )
+            migrate = commands.migrate(src, "--to", f"{serve.url}/")
             assert await migrate.wait() == 0, migrate.describe()
             assert migrate.stderr() == ""
             assert _summary_line(migrate.stdout()).startswith("completed in ")
@@ -294,7 +286,7 @@ def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
             ram_before = _sha256(src.ram_path)
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
             url = f"{serve.url}/{bad.name}"
-            refused = commands.start("migrate", "--qmp", str(src.qmp_path), "--to", url)
+            refused = commands.migrate(src, "--to", url)
             assert await refused.wait() == 1, refused.describe()
             stderr = refused.stderr()
             assert "Traceback" not in stderr
@@ -325,9 +317,7 @@ def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
                     assert not (workdir / f"{bad.name}.sock").exists()
 
             # The same source then migrates to a destination that is ready.
-            migrate = commands.start(
-                "migrate", "--qmp", str(src.qmp_path), "--to", f"{serve.url}/{dst.name}"
-            )
+            migrate = commands.migrate(src, "--to", f"{serve.url}/{dst.name}")
             assert await migrate.wait() == 0, migrate.describe()
             await check_migrated(src, dst)
 

@@ -211,10 +211,8 @@ def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_com
             ram_a = _sha256(src_a.ram_path)
             serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
             migrations = {
-                name: commands.start(
-                    "migrate",
-                    "--qmp",
-                    str(src.qmp_path),
+                name: commands.migrate(
+                    src,
                     "--to",
                     f"{serve.url}/{dst.name}",
                     "--max-bandwidth",
@@ -269,9 +267,7 @@ def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_com
             # A's source is usable again, through the same serve.
             again = DisposableVM(workdir, "a-again", DEFAULT_RAM_BYTES, incoming=True)
             async with again:
-                retry = commands.start(
-                    "migrate", "--qmp", str(src_a.qmp_path), "--to", f"{serve.url}/{again.name}"
-                )
+                retry = commands.migrate(src_a, "--to", f"{serve.url}/{again.name}")
                 assert await retry.wait() == 0, retry.describe()
                 await check_migrated(src_a, again)
 
@@ -313,10 +309,8 @@ def test_hostile_clients_during_a_migration_are_refused_and_it_completes_intact(
                 str(workdir / f"{dst.name}.sock"),
             )
             assert incoming.popen.returncode == 0, incoming.describe()
-            migrate = commands.start(
-                "migrate",
-                "--qmp",
-                str(src.qmp_path),
+            migrate = commands.migrate(
+                src,
                 "--socket",
                 str(source_sock),
                 "--max-bandwidth",

@@ -95,13 +95,18 @@ def der(cert: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.read_text())
 
 
+def live_files(pki: PKI, directory: Path) -> tuple[Path, Path, tuple[Path, Path]]:
+    """The files serve reads (copies of the PKI's server pair), and a renewed pair."""
+    live_cert, live_key = directory / "live.pem", directory / "live.key"
+    shutil.copy(pki.cert, live_cert)
+    shutil.copy(pki.key, live_key)
+    return live_cert, live_key, issue(directory, "renewed", (pki.ca, pki.ca_key), SERVER_NAMES)
+
+
 def test_reload_presents_the_new_certificate_to_new_connections(
     run_async: AsyncRunner, pki: PKI, tmp_path: Path
 ) -> None:
-    live_cert, live_key = tmp_path / "live.pem", tmp_path / "live.key"
-    shutil.copy(pki.cert, live_cert)
-    shutil.copy(pki.key, live_key)
-    renewed = issue(tmp_path, "renewed", (pki.ca, pki.ca_key), SERVER_NAMES)
+    live_cert, live_key, renewed = live_files(pki, tmp_path)
     credentials = ReloadableServerContext(live_cert, live_key)
 
     async def main() -> None:
@@ -120,10 +125,7 @@ def test_reload_with_a_key_that_does_not_match_changes_nothing(
 ) -> None:
     # A certificate renewed on disk before its key: the moment a careless deploy
     # script, or a SIGHUP sent too early, would catch.
-    live_cert, live_key = tmp_path / "live.pem", tmp_path / "live.key"
-    shutil.copy(pki.cert, live_cert)
-    shutil.copy(pki.key, live_key)
-    renewed = issue(tmp_path, "renewed", (pki.ca, pki.ca_key), SERVER_NAMES)
+    live_cert, live_key, renewed = live_files(pki, tmp_path)
     credentials = ReloadableServerContext(live_cert, live_key)
 
     async def main() -> None:
