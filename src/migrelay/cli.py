@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -77,8 +78,14 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(document)
 
 
+#: The ``--log-format`` of this run, once `configure_logging` has seen it (for `fail`).
+_log_format = "text"
+
+
 def configure_logging(verbose: int, log_format: str) -> None:
     """Send migrelay's log to stderr: INFO by default, DEBUG with ``-v``."""
+    global _log_format
+    _log_format = log_format
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -94,8 +101,21 @@ def configure_logging(verbose: int, log_format: str) -> None:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print one line to stderr and return the Exit to raise."""
-    typer.echo(f"migrelay: error: {message}", err=True)
+    """Print one line to stderr and return the Exit to raise.
+
+    Under ``--log-format json`` the line is a JSON record like the log's, so that a
+    service's refusal to start reaches the same log pipeline in the same form.
+    """
+    if _log_format == "json":
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "level": "error",
+            "logger": "migrelay",
+            "message": message,
+        }
+        typer.echo(json.dumps(record), err=True)
+    else:
+        typer.echo(f"migrelay: error: {message}", err=True)
     return typer.Exit(code)
 
 

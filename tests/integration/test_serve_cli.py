@@ -205,6 +205,21 @@ def test_serve_refuses_to_listen_beyond_loopback_without_token_file_or_insecure(
     assert_nothing_listens(port)
 
 
+def test_the_refusal_to_start_is_a_json_record_under_log_format_json(sock_dir: Path) -> None:
+    port = free_port()
+    result = run_migrelay(
+        "serve", "--listen", f"0.0.0.0:{port}", "--target", str(sock_dir / "x"),
+        "--log-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 1, result
+    [line] = result.stderr.splitlines()
+    record = json.loads(line)
+    assert set(record) == {"time", "level", "logger", "message"}
+    assert record["level"] == "error"
+    assert NO_AUTH_LINE.fullmatch(f"migrelay: error: {record['message']}"), record
+    assert_nothing_listens(port)
+
+
 @pytest.mark.parametrize("listen", ["localhost:0", "127.0.0.2:0", "[::1]:0"])
 def test_serve_on_loopback_starts_without_authentication(
     listen: str, migrelay_procs: MigrelayProcesses, sock_dir: Path
