@@ -28,7 +28,7 @@ from . import __version__, hosting
 from .aio import runner, tls
 from .aio.client import ClientConfig, SourceRelay
 from .aio.proxy import ProxyURL
-from .aio.server import PrepareTarget, Refusal, ServerConfig, load_tokens
+from .aio.server import PrepareTarget, Refusal, ServerConfig
 from .config import Limits
 from .control import operations
 from .control.migrate import (
@@ -540,9 +540,10 @@ async def _connect(relay: SourceRelay) -> int:
 def _read_token(token_file: Path | None) -> str | None:
     if token_file is None:
         return None
-    tokens = load_tokens(token_file)
-    if not tokens:
-        raise fail(f"{token_file} holds no token")
+    try:
+        tokens = hosting.load_tokens(token_file)
+    except RelayError as exc:  # unreadable, malformed or empty: one line
+        raise fail(str(exc)) from None
     return tokens[0].decode("utf-8")
 
 

@@ -608,3 +608,23 @@ def test_a_list_setting_written_as_one_string_is_taken_as_a_list_of_one(
     # Past the origin check, the absent target answers 503.
     assert upgrade(server.port, origin="https://console.example").status == 503
     assert upgrade(server.port, origin="https://evil.example").status == 403
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty"])
+def test_connect_with_a_token_file_it_cannot_use_says_so_in_one_line(
+    problem: str, sock_dir: Path
+) -> None:
+    token_file = sock_dir / "token"
+    if problem == "empty":
+        token_file.write_text("# no token here\n")
+    result = run_migrelay(
+        "connect", "ws://127.0.0.1:9/", "--listen-unix", str(sock_dir / "s.sock"),
+        "--token-file", str(token_file),
+    )  # fmt: skip
+    assert result.returncode == 1, result
+    expected = {
+        "missing": f"migrelay: error: cannot read {token_file}: No such file or directory",
+        "empty": f"migrelay: error: {token_file} holds no token",
+    }[problem]
+    assert result.stderr.splitlines() == [expected]
+    assert not (sock_dir / "s.sock").exists()

@@ -82,15 +82,6 @@ class Refusal(Exception):
         self.kind = kind or REFUSAL_KINDS.get(status, "other")
 
 
-def load_tokens(path: Path) -> list[bytes]:
-    """Read bearer tokens, one a line; blank lines and ``#`` comments are skipped.
-
-    A line may name the targets its token is restricted to after the token
-    (:mod:`migrelay.aio.access`); :func:`access.load_token_file` reads those too.
-    """
-    return [entry.secret for entry in access.load_token_file(path)]
-
-
 @dataclass
 class ServerConfig:
     """What ``migrelay serve`` was told (flags, environment, config file)."""
