@@ -179,7 +179,8 @@ ClientCertOpt = Annotated[
         envvar="MIGRELAY_TLS_CERT",
     ),
 ]
-ClientKeyOpt = Annotated[
+# The key of --tls-cert on either side: serve's certificate, or a client's.
+TlsKeyOpt = Annotated[
     Path | None,
     typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
 ]
@@ -299,10 +300,7 @@ def serve(
         Path | None,
         typer.Option(help="Certificate chain (PEM) to serve wss://.", envvar="MIGRELAY_TLS_CERT"),
     ] = None,
-    tls_key: Annotated[
-        Path | None,
-        typer.Option(help="Private key (PEM) of --tls-cert.", envvar="MIGRELAY_TLS_KEY"),
-    ] = None,
+    tls_key: TlsKeyOpt = None,
     client_ca: Annotated[
         Path | None,
         typer.Option(
@@ -590,7 +588,7 @@ def connect(
     ca: CaOpt = None,
     fingerprint: FingerprintOpt = None,
     tls_cert: ClientCertOpt = None,
-    tls_key: ClientKeyOpt = None,
+    tls_key: TlsKeyOpt = None,
     once: Annotated[
         bool, typer.Option(help="Exit after the first migration ends.", envvar="MIGRELAY_ONCE")
     ] = False,
@@ -858,7 +856,7 @@ def migrate(
     ca: CaOpt = None,
     fingerprint: FingerprintOpt = None,
     tls_cert: ClientCertOpt = None,
-    tls_key: ClientKeyOpt = None,
+    tls_key: TlsKeyOpt = None,
     proxy: ProxyOpt = None,
     ping_interval: PingIntervalOpt = 15.0,
     ping_timeout: PingTimeoutOpt = 15.0,
