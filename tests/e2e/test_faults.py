@@ -367,31 +367,12 @@ def test_source_relay_killed_mid_migration_fails_source_at_once_and_retry_comple
     check_nothing_left(hosts)
 
 
-def test_a_running_source_runs_on_after_its_migration_failed_and_retry_completes(
-    hosts: Hosts,
-) -> None:
-    # As the kill -9 of the destination relay below, with a guest that runs: after the
-    # failure it must be running, not paused or stopped by the failed migration.
-    server = hosts.serve()
-    client = hosts.connect()
-
-    def inject(hosts: Hosts, src: DisposableVM, dst: DisposableVM) -> None:
-        os.kill(server.pid, signal.SIGKILL)
-
-    def recover(hosts: Hosts) -> None:
-        client.wait_for_log(r"session \S+ ended: [^\n]*failed")
-        wait_no_connections(hosts)
-        server.popen.wait(5)
-        hosts.serve()
-
-    outcome = run_fault(hosts, inject, recover, source_running=True)
-    assert outcome.source_error, outcome
-    check_nothing_left(hosts)
-
-
+@pytest.mark.parametrize("source_running", [False, True], ids=["prelaunch", "running"])
 def test_destination_relay_killed_mid_migration_fails_source_at_once_and_retry_completes(
-    hosts: Hosts,
+    hosts: Hosts, source_running: bool
 ) -> None:
+    # Also with a guest that runs: after the failure it must be running, not paused or
+    # stopped by the failed migration (run_fault checks the run state it had).
     server = hosts.serve()
     client = hosts.connect()
 
@@ -404,11 +385,13 @@ def test_destination_relay_killed_mid_migration_fails_source_at_once_and_retry_c
         server.popen.wait(5)
         hosts.serve()
 
-    outcome = run_fault(hosts, inject, recover)
+    outcome = run_fault(hosts, inject, recover, source_running=source_running)
+    assert outcome.source_error, outcome
     lines = closed_lines(client)
     assert len(lines) == 2, lines
     assert "closed without a close frame" in lines[0] or "connection lost" in lines[0]
-    report("kill -9 destination relay (serve)", outcome, lines[:1])
+    source = "running source" if source_running else "source in prelaunch"
+    report(f"kill -9 destination relay (serve), {source}", outcome, lines[:1])
     check_nothing_left(hosts)
 
 
