@@ -16,10 +16,15 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from migrelay.control.migrate import wait_destination_completed
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
 from migrelay.control.vm import DisposableVM, first_difference
+
+if TYPE_CHECKING:
+    # tests/conftest.py is loaded by pytest as "conftest"; see the test modules.
+    from tests.conftest import MigrelayProcess
 
 #: Multiplies every timeout on a slow or busy host (as in tests/conftest.py).
 TIMEOUT_FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
@@ -27,6 +32,8 @@ TIMEOUT_FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 MIGRATION_TIMEOUT_S = 120.0 * TIMEOUT_FACTOR
 #: A command that only talks to QMP: python start-up and a few commands.
 QUICK_TIMEOUT_S = 30.0 * TIMEOUT_FACTOR
+#: Slow enough that 64 MiB takes ~8 s, so a test can act while the migration runs.
+SLOW_BANDWIDTH = "8M"
 
 
 class Command:
@@ -165,6 +172,23 @@ def commands_in(workdir: Path) -> Iterator[Commands]:
     finally:
         for command in started.started:
             command.stop()
+
+
+def summary_line(stdout: str) -> str:
+    """The last line a command printed (``migrate``'s summary)."""
+    lines = stdout.strip().splitlines()
+    assert lines, "no output"
+    return lines[-1]
+
+
+async def under_way(serve: MigrelayProcess, target: str, migrate: Command) -> None:
+    """The migration to ``target`` carries data end to end (not only buffered).
+
+    The source relay buffers a little before its WebSocket is up, so ``active`` alone
+    does not say that the destination gets data: serve must have opened the channel.
+    """
+    await asyncio.to_thread(serve.wait_for_log, rf"channel \S+/0 opened: .*\(target {target}\)")
+    await migrate.wait_for_stdout(r"(?m)^active .*transferred [1-9]")
 
 
 async def source_state(src: DisposableVM) -> tuple[RunState, MigrationInfo]:

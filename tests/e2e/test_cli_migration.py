@@ -23,7 +23,15 @@ import pytest
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.control.vm import DisposableVM
 
-from .cli_helpers import Commands, check_migrated, commands_in, source_state
+from .cli_helpers import (
+    SLOW_BANDWIDTH,
+    Commands,
+    check_migrated,
+    commands_in,
+    source_state,
+    summary_line,
+    under_way,
+)
 from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
 
 if TYPE_CHECKING:
@@ -33,8 +41,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.e2e
 
-#: Slow enough that 64 MiB takes ~8 s, so a test can act while the migration runs.
-SLOW_BANDWIDTH = "8M"
 #: Terminal width for the bar test: room for every figure of the bar.
 COLUMNS = 160
 
@@ -43,12 +49,6 @@ COLUMNS = 160
 def commands(workdir: Path) -> Iterator[Commands]:
     """``migrelay`` commands with stdout and stderr kept apart."""
     yield from commands_in(workdir)
-
-
-def _summary_line(stdout: str) -> str:
-    lines = stdout.strip().splitlines()
-    assert lines, "no output"
-    return lines[-1]
 
 
 def _check_line_output(stdout: str) -> None:
@@ -282,10 +282,7 @@ def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_ru
                 "--max-bandwidth",
                 SLOW_BANDWIDTH,
             )
-            # Under way end to end: the source relay buffers a little before its
-            # WebSocket is up, so "active" alone does not say the destination gets data.
-            serve.wait_for_log(r"channel \S+/0 opened")
-            await migrate.wait_for_stdout(r"(?m)^active .*transferred [1-9]")
+            await under_way(serve, dst.name, migrate)
             dst.kill()
             assert await migrate.wait() == 1, migrate.describe()
             stderr = migrate.stderr()
@@ -296,7 +293,7 @@ def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_ru
             assert info.error_desc
             # QEMU's own text, whole, after a plain prefix.
             assert stderr == f"migrelay: error: migration failed: {info.error_desc}\n"
-            assert _summary_line(migrate.stdout()).startswith("failed in ")
+            assert summary_line(migrate.stdout()).startswith("failed in ")
             assert runstate is RunState.PRELAUNCH
 
     asyncio.run(main())
@@ -399,10 +396,7 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
                 "--max-bandwidth",
                 SLOW_BANDWIDTH,
             )
-            # Under way end to end: the source relay buffers a little before its
-            # WebSocket is up, so "active" alone does not say the destination gets data.
-            serve.wait_for_log(r"channel \S+/0 opened")
-            await migrate.wait_for_stdout(r"(?m)^active .*transferred [1-9]")
+            await under_way(serve, dst.name, migrate)
             migrate.interrupt()
             assert await migrate.wait() == 130, migrate.describe()
             stderr = migrate.stderr()
@@ -411,7 +405,7 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
                 "migrelay: error: migration cancelled on interrupt;"
                 " the source vm was left as it was\n"
             )
-            assert _summary_line(migrate.stdout()).startswith("cancelled in ")
+            assert summary_line(migrate.stdout()).startswith("cancelled in ")
             runstate, info = await source_state(src)
             assert info.status is MigrationStatus.CANCELLED
             assert runstate is RunState.PRELAUNCH

@@ -24,7 +24,15 @@ import pytest
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.control.vm import MIB, DisposableVM
 
-from .cli_helpers import Command, Commands, check_migrated, commands_in, source_state
+from .cli_helpers import (
+    SLOW_BANDWIDTH,
+    Commands,
+    check_migrated,
+    commands_in,
+    source_state,
+    summary_line,
+    under_way,
+)
 from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
 
 if TYPE_CHECKING:
@@ -34,8 +42,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.e2e
 
-#: Slow enough that 64 MiB takes ~8 s, so a test can act while the migration runs.
-SLOW_BANDWIDTH = "8M"
 #: The refusal tests move almost nothing: the smallest VMs that QEMU starts quickly.
 SMALL_RAM_BYTES = 32 * MIB
 
@@ -48,18 +54,6 @@ def commands(workdir: Path) -> Iterator[Commands]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _summary_line(stdout: str) -> str:
-    lines = stdout.strip().splitlines()
-    assert lines, "no output"
-    return lines[-1]
-
-
-async def _under_way(serve: MigrelayProcess, target: str, migrate: Command) -> None:
-    """The migration to ``target`` carries data end to end (not only buffered)."""
-    await asyncio.to_thread(serve.wait_for_log, rf"channel \S+/0 opened: .*\(target {target}\)")
-    await migrate.wait_for_stdout(r"(?m)^active .*transferred [1-9]")
 
 
 async def _start_guest(vm: DisposableVM) -> None:
@@ -156,7 +150,7 @@ def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrate
                 "--max-bandwidth",
                 SLOW_BANDWIDTH,
             )
-            await _under_way(serve, dst.name, migrate)
+            await under_way(serve, dst.name, migrate)
             # migrate lets go of the monitor between its polls: status gets through.
             status = await commands.run("status", "--qmp", str(src.qmp_path), "--json")
             assert status.popen.returncode == 0, status.describe()
@@ -199,14 +193,14 @@ def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
                 "--max-bandwidth",
                 SLOW_BANDWIDTH,
             )
-            await _under_way(serve, dst.name, migrate)
+            await under_way(serve, dst.name, migrate)
             migrate.interrupt()
             assert await migrate.wait() == 130, migrate.describe()
             assert migrate.stderr() == (
                 "migrelay: error: migration cancelled on interrupt;"
                 " the source vm was left as it was\n"
             )
-            assert _summary_line(migrate.stdout()).startswith("cancelled in ")
+            assert summary_line(migrate.stdout()).startswith("cancelled in ")
             runstate, info = await source_state(src)
             assert info.status is MigrationStatus.CANCELLED
             # Not stopped, not paused: the guest goes on where it was.
@@ -238,7 +232,7 @@ def test_serve_target_and_qmp_on_slash_prepare_the_destination_without_incoming(
             migrate = commands.migrate(src, "--to", f"{serve.url}/")
             assert await migrate.wait() == 0, migrate.describe()
             assert migrate.stderr() == ""
-            assert _summary_line(migrate.stdout()).startswith("completed in ")
+            assert summary_line(migrate.stdout()).startswith("completed in ")
             log = serve.log()
             assert f"{dst.name}: listening for an incoming migration on unix:{dest_sock}" in log
             assert re.search(

@@ -38,6 +38,7 @@ from tests.helpers import wait_until
 
 from .cli_helpers import (
     QUICK_TIMEOUT_S,
+    SLOW_BANDWIDTH,
     TIMEOUT_FACTOR,
     Command,
     Commands,
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.e2e
 
-#: Slow enough that 64 MiB takes ~8 s, so a test can act while both migrations run.
-SLOW_BANDWIDTH = "8M"
 #: The longest a refusal or a close may take to arrive (they are immediate).
 ANSWER_TIMEOUT_S = 10.0 * TIMEOUT_FACTOR
 #: serve's --handshake-timeout here: the stalled client is refused with 408 after it.
