@@ -16,7 +16,6 @@ import signal
 import ssl
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -78,14 +77,8 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(document)
 
 
-#: The ``--log-format`` of this run, once `configure_logging` has seen it (for `fail`).
-_log_format = "text"
-
-
 def configure_logging(verbose: int, log_format: str) -> None:
     """Send migrelay's log to stderr: INFO by default, DEBUG with ``-v``."""
-    global _log_format
-    _log_format = log_format
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -106,14 +99,9 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     Under ``--log-format json`` the line is a JSON record like the log's, so that a
     service's refusal to start reaches the same log pipeline in the same form.
     """
-    if _log_format == "json":
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "level": "error",
-            "logger": "migrelay",
-            "message": message,
-        }
-        typer.echo(json.dumps(record), err=True)
+    root = logging.getLogger("migrelay")
+    if any(isinstance(handler.formatter, _JsonFormatter) for handler in root.handlers):
+        root.error("%s", message)  # through the log's own formatter
     else:
         typer.echo(f"migrelay: error: {message}", err=True)
     return typer.Exit(code)
