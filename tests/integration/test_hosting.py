@@ -23,6 +23,7 @@ from tests import helpers
 from typer.testing import CliRunner
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from migrelay import hosting
 from migrelay.aio.access import IPNetwork, parse_networks, parse_token_lines, token_targets
@@ -122,6 +123,16 @@ def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> A
     monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
     caplog.set_level(logging.INFO, logger="migrelay")
     return caplog
+
+
+def foreign_client(url: str) -> ws_connect:
+    """A `websockets` client to ``url`` with the token, as a non-migrelay peer would be."""
+    return ws_connect(
+        url,
+        subprotocols=[Subprotocol("migrelay.v1")],
+        additional_headers={"Authorization": f"Bearer {TOKEN}"},
+        compression=None,
+    )
 
 
 async def upgrade(
@@ -296,12 +307,7 @@ def test_message_above_max_message_closes_1009(
 
     async def main() -> None:
         async with serving(sock_dir, logs, limits=limits) as served:
-            async with ws_connect(
-                served.url(),
-                subprotocols=["migrelay.v1"],  # type: ignore[list-item]
-                additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                compression=None,
-            ) as ws:
+            async with foreign_client(served.url()) as ws:
                 await ws.send(b"x" * 8192)
                 with pytest.raises(ConnectionClosed) as closed:
                     await asyncio.wait_for(ws.recv(), PROMPT_S)
@@ -318,12 +324,7 @@ def test_channel_without_data_for_idle_timeout_closes_4002(
 ) -> None:
     async def main() -> None:
         async with serving(sock_dir, logs, idle_timeout=0.4) as served:
-            async with ws_connect(
-                served.url(),
-                subprotocols=["migrelay.v1"],  # type: ignore[list-item]
-                additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                compression=None,
-            ) as ws:
+            async with foreign_client(served.url()) as ws:
                 await ws.send(b"some data")
                 started = time.monotonic()
                 with pytest.raises(ConnectionClosed) as closed:
@@ -364,12 +365,7 @@ def test_shutdown_deadline_closes_remaining_channels_with_4004(
     async def main() -> None:
         async with (
             serving(sock_dir, logs) as served,
-            ws_connect(
-                served.url(),
-                subprotocols=["migrelay.v1"],  # type: ignore[list-item]
-                additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                compression=None,
-            ) as ws,
+            foreign_client(served.url()) as ws,
         ):
             started = time.monotonic()
             shutdown = asyncio.ensure_future(served.server.shutdown(0.3))
@@ -390,12 +386,7 @@ def test_metrics_count_bytes_each_way_per_target_while_open_and_after_close(
 ) -> None:
     async def main() -> None:
         async with serving(sock_dir, logs) as served:
-            async with ws_connect(
-                served.url("/vm2"),
-                subprotocols=["migrelay.v1"],  # type: ignore[list-item]
-                additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                compression=None,
-            ) as ws:
+            async with foreign_client(served.url("/vm2")) as ws:
                 await ws.send(b"y" * 100_000)
                 await wait_until(lambda: served.sink.received == 100_000, "the bytes")
                 status, body = await http_get(served.port, "/metrics")
