@@ -19,14 +19,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-from migrelay.control.bench import (
+from migrelay.lab.bench import (
     RunResult,
     available_modes,
     format_table,
     run_bench,
     write_json,
 )
-from migrelay.control.vm import parse_size
+from migrelay.units import parse_size
 
 
 def _print_run(result: RunResult) -> None:

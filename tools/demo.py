@@ -27,7 +27,8 @@ from pathlib import Path
 
 from migrelay.control.migrate import wait_destination_completed
 from migrelay.control.qmp import QMP
-from migrelay.control.vm import MIB, DisposableVM, first_difference, parse_size
+from migrelay.lab.vm import DisposableVM, first_difference
+from migrelay.units import MIB, parse_size
 
 MIGRELAY = [sys.executable, "-m", "migrelay"]
 

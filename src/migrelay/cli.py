@@ -28,7 +28,6 @@ from .aio import runner, tls
 from .aio.client import ClientConfig, SourceRelay
 from .aio.proxy import ProxyURL
 from .aio.server import PrepareTarget, Refusal, ServerConfig
-from .config import Limits
 from .control import operations
 from .control.migrate import (
     DEFAULT_RECOVER_TIMEOUT_S,
@@ -45,9 +44,10 @@ from .control.progress import (
     snapshot_document,
 )
 from .control.qmp import MigrationStatus
-from .control.vm import parse_size
 from .core.mask import MASK_IMPLEMENTATION, mask_implementation_warning
 from .errors import ConnectError, MigrationError, RelayError, StateError, UnsupportedError
+from .limits import Limits
+from .units import parse_size
 
 logger = logging.getLogger("migrelay")
 
@@ -1069,7 +1069,7 @@ def bench(
     With --src-qmp and --dst-qmp it migrates your own two VMs once, in one mode, and
     leaves them as QEMU does (their RAM is not compared).
     """
-    from .control import bench as bench_module
+    from .lab import bench as bench_module
 
     try:
         mode_list = bench_module.available_modes([m.strip() for m in modes.split(",") if m])

@@ -101,7 +101,7 @@ class ConnectError(RelayError):
 
 
 class VMError(RelayError):
-    """A disposable test or benchmark VM (`migrelay.control.vm`) could not be started.
+    """A disposable test or benchmark VM (`migrelay.lab.vm`) could not be started.
 
     Attributes:
         returncode: QEMU's exit status, if it exited.

@@ -2,7 +2,7 @@
 
 Kept out of :mod:`migrelay.cli` so that the command functions stay a list of flags:
 
-* :func:`config_callback`: ``--config FILE`` (TOML, :mod:`migrelay.settings`) becomes
+* :func:`config_callback`: ``--config FILE`` (TOML, :mod:`migrelay.config_file`) becomes
   the command's default map, under the command line and ``MIGRELAY_*`` variables;
 * :func:`access_settings`: tokens with their targets, origins, trusted proxies, prefix;
 * :func:`serve_until_stopped`: SIGHUP reloads, SIGTERM/SIGINT drain gracefully
@@ -22,7 +22,7 @@ from typing import Any
 
 import typer
 
-from . import settings
+from . import config_file
 from .aio import access
 from .aio.client import WebSocketURL
 from .aio.proxy import ProxyURL, proxy_for
@@ -39,8 +39,8 @@ def config_callback(ctx: typer.Context, value: Path | None) -> Path | None:
     command = ctx.info_name or ""
     params = {param.name: param for param in ctx.command.params if param.name}
     try:
-        defaults = settings.load_section(value, command, params)
-    except settings.ConfigError as exc:
+        defaults = config_file.load_section(value, command, params)
+    except config_file.ConfigError as exc:
         raise _config_error(str(exc)) from None
     for name, setting in list(defaults.items()):
         param = params[name]

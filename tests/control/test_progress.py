@@ -14,14 +14,12 @@ from migrelay.control.progress import (
     TerminalProgress,
     bar_line,
     eta_seconds,
-    format_bytes,
-    format_duration,
-    format_rate,
     progress_line,
     renderer_for,
     snapshot_document,
 )
 from migrelay.control.qmp import MigrationInfo, MigrationStatus
+from migrelay.units import format_bytes, format_duration, format_rate
 
 MIB = 1024 * 1024
 

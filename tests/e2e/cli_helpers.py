@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from migrelay.control.migrate import wait_destination_completed
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
-from migrelay.control.vm import DisposableVM, first_difference
+from migrelay.lab.vm import DisposableVM, first_difference
 
 if TYPE_CHECKING:
     # tests/conftest.py is loaded by pytest as "conftest"; see the test modules.

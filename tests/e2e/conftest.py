@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.vm import MIB, DisposableVM
+from migrelay.lab.vm import DisposableVM
+from migrelay.units import MIB
 
 #: RAM of a test VM: 64 MiB of random bytes migrates in well under a second here and
 #: still takes several socket reads per channel.

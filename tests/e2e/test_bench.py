@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus
-from migrelay.control.vm import first_difference
+from migrelay.lab.vm import first_difference
 
 from .conftest import VMPairFactory
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.vm import MIB
+from migrelay.units import MIB
 
 from .cli_helpers import Command, Commands, check_migrated, commands_in
 from .conftest import VMPairFactory

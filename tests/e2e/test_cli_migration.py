@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
-from migrelay.control.vm import DisposableVM
+from migrelay.lab.vm import DisposableVM
 
 from .cli_helpers import (
     SLOW_BANDWIDTH,

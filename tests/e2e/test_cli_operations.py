@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
-from migrelay.control.vm import MIB, DisposableVM
+from migrelay.lab.vm import DisposableVM
+from migrelay.units import MIB
 
 from .cli_helpers import (
     SLOW_BANDWIDTH,

@@ -22,7 +22,7 @@ from migrelay.control.migrate import (
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
-from migrelay.control.vm import DisposableVM, first_difference
+from migrelay.lab.vm import DisposableVM, first_difference
 
 from .conftest import VMPairFactory
 

@@ -44,10 +44,11 @@ from migrelay.control.migrate import (
     start_migration,
     wait_destination_completed,
 )
-from migrelay.control.netns import LinkedNamespaces
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
-from migrelay.control.vm import MIB, DisposableVM, first_difference
 from migrelay.errors import MigrationError
+from migrelay.lab.netns import LinkedNamespaces
+from migrelay.lab.vm import DisposableVM, first_difference
+from migrelay.units import MIB
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from migrelay.control.qmp import MigrationStatus, RunState
-from migrelay.control.vm import MIB, DisposableVM
 from migrelay.core.events import CloseReceived, FrameEvent, Payload
 from migrelay.core.frames import FrameParser, Opcode, encode_close, encode_frame
+from migrelay.lab.vm import DisposableVM
+from migrelay.units import MIB
 from tests.helpers import wait_until
 
 from .cli_helpers import (

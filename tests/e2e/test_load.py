@@ -5,7 +5,7 @@ Eight 32 MiB VMs migrate at the same time, each through its own ``migrelay conne
 migration at a time) to the same ``serve --target-dir`` (``/vmN`` → ``vmN.sock``). Half
 of them use multifd with 2 channels, so serve carries 4 × 1 + 4 × 3 = 16 channels.
 
-Memory: `migrelay.config.Limits.channel_memory_bound` bounds a channel's migration data
+Memory: `migrelay.limits.Limits.channel_memory_bound` bounds a channel's migration data
 in user space (4 MiB). The test samples serve's RSS every 20 ms and checks that its
 growth over the idle baseline stays within ``channels × channel_memory_bound`` plus
 :data:`INTERPRETER_ALLOWANCE_BYTES` (Python objects per connection, the handshake, the
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.config import Limits
 from migrelay.control.migrate import (
     MigrationOptions,
     prepare_incoming,
@@ -32,7 +31,9 @@ from migrelay.control.migrate import (
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP, MigrationStatus
-from migrelay.control.vm import MIB, first_difference
+from migrelay.lab.vm import first_difference
+from migrelay.limits import Limits
+from migrelay.units import MIB
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 from .conftest import VMPairFactory

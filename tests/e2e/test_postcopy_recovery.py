@@ -39,10 +39,11 @@ from pathlib import Path
 import pytest
 
 from migrelay.control.migrate import MigrationOptions, wait_destination_completed
-from migrelay.control.netns import LinkedNamespaces
 from migrelay.control.operations import MIGRATION_HEADER, announcement
 from migrelay.control.qmp import QMP, MigrationStatus
-from migrelay.control.vm import MIB, DisposableVM, first_difference
+from migrelay.lab.netns import LinkedNamespaces
+from migrelay.lab.vm import DisposableVM, first_difference
+from migrelay.units import MIB
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 

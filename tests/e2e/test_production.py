@@ -38,7 +38,7 @@ from migrelay.control.migrate import (
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP, MigrationStatus
-from migrelay.control.vm import first_difference
+from migrelay.lab.vm import first_difference
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 from ..pki import PKI, SERVER_NAMES, issue, make_pki

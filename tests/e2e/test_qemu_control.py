@@ -15,8 +15,9 @@ from migrelay.control.migrate import (
     start_migration,
 )
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
-from migrelay.control.vm import MIB, DisposableVM, first_difference, parse_size
 from migrelay.errors import MigrationError, StateError, VMError
+from migrelay.lab.vm import DisposableVM, first_difference
+from migrelay.units import MIB, parse_size
 
 from .conftest import VMPairFactory
 

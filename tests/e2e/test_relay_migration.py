@@ -19,7 +19,7 @@ from migrelay.control.migrate import (
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP, MigrationStatus
-from migrelay.control.vm import DisposableVM, first_difference
+from migrelay.lab.vm import DisposableVM, first_difference
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 from .conftest import VMPairFactory

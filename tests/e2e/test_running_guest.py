@@ -28,7 +28,8 @@ from migrelay.control.migrate import (
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
-from migrelay.control.vm import MIB, DisposableVM, first_difference
+from migrelay.lab.vm import DisposableVM, first_difference
+from migrelay.units import MIB
 
 from ..conftest import MigrelayProcesses
 

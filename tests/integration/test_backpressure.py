@@ -3,7 +3,7 @@
 ``migrelay connect`` and ``migrelay serve`` run as real processes (on uvloop, their
 default loop) between a source that writes as fast as it can and a destination that
 reads at a fixed, slow rate. While the data flows, both relays' resident memory is
-sampled from ``/proc/PID/status``. By :class:`migrelay.config.Limits`, a channel holds at
+sampled from ``/proc/PID/status``. By :class:`migrelay.limits.Limits`, a channel holds at
 most ``channel_memory_bound`` of data in user space, whatever the speed of either peer; the
 kernel's socket buffers absorb the rest. An unbounded queue anywhere would grow by
 tens of MiB here, since the source can outrun the destination by ~10×.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from migrelay.config import Limits
+from migrelay.limits import Limits
 
 if TYPE_CHECKING:
     # A fixture, never imported at run time (pytest loads conftest.py itself).

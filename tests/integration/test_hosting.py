@@ -30,9 +30,9 @@ from migrelay.aio.access import IPNetwork, parse_networks, parse_token_lines, to
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.proxy import ProxyURL, bypassed, proxy_for
 from migrelay.aio.server import RelayServer, ServerConfig
-from migrelay.config import Limits
+from migrelay.config_file import ConfigError, load_section
 from migrelay.errors import ConnectError, HandshakeRefused, RelayError
-from migrelay.settings import ConfigError, load_section
+from migrelay.limits import Limits
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 

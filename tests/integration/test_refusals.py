@@ -23,8 +23,8 @@ from tests import helpers
 
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.server import RelayServer, ServerConfig
-from migrelay.config import Limits
 from migrelay.core.frames import Opcode, encode_frame
+from migrelay.limits import Limits
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 

@@ -30,9 +30,9 @@ from tests.helpers import wait_until
 
 from migrelay.aio.client import ClientConfig, SourceRelay, open_websocket
 from migrelay.aio.server import RelayServer, ServerConfig
-from migrelay.config import Limits
 from migrelay.core.frames import Opcode, encode_frame
 from migrelay.errors import HandshakeRefused
+from migrelay.limits import Limits
 
 if TYPE_CHECKING:
     # A fixture, never imported at run time (pytest loads conftest.py itself).

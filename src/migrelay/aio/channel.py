@@ -11,7 +11,7 @@ The data path (DESIGN.md §4):
   reading, so the buffer that was handed over is not refilled; ``resume_writing`` fires
   when the queue is empty, and reading resumes into the same buffer. That is also the
   end-to-end backpressure: the kernel's socket buffers absorb bursts, and the relay
-  holds at most one buffer per direction (see :class:`~migrelay.config.Limits`).
+  holds at most one buffer per direction (see :class:`~migrelay.limits.Limits`).
 * Masking and unmasking run in place (C speedup).
 
 Endings: each direction ends with a zero-length message (half-close); when either side
@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
-from ..config import Limits
 from ..core.events import (
     CloseReceived,
     EndOfStream,
@@ -39,6 +38,8 @@ from ..core.events import (
 )
 from ..core.frames import MAX_HEADER_BYTES, CloseCode
 from ..core.session import RelaySession, Role, SessionState
+from ..limits import Limits
+from ..units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +84,6 @@ def pause_on_any_queued_byte(transport: asyncio.WriteTransport) -> None:
     """
     high = 1 if transport.get_extra_info("ssl_object") is not None else 0
     transport.set_write_buffer_limits(high=high, low=0)
-
-
-def _fmt_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class UnixLeg(asyncio.BufferedProtocol):
@@ -506,10 +498,10 @@ class Channel:
             "channel %s closed: %s; sent %s, received %s in %.2f s (%s/s); close code %s",
             self.name,
             how,
-            _fmt_bytes(self.bytes_sent),
-            _fmt_bytes(self.bytes_rcvd),
+            format_bytes(self.bytes_sent),
+            format_bytes(self.bytes_rcvd),
             duration,
-            _fmt_bytes(int(rate)),
+            format_bytes(int(rate)),
             describe_close(code) if code is not None else "none",
         )
 

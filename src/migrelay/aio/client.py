@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from ..config import Limits
 from ..core.handshake import Accepted, ClientHandshake
 from ..core.session import RelaySession, Role
 from ..errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
+from ..limits import Limits
 from .channel import Channel, UnixLeg
 from .proxy import ProxyURL, open_tunnel
 from .tls import check_peer_fingerprint

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, cast
 
-from ..config import Limits
 from ..core.frames import CloseCode
 from ..core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
 from ..core.session import RelaySession, Role
 from ..errors import RemoteProtocolError
+from ..limits import Limits
 from . import access
 from .channel import Channel, UnixLeg
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics

@@ -16,13 +16,13 @@ clock is injected so that the throttling and the elapsed time are testable.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
 from migrelay.control.qmp import MigrationInfo, MigrationStatus
+from migrelay.units import format_bytes, format_duration, format_rate
 
 __all__ = [
     "JsonProgress",
@@ -30,9 +30,6 @@ __all__ = [
     "ProgressRenderer",
     "Summary",
     "TerminalProgress",
-    "format_bytes",
-    "format_duration",
-    "format_rate",
     "progress_line",
     "renderer_for",
     "snapshot_document",
@@ -45,45 +42,8 @@ LINE_INTERVAL_S = 1.0
 #: Width of the terminal bar in cells.
 BAR_CELLS = 20
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
 #: ANSI "erase to end of line": a shorter redraw must not leave the tail of a longer one.
 _ERASE_LINE = "\x1b[K"
-
-
-def format_bytes(count: float | None) -> str:
-    """Format a byte count with a binary unit: ``512 B``, ``1.5 MiB``, ``64.0 GiB``."""
-    if count is None:
-        return "?"
-    value = float(count)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def format_rate(bytes_per_s: float | None) -> str:
-    """Format a rate in bytes per second: ``118.2 MiB/s``."""
-    if bytes_per_s is None:
-        return "?"
-    return f"{format_bytes(bytes_per_s)}/s"
-
-
-def format_duration(seconds: float | None) -> str:
-    """Format a duration for people: ``0.42 s``, ``12 s``, ``3m05s``, ``1h02m``."""
-    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
-        return "?"
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 def eta_seconds(info: MigrationInfo) -> float | None:

@@ -31,18 +31,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import RelayError
-from .migrate import (
+from ..control.migrate import (
     MigrationOptions,
     prepare_incoming,
     start_migration,
     wait_destination_completed,
 )
+from ..control.qmp import QMP
+from ..errors import RelayError
+from ..units import GIB, MIB
 from .netns import LinkedNamespaces
-from .qmp import QMP
-from .vm import MIB, DisposableVM, first_difference
+from .vm import DisposableVM, first_difference
 
-GIB = 1024 * MIB
 #: Seconds one migration may take before the run counts as failed.
 RUN_TIMEOUT_S = 600.0
 #: Seconds to wait for a relay to listen.

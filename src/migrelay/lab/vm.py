@@ -26,18 +26,15 @@ from pathlib import Path
 from types import TracebackType
 
 from migrelay.errors import VMError
+from migrelay.units import MIB
 
 __all__ = [
-    "MIB",
     "QEMU_BINARY",
     "DisposableVM",
     "first_difference",
-    "parse_size",
 ]
 
 logger = logging.getLogger(__name__)
-
-MIB = 1024 * 1024
 
 #: The emulator the test VMs run (Debian's ``qemu-system-x86``).
 QEMU_BINARY = "qemu-system-x86_64"
@@ -52,27 +49,6 @@ _TERM_GRACE_S = 5.0
 
 #: Bytes of QEMU's stderr kept for error messages.
 _STDERR_TAIL_BYTES = 2000
-
-
-def parse_size(text: str) -> int:
-    """Parse a RAM size such as ``64M``, ``1G``, ``512MiB`` or ``67108864`` into bytes.
-
-    Args:
-        text: a number with an optional binary suffix (K, M, G, T; ``iB``/``B`` optional).
-
-    Returns:
-        The size in bytes.
-
-    Raises:
-        ValueError: the text is not a size.
-    """
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = value[-1:] if value[-1:] in units else ""
-    number = value[: len(value) - len(suffix)]
-    if not number.isdigit():
-        raise ValueError(f"not a size: {text!r} (expected e.g. 64M, 1G or a byte count)")
-    return int(number) * units[suffix]
 
 
 def first_difference(

@@ -13,25 +13,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import subprocess
 from types import TracebackType
 from typing import Final
 
 from ..errors import RelayError
+from ..units import parse_link_rate
 
 #: A subnet for the link between the two namespaces; it exists only inside them.
 SUBNET_PREFIX: Final = "10.213.7"
 _counter = itertools.count()
-
-
-def parse_rate(text: str) -> int:
-    """Parse a tc rate such as ``10gbit``, ``800mbit`` or ``1gbps`` into bits per second."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps)", text.strip().lower())
-    if not match:
-        raise ValueError(f"not a rate: {text!r} (examples: 10gbit, 800mbit, 1gbps)")
-    value = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
-    return int(value * (8 if match.group(3) == "bps" else 1))
 
 
 def _ip(*args: str) -> None:
@@ -95,7 +86,7 @@ class LinkedNamespaces:
 
     @staticmethod
     def _shape(ns: str, dev: str, rate: str) -> None:
-        bits = parse_rate(rate)
+        bits = parse_link_rate(rate)
         # tbf needs a bucket of at least rate/HZ bytes; 10 ms of traffic is ample, with
         # a floor so slow links still take a jumbo burst.
         burst = max(bits // 8 // 100, 256 * 1024)
