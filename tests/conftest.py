@@ -15,7 +15,8 @@ Tests take these as fixtures instead of importing this module: pytest imports ev
 one (this, or ``tests/e2e/conftest.py``) was loaded last.
 
 Timeouts are multiplied by the environment variable ``MIGRELAY_TEST_TIMEOUT_FACTOR``
-(default 1) on slow or busy hosts; :data:`MS` is one scaled millisecond.
+(default 1) on slow or busy hosts (read once, in ``tests/helpers.py``); :data:`MS` is
+one scaled millisecond.
 """
 
 from __future__ import annotations
@@ -38,21 +39,20 @@ import pytest
 
 from migrelay.aio import runner
 from migrelay.aio.runner import LoopName
+from tests.helpers import FACTOR
 
 T = TypeVar("T")
 
-#: Multiplies every timeout: set MIGRELAY_TEST_TIMEOUT_FACTOR=3 on a slow or busy host.
-TIMEOUT_FACTOR: float = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 #: One millisecond of timeout, scaled (websockets ``tests/utils.py`` MS).
-MS: float = 0.001 * TIMEOUT_FACTOR
+MS: float = 0.001 * FACTOR
 #: Both loops the relays support (DESIGN.md §4: uvloop, asyncio where it is absent).
 LOOP_IMPLS: tuple[LoopName, ...] = ("asyncio", "uvloop")
 #: Longest a coroutine given to :func:`run` may take.
-RUN_TIMEOUT_SECONDS: float = 120.0 * TIMEOUT_FACTOR
+RUN_TIMEOUT_SECONDS: float = 120.0 * FACTOR
 #: How long a subprocess gets to start listening (typer and uvloop imports take ~0.5 s).
-START_TIMEOUT_SECONDS: float = 15.0 * TIMEOUT_FACTOR
+START_TIMEOUT_SECONDS: float = 15.0 * FACTOR
 #: How long a subprocess gets to exit after SIGTERM before it is killed.
-STOP_TIMEOUT_SECONDS: float = 5.0 * TIMEOUT_FACTOR
+STOP_TIMEOUT_SECONDS: float = 5.0 * FACTOR
 
 
 # -- event loops ------------------------------------------------------------------------
@@ -114,7 +114,7 @@ async def _checked(coro: Coroutine[Any, Any, T], limit_seconds: float) -> T:
 
 
 #: How long tasks left running get to end once cancelled.
-CANCEL_TIMEOUT_SECONDS: float = 5.0 * TIMEOUT_FACTOR
+CANCEL_TIMEOUT_SECONDS: float = 5.0 * FACTOR
 
 
 async def _cancel_leftovers() -> list[asyncio.Task[Any]]:

@@ -7,8 +7,9 @@ import os
 import time
 from collections.abc import Callable
 
-#: Scales every test timeout (``MIGRELAY_TEST_TIMEOUT_FACTOR=3`` on a slow machine).
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+#: Scales every test timeout (``MIGRELAY_TEST_TIMEOUT_FACTOR=3`` on a slow machine). The
+#: one place the variable is read: conftest.py and the test modules import it from here.
+FACTOR: float = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 
 
 async def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None:

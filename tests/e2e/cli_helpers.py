@@ -18,20 +18,19 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from migrelay.control.migrate import wait_destination_completed
+from migrelay.control.migration import wait_destination_completed
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM, first_difference
+from tests.helpers import FACTOR
 
 if TYPE_CHECKING:
     # tests/conftest.py is loaded by pytest as "conftest"; see the test modules.
     from tests.conftest import MigrelayProcess
 
-#: Multiplies every timeout on a slow or busy host (as in tests/conftest.py).
-TIMEOUT_FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 #: Generous for 64 MiB over a relay on a shared 2-core host (~1 s when idle).
-MIGRATION_TIMEOUT_S = 120.0 * TIMEOUT_FACTOR
+MIGRATION_TIMEOUT_S = 120.0 * FACTOR
 #: A command that only talks to QMP: python start-up and a few commands.
-QUICK_TIMEOUT_S = 30.0 * TIMEOUT_FACTOR
+QUICK_TIMEOUT_S = 30.0 * FACTOR
 #: Slow enough that 64 MiB takes ~8 s, so a test can act while the migration runs.
 SLOW_BANDWIDTH = "8M"
 

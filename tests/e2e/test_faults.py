@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     follow_migration,
     prepare_incoming,
@@ -49,12 +49,12 @@ from migrelay.errors import MigrationError
 from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
+from tests.helpers import FACTOR
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 RAM_BYTES = 64 * MIB
 #: The source's rate limit while the fault hits: 64 MiB take ~4 s.
 SLOW_BANDWIDTH = 16 * MIB

@@ -35,12 +35,11 @@ from migrelay.core.events import CloseReceived, FrameEvent, Payload
 from migrelay.core.frames import FrameParser, Opcode, encode_close, encode_frame
 from migrelay.lab.vm import DisposableVM
 from migrelay.units import MIB
-from tests.helpers import wait_until
+from tests.helpers import FACTOR, wait_until
 
 from .cli_helpers import (
     QUICK_TIMEOUT_S,
     SLOW_BANDWIDTH,
-    TIMEOUT_FACTOR,
     Command,
     Commands,
     check_migrated,
@@ -57,7 +56,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 #: The longest a refusal or a close may take to arrive (they are immediate).
-ANSWER_TIMEOUT_S = 10.0 * TIMEOUT_FACTOR
+ANSWER_TIMEOUT_S = 10.0 * FACTOR
 #: serve's --handshake-timeout here: the stalled client is refused with 408 after it.
 HANDSHAKE_TIMEOUT_S = 1.0
 #: Both migrations have sent this much (of 64 MiB) when A's destination is killed.

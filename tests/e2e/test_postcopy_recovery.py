@@ -38,18 +38,18 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.migrate import MigrationOptions, wait_destination_completed
-from migrelay.control.operations import MIGRATION_HEADER, announcement
+from migrelay.control.commands import MIGRATION_HEADER, announcement
+from migrelay.control.migration import MigrationOptions, wait_destination_completed
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
+from tests.helpers import FACTOR
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 RAM_BYTES = 64 * MIB
 #: 40 Mbit/s: 64 MiB of postcopy take ~13 s, so the cut always lands mid-way.
 LINK_RATE = "40mbit"

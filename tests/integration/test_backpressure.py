@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.helpers import FACTOR
 
 from migrelay.limits import Limits
 
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 TOTAL_BYTES = 256 << 20
 #: The destination reads 256 KiB at a time, at most this fast: about a tenth of what
 #: the relays carry on this kind of host, so they spend the run in backpressure.

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.helpers import FACTOR
 
 from migrelay.core.events import CloseReceived, EndOfStream, FrameEvent, Payload
 from migrelay.core.frames import FrameParser, Opcode, encode_close, encode_frame
 
-FACTOR = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 #: Longest any single answer may take (a refusal is immediate; this is a safety net).
 ANSWER_SECONDS = 10.0 * FACTOR
 #: The one-byte-frame case: it must finish (or be refused) within this.
