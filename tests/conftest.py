@@ -5,7 +5,8 @@
   test on anything the loop reported to its exception handler, and on tasks the test
   left running (uvloop ``_testbase`` and websockets' test cases do the same).
 * ``sock_dir``: a short directory under ``/tmp`` for unix sockets (``sun_path`` holds
-  107 bytes; pytest's ``tmp_path`` is often longer than that).
+  107 bytes; pytest's ``tmp_path`` is often longer than that) and the test's other
+  files; the control and e2e tests use it too.
 * ``migrelay_procs``: starts ``migrelay serve`` / ``migrelay connect`` (or any other
   ``migrelay`` command) as real subprocesses, waits until they listen, keeps their log,
   and always stops them on teardown.
@@ -24,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import pytest
 
 from migrelay.aio import runner
 from migrelay.aio.runner import LoopName
-from tests.helpers import FACTOR
+from tests.helpers import FACTOR, short_temp_dir
 
 T = TypeVar("T")
 
@@ -157,12 +156,11 @@ def run_async(loop_impl: LoopName) -> AsyncRunner:
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    """A fresh directory with a short path for unix sockets, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp"))
-    try:
+    """A fresh directory with a short path for unix sockets (and the test's other files:
+    VM RAM, logs), removed afterwards. The one temporary directory of every test folder.
+    """
+    with short_temp_dir() as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- migrelay subprocesses ---------------------------------------------------------------

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 #: Scales every test timeout (``MIGRELAY_TEST_TIMEOUT_FACTOR=3`` on a slow machine). The
 #: one place the variable is read: conftest.py and the test modules import it from here.
@@ -19,3 +23,17 @@ async def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+@contextlib.contextmanager
+def short_temp_dir(parent: str = "/tmp") -> Iterator[Path]:
+    """A fresh directory with a short path under ``parent``, removed afterwards.
+
+    Unix socket paths hold 107 bytes, which pytest's ``tmp_path`` can exceed. The
+    ``sock_dir`` fixture of ``tests/conftest.py`` is this for one test.
+    """
+    path = Path(tempfile.mkdtemp(prefix="mr-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

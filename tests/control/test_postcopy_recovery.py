@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from migrelay.control import migrate as migrate_module, operations
-from migrelay.control.migrate import MigrationOptions, Progress, follow_migration
+from migrelay.control.migration import MigrationOptions, Progress, follow_migration
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.errors import MigrationError, StateError
 
@@ -25,11 +25,11 @@ URI = "unix:/tmp/relay.sock"
 RESUME = ("migrate", {"uri": URI, "resume": True})
 
 
-def run_against(fake: FakeQMP, sockdir: Path, body: object) -> None:
+def run_against(fake: FakeQMP, sock_dir: Path, body: object) -> None:
     """Connect a `QMP` to ``fake`` and run ``body(qmp)``."""
 
     async def main() -> None:
-        async with serve(fake, sockdir / "q.qmp") as path, QMP("vm") as qmp:
+        async with serve(fake, sock_dir / "q.qmp") as path, QMP("vm") as qmp:
             await qmp.connect(path)
             assert callable(body)
             await body(qmp)
@@ -50,7 +50,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_paused_migration_is_resumed_until_active_and_completes(
-    sockdir: Path, caplog: pytest.LogCaptureFixture
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = FakeQMP(
         replies={
@@ -72,7 +72,7 @@ def test_paused_migration_is_resumed_until_active_and_completes(
         assert result.status is MigrationStatus.COMPLETED
 
     with caplog.at_level(logging.INFO, logger="migrelay"):
-        run_against(fake, sockdir, body)
+        run_against(fake, sock_dir, body)
     assert [r for r in fake.received if r[0] == "migrate"] == [RESUME, RESUME]
     assert "migrate_cancel" not in fake.commands
     statuses = [str(p.status) for p in seen]
@@ -88,18 +88,18 @@ def test_paused_migration_is_resumed_until_active_and_completes(
     ]
 
 
-def test_paused_migration_without_a_resume_uri_raises_at_once(sockdir: Path) -> None:
+def test_paused_migration_without_a_resume_uri_raises_at_once(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": paused_then("postcopy-paused")})
 
     async def body(qmp: QMP) -> None:
         with pytest.raises(MigrationError, match=r"^postcopy paused: the link .* failed; "):
             await follow_migration(qmp, interval=0.01)
 
-    run_against(fake, sockdir, body)
+    run_against(fake, sock_dir, body)
     assert "migrate" not in fake.commands and "migrate_cancel" not in fake.commands
 
 
-def test_link_that_does_not_return_ends_the_wait_with_one_line(sockdir: Path) -> None:
+def test_link_that_does_not_return_ends_the_wait_with_one_line(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": paused_then("postcopy-paused")})
 
     async def body(qmp: QMP) -> None:
@@ -111,13 +111,13 @@ def test_link_that_does_not_return_ends_the_wait_with_one_line(sockdir: Path) ->
             " migrate --postcopy"
         )
 
-    run_against(fake, sockdir, body)
+    run_against(fake, sock_dir, body)
     assert RESUME in fake.received
     # Never cancelled: the destination already runs on pages the source lacks.
     assert "migrate_cancel" not in fake.commands
 
 
-def test_stop_while_paused_leaves_it_paused_instead_of_cancelling(sockdir: Path) -> None:
+def test_stop_while_paused_leaves_it_paused_instead_of_cancelling(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": paused_then("postcopy-paused")})
 
     async def body(qmp: QMP) -> None:
@@ -130,11 +130,11 @@ def test_stop_while_paused_leaves_it_paused_instead_of_cancelling(sockdir: Path)
         with pytest.raises(MigrationError, match=r"^interrupted while postcopy was paused"):
             await follow_migration(qmp, on_progress, interval=0.01, resume_uri=URI, stop=stop)
 
-    run_against(fake, sockdir, body)
+    run_against(fake, sock_dir, body)
     assert "migrate_cancel" not in fake.commands and "migrate" not in fake.commands
 
 
-def test_refused_resume_is_retried(sockdir: Path) -> None:
+def test_refused_resume_is_retried(sock_dir: Path) -> None:
     fake = FakeQMP(
         replies={
             "query-migrate": paused_then(
@@ -147,14 +147,14 @@ def test_refused_resume_is_retried(sockdir: Path) -> None:
     async def body(qmp: QMP) -> None:
         await follow_migration(qmp, interval=0.01, resume_uri=URI)
 
-    run_against(fake, sockdir, body)
+    run_against(fake, sock_dir, body)
     assert [r for r in fake.received if r[0] == "migrate"] == [RESUME, RESUME]
 
 
 # -- the command-level operations ----------------------------------------------------------
 
 
-def test_migrate_resumes_a_source_found_paused_instead_of_starting(sockdir: Path) -> None:
+def test_migrate_resumes_a_source_found_paused_instead_of_starting(sock_dir: Path) -> None:
     fake = FakeQMP(
         replies={
             "query-migrate": [
@@ -168,7 +168,7 @@ def test_migrate_resumes_a_source_found_paused_instead_of_starting(sockdir: Path
     )
 
     async def main() -> None:
-        async with serve(fake, sockdir / "src.qmp") as path:
+        async with serve(fake, sock_dir / "src.qmp") as path:
             result = await operations.migrate(
                 path, URI, MigrationOptions(postcopy=True), interval=0.01
             )
@@ -180,8 +180,8 @@ def test_migrate_resumes_a_source_found_paused_instead_of_starting(sockdir: Path
     assert [r for r in fake.received if r[0] == "migrate"] == [RESUME]
 
 
-def test_serve_hook_recovers_a_paused_destination(sockdir: Path) -> None:
-    target = sockdir / "vm.sock"
+def test_serve_hook_recovers_a_paused_destination(sock_dir: Path) -> None:
+    target = sock_dir / "vm.sock"
     fake = FakeQMP(
         replies={
             "query-migrate": [{"status": "postcopy-paused"}, {"status": "postcopy-paused"}],
@@ -190,7 +190,7 @@ def test_serve_hook_recovers_a_paused_destination(sockdir: Path) -> None:
     )
 
     async def main() -> None:
-        async with serve(fake, sockdir / "vm.qmp") as path:
+        async with serve(fake, sock_dir / "vm.qmp") as path:
             headers = {"migrelay-migration": "multifd=0,postcopy=1"}
             await operations.prepare_target(path, target, headers)
 
@@ -201,23 +201,23 @@ def test_serve_hook_recovers_a_paused_destination(sockdir: Path) -> None:
 
 
 @pytest.mark.parametrize("state", ["postcopy-active", "postcopy-recover"])
-def test_serve_hook_refuses_a_destination_not_yet_paused(sockdir: Path, state: str) -> None:
+def test_serve_hook_refuses_a_destination_not_yet_paused(sock_dir: Path, state: str) -> None:
     fake = FakeQMP(replies={"query-migrate": {"status": state}})
 
     async def main() -> None:
-        async with serve(fake, sockdir / "vm.qmp") as path:
+        async with serve(fake, sock_dir / "vm.qmp") as path:
             with pytest.raises(MigrationError, match=f"still {state}; not yet paused"):
-                await operations.prepare_target(path, sockdir / "vm.sock", {})
+                await operations.prepare_target(path, sock_dir / "vm.sock", {})
 
     asyncio.run(main())
     assert fake.commands[-1] == "query-migrate"
 
 
-def test_incoming_recover_needs_a_paused_migration(sockdir: Path) -> None:
+def test_incoming_recover_needs_a_paused_migration(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": {"status": "none"}})
 
     async def main() -> None:
-        async with serve(fake, sockdir / "vm.qmp") as path:
+        async with serve(fake, sock_dir / "vm.qmp") as path:
             with pytest.raises(StateError, match="postcopy-paused is required"):
                 await operations.incoming(
                     path, "unix:/tmp/d.sock", MigrationOptions(postcopy=True), recover=True

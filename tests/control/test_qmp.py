@@ -17,8 +17,8 @@ from .fake_qmp import HANG, HANGUP, FakeQMP, QMPFail, serve
 QEMU_TEXT = "Failed to connect to '/nowhere/x.sock': No such file or directory"
 
 
-def test_connect_to_missing_socket_says_so_in_one_sentence(sockdir: Path) -> None:
-    path = sockdir / "absent.qmp"
+def test_connect_to_missing_socket_says_so_in_one_sentence(sock_dir: Path) -> None:
+    path = sock_dir / "absent.qmp"
 
     async def main() -> None:
         async with QMP("dst") as qmp:
@@ -29,8 +29,8 @@ def test_connect_to_missing_socket_says_so_in_one_sentence(sockdir: Path) -> Non
     asyncio.run(main())
 
 
-def test_connect_to_dead_socket_names_the_socket_and_the_cause(sockdir: Path) -> None:
-    path = sockdir / "dead.qmp"
+def test_connect_to_dead_socket_names_the_socket_and_the_cause(sock_dir: Path) -> None:
+    path = sock_dir / "dead.qmp"
     # A socket file nobody listens on: what a crashed QEMU leaves behind.
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
@@ -47,9 +47,9 @@ def test_connect_to_dead_socket_names_the_socket_and_the_cause(sockdir: Path) ->
     asyncio.run(main())
 
 
-def test_a_socket_that_is_not_qmp_is_named_in_one_line(sockdir: Path) -> None:
+def test_a_socket_that_is_not_qmp_is_named_in_one_line(sock_dir: Path) -> None:
     # The wrong path: something listens there, but it is not a QEMU monitor.
-    path = sockdir / "not-qmp.sock"
+    path = sock_dir / "not-qmp.sock"
 
     async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
@@ -74,10 +74,10 @@ def test_a_socket_that_is_not_qmp_is_named_in_one_line(sockdir: Path) -> None:
     asyncio.run(main())
 
 
-def test_connect_retries_a_socket_bound_but_not_yet_listening(sockdir: Path) -> None:
+def test_connect_retries_a_socket_bound_but_not_yet_listening(sock_dir: Path) -> None:
     # QEMU binds its QMP socket (the file appears) before it calls listen(): a client
     # that connects in between is refused, which is no reason to give up.
-    path = sockdir / "starting.qmp"
+    path = sock_dir / "starting.qmp"
     fake = FakeQMP(replies={"query-status": {"status": "running", "running": True}})
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(path))
@@ -99,29 +99,29 @@ def test_connect_retries_a_socket_bound_but_not_yet_listening(sockdir: Path) -> 
     asyncio.run(main())
 
 
-def test_connect_waits_for_the_socket_to_appear(sockdir: Path) -> None:
+def test_connect_waits_for_the_socket_to_appear(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-status": {"status": "running", "running": True}})
 
     async def main() -> None:
         async def late_server() -> None:
             await asyncio.sleep(0.2)
-            async with serve(fake, sockdir / "late.qmp"):
+            async with serve(fake, sock_dir / "late.qmp"):
                 await asyncio.sleep(1)
 
         server = asyncio.create_task(late_server())
         async with QMP("src") as qmp:
-            await qmp.connect(str(sockdir / "late.qmp"), timeout_s=5)
+            await qmp.connect(str(sock_dir / "late.qmp"), timeout_s=5)
             assert await qmp.query_status() is RunState.RUNNING
         await server
 
     asyncio.run(main())
 
 
-def test_qemu_error_text_is_passed_through_whole(sockdir: Path) -> None:
+def test_qemu_error_text_is_passed_through_whole(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"migrate": QMPFail(QEMU_TEXT)})
 
     async def main() -> None:
-        async with serve(fake, sockdir / "q.qmp") as path, QMP("src") as qmp:
+        async with serve(fake, sock_dir / "q.qmp") as path, QMP("src") as qmp:
             await qmp.connect(path)
             with pytest.raises(MigrationError) as info:
                 await qmp.migrate("unix:/nowhere/x.sock")
@@ -133,11 +133,11 @@ def test_qemu_error_text_is_passed_through_whole(sockdir: Path) -> None:
     asyncio.run(main())
 
 
-def test_lost_connection_during_a_command_is_a_connect_error(sockdir: Path) -> None:
+def test_lost_connection_during_a_command_is_a_connect_error(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": HANGUP})
 
     async def main() -> None:
-        async with serve(fake, sockdir / "q.qmp") as path, QMP("src") as qmp:
+        async with serve(fake, sock_dir / "q.qmp") as path, QMP("src") as qmp:
             await qmp.connect(path)
             with pytest.raises(ConnectError, match=r"^qmp connection to src was lost during"):
                 await qmp.query_migrate()
@@ -145,11 +145,11 @@ def test_lost_connection_during_a_command_is_a_connect_error(sockdir: Path) -> N
     asyncio.run(main())
 
 
-def test_cancelling_a_command_raises_cancelled_error_unwrapped(sockdir: Path) -> None:
+def test_cancelling_a_command_raises_cancelled_error_unwrapped(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": HANG})
 
     async def main() -> None:
-        async with serve(fake, sockdir / "q.qmp") as path, QMP("src") as qmp:
+        async with serve(fake, sock_dir / "q.qmp") as path, QMP("src") as qmp:
             await qmp.connect(path)
             task = asyncio.create_task(qmp.query_migrate())
             await asyncio.sleep(0.1)
@@ -160,11 +160,11 @@ def test_cancelling_a_command_raises_cancelled_error_unwrapped(sockdir: Path) ->
     asyncio.run(main())
 
 
-def test_quit_tolerates_qemu_closing_before_its_reply(sockdir: Path) -> None:
+def test_quit_tolerates_qemu_closing_before_its_reply(sock_dir: Path) -> None:
     fake = FakeQMP(replies={"quit": HANGUP})
 
     async def main() -> None:
-        async with serve(fake, sockdir / "q.qmp") as path:
+        async with serve(fake, sock_dir / "q.qmp") as path:
             qmp = QMP("src")
             await qmp.connect(path)
             await qmp.quit()
@@ -174,11 +174,11 @@ def test_quit_tolerates_qemu_closing_before_its_reply(sockdir: Path) -> None:
     asyncio.run(main())
 
 
-def test_set_parameters_sends_only_what_is_given(sockdir: Path) -> None:
+def test_set_parameters_sends_only_what_is_given(sock_dir: Path) -> None:
     fake = FakeQMP()
 
     async def main() -> None:
-        async with serve(fake, sockdir / "q.qmp") as path, QMP("src") as qmp:
+        async with serve(fake, sock_dir / "q.qmp") as path, QMP("src") as qmp:
             await qmp.connect(path)
             await qmp.set_parameters()
             await qmp.set_parameters(max_bandwidth=10, downtime_limit_ms=50)
@@ -189,11 +189,11 @@ def test_set_parameters_sends_only_what_is_given(sockdir: Path) -> None:
     asyncio.run(main())
 
 
-def test_migration_events_are_heard_when_they_come_with_the_reply(sockdir: Path) -> None:
+def test_migration_events_are_heard_when_they_come_with_the_reply(sock_dir: Path) -> None:
     fake = FakeQMP(events={"migrate": [{"status": "setup"}, {"status": "active"}]})
 
     async def main() -> None:
-        async with serve(fake, sockdir / "q.qmp") as path, QMP("src") as qmp:
+        async with serve(fake, sock_dir / "q.qmp") as path, QMP("src") as qmp:
             await qmp.connect(path)
             await qmp.migrate("tcp:127.0.0.1:1")
             assert await qmp.next_migration_event(1) is MigrationStatus.SETUP

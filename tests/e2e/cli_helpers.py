@@ -159,13 +159,13 @@ class Commands:
         return command
 
 
-def commands_in(workdir: Path) -> Iterator[Commands]:
+def commands_in(sock_dir: Path) -> Iterator[Commands]:
     """Body of a test module's ``commands`` fixture: leftovers are killed at teardown.
 
-    Each module declares the fixture itself (``yield from commands_in(workdir)``): a
+    Each module declares the fixture itself (``yield from commands_in(sock_dir)``): a
     fixture imported from a helper module would look unused to the linters.
     """
-    started = Commands(workdir)
+    started = Commands(sock_dir)
     try:
         yield started
     finally:

@@ -1,9 +1,5 @@
 """Fixtures for end-to-end tests with real QEMU processes (reused by the relay e2e tests).
 
-``workdir``
-    A fresh, short directory under ``/tmp`` (unix socket paths are limited to 107 bytes,
-    which pytest's ``tmp_path`` can exceed), removed after the test.
-
 ``vm_pair``
     A `VMPairFactory`. Inside the test's own event loop::
 
@@ -11,14 +7,13 @@
             ...  # src: random RAM, started; dst: sparse RAM, -incoming defer, started
 
     Both QEMUs are terminated (SIGTERM, then SIGKILL) and reaped when the block exits, and
-    again, synchronously, at fixture teardown if a test left one behind.
+    again, synchronously, at fixture teardown if a test left one behind. The VMs' files
+    go to ``sock_dir`` (``tests/conftest.py``), next to the test's sockets and logs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -36,11 +31,11 @@ class VMPairFactory:
     """Starts source/destination pairs of `DisposableVM` in a directory, and cleans up.
 
     Args:
-        workdir: where the VMs' sockets, RAM files and logs go.
+        sock_dir: where the VMs' sockets, RAM files and logs go.
     """
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+    def __init__(self, sock_dir: Path) -> None:
+        self.sock_dir = sock_dir
         self.vms: list[DisposableVM] = []
 
     @contextlib.asynccontextmanager
@@ -56,8 +51,8 @@ class VMPairFactory:
         Yields:
             ``(source, destination)``, both started with their QMP socket present.
         """
-        src = DisposableVM(self.workdir, f"{name}-src", ram_size)
-        dst = DisposableVM(self.workdir, f"{name}-dst", ram_size, incoming=True)
+        src = DisposableVM(self.sock_dir, f"{name}-src", ram_size)
+        dst = DisposableVM(self.sock_dir, f"{name}-dst", ram_size, incoming=True)
         self.vms += [src, dst]
         try:
             await src.start()
@@ -74,19 +69,9 @@ class VMPairFactory:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short, fresh directory under /tmp, removed after the test."""
-    path = Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def vm_pair(workdir: Path) -> Iterator[VMPairFactory]:
-    """A factory of source/destination VM pairs in ``workdir``; see `VMPairFactory`."""
-    factory = VMPairFactory(workdir)
+def vm_pair(sock_dir: Path) -> Iterator[VMPairFactory]:
+    """A factory of source/destination VM pairs in ``sock_dir``; see `VMPairFactory`."""
+    factory = VMPairFactory(sock_dir)
     try:
         yield factory
     finally:

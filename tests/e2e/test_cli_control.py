@@ -26,9 +26,9 @@ RAM_BYTES = 32 * MIB
 
 
 @pytest.fixture
-def commands(workdir: Path) -> Iterator[Commands]:
+def commands(sock_dir: Path) -> Iterator[Commands]:
     """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(workdir)
+    yield from commands_in(sock_dir)
 
 
 def assert_one_line_error(command: Command, *fragments: str) -> str:
@@ -43,15 +43,15 @@ def assert_one_line_error(command: Command, *fragments: str) -> str:
     return stderr
 
 
-def test_a_dead_qmp_socket_is_one_sentence(workdir: Path, commands: Commands) -> None:
+def test_a_dead_qmp_socket_is_one_sentence(sock_dir: Path, commands: Commands) -> None:
     # A socket file that nobody listens on any more: what a crashed QEMU leaves behind.
-    dead = workdir / "dead.qmp"
+    dead = sock_dir / "dead.qmp"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(dead))
 
     async def main() -> None:
         for args in (
-            ("migrate", "--qmp", str(dead), "--socket", str(workdir / "s.sock")),
+            ("migrate", "--qmp", str(dead), "--socket", str(sock_dir / "s.sock")),
             ("incoming", "--qmp", str(dead)),
             ("status", "--qmp", str(dead)),
             ("cancel", "--qmp", str(dead)),
@@ -76,12 +76,12 @@ def test_incoming_on_a_vm_not_started_with_incoming_defer_says_so(
 
 
 def test_migrate_from_a_destination_vm_is_refused_before_anything_changes(
-    vm_pair: VMPairFactory, workdir: Path, commands: Commands
+    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (_src, dst):
             command = await commands.run(
-                "migrate", "--qmp", str(dst.qmp_path), "--socket", str(workdir / "s.sock")
+                "migrate", "--qmp", str(dst.qmp_path), "--socket", str(sock_dir / "s.sock")
             )
             assert_one_line_error(command, "state is inmigrate")
             status = await commands.run("status", "--qmp", str(dst.qmp_path), "--json")
@@ -94,9 +94,9 @@ def test_migrate_from_a_destination_vm_is_refused_before_anything_changes(
 
 
 def test_incoming_twice_says_the_vm_already_listens(
-    vm_pair: VMPairFactory, workdir: Path, commands: Commands
+    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
-    sock = workdir / "d.sock"
+    sock = sock_dir / "d.sock"
 
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (_src, dst):
@@ -124,9 +124,9 @@ def test_incoming_twice_says_the_vm_already_listens(
 
 
 def test_migration_to_nowhere_exits_1_with_qemus_text(
-    vm_pair: VMPairFactory, workdir: Path, commands: Commands
+    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
-    nowhere = workdir / "nobody.sock"
+    nowhere = sock_dir / "nobody.sock"
 
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (src, _dst):
@@ -162,9 +162,9 @@ def test_cancel_without_a_migration_is_harmless(
 
 
 def test_migrate_no_wait_returns_and_status_watch_follows_to_the_end(
-    vm_pair: VMPairFactory, workdir: Path, commands: Commands
+    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
-    sock = workdir / "d.sock"
+    sock = sock_dir / "d.sock"
 
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (src, dst):
@@ -193,8 +193,10 @@ def test_migrate_no_wait_returns_and_status_watch_follows_to_the_end(
     asyncio.run(main())
 
 
-def test_bad_flags_are_refused_before_any_vm_is_touched(workdir: Path, commands: Commands) -> None:
-    qmp = str(workdir / "never.qmp")
+def test_bad_flags_are_refused_before_any_vm_is_touched(
+    sock_dir: Path, commands: Commands
+) -> None:
+    qmp = str(sock_dir / "never.qmp")
 
     async def main() -> None:
         both = await commands.run("migrate", "--qmp", qmp, "--socket", "s", "--to", "ws://h/")

@@ -46,9 +46,9 @@ COLUMNS = 160
 
 
 @pytest.fixture
-def commands(workdir: Path) -> Iterator[Commands]:
+def commands(sock_dir: Path) -> Iterator[Commands]:
     """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(workdir)
+    yield from commands_in(sock_dir)
 
 
 def _check_line_output(stdout: str) -> None:
@@ -71,12 +71,12 @@ def _check_line_output(stdout: str) -> None:
 
 def test_four_commands_in_the_original_order_copy_ram_exactly(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     procs = migrelay_procs
-    source_sock, dest_sock = workdir / "source.sock", workdir / "dest.sock"
+    source_sock, dest_sock = sock_dir / "source.sock", sock_dir / "dest.sock"
 
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
@@ -119,12 +119,12 @@ def test_four_commands_in_the_original_order_copy_ram_exactly(
 def test_four_commands_in_another_order_copy_ram_exactly(
     order: tuple[str, ...],
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     procs = migrelay_procs
-    source_sock, dest_sock = workdir / "source.sock", workdir / "dest.sock"
+    source_sock, dest_sock = sock_dir / "source.sock", sock_dir / "dest.sock"
 
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
@@ -164,13 +164,13 @@ def _free_port() -> int:
 
 def test_serve_qmp_dir_and_migrate_to_need_no_other_command_and_print_json(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             migrate = commands.migrate(src, "--to", f"{serve.url}/{dst.name}", "--json")
             assert await migrate.wait() == 0, migrate.describe()
             assert migrate.stderr() == ""
@@ -193,13 +193,13 @@ def test_serve_qmp_dir_and_migrate_to_need_no_other_command_and_print_json(
 
 def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             controller, terminal = pty.openpty()
             try:
                 migrate = commands.migrate(
@@ -268,13 +268,13 @@ def _read_until_closed(fd: int) -> str:
 
 def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_running(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             migrate = commands.migrate(
                 src,
                 "--to",
@@ -301,20 +301,20 @@ def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_ru
 
 def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
-    token_file = workdir / "tokens"
+    token_file = sock_dir / "tokens"
     token_file.write_text("s3cret-token\n", encoding="utf-8")
 
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             serve = migrelay_procs.serve(
                 "--target-dir",
-                str(workdir),
+                str(sock_dir),
                 "--qmp-dir",
-                str(workdir),
+                str(sock_dir),
                 "--token-file",
                 str(token_file),
             )
@@ -342,7 +342,7 @@ def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
 
 def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte_moves(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
@@ -351,8 +351,8 @@ def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte
     # flags". serve --qmp-dir compares what the source announces with what listens.
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
-            target = workdir / f"{dst.name}.sock"
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
+            target = sock_dir / f"{dst.name}.sock"
             prepared = await commands.run(
                 "incoming", "--qmp", str(dst.qmp_path), "--socket", str(target)
             )
@@ -382,13 +382,13 @@ def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte
 
 def test_ctrl_c_cancels_and_the_source_then_migrates_again(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             migrate = commands.migrate(
                 src,
                 "--to",
@@ -411,7 +411,7 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
             assert runstate is RunState.PRELAUNCH
 
             # A fresh destination (the first one gave up with the cancelled stream).
-            again = DisposableVM(workdir, "again", DEFAULT_RAM_BYTES, incoming=True)
+            again = DisposableVM(sock_dir, "again", DEFAULT_RAM_BYTES, incoming=True)
             async with again:
                 second = commands.migrate(src, "--to", f"{serve.url}/{again.name}")
                 assert await second.wait() == 0, second.describe()

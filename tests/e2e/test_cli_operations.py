@@ -48,9 +48,9 @@ SMALL_RAM_BYTES = 32 * MIB
 
 
 @pytest.fixture
-def commands(workdir: Path) -> Iterator[Commands]:
+def commands(sock_dir: Path) -> Iterator[Commands]:
     """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(workdir)
+    yield from commands_in(sock_dir)
 
 
 def _sha256(path: Path) -> str:
@@ -67,10 +67,10 @@ async def _start_guest(vm: DisposableVM) -> None:
 
 
 async def _migrate_again(
-    commands: Commands, serve: MigrelayProcess, workdir: Path, src: DisposableVM, name: str
+    commands: Commands, serve: MigrelayProcess, sock_dir: Path, src: DisposableVM, name: str
 ) -> None:
     """Migrate ``src`` once more, to a fresh destination VM, and check its RAM."""
-    again = DisposableVM(workdir, name, src.ram_size, incoming=True)
+    again = DisposableVM(sock_dir, name, src.ram_size, incoming=True)
     async with again:
         second = commands.migrate(src, "--to", f"{serve.url}/{again.name}")
         assert await second.wait() == 0, second.describe()
@@ -82,16 +82,16 @@ async def _migrate_again(
 
 def test_cancel_stops_a_migration_started_with_no_wait_and_the_vm_migrates_again(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
-    source_sock = workdir / "source.sock"
+    source_sock = sock_dir / "source.sock"
 
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             ram_before = _sha256(src.ram_path)
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             # Plain connect announces nothing: serve prepares the defaults, as migrate has.
             migrelay_procs.connect(f"{serve.url}/{dst.name}", source_sock)
             started = await commands.run(
@@ -130,20 +130,20 @@ def test_cancel_stops_a_migration_started_with_no_wait_and_the_vm_migrates_again
             await asyncio.to_thread(serve.wait_for_log, r"channel \S+/0 closed: ")
             assert serve.log().count(" closed: ") == 1, serve.log()
 
-            await _migrate_again(commands, serve, workdir, src, "again")
+            await _migrate_again(commands, serve, sock_dir, src, "again")
 
     asyncio.run(main())
 
 
 def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrates_again(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             migrate = commands.migrate(
                 src,
                 "--to",
@@ -169,7 +169,7 @@ def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrate
             runstate, info = await source_state(src)
             assert runstate is RunState.PRELAUNCH
             assert info.status is MigrationStatus.CANCELLED
-            await _migrate_again(commands, serve, workdir, src, "again")
+            await _migrate_again(commands, serve, sock_dir, src, "again")
 
     asyncio.run(main())
 
@@ -179,14 +179,14 @@ def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrate
 
 def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             await _start_guest(src)
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             migrate = commands.migrate(
                 src,
                 "--to",
@@ -207,7 +207,7 @@ def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
             # Not stopped, not paused: the guest goes on where it was.
             assert runstate is RunState.RUNNING
             # The running guest migrates again (check_migrated: source postmigrate).
-            await _migrate_again(commands, serve, workdir, src, "again")
+            await _migrate_again(commands, serve, sock_dir, src, "again")
 
     asyncio.run(main())
 
@@ -217,11 +217,11 @@ def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
 
 def test_serve_target_and_qmp_on_slash_prepare_the_destination_without_incoming(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
-    dest_sock = workdir / "dest.sock"
+    dest_sock = sock_dir / "dest.sock"
 
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
@@ -254,21 +254,21 @@ def test_serve_target_and_qmp_on_slash_prepare_the_destination_without_incoming(
 def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
     wrong: str,
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
-    elsewhere = workdir / "elsewhere.sock"
+    elsewhere = sock_dir / "elsewhere.sock"
     if wrong == "not-started-with-incoming-defer":
         # A normal VM (-S, no -incoming): what a destination started by mistake looks like.
-        bad = DisposableVM(workdir, "plain", SMALL_RAM_BYTES)
+        bad = DisposableVM(sock_dir, "plain", SMALL_RAM_BYTES)
         why = (
             "state is prelaunch, but inmigrate is required: start the destination qemu"
             " with -incoming defer"
         )
     else:
         # Already prepared for another migration (an operator's `incoming` elsewhere).
-        bad = DisposableVM(workdir, "busy", SMALL_RAM_BYTES, incoming=True)
+        bad = DisposableVM(sock_dir, "busy", SMALL_RAM_BYTES, incoming=True)
         why = f"state is inmigrate, already listening on unix:{elsewhere}"
 
     async def main() -> None:
@@ -279,7 +279,7 @@ def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
                 )
                 assert incoming.popen.returncode == 0, incoming.describe()
             ram_before = _sha256(src.ram_path)
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             url = f"{serve.url}/{bad.name}"
             refused = commands.migrate(src, "--to", url)
             assert await refused.wait() == 1, refused.describe()
@@ -309,7 +309,7 @@ def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
                 else:
                     assert await qmp.query_status() is RunState.INMIGRATE
                     assert bad_info.socket_addresses == (f"unix:{elsewhere}",)
-                    assert not (workdir / f"{bad.name}.sock").exists()
+                    assert not (sock_dir / f"{bad.name}.sock").exists()
 
             # The same source then migrates to a destination that is ready.
             migrate = commands.migrate(src, "--to", f"{serve.url}/{dst.name}")

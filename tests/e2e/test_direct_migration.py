@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     MigrationResult,
     Progress,
@@ -76,13 +76,13 @@ def check_result(
 
 
 def test_direct_migration_over_unix_socket_copies_ram_exactly(
-    vm_pair: VMPairFactory, workdir: Path
+    vm_pair: VMPairFactory, sock_dir: Path
 ) -> None:
     async def main() -> None:
         async with vm_pair() as (src, dst):
             options = MigrationOptions()
             result, progress = await migrate_direct(
-                src, dst, f"unix:{workdir / 'migration.sock'}", options
+                src, dst, f"unix:{sock_dir / 'migration.sock'}", options
             )
             check_result(src, dst, result, progress)
 

@@ -107,21 +107,21 @@ class Hosts:
     """Two namespaces, the relays in them, and the VMs; everything is cleaned up."""
 
     ns: LinkedNamespaces
-    workdir: Path
+    sock_dir: Path
     procs: MigrelayProcesses
     vms: list[DisposableVM] = field(default_factory=list)
 
     @property
     def dest_sock(self) -> Path:
-        return self.workdir / "dest.sock"
+        return self.sock_dir / "dest.sock"
 
     @property
     def source_sock(self) -> Path:
-        return self.workdir / "source.sock"
+        return self.sock_dir / "source.sock"
 
     def serve(self) -> MigrelayProcess:
         return self.procs.serve(
-            "--target", str(self.dest_sock), "--token-file", str(self.workdir / "token"),
+            "--target", str(self.dest_sock), "--token-file", str(self.sock_dir / "token"),
             "--wait-target", "10", *LIVENESS_ARGS,
             listen=f"{self.ns.dest_addr}:{PORT}", prefix=self.ns.prefix(self.ns.dest_ns),
         )  # fmt: skip
@@ -129,25 +129,25 @@ class Hosts:
     def connect(self) -> MigrelayProcess:
         return self.procs.connect(
             f"ws://{self.ns.dest_addr}:{PORT}/", self.source_sock,
-            "--token-file", str(self.workdir / "token"), *LIVENESS_ARGS,
+            "--token-file", str(self.sock_dir / "token"), *LIVENESS_ARGS,
             prefix=self.ns.prefix(self.ns.source_ns),
         )  # fmt: skip
 
     def vm(self, name: str, *, incoming: bool) -> DisposableVM:
         ns = self.ns.dest_ns if incoming else self.ns.source_ns
         vm = DisposableVM(
-            self.workdir, name, RAM_BYTES, incoming=incoming, command_prefix=self.ns.prefix(ns)
+            self.sock_dir, name, RAM_BYTES, incoming=incoming, command_prefix=self.ns.prefix(ns)
         )
         self.vms.append(vm)
         return vm
 
 
 @pytest.fixture
-def hosts(workdir: Path, migrelay_procs: MigrelayProcesses) -> Iterator[Hosts]:
-    """Linked namespaces with a token file in ``workdir``; all torn down afterwards."""
-    (workdir / "token").write_text("fault-test-token\n")
+def hosts(sock_dir: Path, migrelay_procs: MigrelayProcesses) -> Iterator[Hosts]:
+    """Linked namespaces with a token file in ``sock_dir``; all torn down afterwards."""
+    (sock_dir / "token").write_text("fault-test-token\n")
     with LinkedNamespaces() as ns:
-        hosts = Hosts(ns, workdir, migrelay_procs)
+        hosts = Hosts(ns, sock_dir, migrelay_procs)
         try:
             yield hosts
         finally:

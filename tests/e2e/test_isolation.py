@@ -66,9 +66,9 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 @pytest.fixture
-def commands(workdir: Path) -> Iterator[Commands]:
+def commands(sock_dir: Path) -> Iterator[Commands]:
     """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(workdir)
+    yield from commands_in(sock_dir)
 
 
 def _sha256(path: Path) -> str:
@@ -198,7 +198,7 @@ async def _healthz(serve: MigrelayProcess) -> bytes:
 
 def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_completes(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
@@ -208,7 +208,7 @@ def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_com
             vm_pair(DEFAULT_RAM_BYTES, name="b") as (src_b, dst_b),
         ):
             ram_a = _sha256(src_a.ram_path)
-            serve = migrelay_procs.serve("--target-dir", str(workdir), "--qmp-dir", str(workdir))
+            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
             migrations = {
                 name: commands.migrate(
                     src,
@@ -264,7 +264,7 @@ def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_com
             assert (await _healthz(serve)).endswith(b"\r\n\r\nok\n")
 
             # A's source is usable again, through the same serve.
-            again = DisposableVM(workdir, "a-again", DEFAULT_RAM_BYTES, incoming=True)
+            again = DisposableVM(sock_dir, "a-again", DEFAULT_RAM_BYTES, incoming=True)
             async with again:
                 retry = commands.migrate(src_a, "--to", f"{serve.url}/{again.name}")
                 assert await retry.wait() == 0, retry.describe()
@@ -275,11 +275,11 @@ def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_com
 
 def test_hostile_clients_during_a_migration_are_refused_and_it_completes_intact(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
     commands: Commands,
 ) -> None:
-    source_sock = workdir / "source.sock"
+    source_sock = sock_dir / "source.sock"
     # A target of the hostile client's own: a unix peer that records what reaches it.
     received: list[bytes] = []
 
@@ -289,13 +289,13 @@ def test_hostile_clients_during_a_migration_are_refused_and_it_completes_intact(
         writer.close()
 
     async def main() -> None:
-        junk = await asyncio.start_unix_server(sink, str(workdir / "junk.sock"))
+        junk = await asyncio.start_unix_server(sink, str(sock_dir / "junk.sock"))
         async with junk, vm_pair(DEFAULT_RAM_BYTES, name="b") as (src, dst):
             # The original four commands this time: serve has no migrate-incoming hook,
             # so a hostile client can reach a target socket of its own.
             serve = migrelay_procs.serve(
                 "--target-dir",
-                str(workdir),
+                str(sock_dir),
                 "--handshake-timeout",
                 str(HANDSHAKE_TIMEOUT_S),
             )
@@ -305,7 +305,7 @@ def test_hostile_clients_during_a_migration_are_refused_and_it_completes_intact(
                 "--qmp",
                 str(dst.qmp_path),
                 "--socket",
-                str(workdir / f"{dst.name}.sock"),
+                str(sock_dir / f"{dst.name}.sock"),
             )
             assert incoming.popen.returncode == 0, incoming.describe()
             migrate = commands.migrate(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     prepare_incoming,
     start_migration,
@@ -80,13 +80,13 @@ class RssSampler:
 
 
 def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bound(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
-    target_dir = workdir / "targets"
+    target_dir = sock_dir / "targets"
     target_dir.mkdir()
     server = migrelay_procs.serve("--target-dir", str(target_dir), "--wait-target", "60")
     clients = [
-        migrelay_procs.connect(f"{server.url}/vm{index}", workdir / f"src{index}.sock")
+        migrelay_procs.connect(f"{server.url}/vm{index}", sock_dir / f"src{index}.sock")
         for index in range(SESSIONS)
     ]
     assert len(clients) == SESSIONS
@@ -104,7 +104,7 @@ def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bo
         await dq.connect(str(dst.qmp_path))
         await prepare_incoming(dq, f"unix:{target_dir / f'vm{index}.sock'}", options)
         await go.wait()
-        await start_migration(sq, f"unix:{workdir / f'src{index}.sock'}", options)
+        await start_migration(sq, f"unix:{sock_dir / f'src{index}.sock'}", options)
         final = await wait_destination_completed(dq, MIGRATION_TIMEOUT_S)
         assert final.status is MigrationStatus.COMPLETED
         info = await sq.query_migrate()

@@ -29,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
-from tests.helpers import FACTOR
+from tests.helpers import FACTOR, short_temp_dir
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 
@@ -92,11 +90,8 @@ def log_lines(process: MigrelayProcess, pattern: str) -> list[str]:
 @pytest.fixture
 def shm_workdir() -> Iterator[Path]:
     """A fresh directory on tmpfs (see the module docstring), removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="mr-pc-", dir="/dev/shm"))
-    try:
+    with short_temp_dir("/dev/shm") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -104,7 +99,7 @@ class Hosts:
     """The shaped link, both VMs (started) and ``serve --qmp-dir`` with its token."""
 
     ns: LinkedNamespaces
-    workdir: Path
+    sock_dir: Path
     token: Path
     src: DisposableVM
     dst: DisposableVM
@@ -230,7 +225,7 @@ def report(
 
 
 def test_link_cut_during_postcopy_is_waited_out_resumed_and_ram_intact(hosts: Hosts) -> None:
-    source_sock = hosts.workdir / "source.sock"
+    source_sock = hosts.sock_dir / "source.sock"
     # A plain connect announces no capabilities (serve would prepare the
     # destination without postcopy); migrate --to sends this header itself.
     # --retry-open: hold QEMU's resume connection until the link is back.

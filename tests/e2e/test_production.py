@@ -31,7 +31,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     prepare_incoming,
     start_migration,
@@ -58,9 +58,9 @@ DAEMON_START_S = 10.0
 
 
 @pytest.fixture
-def pki(workdir: Path) -> PKI:
+def pki(sock_dir: Path) -> PKI:
     """A CA, a server certificate for 127.0.0.1/localhost, a client certificate."""
-    return make_pki(workdir / "pki")
+    return make_pki(sock_dir / "pki")
 
 
 # -- daemons -----------------------------------------------------------------------------
@@ -98,10 +98,10 @@ def daemons() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def start_nginx(
-    workdir: Path, daemons: list[subprocess.Popen[bytes]], pki: PKI, upstream: int
+    sock_dir: Path, daemons: list[subprocess.Popen[bytes]], pki: PKI, upstream: int
 ) -> int:
     """nginx terminating TLS and proxying ``/migrelay/`` to ``serve`` on ``upstream``."""
-    directory = workdir / "nginx"
+    directory = sock_dir / "nginx"
     directory.mkdir()
     port = _free_port()
     config = directory / "nginx.conf"
@@ -150,9 +150,9 @@ http {{
     return port
 
 
-def start_tinyproxy(workdir: Path, daemons: list[subprocess.Popen[bytes]], upstream: int) -> int:
+def start_tinyproxy(sock_dir: Path, daemons: list[subprocess.Popen[bytes]], upstream: int) -> int:
     """tinyproxy allowing CONNECT from loopback to ``upstream`` only."""
-    directory = workdir / "tinyproxy"
+    directory = sock_dir / "tinyproxy"
     directory.mkdir()
     port = _free_port()
     config = directory / "tinyproxy.conf"
@@ -185,17 +185,17 @@ LogLevel Info
 
 async def migrate(
     vm_pair: VMPairFactory,
-    workdir: Path,
+    sock_dir: Path,
     options: MigrationOptions | None = None,
     during: Callable[[QMP], Awaitable[None]] | None = None,
 ) -> None:
-    """Migrate a fresh VM pair through ``workdir/source.sock``; check the RAM."""
+    """Migrate a fresh VM pair through ``sock_dir/source.sock``; check the RAM."""
     options = options or MigrationOptions()
     async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
         await sq.connect(str(src.qmp_path))
         await dq.connect(str(dst.qmp_path))
-        await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
-        await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+        await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
+        await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
         if during is not None:
             await during(sq)
         final = await wait_destination_completed(dq, MIGRATION_TIMEOUT_S)
@@ -208,15 +208,15 @@ async def migrate(
         assert first_difference(src.ram_path, dst.ram_path) is None
 
 
-async def migration_fails(vm_pair: VMPairFactory, workdir: Path) -> None:
+async def migration_fails(vm_pair: VMPairFactory, sock_dir: Path) -> None:
     """Start a migration that the relays cannot carry; the source VM stays as it was."""
     options = MigrationOptions()
     async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
         await sq.connect(str(src.qmp_path))
         await dq.connect(str(dst.qmp_path))
         before = await sq.query_status()
-        await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
-        await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+        await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
+        await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
         deadline = time.monotonic() + MIGRATION_TIMEOUT_S
         while (status := (await sq.query_migrate()).status) is not MigrationStatus.FAILED:
             assert status is not MigrationStatus.COMPLETED
@@ -226,18 +226,18 @@ async def migration_fails(vm_pair: VMPairFactory, workdir: Path) -> None:
         assert src.running
 
 
-def serve(procs: MigrelayProcesses, workdir: Path, *args: str) -> MigrelayProcess:
-    return procs.serve("--target", str(workdir / "dest.sock"), *args)
+def serve(procs: MigrelayProcesses, sock_dir: Path, *args: str) -> MigrelayProcess:
+    return procs.serve("--target", str(sock_dir / "dest.sock"), *args)
 
 
 def connect(
     procs: MigrelayProcesses,
-    workdir: Path,
+    sock_dir: Path,
     url: str,
     *args: str,
     env: dict[str, str] | None = None,
 ) -> MigrelayProcess:
-    return procs.connect(url, workdir / "source.sock", *args, env=env)
+    return procs.connect(url, sock_dir / "source.sock", *args, env=env)
 
 
 def assert_channels_completed(*relays: MigrelayProcess) -> None:
@@ -251,42 +251,48 @@ def assert_channels_completed(*relays: MigrelayProcess) -> None:
 
 
 def test_wss_with_ca_carries_a_migration_intact(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
 ) -> None:
-    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    server = serve(
+        migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
+    )
     assert "listening on wss://" in server.log()
     client = connect(
-        migrelay_procs, workdir, f"wss://localhost:{server.port}/", "--ca", str(pki.ca)
+        migrelay_procs, sock_dir, f"wss://localhost:{server.port}/", "--ca", str(pki.ca)
     )
-    asyncio.run(migrate(vm_pair, workdir))
+    asyncio.run(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
 
 
 def test_wss_with_pinned_fingerprint_carries_a_migration_intact(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
 ) -> None:
-    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    server = serve(
+        migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
+    )
     # No CA at all: the pin alone vouches for the server.
     client = connect(
         migrelay_procs,
-        workdir,
+        sock_dir,
         f"wss://127.0.0.1:{server.port}/",
         "--fingerprint",
         pki.fingerprint(),
     )
-    asyncio.run(migrate(vm_pair, workdir, MigrationOptions(multifd_channels=2)))
+    asyncio.run(migrate(vm_pair, sock_dir, MigrationOptions(multifd_channels=2)))
     assert_channels_completed(server, client)
 
 
 def test_wrong_fingerprint_is_refused_in_one_line_and_source_vm_stays(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
 ) -> None:
-    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    server = serve(
+        migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
+    )
     wrong = ":".join(["AB"] * 32)
     client = connect(
-        migrelay_procs, workdir, f"wss://127.0.0.1:{server.port}/", "--fingerprint", wrong
+        migrelay_procs, sock_dir, f"wss://127.0.0.1:{server.port}/", "--fingerprint", wrong
     )
-    asyncio.run(migration_fails(vm_pair, workdir))
+    asyncio.run(migration_fails(vm_pair, sock_dir))
     errors = [line for line in client.log().splitlines() if " ERROR " in line]
     assert len(errors) == 1, client.log()
     assert "does not match the pinned fingerprint" in errors[0]
@@ -294,16 +300,16 @@ def test_wrong_fingerprint_is_refused_in_one_line_and_source_vm_stays(
 
 
 def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
 ) -> None:
     server = serve(
         migrelay_procs,
-        workdir,
+        sock_dir,
         *("--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--client-ca", str(pki.ca)),
     )
     url = f"wss://127.0.0.1:{server.port}/"
-    anonymous = connect(migrelay_procs, workdir, url, "--ca", str(pki.ca), "--once")
-    asyncio.run(migration_fails(vm_pair, workdir))
+    anonymous = connect(migrelay_procs, sock_dir, url, "--ca", str(pki.ca), "--once")
+    asyncio.run(migration_fails(vm_pair, sock_dir))
     anonymous.wait()
     assert "cannot open websocket" in anonymous.log(), anonymous.log()
     assert " opened: " not in server.log()
@@ -311,7 +317,7 @@ def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
 
     client = connect(
         migrelay_procs,
-        workdir,
+        sock_dir,
         url,
         *(
             "--ca",
@@ -322,7 +328,7 @@ def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
             str(pki.client_key),
         ),
     )
-    asyncio.run(migrate(vm_pair, workdir))
+    asyncio.run(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
 
 
@@ -332,23 +338,23 @@ def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
 def test_nginx_terminating_tls_under_a_path_prefix_carries_a_migration_intact(
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
-    workdir: Path,
+    sock_dir: Path,
     pki: PKI,
     daemons: list[subprocess.Popen[bytes]],
 ) -> None:
     server = serve(
-        migrelay_procs, workdir, "--path-prefix", "/migrelay", "--trusted-proxy", "127.0.0.1"
+        migrelay_procs, sock_dir, "--path-prefix", "/migrelay", "--trusted-proxy", "127.0.0.1"
     )
     assert server.port is not None
-    nginx_port = start_nginx(workdir, daemons, pki, server.port)
+    nginx_port = start_nginx(sock_dir, daemons, pki, server.port)
     client = connect(
         migrelay_procs,
-        workdir,
+        sock_dir,
         f"wss://localhost:{nginx_port}/migrelay/",
         "--ca",
         str(pki.ca),
     )
-    asyncio.run(migrate(vm_pair, workdir, MigrationOptions(multifd_channels=2)))
+    asyncio.run(migrate(vm_pair, sock_dir, MigrationOptions(multifd_channels=2)))
     assert_channels_completed(server, client)
     opened = [line for line in server.log().splitlines() if " opened: " in line]
     # nginx's X-Forwarded-For, trusted from 127.0.0.1, names the client in the log.
@@ -358,23 +364,23 @@ def test_nginx_terminating_tls_under_a_path_prefix_carries_a_migration_intact(
 def test_connect_through_tinyproxy_carries_a_migration_intact(
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
-    workdir: Path,
+    sock_dir: Path,
     daemons: list[subprocess.Popen[bytes]],
 ) -> None:
-    token_file = workdir / "tokens"
+    token_file = sock_dir / "tokens"
     token_file.write_text("proxy-test-token /\n")
-    server = serve(migrelay_procs, workdir, "--token-file", str(token_file))
+    server = serve(migrelay_procs, sock_dir, "--token-file", str(token_file))
     assert server.port is not None
-    proxy_port = start_tinyproxy(workdir, daemons, server.port)
+    proxy_port = start_tinyproxy(sock_dir, daemons, server.port)
     client = connect(
         migrelay_procs,
-        workdir,
+        sock_dir,
         f"{server.url}/",
         *("--token-file", str(token_file), "--proxy", f"http://127.0.0.1:{proxy_port}"),
     )
-    asyncio.run(migrate(vm_pair, workdir))
+    asyncio.run(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
-    proxy_log = (workdir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
+    proxy_log = (sock_dir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
     # The one channel went through the proxy: one CONNECT, to serve's port.
     assert proxy_log.count(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1") == 1, proxy_log
     assert "proxy-test-token" not in server.log() + client.log() + proxy_log
@@ -383,50 +389,52 @@ def test_connect_through_tinyproxy_carries_a_migration_intact(
 def test_connect_follows_https_proxy_and_trusts_the_system_store_by_default(
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
-    workdir: Path,
+    sock_dir: Path,
     daemons: list[subprocess.Popen[bytes]],
     pki: PKI,
 ) -> None:
     # No --ca and no --proxy: what a host's environment provides. SSL_CERT_FILE stands in
     # for the system trust store (OpenSSL reads its default CA file from it).
-    server = serve(migrelay_procs, workdir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    server = serve(
+        migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
+    )
     assert server.port is not None
-    proxy_port = start_tinyproxy(workdir, daemons, server.port)
+    proxy_port = start_tinyproxy(sock_dir, daemons, server.port)
     environment = {"SSL_CERT_FILE": str(pki.ca), "https_proxy": f"http://127.0.0.1:{proxy_port}"}
-    client = connect(migrelay_procs, workdir, f"wss://localhost:{server.port}/", env=environment)
-    asyncio.run(migrate(vm_pair, workdir))
+    client = connect(migrelay_procs, sock_dir, f"wss://localhost:{server.port}/", env=environment)
+    asyncio.run(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
-    proxy_log = (workdir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
+    proxy_log = (sock_dir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
     assert proxy_log.count(f"CONNECT localhost:{server.port} HTTP/1.1") == 1, proxy_log
     client.stop()
     # The same without the CA in the trust store: refused before a byte of the VM moves.
     untrusting = connect(
-        migrelay_procs, workdir, f"wss://localhost:{server.port}/",
+        migrelay_procs, sock_dir, f"wss://localhost:{server.port}/",
         env={"SSL_CERT_FILE": str(pki.other_ca), "no_proxy": "localhost"},
     )  # fmt: skip
-    asyncio.run(migration_fails(vm_pair, workdir))
+    asyncio.run(migration_fails(vm_pair, sock_dir))
     assert "certificate verify failed" in untrusting.log(), untrusting.log()
 
 
 def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
-    workdir: Path,
+    sock_dir: Path,
     daemons: list[subprocess.Popen[bytes]],
     pki: PKI,
 ) -> None:
     # The two-command form from behind a corporate proxy: serve prepares the destination
     # itself (--qmp-dir), migrate --to runs the source relay in-process via --proxy.
     server = migrelay_procs.serve(
-        *("--target-dir", str(workdir), "--qmp-dir", str(workdir)),
+        *("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir)),
         *("--tls-cert", str(pki.cert), "--tls-key", str(pki.key)),
     )
     assert server.port is not None
-    proxy_port = start_tinyproxy(workdir, daemons, server.port)
+    proxy_port = start_tinyproxy(sock_dir, daemons, server.port)
 
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (src, dst):
-            migrate = Commands(workdir).start(
+            migrate = Commands(sock_dir).start(
                 *("migrate", "--qmp", str(src.qmp_path), "--json"),
                 *("--to", f"wss://localhost:{server.port}/{dst.name}", "--ca", str(pki.ca)),
                 *("--proxy", f"http://127.0.0.1:{proxy_port}"),
@@ -439,7 +447,7 @@ def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
             await check_migrated(src, dst)
 
     asyncio.run(main())
-    proxy_log = (workdir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
+    proxy_log = (sock_dir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
     assert proxy_log.count(f"CONNECT localhost:{server.port} HTTP/1.1") == 1, proxy_log
 
 
@@ -447,10 +455,10 @@ def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
 
 
 def test_sigterm_during_a_migration_lets_it_complete(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
-    server = serve(migrelay_procs, workdir, "--shutdown-timeout", "60")
-    connect(migrelay_procs, workdir, f"{server.url}/")
+    server = serve(migrelay_procs, sock_dir, "--shutdown-timeout", "60")
+    connect(migrelay_procs, sock_dir, f"{server.url}/")
 
     async def terminate_serve(source: QMP) -> None:
         # The migration is under way once serve has opened its channel.
@@ -462,7 +470,7 @@ def test_sigterm_during_a_migration_lets_it_complete(
 
     # 32 MiB at 8 MiB/s: about four seconds of migration to send SIGTERM into.
     slow = MigrationOptions(max_bandwidth=8 << 20)
-    asyncio.run(migrate(vm_pair, workdir, slow, during=terminate_serve))
+    asyncio.run(migrate(vm_pair, sock_dir, slow, during=terminate_serve))
     assert server.wait(10) == 0
     log = server.log()
     assert "shutting down" in log and "closed: completed" in log, log
@@ -508,20 +516,20 @@ def _metrics_status(port: int, ca: Path, token: str | None) -> int:
 
 
 def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path, pki: PKI
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
 ) -> None:
     # serve reads its certificate, tokens and metrics tokens from files that the test
     # replaces mid-migration, as certbot or a secrets manager would, then sends SIGHUP.
-    live_cert, live_key = workdir / "live.pem", workdir / "live.key"
+    live_cert, live_key = sock_dir / "live.pem", sock_dir / "live.key"
     shutil.copy(pki.cert, live_cert)
     shutil.copy(pki.key, live_key)
-    tokens, metrics_tokens = workdir / "tokens", workdir / "metrics-tokens"
+    tokens, metrics_tokens = sock_dir / "tokens", sock_dir / "metrics-tokens"
     tokens.write_text("old-token\n")
     metrics_tokens.write_text("old-scraper\n")
-    renewed = issue(workdir / "pki", "renewed", (pki.ca, pki.ca_key), SERVER_NAMES)
+    renewed = issue(sock_dir / "pki", "renewed", (pki.ca, pki.ca_key), SERVER_NAMES)
     server = serve(
         migrelay_procs,
-        workdir,
+        sock_dir,
         *("--tls-cert", str(live_cert), "--tls-key", str(live_key)),
         *("--token-file", str(tokens), "--metrics-token-file", str(metrics_tokens)),
     )
@@ -529,7 +537,7 @@ def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
     port = server.port
     connect(
         migrelay_procs,
-        workdir,
+        sock_dir,
         f"wss://localhost:{port}/",
         *("--ca", str(pki.ca), "--token-file", str(tokens)),
     )
@@ -547,13 +555,13 @@ def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
 
     # 32 MiB at 8 MiB/s: about four seconds of migration to reload into.
     slow = MigrationOptions(max_bandwidth=8 << 20)
-    asyncio.run(migrate(vm_pair, workdir, slow, during=reload_mid_migration))
+    asyncio.run(migrate(vm_pair, sock_dir, slow, during=reload_mid_migration))
     assert_channels_completed(server)
 
     # New connections see the new certificate and the new tokens only.
     assert _presented_certificate(port) == _der(renewed[0])
     with socket.socket(socket.AF_UNIX) as destination:  # a target for the upgrades
-        destination.bind(str(workdir / "dest.sock"))
+        destination.bind(str(sock_dir / "dest.sock"))
         destination.listen()
         assert _upgrade_status(port, pki.ca, "old-token") == 403
         assert _upgrade_status(port, pki.ca, "new-token") == 101
@@ -571,11 +579,11 @@ def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
 
 
 def test_metrics_after_a_migration_show_the_bytes_it_moved(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
-    server = serve(migrelay_procs, workdir)
-    connect(migrelay_procs, workdir, f"{server.url}/")
-    asyncio.run(migrate(vm_pair, workdir))
+    server = serve(migrelay_procs, sock_dir)
+    connect(migrelay_procs, sock_dir, f"{server.url}/")
+    asyncio.run(migrate(vm_pair, sock_dir))
     server.wait_for_log(r"channel \S+ closed: completed")
     url = f"http://{server.host}:{server.port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     cancel,
     follow_migration,
@@ -51,9 +51,9 @@ def test_qemu_refusal_text_reaches_the_caller_whole(vm_pair: VMPairFactory) -> N
 
 
 def test_migration_to_a_missing_socket_fails_with_qemus_text(
-    vm_pair: VMPairFactory, workdir: Path
+    vm_pair: VMPairFactory, sock_dir: Path
 ) -> None:
-    target = workdir / "nobody.sock"
+    target = sock_dir / "nobody.sock"
 
     async def main() -> None:
         async with vm_pair(32 * MIB) as (src, _dst), QMP(src.name) as qmp:
@@ -93,9 +93,9 @@ def test_cancel_stops_a_slow_migration_and_the_source_keeps_its_state(
     asyncio.run(main())
 
 
-def test_vm_that_qemu_refuses_to_start_reports_qemus_stderr(workdir: Path) -> None:
+def test_vm_that_qemu_refuses_to_start_reports_qemus_stderr(sock_dir: Path) -> None:
     async def main() -> None:
-        vm = DisposableVM(workdir, "bad", 32 * MIB, extra_args=("-no-such-option",))
+        vm = DisposableVM(sock_dir, "bad", 32 * MIB, extra_args=("-no-such-option",))
         with pytest.raises(VMError, match="-no-such-option") as info:
             await vm.start()
         assert info.value.returncode == 1
@@ -104,9 +104,9 @@ def test_vm_that_qemu_refuses_to_start_reports_qemus_stderr(workdir: Path) -> No
     asyncio.run(main())
 
 
-def test_terminate_reaps_a_running_vm(workdir: Path) -> None:
+def test_terminate_reaps_a_running_vm(sock_dir: Path) -> None:
     async def main() -> None:
-        vm = DisposableVM(workdir, "solo", 32 * MIB)
+        vm = DisposableVM(sock_dir, "solo", 32 * MIB)
         await vm.start()
         assert vm.running
         assert vm.ram_path.stat().st_size == 32 * MIB
@@ -117,8 +117,8 @@ def test_terminate_reaps_a_running_vm(workdir: Path) -> None:
     asyncio.run(main())
 
 
-def test_first_difference_finds_the_first_differing_byte(workdir: Path) -> None:
-    a, b = workdir / "a", workdir / "b"
+def test_first_difference_finds_the_first_differing_byte(sock_dir: Path) -> None:
+    a, b = sock_dir / "a", sock_dir / "b"
     a.write_bytes(bytes(10_000))
     b.write_bytes(bytes(10_000))
     assert first_difference(a, b, chunk_size=4096) is None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     prepare_incoming,
     start_migration,
@@ -42,10 +42,10 @@ async def _finish(src: DisposableVM, dst: DisposableVM, src_qmp: QMP, dst_qmp: Q
 
 
 def _relays(
-    procs: MigrelayProcesses, workdir: Path, *serve_args: str
+    procs: MigrelayProcesses, sock_dir: Path, *serve_args: str
 ) -> tuple[MigrelayProcess, MigrelayProcess]:
-    server = procs.serve("--target", str(workdir / "dest.sock"), *serve_args)
-    client = procs.connect(f"{server.url}/", workdir / "source.sock")
+    server = procs.serve("--target", str(sock_dir / "dest.sock"), *serve_args)
+    client = procs.connect(f"{server.url}/", sock_dir / "source.sock")
     return server, client
 
 
@@ -77,18 +77,18 @@ def _relayed(lines: list[str], field: str) -> float:
 def test_migration_through_the_tunnel_keeps_ram_identical(
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
-    workdir: Path,
+    sock_dir: Path,
     multifd: int | None,
 ) -> None:
-    server, client = _relays(migrelay_procs, workdir)
+    server, client = _relays(migrelay_procs, sock_dir)
     options = MigrationOptions(multifd_channels=multifd)
 
     async def scenario() -> None:
         async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
             await sq.connect(str(src.qmp_path))
             await dq.connect(str(dst.qmp_path))
-            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
-            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
+            await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             await _finish(src, dst, sq, dq)
 
     asyncio.run(scenario())
@@ -111,7 +111,7 @@ def test_migration_through_the_tunnel_keeps_ram_identical(
 
 
 def test_relays_started_after_migrate_incoming(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     options = MigrationOptions()
 
@@ -119,51 +119,51 @@ def test_relays_started_after_migrate_incoming(
         async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
             await sq.connect(str(src.qmp_path))
             await dq.connect(str(dst.qmp_path))
-            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+            await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
             # Only now do the relays start.
-            _relays(migrelay_procs, workdir)
-            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            _relays(migrelay_procs, sock_dir)
+            await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             await _finish(src, dst, sq, dq)
 
     asyncio.run(scenario())
 
 
 def test_migration_started_before_the_destination_listens_waits_for_it(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     # The original workflow may start the source before destination QEMU listens: the
     # server waits (bounded by --wait-target) for the destination socket to appear.
-    server, _ = _relays(migrelay_procs, workdir, "--wait-target", "30")
+    server, _ = _relays(migrelay_procs, sock_dir, "--wait-target", "30")
     options = MigrationOptions()
 
     async def scenario() -> None:
         async with vm_pair(RAM_BYTES) as (src, dst), QMP("src") as sq, QMP("dst") as dq:
             await sq.connect(str(src.qmp_path))
             await dq.connect(str(dst.qmp_path))
-            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             # The WebSocket is up and waiting on the server: no "opened" line yet.
             await asyncio.sleep(1.0)
             assert " opened: " not in server.log()
             assert (await sq.query_migrate()).status is not MigrationStatus.FAILED
-            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
+            await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
             await _finish(src, dst, sq, dq)
 
     asyncio.run(scenario())
 
 
 def test_second_migration_through_the_same_relays_completes(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, workdir: Path
+    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     # Without --once, connect serves migration after migration, each its own session.
-    _, client = _relays(migrelay_procs, workdir)
+    _, client = _relays(migrelay_procs, sock_dir)
     options = MigrationOptions()
 
     async def one(name: str) -> None:
         async with vm_pair(32 << 20, name=name) as (src, dst), QMP("s") as sq, QMP("d") as dq:
             await sq.connect(str(src.qmp_path))
             await dq.connect(str(dst.qmp_path))
-            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
-            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
+            await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             await _finish(src, dst, sq, dq)
 
     asyncio.run(one("first"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     follow_migration,
     prepare_incoming,
@@ -83,8 +83,8 @@ def guest_counter(ram: Path) -> int:
         return value
 
 
-def test_boot_sector_builds_a_bootable_floppy(workdir: Path) -> None:
-    image = floppy_image(workdir / "guest.img")
+def test_boot_sector_builds_a_bootable_floppy(sock_dir: Path) -> None:
+    image = floppy_image(sock_dir / "guest.img")
     data = image.read_bytes()
     assert len(data) == FLOPPY_BYTES
     assert data[510:512] == b"\x55\xaa"
@@ -92,14 +92,14 @@ def test_boot_sector_builds_a_bootable_floppy(workdir: Path) -> None:
 
 
 def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
-    migrelay_procs: MigrelayProcesses, workdir: Path
+    migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
-    server = migrelay_procs.serve("--target", str(workdir / "dest.sock"))
-    migrelay_procs.connect(f"{server.url}/", workdir / "source.sock")
-    image = floppy_image(workdir / "guest.img")
+    server = migrelay_procs.serve("--target", str(sock_dir / "dest.sock"))
+    migrelay_procs.connect(f"{server.url}/", sock_dir / "source.sock")
+    image = floppy_image(sock_dir / "guest.img")
     drive = ("-drive", f"file={image},format=raw,if=floppy,readonly=on")
-    src = DisposableVM(workdir, "guest-src", RAM_BYTES, extra_args=drive)
-    dst = DisposableVM(workdir, "guest-dst", RAM_BYTES, incoming=True, extra_args=drive)
+    src = DisposableVM(sock_dir, "guest-src", RAM_BYTES, extra_args=drive)
+    dst = DisposableVM(sock_dir, "guest-dst", RAM_BYTES, incoming=True, extra_args=drive)
     options = MigrationOptions()
 
     async def scenario() -> None:
@@ -118,8 +118,8 @@ def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
                 assert time.monotonic() < deadline, "the guest's counter stopped"
                 await asyncio.sleep(0.01)
             assert await sq.query_status() is RunState.RUNNING
-            await prepare_incoming(dq, f"unix:{workdir / 'dest.sock'}", options)
-            await start_migration(sq, f"unix:{workdir / 'source.sock'}", options)
+            await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
+            await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             result = await follow_migration(sq, interval=0.2)
             final = await wait_destination_completed(dq, MIGRATION_TIMEOUT_S)
             assert final.status is MigrationStatus.COMPLETED

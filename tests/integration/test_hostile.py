@@ -19,13 +19,11 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.helpers import FACTOR
+from tests.helpers import FACTOR, short_temp_dir
 
 from migrelay.core.events import CloseReceived, EndOfStream, FrameEvent, Payload
 from migrelay.core.frames import FrameParser, Opcode, encode_close, encode_frame
@@ -132,7 +130,11 @@ class Serve:
 @pytest.fixture(scope="module")
 def serve() -> Iterator[Serve]:
     """One ``migrelay serve --target`` for the whole module, and its sink target."""
-    workdir = Path(tempfile.mkdtemp(prefix="mr-hostile-", dir="/tmp"))
+    with short_temp_dir() as workdir:
+        yield from _serve(workdir)
+
+
+def _serve(workdir: Path) -> Iterator[Serve]:
     target = SinkTarget(workdir / "dest.sock")
     target.start()
     log_path = workdir / "serve.log"
@@ -166,7 +168,6 @@ def serve() -> Iterator[Serve]:
             popen.wait()
         print(f"----- serve log:\n{log_path.read_text(errors='replace')}")
         target.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- a raw client -----------------------------------------------------------------------
