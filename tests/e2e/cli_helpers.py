@@ -25,7 +25,7 @@ from tests.helpers import FACTOR
 
 if TYPE_CHECKING:
     # tests/conftest.py is loaded by pytest as "conftest"; see the test modules.
-    from tests.conftest import MigrelayProcess
+    from tests.conftest import MigrelayProcess, MigrelayProcesses
 
 #: Generous for 64 MiB over a relay on a shared 2-core host (~1 s when idle).
 MIGRATION_TIMEOUT_S = 120.0 * FACTOR
@@ -160,11 +160,8 @@ class Commands:
 
 
 def commands_in(sock_dir: Path) -> Iterator[Commands]:
-    """Body of a test module's ``commands`` fixture: leftovers are killed at teardown.
-
-    Each module declares the fixture itself (``yield from commands_in(sock_dir)``): a
-    fixture imported from a helper module would look unused to the linters.
-    """
+    """Body of the ``commands`` fixture (``tests/e2e/conftest.py``): leftovers are killed
+    at teardown."""
     started = Commands(sock_dir)
     try:
         yield started
@@ -188,6 +185,31 @@ async def under_way(serve: MigrelayProcess, target: str, migrate: Command) -> No
     """
     await asyncio.to_thread(serve.wait_for_log, rf"channel \S+/0 opened: .*\(target {target}\)")
     await migrate.wait_for_stdout(r"(?m)^active .*transferred [1-9]")
+
+
+def serve_qmp_dir(procs: MigrelayProcesses, directory: Path, *args: str) -> MigrelayProcess:
+    """``migrelay serve --target-dir DIR --qmp-dir DIR ARGS``: the server of the
+    two-command form, which prepares each destination VM of ``directory`` itself."""
+    return procs.serve("--target-dir", str(directory), "--qmp-dir", str(directory), *args)
+
+
+def migrate_slowly(
+    commands: Commands, serve: MigrelayProcess, src: DisposableVM, dst: DisposableVM
+) -> Command:
+    """Start ``migrate --to SERVE/DST --max-bandwidth SLOW_BANDWIDTH`` (``--to``: the
+    source relay runs in-process), slow enough for a test to act while it runs."""
+    return commands.migrate(
+        src, "--to", f"{serve.url}/{dst.name}", "--max-bandwidth", SLOW_BANDWIDTH
+    )
+
+
+async def migrate_under_way(
+    commands: Commands, serve: MigrelayProcess, src: DisposableVM, dst: DisposableVM
+) -> Command:
+    """`migrate_slowly`, returned once the migration carries data end to end (`under_way`)."""
+    migrate = migrate_slowly(commands, serve, src, dst)
+    await under_way(serve, dst.name, migrate)
+    return migrate
 
 
 async def source_state(src: DisposableVM) -> tuple[RunState, MigrationInfo]:

@@ -9,6 +9,10 @@
     Both QEMUs are terminated (SIGTERM, then SIGKILL) and reaped when the block exits, and
     again, synchronously, at fixture teardown if a test left one behind. The VMs' files
     go to ``sock_dir`` (``tests/conftest.py``), next to the test's sockets and logs.
+
+``commands``
+    A `tests.e2e.cli_helpers.Commands`: ``migrelay`` commands with stdout and stderr kept
+    apart, in ``sock_dir``; those still running at teardown are killed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import pytest
 
 from migrelay.lab.vm import DisposableVM
 from migrelay.units import MIB
+
+from .cli_helpers import Commands, commands_in
 
 #: RAM of a test VM: 64 MiB of random bytes migrates in well under a second here and
 #: still takes several socket reads per channel.
@@ -76,3 +82,9 @@ def vm_pair(sock_dir: Path) -> Iterator[VMPairFactory]:
         yield factory
     finally:
         factory.kill_all()
+
+
+@pytest.fixture
+def commands(sock_dir: Path) -> Iterator[Commands]:
+    """``migrelay`` commands with stdout and stderr kept apart."""
+    yield from commands_in(sock_dir)

@@ -9,26 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from migrelay.units import MIB
 
-from .cli_helpers import Command, Commands, check_migrated, commands_in
+from .cli_helpers import Command, Commands, check_migrated
 from .conftest import VMPairFactory
 
 pytestmark = pytest.mark.e2e
 
 #: These tests migrate nothing: the smallest VMs that QEMU starts quickly.
 RAM_BYTES = 32 * MIB
-
-
-@pytest.fixture
-def commands(sock_dir: Path) -> Iterator[Commands]:
-    """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(sock_dir)
 
 
 def assert_one_line_error(command: Command, *fragments: str) -> str:

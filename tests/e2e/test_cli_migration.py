@@ -14,7 +14,6 @@ import json
 import os
 import pty
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,13 +23,12 @@ from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM
 
 from .cli_helpers import (
-    SLOW_BANDWIDTH,
     Commands,
     check_migrated,
-    commands_in,
+    migrate_under_way,
+    serve_qmp_dir,
     source_state,
     summary_line,
-    under_way,
 )
 from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
 
@@ -43,12 +41,6 @@ pytestmark = pytest.mark.e2e
 
 #: Terminal width for the bar test: room for every figure of the bar.
 COLUMNS = 160
-
-
-@pytest.fixture
-def commands(sock_dir: Path) -> Iterator[Commands]:
-    """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(sock_dir)
 
 
 def _check_line_output(stdout: str) -> None:
@@ -170,7 +162,7 @@ def test_serve_qmp_dir_and_migrate_to_need_no_other_command_and_print_json(
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
             migrate = commands.migrate(src, "--to", f"{serve.url}/{dst.name}", "--json")
             assert await migrate.wait() == 0, migrate.describe()
             assert migrate.stderr() == ""
@@ -199,7 +191,7 @@ def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
             controller, terminal = pty.openpty()
             try:
                 migrate = commands.migrate(
@@ -274,15 +266,8 @@ def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_ru
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
-            migrate = commands.migrate(
-                src,
-                "--to",
-                f"{serve.url}/{dst.name}",
-                "--max-bandwidth",
-                SLOW_BANDWIDTH,
-            )
-            await under_way(serve, dst.name, migrate)
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
+            migrate = await migrate_under_way(commands, serve, src, dst)
             dst.kill()
             assert await migrate.wait() == 1, migrate.describe()
             stderr = migrate.stderr()
@@ -310,14 +295,7 @@ def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
 
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve(
-                "--target-dir",
-                str(sock_dir),
-                "--qmp-dir",
-                str(sock_dir),
-                "--token-file",
-                str(token_file),
-            )
+            serve = serve_qmp_dir(migrelay_procs, sock_dir, "--token-file", str(token_file))
             url = f"{serve.url}/{dst.name}"
             refused = commands.migrate(src, "--to", url)
             assert await refused.wait() == 1, refused.describe()
@@ -351,7 +329,7 @@ def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte
     # flags". serve --qmp-dir compares what the source announces with what listens.
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
             target = sock_dir / f"{dst.name}.sock"
             prepared = await commands.run(
                 "incoming", "--qmp", str(dst.qmp_path), "--socket", str(target)
@@ -388,15 +366,8 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
-            migrate = commands.migrate(
-                src,
-                "--to",
-                f"{serve.url}/{dst.name}",
-                "--max-bandwidth",
-                SLOW_BANDWIDTH,
-            )
-            await under_way(serve, dst.name, migrate)
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
+            migrate = await migrate_under_way(commands, serve, src, dst)
             migrate.interrupt()
             assert await migrate.wait() == 130, migrate.describe()
             stderr = migrate.stderr()

@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,10 +28,10 @@ from .cli_helpers import (
     SLOW_BANDWIDTH,
     Commands,
     check_migrated,
-    commands_in,
+    migrate_under_way,
+    serve_qmp_dir,
     source_state,
     summary_line,
-    under_way,
 )
 from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
 
@@ -45,12 +44,6 @@ pytestmark = pytest.mark.e2e
 
 #: The refusal tests move almost nothing: the smallest VMs that QEMU starts quickly.
 SMALL_RAM_BYTES = 32 * MIB
-
-
-@pytest.fixture
-def commands(sock_dir: Path) -> Iterator[Commands]:
-    """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(sock_dir)
 
 
 def _sha256(path: Path) -> str:
@@ -91,7 +84,7 @@ def test_cancel_stops_a_migration_started_with_no_wait_and_the_vm_migrates_again
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             ram_before = _sha256(src.ram_path)
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
             # Plain connect announces nothing: serve prepares the defaults, as migrate has.
             migrelay_procs.connect(f"{serve.url}/{dst.name}", source_sock)
             started = await commands.run(
@@ -143,15 +136,8 @@ def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrate
 ) -> None:
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
-            migrate = commands.migrate(
-                src,
-                "--to",
-                f"{serve.url}/{dst.name}",
-                "--max-bandwidth",
-                SLOW_BANDWIDTH,
-            )
-            await under_way(serve, dst.name, migrate)
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
+            migrate = await migrate_under_way(commands, serve, src, dst)
             # migrate lets go of the monitor between its polls: status gets through.
             status = await commands.run("status", "--qmp", str(src.qmp_path), "--json")
             assert status.popen.returncode == 0, status.describe()
@@ -186,15 +172,8 @@ def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
     async def main() -> None:
         async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
             await _start_guest(src)
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
-            migrate = commands.migrate(
-                src,
-                "--to",
-                f"{serve.url}/{dst.name}",
-                "--max-bandwidth",
-                SLOW_BANDWIDTH,
-            )
-            await under_way(serve, dst.name, migrate)
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
+            migrate = await migrate_under_way(commands, serve, src, dst)
             migrate.interrupt()
             assert await migrate.wait() == 130, migrate.describe()
             assert migrate.stderr() == (
@@ -279,7 +258,7 @@ def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
                 )
                 assert incoming.popen.returncode == 0, incoming.describe()
             ram_before = _sha256(src.ram_path)
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
             url = f"{serve.url}/{bad.name}"
             refused = commands.migrate(src, "--to", url)
             assert await refused.wait() == 1, refused.describe()

@@ -24,7 +24,6 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +42,8 @@ from .cli_helpers import (
     Command,
     Commands,
     check_migrated,
-    commands_in,
+    migrate_slowly,
+    serve_qmp_dir,
     source_state,
 )
 from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
@@ -63,12 +63,6 @@ HANDSHAKE_TIMEOUT_S = 1.0
 MIDWAY_BYTES = 4 * MIB
 MASK = b"\x1f\x2e\x3d\x4c"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-@pytest.fixture
-def commands(sock_dir: Path) -> Iterator[Commands]:
-    """``migrelay`` commands with stdout and stderr kept apart."""
-    yield from commands_in(sock_dir)
 
 
 def _sha256(path: Path) -> str:
@@ -208,15 +202,9 @@ def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_com
             vm_pair(DEFAULT_RAM_BYTES, name="b") as (src_b, dst_b),
         ):
             ram_a = _sha256(src_a.ram_path)
-            serve = migrelay_procs.serve("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir))
+            serve = serve_qmp_dir(migrelay_procs, sock_dir)
             migrations = {
-                name: commands.migrate(
-                    src,
-                    "--to",
-                    f"{serve.url}/{dst.name}",
-                    "--max-bandwidth",
-                    SLOW_BANDWIDTH,
-                )
+                name: migrate_slowly(commands, serve, src, dst)
                 for name, src, dst in (("a", src_a, dst_a), ("b", src_b, dst_b))
             }
             session_a = await asyncio.to_thread(_session_of, serve, dst_a.name)

@@ -42,7 +42,7 @@ from migrelay.lab.vm import first_difference
 
 from ..conftest import MigrelayProcess, MigrelayProcesses
 from ..pki import PKI, SERVER_NAMES, issue, make_pki
-from .cli_helpers import Commands, check_migrated
+from .cli_helpers import Commands, check_migrated, serve_qmp_dir
 from .conftest import VMPairFactory
 
 pytestmark = pytest.mark.e2e
@@ -425,9 +425,8 @@ def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
 ) -> None:
     # The two-command form from behind a corporate proxy: serve prepares the destination
     # itself (--qmp-dir), migrate --to runs the source relay in-process via --proxy.
-    server = migrelay_procs.serve(
-        *("--target-dir", str(sock_dir), "--qmp-dir", str(sock_dir)),
-        *("--tls-cert", str(pki.cert), "--tls-key", str(pki.key)),
+    server = serve_qmp_dir(
+        migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
     )
     assert server.port is not None
     proxy_port = start_tinyproxy(sock_dir, daemons, server.port)
