@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import cast
 
 from ..core.handshake import Accepted, ClientHandshake
+from ..core.headers import channel_headers
 from ..core.session import RelaySession, Role
 from ..errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
 from ..limits import Limits
@@ -394,7 +395,7 @@ class SourceRelay:
         self, leg: _SourceUnixLeg, session: _SourceSession, number: int
     ) -> None:
         name = f"{session.id}/{number}"
-        headers = [("Migrelay-Session", session.id), ("Migrelay-Channel", str(number))]
+        headers = channel_headers(session.id, number)
         deadline = time.monotonic() + self.config.open_retry
         retrying = False
         try:

@@ -22,6 +22,7 @@ from typing import Final, cast
 
 from ..core.frames import CloseCode
 from ..core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
+from ..core.headers import CHANNEL_HEADER, SESSION_HEADER, parse_channel, parse_session_id
 from ..core.session import RelaySession, Role
 from ..errors import RemoteProtocolError
 from ..limits import Limits
@@ -33,10 +34,6 @@ logger = logging.getLogger(__name__)
 
 #: DESIGN.md §3: a session name; anything else is 404 before the host is touched.
 TARGET_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-#: Migrelay-Session values: opaque ids chosen by the source relay.
-SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-#: Highest channel number accepted (QEMU's multifd allows up to 255 channels).
-MAX_CHANNEL: Final = 256
 #: Seconds between attempts to connect a destination socket that is not there yet.
 TARGET_RETRY_SECONDS: Final = 0.05
 
@@ -287,19 +284,24 @@ class RelayServer:
         token = self.authenticate(request)
         name, target = self.resolve_target(request)
         self.authorize(token, name)
-        session_id = request.headers.get("migrelay-session")
-        channel_text = request.headers.get("migrelay-channel", "0")
+        session_id = request.headers.get(SESSION_HEADER.lower())
+        channel_text = request.headers.get(CHANNEL_HEADER.lower(), "0")
         if session_id is None:
             # A standard client: a session of one channel (DESIGN.md §3).
             self._anonymous += 1
             session_id = f"anon-{self._anonymous}"
-            if "migrelay-channel" in request.headers:
-                raise Refusal(400, "Migrelay-Channel without Migrelay-Session")
-        elif not SESSION_ID_RE.fullmatch(session_id):
-            raise Refusal(400, "invalid Migrelay-Session")
-        if not channel_text.isdigit() or int(channel_text) >= MAX_CHANNEL:
-            raise Refusal(400, "invalid Migrelay-Channel")
-        number = int(channel_text)
+            if CHANNEL_HEADER.lower() in request.headers:
+                raise Refusal(400, f"{CHANNEL_HEADER} without {SESSION_HEADER}")
+        else:
+            try:
+                parse_session_id(session_id)
+            except ValueError as exc:
+                raise Refusal(400, str(exc)) from None
+        try:
+            number = parse_channel(channel_text)
+        except ValueError as exc:
+            # "invalid Migrelay-Channel": the message never echoes the value.
+            raise Refusal(400, str(exc)) from None
         if number >= self.config.max_channels:
             raise Refusal(
                 429, f"too many channels in one session (limit {self.config.max_channels})"

@@ -1,0 +1,156 @@
+"""The ``Migrelay-*`` handshake headers (`migrelay.core.headers`): good, bad and hostile values."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrelay.core.headers import (
+    CHANNEL_HEADER,
+    MAX_CHANNEL,
+    MIGRATION_HEADER,
+    SESSION_HEADER,
+    MigrationAnnouncement,
+    channel_headers,
+    format_migration_header,
+    parse_channel,
+    parse_migration_header,
+    parse_session_id,
+)
+
+
+def test_header_names_are_spelled_once_here() -> None:
+    assert (SESSION_HEADER, CHANNEL_HEADER, MIGRATION_HEADER) == (
+        "Migrelay-Session",
+        "Migrelay-Channel",
+        "Migrelay-Migration",
+    )
+
+
+# -- Migrelay-Channel -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [("0", 0), ("1", 1), ("9", 9), ("10", 10), ("255", 255), (str(MAX_CHANNEL - 1), 255)],
+)
+def test_channel_numbers_in_range_are_accepted(value: str, number: int) -> None:
+    assert parse_channel(value) == number
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("256", id="max_channel"),
+        pytest.param("1000", id="four_digits"),
+        pytest.param("9" * 5000, id="huge"),
+        pytest.param("-1", id="negative"),
+        pytest.param("+1", id="plus_sign"),
+        pytest.param("-0", id="negative_zero"),
+        pytest.param("01", id="leading_zero"),
+        pytest.param("00", id="double_zero"),
+        pytest.param(" 1", id="leading_space"),
+        pytest.param("1 ", id="trailing_space"),
+        pytest.param("1 2", id="inner_space"),
+        pytest.param("1\t", id="tab"),
+        pytest.param("1_0", id="underscore"),
+        pytest.param("0x1", id="hex"),
+        pytest.param("1.0", id="decimal_point"),
+        pytest.param("x", id="letter"),
+        # str.isdigit() accepts these; int() refuses the first and reads the others.
+        pytest.param("\xb2", id="superscript_two_latin1"),
+        pytest.param("\u0663", id="arabic_indic_three"),
+        pytest.param("\uff11", id="fullwidth_one"),
+        pytest.param("1\x00", id="nul"),
+        pytest.param("1\r\n", id="crlf"),
+    ],
+)
+def test_channel_values_other_than_plain_ascii_numbers_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match=f"^invalid {CHANNEL_HEADER}$"):
+        parse_channel(value)
+
+
+# -- Migrelay-Session --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["s1", "3f2a9c0d1e4b5a67", "a-b_C", "x" * 64])
+def test_session_ids_are_accepted(value: str) -> None:
+    assert parse_session_id(value) == value
+
+
+@pytest.mark.parametrize(
+    "value", ["", "x" * 65, "../x", "a b", "a/b", "a.b", "\xe9", "\u0661", "s1\n"]
+)
+def test_bad_session_ids_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match=f"^invalid {SESSION_HEADER}$"):
+        parse_session_id(value)
+
+
+def test_channel_headers_round_trip_through_the_parsers() -> None:
+    headers = dict(channel_headers("3f2a9c0d1e4b5a67", 7))
+    assert headers == {SESSION_HEADER: "3f2a9c0d1e4b5a67", CHANNEL_HEADER: "7"}
+    assert parse_session_id(headers[SESSION_HEADER]) == "3f2a9c0d1e4b5a67"
+    assert parse_channel(headers[CHANNEL_HEADER]) == 7
+
+
+# -- Migrelay-Migration ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("multifd", "postcopy", "text"),
+    [
+        (None, False, "multifd=0,postcopy=0"),
+        (0, False, "multifd=0,postcopy=0"),
+        (4, False, "multifd=4,postcopy=0"),
+        (None, True, "multifd=0,postcopy=1"),
+        (255, True, "multifd=255,postcopy=1"),
+    ],
+)
+def test_migration_header_spells_both_keys_and_round_trips(
+    multifd: int | None, postcopy: bool, text: str
+) -> None:
+    assert format_migration_header(multifd, postcopy) == text
+    assert parse_migration_header(text) == MigrationAnnouncement(multifd or None, postcopy)
+
+
+def test_no_migration_header_means_the_defaults() -> None:
+    assert parse_migration_header(None) == MigrationAnnouncement(None, False)
+
+
+def test_spaces_around_items_are_accepted() -> None:
+    assert parse_migration_header(" multifd = 2 , postcopy=1 ") == MigrationAnnouncement(2, True)
+
+
+def test_a_repeated_key_takes_the_last_value() -> None:
+    # As the control plane's parser always did: keys are applied in order.
+    assert parse_migration_header("multifd=2,multifd=0") == MigrationAnnouncement(None, False)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "'' is not key=number"),
+        ("multifd", "'multifd' is not key=number"),
+        ("multifd=", "'multifd=' is not key=number"),
+        ("multifd=four", "'multifd=four' is not key=number"),
+        ("multifd=-1", "'multifd=-1' is not key=number"),
+        ("multifd=+1", r"'multifd=\+1' is not key=number"),
+        ("multifd=\xb2", "'multifd=\xb2' is not key=number"),
+        ("multifd=\u0663", "'multifd=\u0663' is not key=number"),
+        ("multifd=4,", "'' is not key=number"),
+        ("multifd=4,compress=1", "unknown capability 'compress'"),
+        ("MULTIFD=4", "unknown capability 'MULTIFD'"),
+        ("postcopy=2", "postcopy must be 0 or 1, not 2"),
+        ("multifd=256", "multifd channels must be 1..255, got 256"),
+        ("multifd=1," * 40, "longer than 200 characters"),
+    ],
+)
+def test_a_bad_migration_header_is_refused_with_the_reason(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_migration_header(value)
+
+
+@pytest.mark.parametrize("multifd", [-1, 256])
+def test_formatting_an_impossible_channel_count_is_refused(multifd: int) -> None:
+    with pytest.raises(ValueError, match=f"multifd channels must be 1..255, got {multifd}"):
+        format_migration_header(multifd, False)
