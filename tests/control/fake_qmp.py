@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from migrelay.control.qmp import QMP
 
 #: What QEMU 7.2 sends on connect (trimmed to what qemu.qmp validates).
 GREETING = {
@@ -151,3 +153,13 @@ async def serve(fake: FakeQMP, path: Path) -> AsyncIterator[str]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def against(fake: FakeQMP, sock_dir: Path, body: Callable[[QMP], Awaitable[None]]) -> None:
+    """Serve ``fake`` in ``sock_dir``, connect a `QMP` to it and run ``body(qmp)``.
+
+    A test runs it on both loops with ``run_async(against(fake, sock_dir, body))``.
+    """
+    async with serve(fake, sock_dir / "q.qmp") as path, QMP("vm") as qmp:
+        await qmp.connect(path)
+        await body(qmp)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,26 +22,18 @@ from migrelay.control.migration import (
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
 from migrelay.errors import MigrationError, StateError, UnsupportedError
 
-from .fake_qmp import QEMU_7_2_CAPABILITIES, FakeQMP, Reply, serve
+from .fake_qmp import QEMU_7_2_CAPABILITIES, FakeQMP, Reply, against
+
+if TYPE_CHECKING:
+    # A fixture of tests/conftest.py, never imported at run time.
+    from tests.conftest import AsyncRunner
 
 
 def status(state: str) -> dict[str, object]:
     return {"status": state, "running": state == "running"}
 
 
-def run_against(fake: FakeQMP, sock_dir: Path, body: object) -> None:
-    """Connect a `QMP` to ``fake`` and run ``body(qmp)``."""
-
-    async def main() -> None:
-        async with serve(fake, sock_dir / "q.qmp") as path, QMP("vm") as qmp:
-            await qmp.connect(path)
-            assert callable(body)
-            await body(qmp)
-
-    asyncio.run(main())
-
-
-def test_require_names_state_and_required_state(sock_dir: Path) -> None:
+def test_require_names_state_and_required_state(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-status": status("postmigrate")})
 
     async def body(qmp: QMP) -> None:
@@ -52,10 +43,12 @@ def test_require_names_state_and_required_state(sock_dir: Path) -> None:
         assert str(info.value) == "state is postmigrate, but running is required"
         assert await require(qmp, {RunState.POSTMIGRATE, RunState.PAUSED}) is RunState.POSTMIGRATE
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
 
 
-def test_prepare_incoming_refuses_a_vm_not_started_with_incoming(sock_dir: Path) -> None:
+def test_prepare_incoming_refuses_a_vm_not_started_with_incoming(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-status": status("running")})
 
     async def body(qmp: QMP) -> None:
@@ -66,11 +59,13 @@ def test_prepare_incoming_refuses_a_vm_not_started_with_incoming(sock_dir: Path)
             " start the destination qemu with -incoming defer to receive a migration"
         )
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.commands == ["query-status"]  # nothing changed
 
 
-def test_prepare_incoming_refuses_a_vm_that_already_listens(sock_dir: Path) -> None:
+def test_prepare_incoming_refuses_a_vm_that_already_listens(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     listening = {"socket-address": [{"type": "inet", "host": "0.0.0.0", "port": "4444"}]}
     fake = FakeQMP(replies={"query-status": status("inmigrate"), "query-migrate": listening})
 
@@ -78,11 +73,13 @@ def test_prepare_incoming_refuses_a_vm_that_already_listens(sock_dir: Path) -> N
         with pytest.raises(StateError, match=r"already listening on tcp:0\.0\.0\.0:4444"):
             await prepare_incoming(qmp, "unix:/tmp/x.sock", MigrationOptions())
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.commands == ["query-status", "query-migrate"]
 
 
-def test_prepare_incoming_sets_the_source_capabilities_then_listens(sock_dir: Path) -> None:
+def test_prepare_incoming_sets_the_source_capabilities_then_listens(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     after = {"socket-address": [{"type": "unix", "path": "/tmp/x.sock"}]}
     fake = FakeQMP(replies={"query-status": status("inmigrate"), "query-migrate": [{}, after]})
 
@@ -92,7 +89,7 @@ def test_prepare_incoming_sets_the_source_capabilities_then_listens(sock_dir: Pa
         )
         assert info.socket_addresses == ("unix:/tmp/x.sock",)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.received == [
         ("query-status", {}),
         ("query-migrate", {}),
@@ -113,13 +110,15 @@ def test_prepare_incoming_sets_the_source_capabilities_then_listens(sock_dir: Pa
     ]
 
 
-def test_start_migration_lifts_the_default_bandwidth_limit(sock_dir: Path) -> None:
+def test_start_migration_lifts_the_default_bandwidth_limit(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-status": status("running"), "query-migrate": {}})
 
     async def body(qmp: QMP) -> None:
         await start_migration(qmp, "tcp:10.0.0.2:4444", MigrationOptions())
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.received[2:] == [
         ("query-migrate-capabilities", {}),
         (
@@ -142,7 +141,9 @@ QEMU_3_1_CAPABILITIES = [c for c in QEMU_7_2_CAPABILITIES if c["capability"] != 
 QEMU_3_1_VERSION = {"qemu": {"major": 3, "minor": 1, "micro": 0}, "package": ""}
 
 
-def test_a_qemu_without_multifd_is_told_so_before_anything_changes(sock_dir: Path) -> None:
+def test_a_qemu_without_multifd_is_told_so_before_anything_changes(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(
         replies={
             "query-status": status("running"),
@@ -159,12 +160,14 @@ def test_a_qemu_without_multifd_is_told_so_before_anything_changes(sock_dir: Pat
             str(info.value) == "qemu 3.1.0 of vm cannot migrate with multifd (qemu 4.0 or later)"
         )
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert "migrate-set-capabilities" not in fake.commands
     assert "migrate" not in fake.commands
 
 
-def test_a_capability_the_qemu_lacks_is_left_out_when_it_is_off(sock_dir: Path) -> None:
+def test_a_capability_the_qemu_lacks_is_left_out_when_it_is_off(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     # The same QEMU 3.1 migrates without multifd: "multifd off" is not sent at all.
     fake = FakeQMP(
         replies={
@@ -177,7 +180,7 @@ def test_a_capability_the_qemu_lacks_is_left_out_when_it_is_off(sock_dir: Path) 
     async def body(qmp: QMP) -> None:
         await start_migration(qmp, "unix:/tmp/s.sock", MigrationOptions())
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert (
         "migrate-set-capabilities",
         {
@@ -225,6 +228,7 @@ def capabilities(**on: bool) -> list[dict[str, object]]:
     ids=["multifd-only-at-source", "channel-counts-differ", "multifd-and-postcopy-only-here"],
 )
 def test_a_destination_prepared_otherwise_than_announced_is_refused_in_one_sentence(
+    run_async: AsyncRunner,
     sock_dir: Path,
     listening: dict[str, bool],
     channels: int,
@@ -246,10 +250,12 @@ def test_a_destination_prepared_otherwise_than_announced_is_refused_in_one_sente
             " prepare the destination with the same --multifd and --postcopy as migrate"
         )
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
 
 
-def test_a_destination_prepared_as_announced_passes(sock_dir: Path) -> None:
+def test_a_destination_prepared_as_announced_passes(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(
         replies={
             "query-migrate-capabilities": [capabilities(multifd=True, events=True)],
@@ -260,36 +266,38 @@ def test_a_destination_prepared_as_announced_passes(sock_dir: Path) -> None:
     async def body(qmp: QMP) -> None:
         await check_prepared_for(qmp, MigrationOptions(multifd_channels=4))
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.commands == ["query-migrate-capabilities", "query-migrate-parameters"]
 
 
-def test_start_migration_keeps_given_limits(sock_dir: Path) -> None:
+def test_start_migration_keeps_given_limits(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-status": status("paused"), "query-migrate": {}})
     options = MigrationOptions(multifd_channels=2, max_bandwidth=1000, downtime_limit_ms=50)
 
     async def body(qmp: QMP) -> None:
         await start_migration(qmp, "unix:/tmp/s.sock", options)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert (
         "migrate-set-parameters",
         {"multifd-channels": 2, "max-bandwidth": 1000, "downtime-limit": 50},
     ) in fake.received
 
 
-def test_start_migration_refuses_an_incoming_vm(sock_dir: Path) -> None:
+def test_start_migration_refuses_an_incoming_vm(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-status": status("inmigrate")})
 
     async def body(qmp: QMP) -> None:
         with pytest.raises(StateError, match=r"^state is inmigrate, but paused or postmigrate"):
             await start_migration(qmp, "unix:/tmp/s.sock", MigrationOptions())
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.commands == ["query-status"]
 
 
-def test_start_migration_refuses_while_a_migration_runs(sock_dir: Path) -> None:
+def test_start_migration_refuses_while_a_migration_runs(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(
         replies={"query-status": status("running"), "query-migrate": {"status": "active"}}
     )
@@ -298,7 +306,7 @@ def test_start_migration_refuses_while_a_migration_runs(sock_dir: Path) -> None:
         with pytest.raises(StateError, match=r"^state is migration active"):
             await start_migration(qmp, "unix:/tmp/s.sock", MigrationOptions())
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert "migrate" not in fake.commands
 
 
@@ -313,7 +321,9 @@ def _ram(transferred: int, remaining: int, passes: int) -> dict[str, object]:
     }
 
 
-def test_follow_migration_reports_every_snapshot_and_the_result(sock_dir: Path) -> None:
+def test_follow_migration_reports_every_snapshot_and_the_result(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     sequence: list[Reply] = [
         {"status": "setup"},
         {"status": "active", "total-time": 100, "ram": _ram(10 << 20, 54 << 20, 1)},
@@ -334,12 +344,14 @@ def test_follow_migration_reports_every_snapshot_and_the_result(sock_dir: Path) 
         assert (result.total_time_ms, result.downtime_ms, result.passes) == (500, 20, 2)
         assert result.rate_bytes_per_s == pytest.approx((64 << 20) / 0.5)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert [p.status for p in seen] == ["setup", "active", "completed"]
     assert seen[1].rate_bytes_per_s == 100_000_000.0
 
 
-def test_follow_migration_raises_qemus_error_text_whole(sock_dir: Path) -> None:
+def test_follow_migration_raises_qemus_error_text_whole(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     text = "Unable to write to socket: Broken pipe"
     fake = FakeQMP(
         replies={"query-migrate": [{"status": "active"}, {"status": "failed", "error-desc": text}]}
@@ -350,10 +362,12 @@ def test_follow_migration_raises_qemus_error_text_whole(sock_dir: Path) -> None:
             await follow_migration(qmp, interval=0.01)
         assert str(info.value) == text
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
 
 
-def test_follow_migration_switches_to_postcopy_once(sock_dir: Path) -> None:
+def test_follow_migration_switches_to_postcopy_once(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     sequence: list[Reply] = [
         {"status": "active", "ram": _ram(1, 1, 1)},
         {"status": "active", "ram": _ram(2, 1, 2)},
@@ -365,12 +379,14 @@ def test_follow_migration_switches_to_postcopy_once(sock_dir: Path) -> None:
     async def body(qmp: QMP) -> None:
         await follow_migration(qmp, interval=0.01, postcopy_after_passes=2)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.commands.count("migrate-start-postcopy") == 1
     assert fake.commands.index("migrate-start-postcopy") == 2
 
 
-def test_a_stream_that_moves_no_data_for_the_stall_timeout_is_yanked(sock_dir: Path) -> None:
+def test_a_stream_that_moves_no_data_for_the_stall_timeout_is_yanked(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     broken = "Unable to write to socket: Broken pipe"
     fake = FakeQMP()
 
@@ -394,7 +410,7 @@ def test_a_stream_that_moves_no_data_for_the_stall_timeout_is_yanked(sock_dir: P
             f" (a frozen relay or peer?); qemu: {broken}"
         )
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.commands.count("yank") == 1
     assert fake.received[fake.commands.index("yank")] == (
         "yank",
@@ -402,7 +418,9 @@ def test_a_stream_that_moves_no_data_for_the_stall_timeout_is_yanked(sock_dir: P
     )
 
 
-def test_a_slow_stream_that_still_moves_is_never_yanked(sock_dir: Path) -> None:
+def test_a_slow_stream_that_still_moves_is_never_yanked(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP()
 
     def query_migrate(_: object) -> object:
@@ -417,28 +435,30 @@ def test_a_slow_stream_that_still_moves_is_never_yanked(sock_dir: Path) -> None:
         result = await follow_migration(qmp, interval=0.02, stall_timeout=0.1)
         assert result.status is MigrationStatus.COMPLETED
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert "yank" not in fake.commands
 
 
-def test_wait_destination_completed_times_out_with_the_status(sock_dir: Path) -> None:
+def test_wait_destination_completed_times_out_with_the_status(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-migrate": {"status": "active"}})
 
     async def body(qmp: QMP) -> None:
         with pytest.raises(TimeoutError, match=r"not completed within 0\.3 s \(status active\)"):
             await wait_destination_completed(qmp, 0.3)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
 
 
-def test_cancel_waits_for_cancelled(sock_dir: Path) -> None:
+def test_cancel_waits_for_cancelled(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": [{"status": "cancelling"}, {"status": "cancelled"}]})
 
     async def body(qmp: QMP) -> None:
         info = await cancel(qmp)
         assert info.status is MigrationStatus.CANCELLED
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert fake.commands == ["migrate_cancel", "query-migrate", "query-migrate"]
 
 

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,10 +15,16 @@ from migrelay.errors import ConnectError, MigrationError
 
 from .fake_qmp import HANG, HANGUP, FakeQMP, QMPFail, serve
 
+if TYPE_CHECKING:
+    # A fixture of tests/conftest.py, never imported at run time.
+    from tests.conftest import AsyncRunner
+
 QEMU_TEXT = "Failed to connect to '/nowhere/x.sock': No such file or directory"
 
 
-def test_connect_to_missing_socket_says_so_in_one_sentence(sock_dir: Path) -> None:
+def test_connect_to_missing_socket_says_so_in_one_sentence(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     path = sock_dir / "absent.qmp"
 
     async def main() -> None:
@@ -26,10 +33,12 @@ def test_connect_to_missing_socket_says_so_in_one_sentence(sock_dir: Path) -> No
                 await qmp.connect(str(path), timeout_s=0.1)
         assert str(info.value) == f"qmp socket {path} of dst did not appear within 0.1 s"
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_connect_to_dead_socket_names_the_socket_and_the_cause(sock_dir: Path) -> None:
+def test_connect_to_dead_socket_names_the_socket_and_the_cause(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     path = sock_dir / "dead.qmp"
     # A socket file nobody listens on: what a crashed QEMU leaves behind.
     with socket.socket(socket.AF_UNIX) as sock:
@@ -44,10 +53,12 @@ def test_connect_to_dead_socket_names_the_socket_and_the_cause(sock_dir: Path) -
         )
         assert isinstance(info.value.exc, ConnectionRefusedError)
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_a_socket_that_is_not_qmp_is_named_in_one_line(sock_dir: Path) -> None:
+def test_a_socket_that_is_not_qmp_is_named_in_one_line(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     # The wrong path: something listens there, but it is not a QEMU monitor.
     path = sock_dir / "not-qmp.sock"
 
@@ -71,10 +82,12 @@ def test_a_socket_that_is_not_qmp_is_named_in_one_line(sock_dir: Path) -> None:
             assert message.startswith(f"cannot connect to qmp socket {path} of src: ")
             assert "Did not understand Greeting" in message and "SSH-2.0" in message
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_connect_retries_a_socket_bound_but_not_yet_listening(sock_dir: Path) -> None:
+def test_connect_retries_a_socket_bound_but_not_yet_listening(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     # QEMU binds its QMP socket (the file appears) before it calls listen(): a client
     # that connects in between is refused, which is no reason to give up.
     path = sock_dir / "starting.qmp"
@@ -96,10 +109,10 @@ def test_connect_retries_a_socket_bound_but_not_yet_listening(sock_dir: Path) ->
             assert await qmp.query_status() is RunState.RUNNING
         await listener
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_connect_waits_for_the_socket_to_appear(sock_dir: Path) -> None:
+def test_connect_waits_for_the_socket_to_appear(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-status": {"status": "running", "running": True}})
 
     async def main() -> None:
@@ -114,10 +127,10 @@ def test_connect_waits_for_the_socket_to_appear(sock_dir: Path) -> None:
             assert await qmp.query_status() is RunState.RUNNING
         await server
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_qemu_error_text_is_passed_through_whole(sock_dir: Path) -> None:
+def test_qemu_error_text_is_passed_through_whole(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(replies={"migrate": QMPFail(QEMU_TEXT)})
 
     async def main() -> None:
@@ -130,10 +143,12 @@ def test_qemu_error_text_is_passed_through_whole(sock_dir: Path) -> None:
         assert info.value.error_class == "GenericError"
         assert fake.received == [("migrate", {"uri": "unix:/nowhere/x.sock"})]
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_lost_connection_during_a_command_is_a_connect_error(sock_dir: Path) -> None:
+def test_lost_connection_during_a_command_is_a_connect_error(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-migrate": HANGUP})
 
     async def main() -> None:
@@ -142,10 +157,12 @@ def test_lost_connection_during_a_command_is_a_connect_error(sock_dir: Path) -> 
             with pytest.raises(ConnectError, match=r"^qmp connection to src was lost during"):
                 await qmp.query_migrate()
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_cancelling_a_command_raises_cancelled_error_unwrapped(sock_dir: Path) -> None:
+def test_cancelling_a_command_raises_cancelled_error_unwrapped(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-migrate": HANG})
 
     async def main() -> None:
@@ -157,10 +174,12 @@ def test_cancelling_a_command_raises_cancelled_error_unwrapped(sock_dir: Path) -
             with pytest.raises(asyncio.CancelledError):
                 await task
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_quit_tolerates_qemu_closing_before_its_reply(sock_dir: Path) -> None:
+def test_quit_tolerates_qemu_closing_before_its_reply(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"quit": HANGUP})
 
     async def main() -> None:
@@ -171,10 +190,10 @@ def test_quit_tolerates_qemu_closing_before_its_reply(sock_dir: Path) -> None:
             await qmp.close()  # idempotent
         assert fake.commands == ["quit"]
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_set_parameters_sends_only_what_is_given(sock_dir: Path) -> None:
+def test_set_parameters_sends_only_what_is_given(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP()
 
     async def main() -> None:
@@ -186,10 +205,12 @@ def test_set_parameters_sends_only_what_is_given(sock_dir: Path) -> None:
             ("migrate-set-parameters", {"max-bandwidth": 10, "downtime-limit": 50})
         ]
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_migration_events_are_heard_when_they_come_with_the_reply(sock_dir: Path) -> None:
+def test_migration_events_are_heard_when_they_come_with_the_reply(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(events={"migrate": [{"status": "setup"}, {"status": "active"}]})
 
     async def main() -> None:
@@ -200,7 +221,7 @@ def test_migration_events_are_heard_when_they_come_with_the_reply(sock_dir: Path
             assert await qmp.next_migration_event(1) is MigrationStatus.ACTIVE
             assert await qmp.next_migration_event(0.05) is None
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_migration_info_parses_query_migrate() -> None:
