@@ -19,7 +19,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
 from tests.helpers import FACTOR
 
 from migrelay.limits import Limits
@@ -112,9 +111,3 @@ def test_slow_destination_keeps_both_relays_memory_within_the_channel_bound(
     print(f"RSS growth over idle: {growth} (bound {bound} bytes per relay)")
     for name, grown in growth.items():
         assert grown < bound, f"{name} grew by {grown / 2**20:.1f} MiB"
-
-
-@pytest.fixture
-def loop_impl() -> str:
-    """The test process only drives the peers: one loop is enough here."""
-    return "asyncio"
