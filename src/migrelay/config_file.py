@@ -29,11 +29,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .errors import RelayError
+from .errors import ConfigError
 
-
-class ConfigError(RelayError):
-    """The config file cannot be read or names a setting that does not exist."""
+__all__ = ["ConfigError", "load_section"]
 
 
 def load_section(path: Path, command: str, known: Collection[str]) -> dict[str, Any]:

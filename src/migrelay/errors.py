@@ -7,16 +7,24 @@
      │   ├─ LocalProtocolError          we misused the protocol (a bug here)  (sans-IO)
      │   └─ RemoteProtocolError         the peer misbehaved; carries a close code (sans-IO)
      ├─ HandshakeRefused                the server answered the upgrade with an HTTP error
+     ├─ Refusal                         the server refuses an upgrade: a status, a fixed
+     │                                  reason for the peer, the detail for its own log
+     ├─ ConfigError                     a setting, a flag or a file cannot be used
      ├─ StateError                      an operation needs another state (e.g. a VM runstate)
+     │   └─ CapabilityMismatchError     a prepared destination differs from the source
+     ├─ UnsupportedError                the QEMU in use lacks a requested feature
      ├─ ConnectError                    could not reach a peer; wraps the root cause
-     ├─ VMError                         a disposable test/benchmark VM failed to start or stop
+     ├─ VMError                         a disposable lab VM failed to start or stop
      └─ MigrationError                  QEMU refused a command or a migration failed;
-                                        keeps QEMU's text whole
+         │                              keeps QEMU's text whole
+         ├─ MigrationCancelledError     cancelled here or by another QMP client
+         └─ PostcopyPausedError         stayed postcopy-paused: resume, do not cancel
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 
 class RelayError(Exception):
@@ -63,6 +71,55 @@ class HandshakeRefused(RelayError):
         self.headers: Mapping[str, str] = dict(headers or {})
 
 
+#: The ``reason`` label of ``migrelay_refusals_total`` when a refusal names none.
+REFUSAL_KINDS: Final = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    408: "handshake_timeout",
+    409: "conflict",
+    426: "not_websocket",
+    429: "too_many_channels",
+    431: "header_too_large",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class Refusal(RelayError):
+    """The server refuses a WebSocket upgrade with an HTTP status.
+
+    Attributes:
+        status: the HTTP status.
+        reason: one line for the peer: fixed text chosen by migrelay, never an
+            exception's text (which may name paths, versions or other tenants).
+        headers: response headers the refusal carries (``Retry-After``, ...).
+        kind: a fixed word for the metrics (``migrelay_refusals_total{reason=}``); by
+            default it follows from the status.
+        detail: what only the server's log may say (the underlying error).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        kind: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.kind = kind or REFUSAL_KINDS.get(status, "other")
+        self.detail = detail
+
+
+class ConfigError(RelayError):
+    """A setting cannot be used: a bad flag value, an unreadable or malformed file."""
+
+
 class StateError(RelayError):
     """An operation was attempted in a state that does not allow it.
 
@@ -80,6 +137,15 @@ class StateError(RelayError):
         self.state = state
         self.required = required
         self.hint = hint
+
+
+class CapabilityMismatchError(StateError):
+    """A destination already listening was prepared with other capabilities.
+
+    QEMU 7.2 does not fail cleanly on a mismatch (a destination without multifd exits on
+    the extra channels, one with it waits for channels that never come), so it is
+    refused before a byte moves.
+    """
 
 
 class ConnectError(RelayError):
@@ -136,3 +202,15 @@ class MigrationError(RelayError):
         super().__init__(message)
         self.command = command
         self.error_class = error_class
+
+
+class MigrationCancelledError(MigrationError):
+    """The migration was cancelled (here, or by another QMP client): the source VM runs on."""
+
+
+class PostcopyPausedError(MigrationError):
+    """A postcopy migration stayed ``postcopy-paused``: not failed, and not cancellable.
+
+    The VM's state is split between both hosts; resuming (``migrate --postcopy`` again)
+    is the way out, so callers must not report it as a cancelled or failed migration.
+    """

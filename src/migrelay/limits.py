@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Final
 
 from .core.frames import DEFAULT_MAX_MESSAGE_BYTES, MAX_HEADER_BYTES
 from .core.handshake import DEFAULT_MAX_HEAD_BYTES
+from .errors import ConfigError
+from .units import parse_size
+
+#: The smallest ``--max-message`` accepted: a frame header is 14 bytes, and messages
+#: much smaller than QEMU's writes would cost a frame per few bytes.
+MIN_MAX_MESSAGE_BYTES: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -47,3 +54,24 @@ class Limits:
         """The most migration data one channel holds in user space, in bytes."""
         directions, buffers_each = 2, 2
         return directions * buffers_each * (MAX_HEADER_BYTES + self.read_bytes)
+
+    def with_max_message(self, max_message: str, **changes: Any) -> Limits:
+        """A copy with ``--max-message`` (``1M``, ``256K``) and other ``changes`` applied.
+
+        A relay never sends a message larger than it would accept, so ``read_bytes``
+        shrinks with the limit.
+
+        Raises:
+            ConfigError: not a size, or below `MIN_MAX_MESSAGE_BYTES`.
+        """
+        try:
+            size = parse_size(max_message)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if size < MIN_MAX_MESSAGE_BYTES:
+            raise ConfigError(
+                f"--max-message of {size} bytes is below the minimum of {MIN_MAX_MESSAGE_BYTES}"
+            )
+        return replace(
+            self, max_message_bytes=size, read_bytes=min(self.read_bytes, size), **changes
+        )

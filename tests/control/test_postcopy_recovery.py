@@ -11,30 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from migrelay.control import migrate as migrate_module, operations
+from migrelay.control import commands, destination, migration as migrate_module
 from migrelay.control.migration import MigrationOptions, Progress, follow_migration
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.errors import MigrationError, StateError
 
-from .fake_qmp import FakeQMP, QMPFail, Reply, serve
+from .fake_qmp import FakeQMP, QMPFail, Reply, against, serve
+
+if TYPE_CHECKING:
+    # A fixture of tests/conftest.py, never imported at run time.
+    from tests.conftest import AsyncRunner
 
 URI = "unix:/tmp/relay.sock"
 RESUME = ("migrate", {"uri": URI, "resume": True})
-
-
-def run_against(fake: FakeQMP, sock_dir: Path, body: object) -> None:
-    """Connect a `QMP` to ``fake`` and run ``body(qmp)``."""
-
-    async def main() -> None:
-        async with serve(fake, sock_dir / "q.qmp") as path, QMP("vm") as qmp:
-            await qmp.connect(path)
-            assert callable(body)
-            await body(qmp)
-
-    asyncio.run(main())
 
 
 def paused_then(*after: str) -> list[Reply]:
@@ -50,7 +43,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_paused_migration_is_resumed_until_active_and_completes(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    run_async: AsyncRunner, sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = FakeQMP(
         replies={
@@ -72,7 +65,7 @@ def test_paused_migration_is_resumed_until_active_and_completes(
         assert result.status is MigrationStatus.COMPLETED
 
     with caplog.at_level(logging.INFO, logger="migrelay"):
-        run_against(fake, sock_dir, body)
+        run_async(against(fake, sock_dir, body))
     assert [r for r in fake.received if r[0] == "migrate"] == [RESUME, RESUME]
     assert "migrate_cancel" not in fake.commands
     statuses = [str(p.status) for p in seen]
@@ -88,18 +81,22 @@ def test_paused_migration_is_resumed_until_active_and_completes(
     ]
 
 
-def test_paused_migration_without_a_resume_uri_raises_at_once(sock_dir: Path) -> None:
+def test_paused_migration_without_a_resume_uri_raises_at_once(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-migrate": paused_then("postcopy-paused")})
 
     async def body(qmp: QMP) -> None:
         with pytest.raises(MigrationError, match=r"^postcopy paused: the link .* failed; "):
             await follow_migration(qmp, interval=0.01)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert "migrate" not in fake.commands and "migrate_cancel" not in fake.commands
 
 
-def test_link_that_does_not_return_ends_the_wait_with_one_line(sock_dir: Path) -> None:
+def test_link_that_does_not_return_ends_the_wait_with_one_line(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-migrate": paused_then("postcopy-paused")})
 
     async def body(qmp: QMP) -> None:
@@ -111,13 +108,15 @@ def test_link_that_does_not_return_ends_the_wait_with_one_line(sock_dir: Path) -
             " migrate --postcopy"
         )
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert RESUME in fake.received
     # Never cancelled: the destination already runs on pages the source lacks.
     assert "migrate_cancel" not in fake.commands
 
 
-def test_stop_while_paused_leaves_it_paused_instead_of_cancelling(sock_dir: Path) -> None:
+def test_stop_while_paused_leaves_it_paused_instead_of_cancelling(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(replies={"query-migrate": paused_then("postcopy-paused")})
 
     async def body(qmp: QMP) -> None:
@@ -130,11 +129,11 @@ def test_stop_while_paused_leaves_it_paused_instead_of_cancelling(sock_dir: Path
         with pytest.raises(MigrationError, match=r"^interrupted while postcopy was paused"):
             await follow_migration(qmp, on_progress, interval=0.01, resume_uri=URI, stop=stop)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert "migrate_cancel" not in fake.commands and "migrate" not in fake.commands
 
 
-def test_refused_resume_is_retried(sock_dir: Path) -> None:
+def test_refused_resume_is_retried(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(
         replies={
             "query-migrate": paused_then(
@@ -147,14 +146,16 @@ def test_refused_resume_is_retried(sock_dir: Path) -> None:
     async def body(qmp: QMP) -> None:
         await follow_migration(qmp, interval=0.01, resume_uri=URI)
 
-    run_against(fake, sock_dir, body)
+    run_async(against(fake, sock_dir, body))
     assert [r for r in fake.received if r[0] == "migrate"] == [RESUME, RESUME]
 
 
 # -- the command-level operations ----------------------------------------------------------
 
 
-def test_migrate_resumes_a_source_found_paused_instead_of_starting(sock_dir: Path) -> None:
+def test_migrate_resumes_a_source_found_paused_instead_of_starting(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     fake = FakeQMP(
         replies={
             "query-migrate": [
@@ -169,18 +170,18 @@ def test_migrate_resumes_a_source_found_paused_instead_of_starting(sock_dir: Pat
 
     async def main() -> None:
         async with serve(fake, sock_dir / "src.qmp") as path:
-            result = await operations.migrate(
+            result = await commands.migrate(
                 path, URI, MigrationOptions(postcopy=True), interval=0.01
             )
             assert result is not None and result.status is MigrationStatus.COMPLETED
 
-    asyncio.run(main())
+    run_async(main())
     # No capabilities (QEMU refuses them mid-migration), no fresh migrate.
     assert "migrate-set-capabilities" not in fake.commands
     assert [r for r in fake.received if r[0] == "migrate"] == [RESUME]
 
 
-def test_serve_hook_recovers_a_paused_destination(sock_dir: Path) -> None:
+def test_serve_hook_recovers_a_paused_destination(run_async: AsyncRunner, sock_dir: Path) -> None:
     target = sock_dir / "vm.sock"
     fake = FakeQMP(
         replies={
@@ -192,36 +193,38 @@ def test_serve_hook_recovers_a_paused_destination(sock_dir: Path) -> None:
     async def main() -> None:
         async with serve(fake, sock_dir / "vm.qmp") as path:
             headers = {"migrelay-migration": "multifd=0,postcopy=1"}
-            await operations.prepare_target(path, target, headers)
+            await destination.prepare_target(path, target, headers)
 
-    asyncio.run(main())
+    run_async(main())
     assert ("migrate-recover", {"uri": f"unix:{target}"}) in fake.received
     assert "migrate-incoming" not in fake.commands
     assert "migrate-set-capabilities" not in fake.commands
 
 
 @pytest.mark.parametrize("state", ["postcopy-active", "postcopy-recover"])
-def test_serve_hook_refuses_a_destination_not_yet_paused(sock_dir: Path, state: str) -> None:
+def test_serve_hook_refuses_a_destination_not_yet_paused(
+    run_async: AsyncRunner, sock_dir: Path, state: str
+) -> None:
     fake = FakeQMP(replies={"query-migrate": {"status": state}})
 
     async def main() -> None:
         async with serve(fake, sock_dir / "vm.qmp") as path:
             with pytest.raises(MigrationError, match=f"still {state}; not yet paused"):
-                await operations.prepare_target(path, sock_dir / "vm.sock", {})
+                await destination.prepare_target(path, sock_dir / "vm.sock", {})
 
-    asyncio.run(main())
+    run_async(main())
     assert fake.commands[-1] == "query-migrate"
 
 
-def test_incoming_recover_needs_a_paused_migration(sock_dir: Path) -> None:
+def test_incoming_recover_needs_a_paused_migration(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = FakeQMP(replies={"query-migrate": {"status": "none"}})
 
     async def main() -> None:
         async with serve(fake, sock_dir / "vm.qmp") as path:
             with pytest.raises(StateError, match="postcopy-paused is required"):
-                await operations.incoming(
+                await commands.incoming(
                     path, "unix:/tmp/d.sock", MigrationOptions(postcopy=True), recover=True
                 )
 
-    asyncio.run(main())
+    run_async(main())
     assert "migrate-recover" not in fake.commands

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -25,11 +24,11 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from migrelay import hosting
 from migrelay.aio.access import IPNetwork, parse_networks, parse_token_lines, token_targets
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.proxy import ProxyURL, bypassed, proxy_for
 from migrelay.aio.server import RelayServer, ServerConfig
+from migrelay.cli.options import config_callback
 from migrelay.config_file import ConfigError, load_section
 from migrelay.errors import ConnectError, HandshakeRefused, RelayError
 from migrelay.limits import Limits
@@ -116,13 +115,6 @@ async def serving(
         for listener in listeners:
             listener.close()
             await listener.wait_closed()
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="migrelay")
-    return caplog
 
 
 def foreign_client(url: str) -> ws_connect:
@@ -570,7 +562,7 @@ def test_config_file_table_maps_dashed_keys_and_refuses_unknown_ones(tmp_path: P
 
 
 CONFIG_OPT = Annotated[
-    Path | None, typer.Option("--config", is_eager=True, callback=hosting.config_callback)
+    Path | None, typer.Option("--config", is_eager=True, callback=config_callback)
 ]
 LISTEN_OPT = Annotated[str, typer.Option(envvar="MIGRELAY_LISTEN")]
 TARGET_OPT = Annotated[str, typer.Option(envvar="MIGRELAY_TARGET")]

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from migrelay.aio.client import ClientConfig, open_websocket
-from migrelay.aio.server import PrepareTarget, Refusal, RelayServer, ServerConfig
-from migrelay.errors import HandshakeRefused
+from migrelay.aio.server import PrepareTarget, RelayServer, ServerConfig
+from migrelay.errors import HandshakeRefused, Refusal
 
 if TYPE_CHECKING:
     from tests.conftest import AsyncRunner

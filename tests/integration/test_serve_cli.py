@@ -345,7 +345,9 @@ def test_json_log_format_makes_every_serve_and_connect_line_a_json_object(
             ),
             Expected("info", "migrelay.aio.server", rf"refused / from {peer}: 403 invalid token"),
             Expected(
-                "info", "migrelay", r"shutting down: no new sessions; running ones get 120 s"
+                "info",
+                "migrelay.aio.service",
+                r"shutting down: no new sessions; running ones get 120 s",
             ),
         ],
     )

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RelayError
+from ..errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -41,7 +41,7 @@ def parse_token_lines(lines: Iterable[str], source: str = "token file") -> list[
     """Parse token-file lines (see the module docstring).
 
     Raises:
-        RelayError: a line has more than two fields or an empty target list; the
+        ConfigError: a line has more than two fields or an empty target list; the
             message gives the line number, never the line.
     """
     entries = []
@@ -51,20 +51,46 @@ def parse_token_lines(lines: Iterable[str], source: str = "token file") -> list[
             continue
         fields = text.split()
         if len(fields) > 2:
-            raise RelayError(f"{source} line {number}: expected 'TOKEN [TARGET,...]'")
+            raise ConfigError(f"{source} line {number}: expected 'TOKEN [TARGET,...]'")
         targets: frozenset[str] | None = None
         if len(fields) == 2:
             names = [name.strip() for name in fields[1].split(",")]
             if not all(names):
-                raise RelayError(f"{source} line {number}: empty target name")
+                raise ConfigError(f"{source} line {number}: empty target name")
             targets = frozenset(names)
         entries.append(TokenEntry(fields[0].encode("utf-8"), targets))
     return entries
 
 
 def load_token_file(path: Path) -> list[TokenEntry]:
-    """Read a token file (see the module docstring). Raises OSError, RelayError."""
+    """Read a token file (see the module docstring). Raises OSError, ConfigError."""
     return parse_token_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
+
+
+def load_token_entries(token_file: Path | None) -> list[TokenEntry]:
+    """Read ``--token-file``; an absent option means no tokens.
+
+    Raises:
+        ConfigError: the file is unreadable, malformed or holds no token.
+    """
+    if token_file is None:
+        return []
+    try:
+        entries = load_token_file(token_file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {token_file}: {exc.strerror or exc}") from None
+    if not entries:
+        raise ConfigError(f"{token_file} holds no token")
+    return entries
+
+
+def load_tokens(token_file: Path | None) -> list[bytes]:
+    """The secrets of a token file, target restrictions aside (``--metrics-token-file``).
+
+    Raises:
+        ConfigError: the file is unreadable, malformed or holds no token.
+    """
+    return [entry.secret for entry in load_token_entries(token_file)]
 
 
 def token_targets(entries: Iterable[TokenEntry]) -> dict[bytes, frozenset[str]]:

@@ -24,7 +24,7 @@ from ..core.frames import CloseCode
 from ..core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
 from ..core.headers import CHANNEL_HEADER, SESSION_HEADER, parse_channel, parse_session_id
 from ..core.session import RelaySession, Role
-from ..errors import RemoteProtocolError
+from ..errors import Refusal, RemoteProtocolError
 from ..limits import Limits
 from . import access
 from .channel import Channel, UnixLeg
@@ -40,43 +40,6 @@ TARGET_RETRY_SECONDS: Final = 0.05
 
 #: ``prepare_target(name, target, request_headers)``: see `ServerConfig.prepare_target`.
 PrepareTarget = Callable[[str, Path, Mapping[str, str]], Awaitable[object]]
-
-
-#: The ``reason`` label of ``migrelay_refusals_total`` when a refusal names none.
-REFUSAL_KINDS: Final = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    408: "handshake_timeout",
-    409: "conflict",
-    426: "not_websocket",
-    429: "too_many_channels",
-    431: "header_too_large",
-    500: "internal_error",
-    503: "unavailable",
-}
-
-
-class Refusal(Exception):
-    """Refuse the upgrade with an HTTP status; ``reason`` is sent and logged.
-
-    ``kind`` is a fixed word for the metrics (``migrelay_refusals_total{reason=}``);
-    by default it follows from the status.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        reason: str,
-        headers: tuple[tuple[str, str], ...] = (),
-        kind: str | None = None,
-    ):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.kind = kind or REFUSAL_KINDS.get(status, "other")
 
 
 @dataclass
@@ -396,8 +359,12 @@ class RelayServer:
         except Refusal:
             raise
         except Exception as exc:
+            # Never the exception's text to the peer: it may name paths or versions.
             raise Refusal(
-                503, f"destination not prepared: {exc}", (("Retry-After", "5"),)
+                503,
+                "destination not prepared",
+                (("Retry-After", "5"),),
+                detail=f"{type(exc).__name__}: {exc}",
             ) from exc
 
     async def _connect_in_order(
@@ -629,7 +596,10 @@ class _HandshakeProtocol(asyncio.Protocol):
 
     def _refuse(self, refusal: Refusal, request: UpgradeRequest | None = None) -> None:
         what = f"{request.path}" if request is not None else "request"
-        logger.info("refused %s from %s: %d %s", what, self.peer, refusal.status, refusal.reason)
+        detail = f" ({refusal.detail})" if refusal.detail else ""
+        logger.info(
+            "refused %s from %s: %d %s%s", what, self.peer, refusal.status, refusal.reason, detail
+        )
         metrics = self.server.metrics
         metrics.refused(refusal.status, refusal.kind)
         metrics.handshake_seconds.observe(self.age())

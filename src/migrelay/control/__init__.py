@@ -1,12 +1,12 @@
 """Control plane: QEMU's QMP (`qmp`), migration orchestration (`migrate`), test VMs (`vm`).
 
 Only `migrelay.control.qmp` speaks QMP; the CLI and the benchmarks call the functions of
-`migrelay.control.migrate` and never spell a QMP command themselves.
+`migrelay.control.migration` and never spell a QMP command themselves.
 """
 
 from __future__ import annotations
 
-from migrelay.control.migrate import (
+from migrelay.control.migration import (
     MigrationOptions,
     MigrationResult,
     Progress,

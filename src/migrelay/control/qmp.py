@@ -313,7 +313,7 @@ class QMP:
         name: the VM's name, used in messages and in the ``qemu.qmp.protocol.<name>``
             logger.
         share_monitor: the caller releases the monitor while it waits (read by
-            `migrelay.control.migrate`).
+            `migrelay.control.migration`).
     """
 
     def __init__(self, name: str, *, share_monitor: bool = False) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..control.migrate import (
+from ..control.migration import (
     MigrationOptions,
     prepare_incoming,
     start_migration,
@@ -591,6 +591,13 @@ def format_table(report: dict[str, object]) -> str:
             + (f" ({row['failures']} failed)" if row["failures"] else "")
         )
     return "\n".join(lines)
+
+
+def any_failed(report: dict[str, object]) -> bool:
+    """Whether a run of ``report`` failed or migrated RAM that differs."""
+    summary = report["summary"]
+    assert isinstance(summary, list)
+    return any(row["failures"] or not row["all_ram_matched"] for row in summary)
 
 
 def require_matplotlib() -> None:

@@ -27,7 +27,14 @@ from migrelay.control.qmp import (
     MigrationStatus,
     RunState,
 )
-from migrelay.errors import MigrationError, StateError, UnsupportedError
+from migrelay.errors import (
+    CapabilityMismatchError,
+    MigrationCancelledError,
+    MigrationError,
+    PostcopyPausedError,
+    StateError,
+    UnsupportedError,
+)
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
@@ -77,18 +84,6 @@ RESUME_RETRY_S = 3.0
 #: totals, and how often it looks (see `_settled`).
 _SETTLE_TIMEOUT_S = 1.0
 _SETTLE_POLL_S = 0.01
-
-
-class PostcopyPausedError(MigrationError):
-    """A postcopy migration stayed ``postcopy-paused``: not failed, and not cancellable.
-
-    The VM's state is split between both hosts; resuming (``migrate --postcopy`` again)
-    is the way out, so callers must not report it as a cancelled or failed migration.
-    """
-
-
-class MigrationCancelledError(MigrationError):
-    """The migration was cancelled (here, or by another QMP client): the source VM runs on."""
 
 
 #: A typed ``query-migrate`` snapshot, as handed to ``on_progress``.
@@ -190,7 +185,7 @@ async def check_prepared_for(qmp: QMP, options: MigrationOptions) -> None:
     source sends a byte.
 
     Raises:
-        StateError: the capabilities or the multifd channel count differ.
+        CapabilityMismatchError: the capabilities or the multifd channel count differ.
         MigrationError, ConnectError: from QMP.
     """
     capabilities = await qmp.query_capabilities()
@@ -204,7 +199,7 @@ async def check_prepared_for(qmp: QMP, options: MigrationOptions) -> None:
         options.multifd_channels,
         options.postcopy,
     ):
-        raise StateError(
+        raise CapabilityMismatchError(
             f"listening with {prepared.describe()}",
             f"{options.describe()} (as the source announced)",
             "prepare the destination with the same --multifd and --postcopy as migrate",

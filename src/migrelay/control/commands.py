@@ -19,36 +19,49 @@ did not set makes QEMU hang or fail mid-migration, long after the handshake.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from migrelay.control.migrate import (
+from migrelay.aio.client import SourceRelay
+from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, private_relay
+from migrelay.control.migration import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_RECOVER_TIMEOUT_S,
     DEFAULT_STALL_TIMEOUT_S,
     MigrationOptions,
     MigrationResult,
     cancel,
-    check_prepared_for,
     follow_migration,
     prepare_incoming,
     sleep_or_stop,
     start_migration,
 )
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
-from migrelay.errors import MigrationError, StateError
+from migrelay.errors import (
+    MigrationCancelledError,
+    MigrationError,
+    PostcopyPausedError,
+    StateError,
+)
 
 __all__ = [
     "MIGRATION_HEADER",
     "POSTCOPY_AFTER_PASSES",
+    "RELAY_DRAIN_TIMEOUT_S",
+    "MigrateRequest",
+    "MigrationFailed",
     "announcement",
     "cancel_migration",
     "incoming",
     "migrate",
     "parse_announcement",
-    "prepare_target",
     "query",
+    "recover_incoming",
+    "run_migration",
+    "vm_name",
     "watch",
 ]
 
@@ -121,14 +134,14 @@ async def incoming(
             with ``recover``: its migration is not ``postcopy-paused``.
         MigrationError: QEMU refused a capability, a parameter or the URI.
     """
-    async with QMP(_vm_name(qmp_path)) as qmp:
+    async with QMP(vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
         if recover:
-            return await _recover(qmp, uri)
+            return await recover_incoming(qmp, uri)
         return await prepare_incoming(qmp, uri, options)
 
 
-async def _recover(qmp: QMP, uri: str) -> MigrationInfo:
+async def recover_incoming(qmp: QMP, uri: str) -> MigrationInfo:
     """``migrate-recover`` on a destination whose postcopy migration is paused."""
     current = await qmp.query_migrate()
     if current.status is not MigrationStatus.POSTCOPY_PAUSED:
@@ -140,45 +153,6 @@ async def _recover(qmp: QMP, uri: str) -> MigrationInfo:
     await qmp.migrate_recover(uri)
     logger.info("%s: postcopy paused; listening again on %s to resume", qmp.name, uri)
     return await qmp.query_migrate()
-
-
-async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]) -> MigrationInfo:
-    """``serve --qmp``: make the destination listen on ``target`` as the source announced.
-
-    A destination already listening on exactly ``unix:TARGET`` is left as it is (an
-    operator who also ran ``incoming``); one whose postcopy migration is paused (the
-    link failed) gets ``migrate-recover`` instead, since this session is the source
-    resuming; anything else already set up is an error.
-
-    Args:
-        qmp_path: the destination's QMP socket.
-        target: the unix socket the server will connect the channels to.
-        headers: the handshake's request headers, names in lower case.
-
-    Raises:
-        ValueError: the `MIGRATION_HEADER` is malformed.
-        ConnectError, StateError, MigrationError: as `incoming`.
-    """
-    announced = headers.get(MIGRATION_HEADER.lower())
-    options = parse_announcement(announced)
-    uri = f"unix:{target}"
-    async with QMP(_vm_name(qmp_path)) as qmp:
-        await qmp.connect(qmp_path)
-        current = await qmp.query_migrate()
-        if uri in current.socket_addresses and current.status is MigrationStatus.NONE:
-            if announced is not None:  # a plain `connect` announces nothing to compare
-                await check_prepared_for(qmp, options)
-            logger.info("%s: already listening on %s", qmp.name, uri)
-            return current
-        if current.status is MigrationStatus.POSTCOPY_PAUSED:
-            return await _recover(qmp, uri)
-        if current.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
-            # The source resumes before this side noticed the old link die (its own
-            # liveness timeout): refuse now, the source retries (RESUME_RETRY_S).
-            raise MigrationError(
-                f"incoming migration still {current.status}; not yet paused to recover"
-            )
-        return await prepare_incoming(qmp, uri, options)
 
 
 async def migrate(
@@ -228,7 +202,7 @@ async def migrate(
     """
     # Following a migration takes minutes: let go of the monitor between polls, so that
     # `status` and `cancel` work from another terminal meanwhile.
-    async with QMP(_vm_name(qmp_path), share_monitor=True) as qmp:
+    async with QMP(vm_name(qmp_path), share_monitor=True) as qmp:
         await qmp.connect(qmp_path)
         paused = options.postcopy and (
             (await qmp.query_migrate()).status is MigrationStatus.POSTCOPY_PAUSED
@@ -255,9 +229,144 @@ async def migrate(
         )
 
 
+#: Seconds ``migrate --to`` waits, after QEMU reports ``completed``, for the in-process
+#: relay to deliver the last bytes and close its channels before tearing it down.
+RELAY_DRAIN_TIMEOUT_S = 30.0
+
+
+class MigrationFailed(MigrationError):
+    """``migrate`` ended without completing; ``str()`` is the operator's one line.
+
+    Attributes:
+        error: the text the JSON document and the progress output keep (QEMU's own,
+            or the relay's reason when a channel could not open).
+        interrupted: the operator stopped it (SIGINT/SIGTERM) and it was cancelled.
+    """
+
+    def __init__(self, message: str, error: str, *, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.error = error
+        self.interrupted = interrupted
+
+
+@dataclass(frozen=True)
+class MigrateRequest:
+    """What ``migrelay migrate`` was asked to do.
+
+    Exactly one of ``socket`` (``--socket``: a separate ``connect`` relays) and
+    ``relay`` (``--to URL``: the relay runs in this process) is set.
+    """
+
+    qmp_path: Path
+    options: MigrationOptions = field(default_factory=MigrationOptions)
+    socket: Path | None = None
+    relay: ClientSettings | None = None
+    wait: bool = True
+    recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S
+    postcopy_after_passes: int = POSTCOPY_AFTER_PASSES
+    #: None (or 0): never.
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S
+
+
+async def run_migration(
+    request: MigrateRequest,
+    *,
+    on_progress: Callable[[MigrationInfo], object] | None = None,
+    interval: float = DEFAULT_POLL_INTERVAL_S,
+    stop: asyncio.Event | None = None,
+) -> MigrationResult | None:
+    """``migrelay migrate``: migrate through a relay and follow the migration to its end.
+
+    With ``request.relay`` the source relay runs in-process on a private socket and
+    announces the capabilities in its handshake, so ``serve --qmp-dir`` prepares the
+    destination to match; it is stopped before this returns.
+
+    Returns:
+        The completed migration's result, or None when not waiting.
+
+    Raises:
+        MigrationFailed: the migration failed or was cancelled; the source VM runs on
+            as it was (a paused postcopy migration stays paused, to be resumed).
+        ConfigError: the relay's settings cannot be used; nothing was changed.
+        ConnectError, StateError, UnsupportedError, TimeoutError: as `migrate`.
+    """
+    if request.relay is None:
+        socket = request.socket or DEFAULT_SOURCE_SOCKET
+        return await _migrate_reporting(
+            request, f"unix:{socket}", None, on_progress, interval, stop
+        )
+    options = request.options
+    settings = dataclasses.replace(
+        request.relay,
+        extra_headers=[
+            *request.relay.extra_headers,
+            (MIGRATION_HEADER, announcement(options)),
+        ],
+        # A postcopy resume must not be dropped once QEMU connected (ClientConfig).
+        open_retry=request.recover_timeout if options.postcopy else 0.0,
+    )
+    async with private_relay(settings.load()) as relay:
+        result = await _migrate_reporting(
+            request, f"unix:{relay.listen_path}", relay, on_progress, interval, stop
+        )
+        if result is not None:
+            try:
+                async with asyncio.timeout(RELAY_DRAIN_TIMEOUT_S):
+                    await relay.finished.wait()
+            except TimeoutError:
+                logger.warning(
+                    "relay channels still open %g s after completion", RELAY_DRAIN_TIMEOUT_S
+                )
+        return result
+
+
+async def _migrate_reporting(
+    request: MigrateRequest,
+    uri: str,
+    relay: SourceRelay | None,
+    on_progress: Callable[[MigrationInfo], object] | None,
+    interval: float,
+    stop: asyncio.Event | None,
+) -> MigrationResult | None:
+    """`migrate`, with its failure told in the operator's words (`MigrationFailed`)."""
+    try:
+        return await migrate(
+            str(request.qmp_path),
+            uri,
+            request.options,
+            on_progress=on_progress,
+            interval=interval,
+            stop=stop,
+            wait=request.wait,
+            recover_timeout=request.recover_timeout,
+            postcopy_after_passes=request.postcopy_after_passes,
+            stall_timeout=request.stall_timeout or None,
+        )
+    except MigrationError as exc:
+        stopped = stop is not None and stop.is_set()
+        # A paused postcopy migration was not cancelled: its own text says so.
+        if stopped and not isinstance(exc, PostcopyPausedError):
+            text = "migration cancelled on interrupt; the source vm was left as it was"
+            raise MigrationFailed(text, text, interrupted=True) from exc
+        error = message = str(exc)
+        if relay is not None and relay.first_error is not None:
+            url = relay.config.url
+            error = message = (
+                f"cannot open websocket to {url}: {relay.first_error} (qemu: {error})"
+            )
+        elif isinstance(exc, MigrationCancelledError) and not stopped:
+            message = (
+                "migration cancelled by another qmp client (migrelay cancel?);"
+                " the source vm was left as it was"
+            )
+        elif not stopped:
+            message = f"migration failed: {error}"
+        raise MigrationFailed(message, error) from exc
+
+
 async def query(qmp_path: str) -> tuple[RunState, MigrationInfo]:
     """The VM's runstate and its current (or last) migration's snapshot."""
-    async with QMP(_vm_name(qmp_path)) as qmp:
+    async with QMP(vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
         return await qmp.query_status(), await qmp.query_migrate()
 
@@ -276,7 +385,7 @@ async def watch(
     """
     # The monitor is let go between polls, so that `cancel` (or `migrate`'s own polls)
     # get through while this watches.
-    async with QMP(_vm_name(qmp_path), share_monitor=True) as qmp:
+    async with QMP(vm_name(qmp_path), share_monitor=True) as qmp:
         await qmp.connect(qmp_path)
         while True:
             info = await qmp.query_migrate()
@@ -296,10 +405,11 @@ async def cancel_migration(qmp_path: str) -> tuple[MigrationInfo, RunState]:
     """Cancel the outgoing migration; return how it ended and the VM's runstate.
 
     Raises:
+        MigrationError: the migration had completed before the cancel arrived.
         ConnectError, MigrationError: from QMP.
         TimeoutError: QEMU was still cancelling 10 s later.
     """
-    async with QMP(_vm_name(qmp_path)) as qmp:
+    async with QMP(vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
         if (await qmp.query_status()) is RunState.INMIGRATE:
             raise StateError(
@@ -309,9 +419,15 @@ async def cancel_migration(qmp_path: str) -> tuple[MigrationInfo, RunState]:
                 " to abandon an incoming one",
             )
         info = await cancel(qmp)
-        return info, await qmp.query_status()
+        runstate = await qmp.query_status()
+        if info.status is MigrationStatus.COMPLETED:
+            raise MigrationError(
+                f"the migration had already completed; {qmp.name} is {runstate} and"
+                " now runs on the destination"
+            )
+        return info, runstate
 
 
-def _vm_name(qmp_path: str) -> str:
+def vm_name(qmp_path: str) -> str:
     # The socket's file name stem names the VM in messages: "vm.qmp" -> "vm".
     return Path(qmp_path).stem or qmp_path

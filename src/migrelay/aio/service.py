@@ -1,0 +1,257 @@
+"""``migrelay serve`` as a service: settings in, a running server out, until a signal.
+
+The command line (or an embedding program) fills in `ServeSettings` with what the
+operator gave: paths and values, nothing read yet. `load_server_config` reads the files
+and applies the policy that holds whoever starts a server:
+
+* without tokens or a client CA, listen on loopback only unless ``insecure`` (anyone who
+  reaches the port could otherwise feed destination QEMU);
+* ``tls_cert`` and ``tls_key`` go together, and a client CA needs both.
+
+`serve` runs it: SIGHUP reloads tokens and certificates (all or nothing), the first
+stop (SIGTERM/SIGINT, delivered as the ``stop`` event) drains running migrations for
+``shutdown_timeout`` seconds, a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from migrelay.aio import access, tls
+from migrelay.aio.server import PrepareTarget, RelayServer, ServerConfig
+from migrelay.errors import ConfigError, RelayError
+from migrelay.limits import Limits
+
+__all__ = [
+    "DEFAULT_DEST_SOCKET",
+    "DEFAULT_PORT",
+    "ServeSettings",
+    "load_server_config",
+    "parse_listen",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+#: DESIGN.md §1: the original scripts' port.
+DEFAULT_PORT: Final = 8765
+#: DESIGN.md §1: the original destination socket, the default target of ``/``.
+DEFAULT_DEST_SOCKET: Final = Path("/tmp/qemu_migration_dest.sock")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``serve`` was told: flags, ``MIGRELAY_*`` variables or the config file.
+
+    Every default of the command line is read from here, from `ServerConfig` or from
+    `Limits`, never written twice.
+    """
+
+    #: ``HOST:PORT`` (``[::1]:8765``; a bare host takes `DEFAULT_PORT`).
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    #: Destination socket of the path ``/``; `DEFAULT_DEST_SOCKET` when neither
+    #: ``target`` nor ``target_dir`` is given.
+    target: Path | None = None
+    target_dir: Path | None = None
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    metrics_token_file: Path | None = None
+    #: Listen beyond loopback without tokens or a client CA.
+    insecure: bool = False
+    allow_origin: Sequence[str] = ()
+    trusted_proxy: Sequence[str] = ()
+    path_prefix: str = ""
+    wait_target: float = ServerConfig.wait_target
+    max_sessions: int = ServerConfig.max_sessions
+    max_channels: int = ServerConfig.max_channels
+    idle_timeout: float = ServerConfig.idle_timeout
+    #: On a stop, seconds running migrations get before their channels close with 4004.
+    #: 120 s lets a migration of a few dozen GiB finish on a 1 GiB/s link; systemd's
+    #: unit waits 150 s (TimeoutStopSec) so that this comes first.
+    shutdown_timeout: float = 120.0
+    limits: Limits = field(default_factory=Limits)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT``; no port: `DEFAULT_PORT`; no host: all).
+
+    Raises:
+        ConfigError: the port is not a number from 0 to 65535.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, str(DEFAULT_PORT)
+    host = host.strip("[]") or "0.0.0.0"
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"invalid port in {value!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names a loopback address (``localhost``, 127/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_server_config(
+    settings: ServeSettings, prepare_target: PrepareTarget | None = None
+) -> tuple[ServerConfig, tls.ReloadableServerContext | None]:
+    """Read the files ``settings`` names and build the server's configuration.
+
+    Args:
+        settings: what the operator gave.
+        prepare_target: the hook run before a session's first channel connects
+            (``serve --qmp``: see `migrelay.control.destination`).
+
+    Returns:
+        The configuration, and the certificate holder that SIGHUP reloads (or None).
+
+    Raises:
+        ConfigError: a file cannot be read or used, or the settings break the policy
+            in the module docstring.
+    """
+    host, port = parse_listen(settings.listen)
+    target = settings.target
+    if target is None and settings.target_dir is None:
+        target = DEFAULT_DEST_SOCKET
+    entries = access.load_token_entries(settings.token_file)
+    metrics_tokens = access.load_tokens(settings.metrics_token_file)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if settings.client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("--client-ca needs --tls-cert and --tls-key")
+    credentials = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            credentials = tls.ReloadableServerContext(
+                settings.tls_cert, settings.tls_key, settings.client_ca
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate: {exc}") from None
+    authenticated = bool(entries) or settings.client_ca is not None
+    if not authenticated and not is_loopback(host) and not settings.insecure:
+        raise ConfigError(
+            f"refusing to listen on {host} without authentication: "
+            "give --token-file (or --insecure on a trusted network)"
+        )
+    try:
+        allowed_origins = frozenset(access.normalize_origin(o) for o in settings.allow_origin)
+        trusted_proxies = access.parse_networks(settings.trusted_proxy)
+        path_prefix = access.normalize_prefix(settings.path_prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    config = ServerConfig(
+        host=host,
+        port=port,
+        target=target,
+        target_dir=settings.target_dir,
+        tokens=[entry.secret for entry in entries],
+        token_targets=access.token_targets(entries),
+        ssl_context=credentials.listening if credentials is not None else None,
+        wait_target=settings.wait_target,
+        max_sessions=settings.max_sessions,
+        limits=settings.limits,
+        prepare_target=prepare_target,
+        allowed_origins=allowed_origins,
+        trusted_proxies=trusted_proxies,
+        path_prefix=path_prefix,
+        max_channels=settings.max_channels,
+        idle_timeout=settings.idle_timeout,
+        metrics_tokens=metrics_tokens,
+    )
+    return config, credentials
+
+
+def reload_files(
+    settings: ServeSettings,
+    config: ServerConfig,
+    credentials: tls.ReloadableServerContext | None,
+) -> None:
+    """SIGHUP: read the token files and certificates again; all or nothing.
+
+    Raises:
+        ConfigError, OSError, ssl.SSLError: a file cannot be read or used; nothing changed.
+    """
+    # Read every file before changing anything.
+    entries = access.load_token_entries(settings.token_file)
+    metrics_tokens = access.load_tokens(settings.metrics_token_file)
+    if credentials is not None:
+        credentials.reload()  # atomic in itself: a new context or none
+    config.tokens = [entry.secret for entry in entries]
+    config.token_targets = access.token_targets(entries)
+    config.metrics_tokens = metrics_tokens
+
+
+async def serve(
+    settings: ServeSettings,
+    stop: asyncio.Event,
+    prepare_target: PrepareTarget | None = None,
+) -> int:
+    """Run ``migrelay serve`` until ``stop`` is set, then drain; a second stop ends it.
+
+    Args:
+        settings: what the operator gave.
+        stop: set on SIGTERM/SIGINT (by the caller); this function clears it after
+            the first one to notice the second.
+        prepare_target: see `load_server_config`.
+
+    Returns:
+        0 once stopped.
+
+    Raises:
+        ConfigError: the settings cannot be used (nothing was started).
+        RelayError: the address cannot be listened on.
+    """
+    config, credentials = load_server_config(settings, prepare_target)
+    server = RelayServer(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise RelayError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+
+    def on_hangup() -> None:
+        try:
+            reload_files(settings, config, credentials)
+        except (OSError, ssl.SSLError, RelayError) as exc:
+            logger.error("reload failed, keeping the old settings: %s", exc)
+        else:
+            logger.info("reloaded tokens and certificates")
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    try:
+        await stop.wait()
+        stop.clear()
+        timeout = settings.shutdown_timeout
+        logger.info("shutting down: no new sessions; running ones get %g s", timeout)
+        drain = asyncio.ensure_future(server.shutdown(timeout))
+        again = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            logger.info("second signal: stopping now")
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+            await server.close()
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
+        if not drain.cancelled():
+            drain.result()  # an error while draining is the command's error
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop may be closing
+            loop.remove_signal_handler(signal.SIGHUP)
+    return 0

@@ -1,0 +1,180 @@
+"""The source relay as the commands run it: ``connect``, and ``migrate --to`` in-process.
+
+`ClientSettings` holds what the operator gave (a URL, file paths, header lines, a
+proxy); `ClientSettings.load` reads the files and returns the `ClientConfig` that
+`SourceRelay` runs with. `run_source_relay` is ``migrelay connect``: it listens until
+stopped (or, with ``once``, until the first migration ends). `private_relay` is
+``migrate --to``: the same relay on a socket in a fresh private directory, for one
+migration, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from migrelay.aio import access, tls
+from migrelay.aio.client import ClientConfig, SourceRelay, WebSocketURL
+from migrelay.aio.proxy import ProxyURL, proxy_for
+from migrelay.errors import ConfigError
+from migrelay.limits import Limits
+
+__all__ = [
+    "DEFAULT_SOURCE_SOCKET",
+    "EXIT_INTERRUPTED",
+    "ClientSettings",
+    "choose_proxy",
+    "parse_header_lines",
+    "private_relay",
+    "run_source_relay",
+]
+
+#: DESIGN.md §1: the original source socket, ``connect``'s default.
+DEFAULT_SOURCE_SOCKET: Final = Path("/tmp/qemu_migration_source.sock")
+
+#: Exit status after SIGINT or SIGTERM (128 + SIGINT), as shells report an interrupt.
+EXIT_INTERRUPTED: Final = 130
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What ``connect`` (or ``migrate --to``) was told about reaching the server."""
+
+    url: str
+    token_file: Path | None = None
+    #: ``Name: value`` lines, added to every handshake.
+    header_lines: Sequence[str] = ()
+    #: ``(name, value)`` pairs added after ``header_lines`` (``migrate --to``'s
+    #: capability announcement).
+    extra_headers: Sequence[tuple[str, str]] = ()
+    ca: Path | None = None
+    fingerprint: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: ``--proxy``: a URL, ``direct``, or None for the ``*_proxy`` variables.
+    proxy: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    open_retry: float = ClientConfig.open_retry
+
+    def load(self) -> ClientConfig:
+        """Read the files and check the values; return the relay's configuration.
+
+        Raises:
+            ConfigError: a bad URL, header, proxy, token file or TLS file.
+        """
+        try:
+            proxy = choose_proxy(self.url, self.proxy)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        ssl_context, pin = self._tls()
+        return ClientConfig(
+            url=self.url,
+            token=read_first_token(self.token_file),
+            headers=[*parse_header_lines(self.header_lines), *self.extra_headers],
+            ssl_context=ssl_context,
+            fingerprint=pin,
+            limits=self.limits,
+            proxy=proxy,
+            open_retry=self.open_retry,
+        )
+
+    def _tls(self) -> tuple[ssl.SSLContext | None, bytes | None]:
+        if self.ca is None and self.fingerprint is None and self.tls_cert is None:
+            return None, None
+        if self.ca is not None and self.fingerprint is not None:
+            raise ConfigError("--ca and --fingerprint exclude each other")
+        try:
+            pin = tls.normalize_fingerprint(self.fingerprint) if self.fingerprint else None
+            context = tls.client_context(self.ca, pin, self.tls_cert, self.tls_key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS files: {exc}") from None
+        return context, pin
+
+
+def read_first_token(token_file: Path | None) -> str | None:
+    """The token a client sends: the first of its file.
+
+    Raises:
+        ConfigError: the file is unreadable, malformed or empty.
+    """
+    if token_file is None:
+        return None
+    return access.load_tokens(token_file)[0].decode("utf-8")
+
+
+def parse_header_lines(lines: Sequence[str]) -> list[tuple[str, str]]:
+    """``Name: value`` lines as pairs.
+
+    Raises:
+        ConfigError: a line is not ``Name: value``.
+    """
+    headers = []
+    for line in lines:
+        name, sep, content = line.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"header must be 'Name: value', not {line!r}")
+        headers.append((name.strip(), content.strip()))
+    return headers
+
+
+def choose_proxy(url: str, explicit: str | None) -> ProxyURL | None:
+    """The proxy for ``url`` (see `migrelay.aio.proxy.proxy_for`). Raises ValueError."""
+    parsed = WebSocketURL.parse(url)
+    return proxy_for(parsed.secure, parsed.host, explicit)
+
+
+async def run_source_relay(
+    settings: ClientSettings, listen_path: Path, stop: asyncio.Event, *, once: bool = False
+) -> int:
+    """``migrelay connect``: relay until ``stop`` is set (or the first migration ended).
+
+    Returns:
+        0 when every channel ended cleanly, 1 otherwise, `EXIT_INTERRUPTED` when
+        ``once`` was stopped before its migration ended.
+
+    Raises:
+        ConfigError: the settings cannot be used.
+        RelayError, OSError: the socket cannot be made; nothing was started.
+    """
+    relay = SourceRelay(settings.load(), listen_path, once=once)
+    await relay.start()
+    waits = [asyncio.ensure_future(stop.wait())]
+    if once:
+        waits.append(asyncio.ensure_future(relay.finished.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        await relay.close()
+    if once and not relay.finished.is_set():
+        return EXIT_INTERRUPTED
+    return 0 if relay.all_clean else 1
+
+
+@asynccontextmanager
+async def private_relay(config: ClientConfig) -> AsyncIterator[SourceRelay]:
+    """``migrate --to``: the source relay on a private socket, for one migration.
+
+    Yields the started relay (``relay.listen_path`` is where QEMU migrates to);
+    stops it and removes its directory on exit, whatever happened.
+    """
+    # mkdtemp makes the directory 0700: no other user can reach the socket inside.
+    directory = Path(tempfile.mkdtemp(prefix="migrelay-"))
+    relay = SourceRelay(config, directory / "source.sock", once=True)
+    try:
+        await relay.start()
+        yield relay
+    finally:
+        await relay.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,744 @@
+"""The ``migrelay`` commands: each parses its flags, calls one function below, reports.
+
+| command    | calls                                              | layer          |
+|------------|----------------------------------------------------|----------------|
+| serve      | `migrelay.aio.service.serve`                       | I/O            |
+| connect    | `migrelay.aio.source.run_source_relay`             | I/O            |
+| incoming   | `migrelay.control.commands.incoming`               | control (QMP)  |
+| migrate    | `migrelay.control.commands.run_migration`          | control (QMP)  |
+| status     | `migrelay.control.commands.query` / `watch`        | control (QMP)  |
+| cancel     | `migrelay.control.commands.cancel_migration`       | control (QMP)  |
+| bench      | `migrelay.lab.bench.run_bench`                     | lab            |
+
+Signals, errors and exit statuses are `migrelay.cli.running.run_command`'s; the options
+several commands share are in `migrelay.cli.options`. Policy (who may listen without
+authentication, what a refusal says) belongs to the layers, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from migrelay import __version__
+from migrelay.aio import runner, service
+from migrelay.aio.client import ClientConfig
+from migrelay.aio.service import DEFAULT_DEST_SOCKET, ServeSettings
+from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, run_source_relay
+from migrelay.cli.options import (
+    CaOpt,
+    ClientCertOpt,
+    ConfigOpt,
+    FingerprintOpt,
+    HeaderOpt,
+    JsonOpt,
+    LogFormatOpt,
+    MaxMessageOpt,
+    MultifdOpt,
+    PingIntervalOpt,
+    PingTimeoutOpt,
+    PostcopyOpt,
+    ProxyOpt,
+    QmpOpt,
+    TlsKeyOpt,
+    TokenFileOpt,
+    VerboseOpt,
+)
+from migrelay.cli.running import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    configure_logging,
+    exit_with,
+    run_command,
+)
+from migrelay.control import commands, destination
+from migrelay.control.migration import (
+    DEFAULT_RECOVER_TIMEOUT_S,
+    DEFAULT_STALL_TIMEOUT_S,
+    MigrationOptions,
+)
+from migrelay.control.progress import (
+    ProgressRenderer,
+    TerminalProgress,
+    progress_line,
+    renderer_for,
+    snapshot_document,
+)
+from migrelay.control.qmp import MigrationStatus
+from migrelay.core.mask import MASK_IMPLEMENTATION
+from migrelay.errors import ConfigError
+from migrelay.limits import Limits
+from migrelay.units import parse_size
+
+__all__ = ["app", "main"]
+
+#: ``--max-message``'s default, as a flag spells it (`Limits.max_message_bytes`).
+DEFAULT_MAX_MESSAGE = f"{Limits.max_message_bytes >> 20}M"
+
+app = typer.Typer(
+    name="migrelay",
+    help="Live-migrate QEMU virtual machines between hosts over WebSocket.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(
+            f"migrelay {__version__} (masking: {MASK_IMPLEMENTATION}, "
+            f"loop: {runner.loop_name()}, python {sys.version.split()[0]})"
+        )
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Show the version, the masking implementation and the loop.",
+        ),
+    ] = False,
+) -> None:
+    """Live-migrate QEMU virtual machines between hosts over WebSocket."""
+
+
+def _limits(max_message: str, **changes: object) -> Limits:
+    try:
+        return Limits().with_max_message(max_message, **changes)
+    except ConfigError as exc:
+        exit_with(str(exc))
+
+
+# -- the relays: serve, connect -----------------------------------------------------------
+
+
+@app.command()
+def serve(
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to listen on.", envvar="MIGRELAY_LISTEN")
+    ] = ServeSettings.listen,
+    target: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Unix socket of destination QEMU, for the path / [default: {DEFAULT_DEST_SOCKET}"
+            " unless --target-dir].",
+            envvar="MIGRELAY_TARGET",
+        ),
+    ] = None,
+    target_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of NAME.sock sockets, for the paths /NAME.",
+            envvar="MIGRELAY_TARGET_DIR",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File of accepted bearer tokens, one a line.", envvar="MIGRELAY_TOKEN_FILE"
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Certificate chain (PEM) to serve wss://.", envvar="MIGRELAY_TLS_CERT"),
+    ] = None,
+    tls_key: TlsKeyOpt = None,
+    client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="Require client certificates signed by this CA (mTLS).",
+            envvar="MIGRELAY_CLIENT_CA",
+        ),
+    ] = None,
+    qmp: Annotated[
+        Path | None,
+        typer.Option(
+            help="QMP socket of destination QEMU for the path /: issue migrate-incoming"
+            " there when a migration arrives (migrate-recover if its postcopy is paused).",
+            envvar="MIGRELAY_QMP",
+        ),
+    ] = None,
+    qmp_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of NAME.qmp sockets: issue migrate-incoming on NAME.qmp when a"
+            " migration arrives for /NAME (migrate-recover if its postcopy is paused).",
+            envvar="MIGRELAY_QMP_DIR",
+        ),
+    ] = None,
+    wait_target: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait for the destination socket to appear.",
+            envvar="MIGRELAY_WAIT_TARGET",
+        ),
+    ] = ServeSettings.wait_target,
+    max_sessions: Annotated[
+        int, typer.Option(help="Most migrations at once.", envvar="MIGRELAY_MAX_SESSIONS")
+    ] = ServeSettings.max_sessions,
+    ping_interval: PingIntervalOpt = Limits.ping_interval,
+    ping_timeout: PingTimeoutOpt = Limits.ping_timeout,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            help="Allow listening beyond loopback without authentication.",
+            envvar="MIGRELAY_INSECURE",
+        ),
+    ] = ServeSettings.insecure,
+    config_file: ConfigOpt = None,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Accept browser clients only from this Origin (repeatable).",
+            envvar="MIGRELAY_ALLOW_ORIGIN",
+        ),
+    ] = None,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Address or network of a reverse proxy whose X-Forwarded-For is believed"
+            " (repeatable).",
+            envvar="MIGRELAY_TRUSTED_PROXY",
+        ),
+    ] = None,
+    path_prefix: Annotated[
+        str,
+        typer.Option(
+            help="Path prefix a reverse proxy forwards under, e.g. /migrelay.",
+            envvar="MIGRELAY_PATH_PREFIX",
+        ),
+    ] = ServeSettings.path_prefix,
+    max_channels: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Most channels in one migration session.", envvar="MIGRELAY_MAX_CHANNELS"
+        ),
+    ] = ServeSettings.max_channels,
+    max_message: MaxMessageOpt = DEFAULT_MAX_MESSAGE,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Close a channel that carried no data for this many seconds (4002); 0: never.",
+            envvar="MIGRELAY_IDLE_TIMEOUT",
+        ),
+    ] = ServeSettings.idle_timeout,
+    handshake_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds a client has to send its upgrade request (408).",
+            envvar="MIGRELAY_HANDSHAKE_TIMEOUT",
+        ),
+    ] = Limits.handshake_timeout,
+    max_header_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1024,
+            help="Largest request head accepted (431).",
+            envvar="MIGRELAY_MAX_HEADER_BYTES",
+        ),
+    ] = Limits.max_head_bytes,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM, seconds running migrations get to finish before their"
+            " channels are closed (4004).",
+            envvar="MIGRELAY_SHUTDOWN_TIMEOUT",
+        ),
+    ] = ServeSettings.shutdown_timeout,
+    metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Bearer tokens (one a line) that may read /metrics [default: /metrics is"
+            " open to whoever reaches the port].",
+            envvar="MIGRELAY_METRICS_TOKEN_FILE",
+        ),
+    ] = None,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Destination relay: accept WebSockets and hand each to destination QEMU's socket."""
+    configure_logging(verbose, log_format)
+    settings = ServeSettings(
+        listen=listen,
+        target=target,
+        target_dir=target_dir,
+        token_file=token_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        client_ca=client_ca,
+        metrics_token_file=metrics_token_file,
+        insecure=insecure,
+        allow_origin=tuple(allow_origin or ()),
+        trusted_proxy=tuple(trusted_proxy or ()),
+        path_prefix=path_prefix,
+        wait_target=wait_target,
+        max_sessions=max_sessions,
+        max_channels=max_channels,
+        idle_timeout=idle_timeout,
+        shutdown_timeout=shutdown_timeout,
+        limits=_limits(
+            max_message,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            handshake_timeout=handshake_timeout,
+            max_head_bytes=max_header_bytes,
+        ),
+    )
+    prepare = destination.prepare_hook(qmp, qmp_dir)
+    run_command(lambda stop: service.serve(settings, stop, prepare))
+
+
+@app.command()
+def connect(
+    url: Annotated[
+        str, typer.Argument(help="ws:// or wss:// URL of migrelay serve.", envvar="MIGRELAY_URL")
+    ],
+    listen_unix: Annotated[
+        Path,
+        typer.Option(
+            help="Unix socket that source QEMU migrates to.", envvar="MIGRELAY_LISTEN_UNIX"
+        ),
+    ] = DEFAULT_SOURCE_SOCKET,
+    token_file: TokenFileOpt = None,
+    header: HeaderOpt = None,
+    ca: CaOpt = None,
+    fingerprint: FingerprintOpt = None,
+    tls_cert: ClientCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    once: Annotated[
+        bool, typer.Option(help="Exit after the first migration ends.", envvar="MIGRELAY_ONCE")
+    ] = False,
+    ping_interval: PingIntervalOpt = Limits.ping_interval,
+    ping_timeout: PingTimeoutOpt = Limits.ping_timeout,
+    retry_open: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to hold QEMU's connection and retry when the server cannot be"
+            " reached, instead of failing it; lets migrate --postcopy resume after a"
+            " failed link [0: fail at once].",
+            envvar="MIGRELAY_RETRY_OPEN",
+        ),
+    ] = ClientConfig.open_retry,
+    config_file: ConfigOpt = None,
+    proxy: ProxyOpt = None,
+    max_message: MaxMessageOpt = DEFAULT_MAX_MESSAGE,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Source relay: listen for source QEMU and carry each connection over a WebSocket."""
+    configure_logging(verbose, log_format)
+    settings = ClientSettings(
+        url=url,
+        token_file=token_file,
+        header_lines=tuple(header or ()),
+        ca=ca,
+        fingerprint=fingerprint,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        proxy=proxy,
+        limits=_limits(max_message, ping_interval=ping_interval, ping_timeout=ping_timeout),
+        open_retry=retry_open,
+    )
+    run_command(lambda stop: run_source_relay(settings, listen_unix, stop, once=once))
+
+
+# -- QMP control: incoming, migrate, status, cancel ---------------------------------------
+
+
+def _options(
+    multifd: int | None,
+    postcopy: bool,
+    max_bandwidth: str | None = None,
+    downtime_limit: int | None = None,
+) -> MigrationOptions:
+    try:
+        return MigrationOptions(
+            multifd_channels=multifd,
+            postcopy=postcopy,
+            max_bandwidth=parse_size(max_bandwidth) if max_bandwidth is not None else None,
+            downtime_limit_ms=downtime_limit,
+        )
+    except ValueError as exc:
+        exit_with(str(exc))
+
+
+def _renderer(json_output: bool) -> ProgressRenderer:
+    return renderer_for(
+        sys.stdout, json_output=json_output, columns=shutil.get_terminal_size().columns
+    )
+
+
+def _poll_interval(renderer: ProgressRenderer) -> float:
+    # A bar redraws four times a second; a line a second is printed from polls every
+    # half second, so that no second goes without one.
+    return 0.25 if isinstance(renderer, TerminalProgress) else 0.5
+
+
+def _report_failure(renderer: ProgressRenderer, error: str, message: str) -> None:
+    """Finish the progress output with ``error`` and say ``message`` on stderr."""
+    if renderer.last is not None or not isinstance(renderer, TerminalProgress):
+        renderer.finish(error)
+    typer.echo(f"migrelay: error: {message}", err=True)
+
+
+@app.command()
+def incoming(
+    qmp: QmpOpt,
+    socket: Annotated[
+        Path,
+        typer.Option(
+            "--socket", help="Unix socket destination QEMU listens on.", envvar="MIGRELAY_SOCKET"
+        ),
+    ] = DEFAULT_DEST_SOCKET,
+    multifd: MultifdOpt = None,
+    postcopy: PostcopyOpt = False,
+    recover: Annotated[
+        bool,
+        typer.Option(
+            "--recover",
+            help="The link failed during postcopy: listen again (migrate-recover) so that"
+            " migrate --postcopy can resume.",
+        ),
+    ] = False,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Destination: make QEMU (started with -incoming defer) listen for the migration."""
+    configure_logging(verbose, log_format, quiet=True)
+    options = _options(multifd, postcopy)
+
+    async def main(stop: asyncio.Event) -> int:
+        info = await commands.incoming(str(qmp), f"unix:{socket}", options, recover=recover)
+        where = ", ".join(info.socket_addresses) or f"unix:{socket}"
+        what = "the paused postcopy migration to resume" if recover else "an incoming migration"
+        typer.echo(f"{qmp.stem}: listening for {what} on {where}")
+        return EXIT_OK
+
+    run_command(main)
+
+
+@app.command()
+def migrate(
+    ctx: typer.Context,
+    qmp: QmpOpt,
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            "--socket",
+            help=f"Unix socket of migrelay connect [default: {DEFAULT_SOURCE_SOCKET}].",
+            envvar="MIGRELAY_SOCKET",
+        ),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="ws:// or wss:// URL of migrelay serve; runs the relay in-process."
+        ),
+    ] = None,
+    multifd: MultifdOpt = None,
+    postcopy: PostcopyOpt = False,
+    max_bandwidth: Annotated[
+        str | None,
+        typer.Option(
+            "--max-bandwidth",
+            help="Limit in bytes/s (64M, 1G, ...) [default: unlimited, not QEMU's 128 MiB/s].",
+        ),
+    ] = None,
+    downtime_limit: Annotated[
+        int | None,
+        typer.Option("--downtime-limit", min=0, help="Longest pause in ms [QEMU: 300]."),
+    ] = None,
+    postcopy_after: Annotated[
+        int,
+        typer.Option(
+            "--postcopy-after",
+            min=1,
+            help="With --postcopy: switch to postcopy in this pass over RAM (1: at once).",
+        ),
+    ] = commands.POSTCOPY_AFTER_PASSES,
+    recover_timeout: Annotated[
+        float,
+        typer.Option(
+            "--recover-timeout",
+            min=0,
+            help="With --postcopy: seconds to wait for a link that failed during postcopy"
+            " to return, then resume.",
+        ),
+    ] = DEFAULT_RECOVER_TIMEOUT_S,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stall-timeout",
+            min=0,
+            help="Seconds without any data moving after which the stuck stream is shut"
+            " down (yank) and the migration fails; 0: wait for ever.",
+        ),
+    ] = DEFAULT_STALL_TIMEOUT_S,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once the migration has started.")
+    ] = False,
+    json_output: JsonOpt = False,
+    token_file: TokenFileOpt = None,
+    header: HeaderOpt = None,
+    ca: CaOpt = None,
+    fingerprint: FingerprintOpt = None,
+    tls_cert: ClientCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    proxy: ProxyOpt = None,
+    ping_interval: PingIntervalOpt = Limits.ping_interval,
+    ping_timeout: PingTimeoutOpt = Limits.ping_timeout,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Source: migrate the VM and follow it; exit 0 once it has completed.
+
+    Ctrl-C cancels the migration; the source VM stays as it was.
+    """
+    configure_logging(verbose, log_format, quiet=True)
+    if socket is not None and to is not None:
+        exit_with("--socket and --to exclude each other")
+    if to is not None and no_wait:
+        exit_with("--no-wait cannot be used with --to: the relay runs inside this command")
+    # MIGRELAY_PROXY may be set for `connect` on this host; only the flag is a mistake.
+    proxy_source = ctx.get_parameter_source("proxy")
+    if to is None and proxy_source is not None and proxy_source.name == "COMMANDLINE":
+        exit_with("--proxy needs --to: with --socket, migrelay connect reaches the server")
+    relay = None
+    if to is not None:
+        relay = ClientSettings(
+            url=to,
+            token_file=token_file,
+            header_lines=tuple(header or ()),
+            ca=ca,
+            fingerprint=fingerprint,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            proxy=proxy,
+            limits=dataclasses.replace(
+                Limits(), ping_interval=ping_interval, ping_timeout=ping_timeout
+            ),
+        )
+        if verbose == 0:
+            # The in-process relay's failures reach the operator through this command's
+            # own error line; its log would say the same thing a second time.
+            logging.getLogger("migrelay.aio").setLevel(logging.CRITICAL)
+    request = commands.MigrateRequest(
+        qmp_path=qmp,
+        options=_options(multifd, postcopy, max_bandwidth, downtime_limit),
+        socket=socket,
+        relay=relay,
+        wait=not no_wait,
+        recover_timeout=recover_timeout,
+        postcopy_after_passes=postcopy_after,
+        stall_timeout=stall_timeout,
+    )
+    renderer = _renderer(json_output)
+
+    async def main(stop: asyncio.Event) -> int:
+        try:
+            result = await commands.run_migration(
+                request,
+                on_progress=renderer.update,
+                interval=_poll_interval(renderer),
+                stop=stop,
+            )
+        except commands.MigrationFailed as failure:
+            _report_failure(renderer, failure.error, str(failure))
+            return EXIT_INTERRUPTED if failure.interrupted else EXIT_FAILURE
+        if result is None:
+            where = f"unix:{socket or DEFAULT_SOURCE_SOCKET}"
+            typer.echo(f"{qmp.stem}: migration to {where} started")
+            return EXIT_OK
+        renderer.finish()
+        return EXIT_OK
+
+    run_command(main, on_error=renderer.finish if json_output else None)
+
+
+@app.command()
+def status(
+    qmp: QmpOpt,
+    json_output: JsonOpt = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the migration until it ends.")
+    ] = False,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Show the VM's runstate and its migration (exit 1 if the migration failed)."""
+    configure_logging(verbose, log_format, quiet=True)
+
+    async def once(stop: asyncio.Event) -> int:
+        runstate, info = await commands.query(str(qmp))
+        if json_output:
+            typer.echo(json.dumps(snapshot_document(info, str(runstate))))
+        else:
+            typer.echo(f"{qmp.stem}: {runstate}, migration {progress_line(info)}")
+            if info.error_desc:
+                typer.echo(f"{qmp.stem}: error: {info.error_desc}")
+        return EXIT_FAILURE if info.status is MigrationStatus.FAILED else EXIT_OK
+
+    async def follow(stop: asyncio.Event) -> int:
+        renderer = _renderer(json_output)
+        info = await commands.watch(str(qmp), renderer.update, _poll_interval(renderer), stop=stop)
+        if info.status in (MigrationStatus.COMPLETED, MigrationStatus.NONE):
+            renderer.finish()
+            return EXIT_OK
+        if stop.is_set() and not info.status.is_terminal:
+            renderer.finish("interrupted; the migration goes on")
+            return EXIT_INTERRUPTED
+        error = info.error_desc or f"migration {info.status}"
+        _report_failure(renderer, error, f"migration failed: {error}")
+        return EXIT_FAILURE
+
+    run_command(follow if watch else once)
+
+
+@app.command()
+def cancel(
+    qmp: QmpOpt,
+    verbose: VerboseOpt = 0,
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Cancel the VM's outgoing migration; the VM keeps running where it is."""
+    configure_logging(verbose, log_format, quiet=True)
+
+    async def main(stop: asyncio.Event) -> int:
+        info, runstate = await commands.cancel_migration(str(qmp))
+        if info.status is MigrationStatus.NONE:
+            typer.echo(f"{qmp.stem}: no migration to cancel; vm is {runstate}")
+        else:
+            typer.echo(f"{qmp.stem}: migration {info.status}; vm is {runstate}")
+        return EXIT_OK
+
+    run_command(main)
+
+
+# -- the lab: bench ------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    ram: Annotated[str, typer.Option(help="Guest RAM of each test VM (random bytes).")] = "1G",
+    runs: Annotated[int, typer.Option(min=1, help="Interleaved rounds of every mode.")] = 3,
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: tcp, unix, ws, wss, socat, and X-multifdN (ws-multifd4)."
+        ),
+    ] = "tcp,ws,wss,tcp-multifd4,ws-multifd4,socat",
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the full report (JSON) here.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw throughput per mode into this PNG (matplotlib).")
+    ] = None,
+    link: Annotated[
+        str | None,
+        typer.Option(
+            help="Put the two sides in network namespaces joined by a veth shaped to this "
+            "rate (10gbit, 800mbit; 'none' for unshaped). Needs root."
+        ),
+    ] = None,
+    src_qmp: Annotated[
+        Path | None,
+        typer.Option(help="Migrate your own source VM (QMP socket) instead of a test VM."),
+    ] = None,
+    dst_qmp: Annotated[
+        Path | None,
+        typer.Option(help="Your destination VM (QMP socket; started with -incoming defer)."),
+    ] = None,
+) -> None:
+    """Benchmark migrations: the tunnel against a direct TCP migration, same VMs.
+
+    With --src-qmp and --dst-qmp it migrates your own two VMs once, in one mode, and
+    leaves them as QEMU does (their RAM is not compared).
+    """
+    # The lab is imported only here: the relay commands never load it.
+    from migrelay.lab import bench as lab_bench
+
+    try:
+        mode_list = lab_bench.available_modes([m.strip() for m in modes.split(",") if m])
+        ram_bytes = parse_size(ram)
+    except ValueError as exc:
+        exit_with(str(exc))
+    if link is not None and any(m.transport == "unix" for m in mode_list):
+        exit_with("mode unix needs both QEMUs on one host; drop it with --link")
+    if (src_qmp is None) != (dst_qmp is None):
+        exit_with("--src-qmp and --dst-qmp go together")
+    given = (src_qmp, dst_qmp) if src_qmp is not None and dst_qmp is not None else None
+    if given is not None and (len(mode_list) != 1 or runs != 1 or link is not None):
+        exit_with("your own VMs can be migrated once: give one --modes, --runs 1, no --link")
+    if plot is not None:
+        lab_bench.require_matplotlib()
+    total = runs * len(mode_list)
+    done = 0
+
+    def on_start(mode: lab_bench.Mode, run: int) -> None:
+        typer.echo(f"[{done + 1}/{total}] run {run}: {mode.name} ...", err=True)
+
+    def on_result(result: lab_bench.RunResult) -> None:
+        nonlocal done
+        done += 1
+        took = f"{result.seconds:.2f} s" if result.seconds else "failed"
+        ram_ok = {True: "RAM identical", False: "RAM MISMATCH", None: "RAM not compared"}[
+            result.ram_matched
+        ]
+        error = f" ({result.error})" if result.error else ""
+        typer.echo(f"    {result.mode}: {took}, {ram_ok}{error}", err=True)
+
+    async def main(stop: asyncio.Event) -> int:
+        running = asyncio.ensure_future(
+            lab_bench.run_bench(
+                mode_list,
+                ram_bytes,
+                runs,
+                on_result=on_result,
+                on_start=on_start,
+                link_rate=link,
+                given_qmp=given,
+            )
+        )
+        interrupted = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((running, interrupted), return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        if not running.done():
+            # Ctrl-C: the bench's VMs, relays and namespaces are torn down on the way out.
+            running.cancel()
+            await asyncio.gather(running, interrupted, return_exceptions=True)
+            return EXIT_INTERRUPTED
+        await asyncio.gather(interrupted, return_exceptions=True)
+        report = running.result()
+        typer.echo(lab_bench.format_table(report))
+        if json_file is not None:
+            lab_bench.write_json(report, json_file)
+        if plot is not None:
+            lab_bench.plot_report(report, plot)
+        return EXIT_FAILURE if lab_bench.any_failed(report) else EXIT_OK
+
+    # asyncio: the bench measures the relays as subprocesses; its own loop is not timed.
+    run_command(main, loop="asyncio")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,148 @@
+"""``serve --qmp/--qmp-dir``: prepare destination QEMU when a migration arrives.
+
+`prepare_hook` gives `migrelay.aio.server` the hook it awaits before a session's first
+channel connects: it maps the session's name to a QMP socket and runs `prepare_target`,
+which issues ``migrate-incoming`` with the capabilities the source announced in the
+handshake (or ``migrate-recover`` for a paused postcopy migration).
+
+A failure becomes a `Refusal` with a fixed reason for the peer (an authenticated client
+of one target must not learn paths, versions or QEMU's messages from the host); the
+underlying error goes to the server's log as the refusal's detail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from migrelay.aio.server import PrepareTarget
+from migrelay.control.commands import (
+    MIGRATION_HEADER,
+    parse_announcement,
+    recover_incoming,
+    vm_name,
+)
+from migrelay.control.migration import check_prepared_for, prepare_incoming
+from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus
+from migrelay.errors import (
+    CapabilityMismatchError,
+    ConnectError,
+    MigrationError,
+    Refusal,
+    StateError,
+    UnsupportedError,
+)
+
+__all__ = ["prepare_hook", "prepare_target", "refusal_for"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a client is told to wait before it retries a destination that could not be
+#: prepared (QEMU still starting, its monitor busy with another client).
+PREPARE_RETRY_AFTER_S = "5"
+
+
+async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]) -> MigrationInfo:
+    """``serve --qmp``: make the destination listen on ``target`` as the source announced.
+
+    A destination already listening on exactly ``unix:TARGET`` is left as it is (an
+    operator who also ran ``incoming``); one whose postcopy migration is paused (the
+    link failed) gets ``migrate-recover`` instead, since this session is the source
+    resuming; anything else already set up is an error.
+
+    Args:
+        qmp_path: the destination's QMP socket.
+        target: the unix socket the server will connect the channels to.
+        headers: the handshake's request headers, names in lower case.
+
+    Raises:
+        ValueError: the `MIGRATION_HEADER` is malformed.
+        ConnectError, StateError, MigrationError: as `incoming`.
+    """
+    announced = headers.get(MIGRATION_HEADER.lower())
+    options = parse_announcement(announced)
+    uri = f"unix:{target}"
+    async with QMP(vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        current = await qmp.query_migrate()
+        if uri in current.socket_addresses and current.status is MigrationStatus.NONE:
+            if announced is not None:  # a plain `connect` announces nothing to compare
+                await check_prepared_for(qmp, options)
+            logger.info("%s: already listening on %s", qmp.name, uri)
+            return current
+        if current.status is MigrationStatus.POSTCOPY_PAUSED:
+            return await recover_incoming(qmp, uri)
+        if current.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+            # The source resumes before this side noticed the old link die (its own
+            # liveness timeout): refuse now, the source retries (RESUME_RETRY_S).
+            raise MigrationError(
+                f"incoming migration still {current.status}; not yet paused to recover"
+            )
+        return await prepare_incoming(qmp, uri, options)
+
+
+def refusal_for(error: Exception) -> Refusal:
+    """The refusal a client gets when its destination cannot be prepared.
+
+    The reason is fixed text per kind of failure; ``str(error)`` goes only to the log.
+    """
+    detail = str(error) or type(error).__name__
+    if isinstance(error, ValueError):
+        return Refusal(400, f"invalid {MIGRATION_HEADER} header", detail=detail)
+    if isinstance(error, CapabilityMismatchError):
+        return Refusal(
+            409,
+            "destination vm not ready: it was prepared with other capabilities than the"
+            " source announced; prepare it with the same --multifd and --postcopy as migrate",
+            detail=detail,
+        )
+    if isinstance(error, StateError):
+        return Refusal(
+            409,
+            "destination vm not ready: it is not waiting for this migration (start it with"
+            " -incoming defer, and prepare it once)",
+            detail=detail,
+        )
+    if isinstance(error, UnsupportedError):
+        return Refusal(
+            409,
+            "destination qemu cannot: it lacks a capability the source announced",
+            detail=detail,
+        )
+    return Refusal(
+        503,
+        "destination qemu not prepared",
+        (("Retry-After", PREPARE_RETRY_AFTER_S),),
+        detail=detail,
+    )
+
+
+def prepare_hook(qmp: Path | None, qmp_dir: Path | None) -> PrepareTarget | None:
+    """The server's hook for ``serve --qmp PATH`` (path ``/``) and ``--qmp-dir DIR``.
+
+    ``/NAME`` maps to ``DIR/NAME.qmp``; a path without a QMP socket is left to the
+    operator's own ``incoming``. None when neither option is given.
+    """
+    if qmp is None and qmp_dir is None:
+        return None
+
+    async def prepare(name: str, target: Path, headers: Mapping[str, str]) -> None:
+        path = qmp if name == "/" else None
+        if name != "/" and qmp_dir is not None:
+            path = qmp_dir / f"{name}.qmp"
+        if path is None:
+            return  # this path has no QMP socket: the operator runs `incoming` there
+        try:
+            await prepare_target(str(path), target, headers)
+        except (
+            ValueError,
+            StateError,
+            UnsupportedError,
+            ConnectError,
+            MigrationError,
+            TimeoutError,
+        ) as exc:
+            raise refusal_for(exc) from None
+
+    return prepare
