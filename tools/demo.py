@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from migrelay.control.migrate import wait_destination_completed
+from migrelay.control.migration import wait_destination_completed
 from migrelay.control.qmp import QMP
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB, parse_size

@@ -1,11 +1,11 @@
-"""The ``Migrelay-Migration`` handshake header (`migrelay.control.operations`)."""
+"""The ``Migrelay-Migration`` handshake header (`migrelay.control.commands`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from migrelay.control.migrate import MigrationOptions
-from migrelay.control.operations import announcement, parse_announcement
+from migrelay.control.commands import announcement, parse_announcement
+from migrelay.control.migration import MigrationOptions
 
 
 @pytest.mark.parametrize(
