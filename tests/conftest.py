@@ -4,6 +4,7 @@
 * :func:`run` and the ``run_async`` fixture run a coroutine on that loop and fail the
   test on anything the loop reported to its exception handler, and on tasks the test
   left running (uvloop ``_testbase`` and websockets' test cases do the same).
+* ``logs``: pytest's ``caplog`` at INFO for the ``migrelay`` loggers.
 * ``sock_dir``: a short directory under ``/tmp`` for unix sockets (``sun_path`` holds
   107 bytes; pytest's ``tmp_path`` is often longer than that) and the test's other
   files; the control and e2e tests use it too.
@@ -23,6 +24,7 @@ one scaled millisecond.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -149,6 +151,19 @@ def run_async(loop_impl: LoopName) -> AsyncRunner:
         return run(coro, loop_impl)
 
     return run_on_loop
+
+
+# -- logs -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def logs(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> pytest.LogCaptureFixture:
+    """caplog at INFO for migrelay's loggers (even if a CLI test turned propagation off)."""
+    monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="migrelay")
+    return caplog
 
 
 # -- unix socket directory -------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -37,3 +38,14 @@ def short_temp_dir(parent: str = "/tmp") -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def random_chunks(seed: int, total: int, largest: int) -> Iterator[bytes]:
+    """``total`` non-repeating bytes in chunks of 1 to ``largest`` bytes, the same for the
+    same ``seed``, so that reads and frames split anywhere."""
+    rng = random.Random(seed)
+    left = total
+    while left:
+        size = min(left, rng.randint(1, largest))
+        left -= size
+        yield rng.randbytes(size)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import random
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests import helpers
+from tests.helpers import random_chunks
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -37,17 +37,8 @@ MESSAGE_LIMIT = 1 << 20  # DESIGN.md §3: the default largest message
 SUBPROTOCOL = Subprotocol("migrelay.v1")
 
 
-def random_chunks(seed: int, total: int, largest: int = MESSAGE_LIMIT) -> Iterator[bytes]:
-    rng = random.Random(seed)
-    left = total
-    while left:
-        size = min(left, rng.randint(1, largest))
-        left -= size
-        yield rng.randbytes(size)
-
-
 def digest_of(seed: int, total: int) -> bytes:
-    return hashlib.sha256(b"".join(random_chunks(seed, total))).digest()
+    return hashlib.sha256(b"".join(random_chunks(seed, total, MESSAGE_LIMIT))).digest()
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
@@ -70,7 +61,7 @@ class Destination:
             count += len(chunk)
         self.received.append((count, digest.digest()))
         # The reply goes out only after EOF: the WebSocket must still be open for it.
-        for chunk in random_chunks(self.reply_seed, self.reply_bytes):
+        for chunk in random_chunks(self.reply_seed, self.reply_bytes, MESSAGE_LIMIT):
             writer.write(chunk)
             await writer.drain()
         writer.close()
@@ -121,7 +112,7 @@ def test_websockets_client_binary_messages_reach_destination_and_replies_come_ba
         async with serve_relay(sock_dir, destination) as url:
             async with ws_connect(url, subprotocols=[SUBPROTOCOL], compression=None) as ws:
                 assert ws.subprotocol == "migrelay.v1"
-                for chunk in random_chunks(1, sent_bytes):
+                for chunk in random_chunks(1, sent_bytes, MESSAGE_LIMIT):
                     await ws.send(chunk)
                 await ws.send(b"")  # end of this direction
                 count, digest, messages = await asyncio.wait_for(
@@ -204,7 +195,7 @@ def test_websockets_server_behind_connect_gets_source_bytes_and_its_replies_arri
         seen["channel"] = ws.request.headers.get("Migrelay-Channel")
         seen["extensions"] = ws.request.headers.get("Sec-WebSocket-Extensions")
         seen["received"] = await receive_until_empty_message(ws)
-        for chunk in random_chunks(6, reply_bytes):
+        for chunk in random_chunks(6, reply_bytes, MESSAGE_LIMIT):
             await ws.send(chunk)
         await ws.send(b"")
         # migrelay closes (1000) once both directions ended.
@@ -222,7 +213,7 @@ def test_websockets_server_behind_connect_gets_source_bytes_and_its_replies_arri
             reader, writer = await asyncio.open_unix_connection(str(src))
 
             async def send() -> None:
-                for chunk in random_chunks(5, sent_bytes):
+                for chunk in random_chunks(5, sent_bytes, MESSAGE_LIMIT):
                     writer.write(chunk)
                     await writer.drain()
                 writer.write_eof()

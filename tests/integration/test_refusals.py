@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -212,13 +211,6 @@ async def assert_still_serves(served: Served) -> None:
     )
     transport.abort()
     await wait_until(lambda: not served.server.channels, "the channel to close")
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="migrelay")
-    return caplog
 
 
 # -- the refusal table ----------------------------------------------------------------

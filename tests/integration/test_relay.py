@@ -19,14 +19,14 @@ import random
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from tests import helpers
-from tests.helpers import wait_until
+from tests.helpers import random_chunks, wait_until
 
 from migrelay.aio.client import ClientConfig, SourceRelay, open_websocket
 from migrelay.aio.server import RelayServer, ServerConfig
@@ -54,20 +54,10 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # -- helpers --------------------------------------------------------------------------
 
 
-def random_chunks(seed: int, total: int, largest: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Non-repeating data in chunks of random size, so reads and frames split anywhere."""
-    rng = random.Random(seed)
-    left = total
-    while left:
-        size = min(left, rng.randint(1, largest))
-        left -= size
-        yield rng.randbytes(size)
-
-
 async def send_all(writer: asyncio.StreamWriter, seed: int, total: int) -> bytes:
     """Write ``total`` random bytes, then EOF; return their sha256."""
     digest = hashlib.sha256()
-    for chunk in random_chunks(seed, total):
+    for chunk in random_chunks(seed, total, CHUNK_BYTES):
         digest.update(chunk)
         writer.write(chunk)
         await writer.drain()
@@ -193,14 +183,6 @@ def channel_close_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-@pytest.fixture
-def relay_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """caplog at INFO for migrelay (even if a CLI test turned propagation off)."""
-    monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="migrelay")
-    return caplog
-
-
 # -- data integrity and half-close ---------------------------------------------------
 
 
@@ -233,7 +215,7 @@ def test_64_mib_each_way_at_once_arrive_intact(run_async: Run, sock_dir: Path) -
 
 
 def test_source_eof_reaches_destination_while_reply_keeps_flowing(
-    run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     reply_bytes = 8 << 20
     events: list[str] = []
@@ -245,7 +227,7 @@ def test_source_eof_reaches_destination_while_reply_keeps_flowing(
         request = await reader.read()  # returns at EOF only
         events.append(f"dest got {request!r} then EOF")
         assert reader.at_eof()
-        for chunk in random_chunks(3, reply_bytes):
+        for chunk in random_chunks(3, reply_bytes, CHUNK_BYTES):
             writer.write(chunk)
             await writer.drain()
         writer.write(b" reply")
@@ -262,7 +244,7 @@ def test_source_eof_reaches_destination_while_reply_keeps_flowing(
             writer.write(b"request")
             writer.write_eof()
             back = await asyncio.wait_for(reader.read(), TRANSFER_SECONDS)
-            expected = b"".join(random_chunks(3, reply_bytes)) + b" reply"
+            expected = b"".join(random_chunks(3, reply_bytes, CHUNK_BYTES)) + b" reply"
             assert back == expected
             assert reader.at_eof()
             writer.close()
@@ -271,7 +253,7 @@ def test_source_eof_reaches_destination_while_reply_keeps_flowing(
             assert events == ["dest got b'request' then EOF", "dest sent reply and EOF"]
             assert r.source.all_clean
             assert [channel.clean for channel in r.closed] == [True]
-            lines = channel_close_lines(relay_log)
+            lines = channel_close_lines(logs)
             assert len(lines) == 2, lines  # one per relay
             assert all("completed" in line and "1000 normal" in line for line in lines), lines
 
@@ -448,7 +430,7 @@ def test_destination_socket_never_created_is_503_with_retry_after_at_the_deadlin
 
 
 def test_source_peer_is_closed_when_destination_never_appears(
-    run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     wait = 0.3
 
@@ -462,7 +444,7 @@ def test_source_peer_is_closed_when_destination_never_appears(
             writer.close()
             await asyncio.wait_for(r.source.finished.wait(), PROMPT_SECONDS)
             assert not r.source.all_clean
-        errors = [rec.getMessage() for rec in relay_log.records if rec.levelno >= logging.ERROR]
+        errors = [rec.getMessage() for rec in logs.records if rec.levelno >= logging.ERROR]
         assert len(errors) == 1 and "503" in errors[0], errors
 
     run_async(main())
@@ -472,7 +454,7 @@ def test_source_peer_is_closed_when_destination_never_appears(
 
 
 def test_destination_closing_mid_stream_closes_source_peer_promptly(
-    run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     closed_at: list[float] = []
 
@@ -496,7 +478,7 @@ def test_destination_closing_mid_stream_closes_source_peer_promptly(
             assert len(closed_at) == 1
             assert seen_at - closed_at[0] < PROMPT_SECONDS
             assert not r.source.all_clean
-            lines = channel_close_lines(relay_log)
+            lines = channel_close_lines(logs)
             assert len(lines) == 2, lines
             # Each relay names the cause: its own unix side, or the peer's close code.
             assert any("destination closed" in line for line in lines), lines
@@ -506,7 +488,7 @@ def test_destination_closing_mid_stream_closes_source_peer_promptly(
 
 
 def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_closes(
-    run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     # Destination QEMU writes its last words on the return path (an error, a postcopy
     # page request) and dies at once: the source must get every byte, then the end.
@@ -536,14 +518,14 @@ def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_c
             await r.wait_all_closed()
             await dest.close()
             assert not r.source.all_clean
-            lines = channel_close_lines(relay_log)
+            lines = channel_close_lines(logs)
             assert any("destination closed" in line for line in lines), lines
 
     run_async(main())
 
 
 def test_websocket_dropped_closes_both_unix_peers_promptly(
-    run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     dest_done: list[float] = []
 
@@ -573,7 +555,7 @@ def test_websocket_dropped_closes_both_unix_peers_promptly(
             await dest.close()
             assert len(dest_done) == 1 and dest_done[0] - dropped_at < PROMPT_SECONDS
             assert not r.source.all_clean
-            lines = channel_close_lines(relay_log)
+            lines = channel_close_lines(logs)
             assert len(lines) == 2, lines
             assert all("websocket" in line for line in lines), lines
 
@@ -590,7 +572,7 @@ TIMER_SLACK = 0.05
 
 
 def test_peer_silent_after_handshake_is_closed_after_ping_interval_plus_timeout(
-    run_async: Run, sock_dir: Path, relay_log: pytest.LogCaptureFixture
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
         silence = asyncio.Event()
@@ -633,7 +615,7 @@ def test_peer_silent_after_handshake_is_closed_after_ping_interval_plus_timeout(
             await asyncio.wait_for(server.wait_closed(), PROMPT_SECONDS)
         limit = PING_INTERVAL + PING_TIMEOUT
         assert limit - TIMER_SLACK <= elapsed < limit + PROMPT_SECONDS / 2
-        lines = channel_close_lines(relay_log)
+        lines = channel_close_lines(logs)
         assert len(lines) == 1 and "liveness timeout" in lines[0], lines
 
     run_async(main())
@@ -643,7 +625,7 @@ def test_stopped_serve_process_is_detected_by_liveness_and_source_peer_closed(
     run_async: Run,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
-    relay_log: pytest.LogCaptureFixture,
+    logs: pytest.LogCaptureFixture,
 ) -> None:
     dest_path = sock_dir / "dest.sock"
 
@@ -687,7 +669,7 @@ def test_stopped_serve_process_is_detected_by_liveness_and_source_peer_closed(
         # the last byte from the peer.
         assert elapsed >= PING_INTERVAL + PING_TIMEOUT - TIMER_SLACK
         assert elapsed < 2 * PING_INTERVAL + PING_TIMEOUT + PROMPT_SECONDS / 2
-        lines = channel_close_lines(relay_log)
+        lines = channel_close_lines(logs)
         assert len(lines) == 1 and "liveness timeout" in lines[0], lines
 
     run_async(main())
