@@ -4,16 +4,9 @@ Each function opens its own QMP connection to one VM, does one job and closes it
 a QEMU monitor serves one client at a time, so a command that kept it open would lock
 out the next one (``status`` while ``migrate --no-wait`` runs, the test's own checks).
 
-The source announces its capabilities to ``serve --qmp`` in the WebSocket handshake, so
-that the destination is prepared to match without an ``incoming`` step::
-
-    Migrelay-Migration: multifd=4,postcopy=0
-
-``multifd=N`` is the number of multifd channels (0: multifd off); ``postcopy`` is 0 or 1.
-Both keys are always sent by ``migrate --to``. A handshake without the header (plain
-``migrelay connect``, any other WebSocket client) gets the defaults: one channel, no
-postcopy. An unknown key is refused rather than ignored: a capability the destination
-did not set makes QEMU hang or fail mid-migration, long after the handshake.
+``migrate --to`` announces its capabilities in the WebSocket handshake
+(``Migrelay-Migration``, `migrelay.core.headers`), so that ``serve --qmp-dir`` prepares
+the destination to match without an ``incoming`` step (`migrelay.control.destination`).
 """
 
 from __future__ import annotations
@@ -40,6 +33,11 @@ from migrelay.control.migration import (
     start_migration,
 )
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
+from migrelay.core.headers import (
+    MIGRATION_HEADER,
+    format_migration_header,
+    parse_migration_header,
+)
 from migrelay.errors import (
     MigrationCancelledError,
     MigrationError,
@@ -67,50 +65,27 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The handshake header in which the source announces its migration capabilities.
-MIGRATION_HEADER = "Migrelay-Migration"
-
 #: With ``--postcopy``, switch to postcopy once this many passes over RAM have not
 #: converged: pass 1 sends all of RAM, and a guest that still needs a fourth pass dirties
 #: memory about as fast as the link carries it, so precopy may never end.
 POSTCOPY_AFTER_PASSES = 4
 
-#: The longest header value accepted; the real one is about 20 bytes.
-_MAX_ANNOUNCEMENT_CHARS = 200
-
 
 def announcement(options: MigrationOptions) -> str:
-    """The `MIGRATION_HEADER` value for ``options``: ``multifd=4,postcopy=0``."""
-    return f"multifd={options.multifd_channels or 0},postcopy={int(options.postcopy)}"
+    """The `MIGRATION_HEADER` value that announces ``options``: ``multifd=4,postcopy=0``."""
+    return format_migration_header(options.multifd_channels, options.postcopy)
 
 
 def parse_announcement(value: str | None) -> MigrationOptions:
-    """Parse a `MIGRATION_HEADER` value; ``None`` (no header) gives the defaults.
+    """The capabilities a `MIGRATION_HEADER` value announces; None gives the defaults.
 
     Raises:
-        ValueError: the value is malformed, or names a key or value this version does
-            not know; the message says which.
+        ValueError: the value is malformed or names what this version does not know.
     """
-    if value is None:
-        return MigrationOptions()
-    if len(value) > _MAX_ANNOUNCEMENT_CHARS:
-        raise ValueError(f"{MIGRATION_HEADER} longer than {_MAX_ANNOUNCEMENT_CHARS} characters")
-    multifd: int | None = None
-    postcopy = False
-    for item in value.split(","):
-        key, sep, text = (part.strip() for part in item.partition("="))
-        if not sep or not text.isdigit():
-            raise ValueError(f"{MIGRATION_HEADER} item {item.strip()!r} is not key=number")
-        number = int(text)
-        if key == "multifd":
-            multifd = number or None
-        elif key == "postcopy" and number in (0, 1):
-            postcopy = bool(number)
-        elif key == "postcopy":
-            raise ValueError(f"{MIGRATION_HEADER} postcopy must be 0 or 1, not {number}")
-        else:
-            raise ValueError(f"{MIGRATION_HEADER} names unknown capability {key!r}")
-    return MigrationOptions(multifd_channels=multifd, postcopy=postcopy)
+    announced = parse_migration_header(value)
+    return MigrationOptions(
+        multifd_channels=announced.multifd_channels, postcopy=announced.postcopy
+    )
 
 
 async def incoming(
