@@ -1,7 +1,17 @@
-"""Control plane: QEMU's QMP (`qmp`), migration orchestration (`migrate`), test VMs (`vm`).
+"""Control plane: everything migrelay says to QEMU, over QMP.
 
-Only `migrelay.control.qmp` speaks QMP; the CLI and the benchmarks call the functions of
-`migrelay.control.migration` and never spell a QMP command themselves.
+* `qmp`: the only module that spells a QMP command or event (typed wrappers over
+  ``qemu.qmp``: runstates, ``query-migrate`` snapshots, capabilities, parameters);
+* `migration`: the steps of one migration on an open QMP connection (prepare the
+  destination, start the source, follow it, cancel, wait for the destination);
+* `commands`: what each command does (``incoming``, ``migrate``, ``status``,
+  ``cancel``), each on a QMP connection of its own, since a QEMU monitor serves one
+  client at a time; ``migrate --to`` runs the source relay in-process here;
+* `destination`: ``serve --qmp/--qmp-dir``'s hook that prepares destination QEMU when
+  a migration arrives, and the fixed refusal a client gets when it cannot;
+* `progress`: renders ``query-migrate`` snapshots as a bar, lines or JSON.
+
+The CLI calls `commands` and `destination`; the lab (`migrelay.lab`) calls `migration`.
 """
 
 from __future__ import annotations
