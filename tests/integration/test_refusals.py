@@ -314,31 +314,24 @@ def test_oversized_head_is_431_before_the_head_ends(
     run_async(main())
 
 
-def test_slow_handshake_is_408_after_handshake_timeout(
-    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+_REQUEST = upgrade_request()
+#: What a client that never finishes its head sends: each part ``SLOW_GAP`` s apart.
+SLOW_CLIENTS: dict[str, list[bytes]] = {
+    # slowloris: a byte every 20 ms keeps the connection busy, never complete
+    "slow_handshake": [_REQUEST[i : i + 1] for i in range(len(_REQUEST) - 4)],
+    "silent_client": [],
+}
+SLOW_GAP = 0.02
+
+
+@pytest.mark.parametrize("parts", list(SLOW_CLIENTS.values()), ids=list(SLOW_CLIENTS))
+def test_unfinished_head_is_408_after_handshake_timeout(
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture, parts: list[bytes]
 ) -> None:
     async def main() -> None:
         async with serving(sock_dir, logs) as served:
             served.logs.clear()
-            request = upgrade_request()
-            # slowloris: a byte every 20 ms keeps the connection busy, never complete
-            drip = [request[i : i + 1] for i in range(len(request) - 4)]
-            response = await exchange(served.port, *drip, gap=0.02)
-            assert response.status == 408
-            assert HANDSHAKE_TIMEOUT - 0.05 <= response.elapsed < HANDSHAKE_TIMEOUT + 1.0
-            assert len(served.refusal_lines()) == 1
-            await assert_still_serves(served)
-
-    run_async(main())
-
-
-def test_silent_client_is_408_after_handshake_timeout(
-    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
-) -> None:
-    async def main() -> None:
-        async with serving(sock_dir, logs) as served:
-            served.logs.clear()
-            response = await exchange(served.port)
+            response = await exchange(served.port, *parts, gap=SLOW_GAP)
             assert response.status == 408
             assert HANDSHAKE_TIMEOUT - 0.05 <= response.elapsed < HANDSHAKE_TIMEOUT + 1.0
             assert len(served.refusal_lines()) == 1
