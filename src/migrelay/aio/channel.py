@@ -2,21 +2,25 @@
 
 The data path (DESIGN.md §4):
 
-* Each leg reads with ``asyncio.BufferedProtocol`` straight into one preallocated
-  buffer. The unix leg reads at offset :data:`HEADROOM`, so the frame header is written
-  in front of the payload and a frame is one contiguous ``write()``.
+* Each leg reads with ``asyncio.BufferedProtocol`` straight into preallocated buffers
+  (:class:`ReadBuffers`: two per leg, allocated once). The unix leg reads at offset
+  :data:`HEADROOM`, so the frame header is written in front of the payload and a frame
+  is one contiguous ``write()``.
 * OWNERSHIP: ``transport.write(memoryview)`` may keep the view and send it later
   (uvloop queues it). Both transports therefore get a write high-water mark of 0:
   as soon as anything stays queued, ``pause_writing`` fires and the *opposite* leg stops
   reading, so the buffer that was handed over is not refilled; ``resume_writing`` fires
-  when the queue is empty, and reading resumes into the same buffer. That is also the
-  end-to-end backpressure: the kernel's socket buffers absorb bursts, and the relay
-  holds at most one buffer per direction (see :class:`~migrelay.limits.Limits`).
+  when the queue is empty, and reading resumes into the same buffer. An event loop may
+  still deliver one read after ``pause_reading()`` (uvloop was seen to): that read goes
+  into the leg's second buffer. That is also the end-to-end backpressure: the kernel's
+  socket buffers absorb bursts, and the relay holds at most two buffers per direction
+  (see :class:`~migrelay.limits.Limits`).
 * Masking and unmasking run in place (C speedup).
 
-Endings: each direction ends with a zero-length message (half-close); when either side
-fails, what was already written is flushed and the other side is closed, so both QEMUs
-see the failure at once. One INFO line per channel tells how it ended.
+The channel only moves bytes. What a channel does when either side ends, fails or goes
+quiet, and whether it ended cleanly, is decided by its sans-IO
+:class:`~migrelay.core.session.RelaySession`; the channel tells it what happened and
+does what it answers. One INFO line per channel tells how it ended.
 """
 
 from __future__ import annotations
@@ -29,17 +33,28 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
-from ..core.events import (
-    CloseReceived,
-    EndOfStream,
-    Payload,
-    PongReceived,
-    ProtocolViolation,
+from ..core.events import EndOfStream, Payload
+from ..core.frames import MAX_HEADER_BYTES
+from ..core.session import (
+    ChannelOutcome,
+    Liveness,
+    LocalLoss,
+    RelaySession,
+    describe_close,
 )
-from ..core.frames import MAX_HEADER_BYTES, CloseCode
-from ..core.session import RelaySession, Role, SessionState
 from ..limits import Limits
 from ..units import format_bytes
+
+__all__ = [
+    "HEADROOM",
+    "UNIX_SNDBUF_BYTES",
+    "Channel",
+    "ReadBuffers",
+    "UnixLeg",
+    "WebSocketLeg",
+    "describe_close",
+    "pause_on_any_queued_byte",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,29 +62,6 @@ logger = logging.getLogger(__name__)
 HEADROOM: Final = MAX_HEADER_BYTES
 #: SO_SNDBUF asked for on unix legs (Linux doubles it, capped by net.core.wmem_max).
 UNIX_SNDBUF_BYTES: Final = 2 << 20
-
-_CLOSE_REASONS: Final[dict[int, str]] = {
-    CloseCode.NORMAL: "normal",
-    CloseCode.GOING_AWAY: "going away",
-    CloseCode.PROTOCOL_ERROR: "protocol error",
-    CloseCode.UNSUPPORTED_DATA: "text message",
-    CloseCode.NO_STATUS_RCVD: "no status",
-    CloseCode.INVALID_DATA: "invalid data",
-    CloseCode.POLICY_VIOLATION: "policy violation",
-    CloseCode.MESSAGE_TOO_BIG: "message too big",
-    CloseCode.INTERNAL_ERROR: "internal error",
-    CloseCode.DESTINATION_CLOSED: "destination closed",
-    CloseCode.DESTINATION_UNREACHABLE: "destination unreachable",
-    CloseCode.IDLE_TIMEOUT: "liveness timeout",
-    CloseCode.SOURCE_CLOSED: "source closed",
-    CloseCode.SHUTDOWN: "relay shut down",
-}
-
-
-def describe_close(code: int) -> str:
-    """Return ``"1000 normal"`` style text for a close code."""
-    name = _CLOSE_REASONS.get(code)
-    return f"{code} {name}" if name else str(code)
 
 
 def pause_on_any_queued_byte(transport: asyncio.WriteTransport) -> None:
@@ -86,13 +78,64 @@ def pause_on_any_queued_byte(transport: asyncio.WriteTransport) -> None:
     transport.set_write_buffer_limits(high=high, low=0)
 
 
+class ReadBuffers:
+    """The two read buffers of one leg, allocated once and used in turn.
+
+    OWNERSHIP: a buffer whose bytes were handed to the opposite transport's
+    ``write()`` while that transport kept something queued is *held* until the
+    transport has drained (``resume_writing``, then :meth:`release`). Reads go into the
+    current buffer while it is free (warm in the cache), into the other one while it
+    is held. Both held means the loop read twice after ``pause_reading()``; refilling
+    either would corrupt the stream, and a third buffer would break the memory bound
+    of :class:`~migrelay.limits.Limits`, so that read fails the connection instead.
+
+    Args:
+        headroom: bytes kept free in front of each read (room for a frame header).
+        read_bytes: bytes per read.
+    """
+
+    __slots__ = ("_held", "current", "read_views", "views")
+
+    def __init__(self, headroom: int, read_bytes: int) -> None:
+        #: The whole buffers, header room included.
+        self.views: Final = (
+            memoryview(bytearray(headroom + read_bytes)),
+            memoryview(bytearray(headroom + read_bytes)),
+        )
+        #: The part of each buffer a read fills.
+        self.read_views: Final = (self.views[0][headroom:], self.views[1][headroom:])
+        #: Index of the buffer the last read went into.
+        self.current = 0
+        self._held = [False, False]
+
+    def next_read(self) -> memoryview:
+        """Return where the next read goes: the current buffer unless it is held.
+
+        Raises:
+            RuntimeError: both buffers are held (see the class docstring).
+        """
+        index = self.current
+        if self._held[index]:
+            index ^= 1
+            if self._held[index]:
+                raise RuntimeError("read after pause_reading() with both buffers in use")
+            self.current = index
+        return self.read_views[index]
+
+    def hold_current(self) -> None:
+        """The current buffer's bytes are queued in the opposite transport."""
+        self._held[self.current] = True
+
+    def release(self) -> None:
+        """The opposite transport's queue is empty: both buffers are free again."""
+        self._held[0] = self._held[1] = False
+
+
 class UnixLeg(asyncio.BufferedProtocol):
-    """The QEMU side of a channel: reads into the buffer after the header room."""
+    """The QEMU side of a channel: reads into its buffers after the header room."""
 
     def __init__(self, read_bytes: int) -> None:
-        self.buffer = bytearray(HEADROOM + read_bytes)
-        self._view = memoryview(self.buffer)
-        self._read_view = self._view[HEADROOM:]
+        self.buffers = ReadBuffers(HEADROOM, read_bytes)
         self.transport: asyncio.Transport | None = None
         self.channel: Channel | None = None
         #: What happened before a channel was attached (source relay: QEMU may connect
@@ -121,22 +164,21 @@ class UnixLeg(asyncio.BufferedProtocol):
             stream.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        channel = self.channel
-        if channel is not None and channel.ws_write_busy:
-            # OWNERSHIP: the buffer is still queued in the WebSocket transport. Only a
-            # loop that reads after pause_reading() gets here; give it a spare buffer.
-            spare = memoryview(bytearray(HEADROOM + len(self._read_view)))
-            self._view, self._read_view = spare, spare[HEADROOM:]
-            self.buffer = spare.obj  # type: ignore[assignment]
-        return self._read_view
+        return self.buffers.next_read()
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.channel is None:
-            self.early_data += self._read_view[:nbytes]
+        buffers = self.buffers
+        channel = self.channel
+        if channel is None:
+            # Copied: a pre-channel read is kept until start() replays it.
+            self.early_data += buffers.read_views[buffers.current][:nbytes]
             assert self.transport is not None
             self.transport.pause_reading()
             return
-        self.channel.unix_data(self._view, nbytes)
+        channel.unix_data(buffers.views[buffers.current], nbytes)
+        if channel.ws_write_busy:
+            # OWNERSHIP: the frame is (or may be) queued in the WebSocket transport.
+            buffers.hold_current()
 
     def eof_received(self) -> bool:
         if self.channel is None:
@@ -166,21 +208,23 @@ class WebSocketLeg(asyncio.BufferedProtocol):
 
     def __init__(self, channel: Channel, read_bytes: int) -> None:
         self.channel = channel
-        self._view = memoryview(bytearray(read_bytes))
+        self.buffers = ReadBuffers(0, read_bytes)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
         # The transport is handed over with set_protocol(); this is never called.
         raise AssertionError("WebSocketLeg is attached with set_protocol()")
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.channel.unix_write_busy:
-            # OWNERSHIP: payload views of this buffer are still queued in the unix
-            # transport (see UnixLeg.get_buffer).
-            self._view = memoryview(bytearray(len(self._view)))
-        return self._view
+        return self.buffers.next_read()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.channel.ws_data(self._view[:nbytes])
+        buffers = self.buffers
+        channel = self.channel
+        channel.ws_data(buffers.views[buffers.current][:nbytes])
+        if channel.unix_write_busy:
+            # OWNERSHIP: payload views of this buffer are (or may be) queued in the
+            # unix transport.
+            buffers.hold_current()
 
     def eof_received(self) -> bool:
         self.channel.ws_eof()
@@ -232,19 +276,17 @@ class Channel:
         #: Payload bytes relayed unix → WebSocket and WebSocket → unix.
         self.bytes_sent = 0
         self.bytes_rcvd = 0
+        #: Whether the WebSocket / unix transport keeps written bytes queued (OWNERSHIP).
         self.ws_write_busy = False
         self.unix_write_busy = False
         self._unix_reading_paused = False
         self._ws_reading_paused = False
         self._unix_closed = False
-        self._unix_error: Exception | None = None
         self._ws_closed = False
         self._finished = False
-        self.end_reason: str | None = None
         self.closed = asyncio.Event()
+        #: Every byte the WebSocket delivered: the liveness check's evidence.
         self._ws_rcvd_total = 0
-        self._liveness_mark = 0
-        self._ping_outstanding = False
         self._timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self.debug = self.log.isEnabledFor(logging.DEBUG)
@@ -265,7 +307,7 @@ class Channel:
         early = unix.early_data
         for offset in range(0, len(early), self.limits.read_bytes):
             chunk = early[offset : offset + self.limits.read_bytes]
-            # OWNERSHIP: a fresh buffer per chunk, never reused.
+            # OWNERSHIP: a fresh buffer per chunk, never reused (once, not per read).
             buffer = memoryview(bytearray(HEADROOM) + chunk)
             self.unix_data(buffer, len(chunk))
         early.clear()
@@ -281,8 +323,8 @@ class Channel:
 
     def unix_data(self, view: memoryview, nbytes: int) -> None:
         session = self.session
-        if session.local_ended or session.close_sent is not None or self._ws_closed:
-            return  # the WebSocket is closing; QEMU's late bytes have nowhere to go
+        if not session.accepts_local_data:
+            return  # QEMU's late bytes after our end: nowhere to go (accepts_local_data)
         start = session.frame_data(view, HEADROOM, nbytes)
         self.bytes_sent += nbytes
         self.ws_transport.write(view[start : HEADROOM + nbytes])
@@ -290,38 +332,17 @@ class Channel:
     def unix_eof(self) -> None:
         if self.debug:
             self.log.debug("x %s: unix side sent EOF", self.name)
-        self.session.send_end_of_stream()
+        self.session.local_eof()
         self._flush_control()
 
     def unix_lost(self, exc: Exception | None) -> None:
         self._unix_closed = True
-        self._unix_error = exc
-        session = self.session
-        if session.state is SessionState.OPEN and not (
-            session.local_ended and session.remote_ended
-        ):
-            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
-                # QEMU closed its socket, perhaps with bytes still unread: QEMU 7.2's
-                # destination does that to multifd channels at the end of a migration
-                # that completed. Like EOF, this ends QEMU's direction; whatever the
-                # peer sends after it cannot be delivered and fails the channel (see
-                # _undeliverable), which is what QEMU over direct TCP would see.
-                if self.debug:
-                    self.log.debug("x %s: unix side closed: %s", self.name, exc)
-                self.session.send_end_of_stream()
-                self._flush_control()
-            else:
-                # QEMU went away before the channel finished: tell the peer, which
-                # closes its own unix side, so both QEMUs see it.
-                self._set_reason(f"unix side closed ({exc or 'QEMU'})")
-                session.send_close(self._unix_close_code(), "")
-                self._flush_control()
+        loss = self.session.local_lost(exc)
+        if loss is LocalLoss.END_OF_STREAM and self.debug:
+            self.log.debug("x %s: unix side closed: %s", self.name, exc)
+        if loss is not LocalLoss.NOTHING:
+            self._flush_control()
         self._maybe_finish()
-
-    def _unix_close_code(self) -> CloseCode:
-        if self.session.role is Role.SERVER:
-            return CloseCode.DESTINATION_CLOSED
-        return CloseCode.SOURCE_CLOSED
 
     def pause_unix_reading(self) -> None:
         self.ws_write_busy = True
@@ -332,6 +353,7 @@ class Channel:
 
     def resume_unix_reading(self) -> None:
         self.ws_write_busy = False
+        self.unix.buffers.release()
         if self._unix_reading_paused:
             self._unix_reading_paused = False
             if not self._unix_closed and self.unix.transport is not None:
@@ -346,7 +368,7 @@ class Channel:
         for event in session.receive_data(view):
             if isinstance(event, Payload):
                 if self._unix_closed or unix_transport is None or unix_transport.is_closing():
-                    self._undeliverable()
+                    session.local_undeliverable()
                     break
                 self.bytes_rcvd += len(event.data)
                 unix_transport.write(event.data)
@@ -359,21 +381,9 @@ class Channel:
                     and unix_transport.can_write_eof()
                 ):
                     unix_transport.write_eof()
-            elif isinstance(event, PongReceived):
-                self._ping_outstanding = False
-            elif isinstance(event, CloseReceived):
-                if event.code != CloseCode.NORMAL or not session.local_ended:
-                    self._set_reason(f"peer closed with {describe_close(event.code)}")
-                self._close_unix()
-            elif isinstance(event, ProtocolViolation):
-                self._set_reason(f"peer broke the protocol: {event.reason}")
-                self._close_unix()
+            # Pongs, Closes and violations: the session took note and queued the answer;
+            # _flush_control sends it and closes the unix side if the session says so.
         self._flush_control()
-
-    def _undeliverable(self) -> None:
-        why = f" ({self._unix_error})" if self._unix_error else ""
-        self._set_reason(f"unix side closed{why} while data was still arriving")
-        self.session.send_close(self._unix_close_code(), "")
 
     def ws_eof(self) -> None:
         if self.debug:
@@ -381,14 +391,7 @@ class Channel:
 
     def ws_lost(self, exc: Exception | None) -> None:
         self._ws_closed = True
-        session = self.session
-        if session.state is not SessionState.CLOSED:
-            self._set_reason(
-                f"websocket connection lost ({exc})"
-                if exc
-                else "websocket closed without a close frame"
-            )
-        session.receive_eof()
+        self.session.receive_eof(exc)
         self._close_unix()
         self._maybe_finish()
 
@@ -400,6 +403,7 @@ class Channel:
 
     def resume_ws_reading(self) -> None:
         self.unix_write_busy = False
+        self._ws_leg.buffers.release()
         if self._ws_reading_paused:
             self._ws_reading_paused = False
             if not self._ws_closed:
@@ -412,22 +416,32 @@ class Channel:
 
         ``reason`` goes to the log; the peer receives only the code.
         """
-        self._set_reason(reason)
+        self.session.record_failure(reason)
         self.session.send_close(code, "")
         self._flush_control()
         self._close_unix()
 
     def abort(self, reason: str) -> None:
         """Drop both connections now, without a close handshake."""
-        self._set_reason(reason)
+        self.session.record_failure(reason)
         if not self._ws_closed:
             self.ws_transport.abort()
         if not self._unix_closed and self.unix.transport is not None:
             self.unix.transport.abort()
 
-    def _set_reason(self, reason: str) -> None:
-        if self.end_reason is None:
-            self.end_reason = reason
+    @property
+    def end_reason(self) -> str | None:
+        """The first failure recorded (the session's), or None."""
+        return self.session.failure
+
+    def outcome(self) -> ChannelOutcome:
+        """How the channel ended (:meth:`RelaySession.outcome`)."""
+        return self.session.outcome()
+
+    @property
+    def clean(self) -> bool:
+        """Whether the channel ended cleanly: the same definition as its log line."""
+        return self.session.outcome().clean
 
     def _close_unix(self) -> None:
         transport = self.unix.transport
@@ -440,8 +454,8 @@ class Channel:
         frames = session.data_to_send()
         if frames and not self._ws_closed:
             self.ws_transport.writelines(frames)
-        if session.state is SessionState.CLOSED or session.close_sent is not None:
-            self._close_unix_after_peer()
+        if session.local_should_close():
+            self._close_unix()
         if session.close_expected() and not self._ws_closed:
             self.ws_transport.close()
         elif session.close_sent is not None and self._close_timer is None and not self._ws_closed:
@@ -450,17 +464,9 @@ class Channel:
                 self.limits.close_timeout, self._close_timed_out
             )
 
-    def _close_unix_after_peer(self) -> None:
-        session = self.session
-        if session.close_rcvd is not None or session.failed:
-            self._close_unix()
-        elif session.close_sent is not None and session.close_sent[0] != CloseCode.NORMAL:
-            # We are failing the channel: stop QEMU's side now.
-            self._close_unix()
-
     def _close_timed_out(self) -> None:
         if not self._ws_closed:
-            self._set_reason(
+            self.session.record_failure(
                 f"peer did not finish the close handshake in {self.limits.close_timeout:g} s"
             )
             self.ws_transport.abort()
@@ -481,40 +487,19 @@ class Channel:
             self._on_closed(self)
 
     def _log_end(self) -> None:
-        session = self.session
+        outcome = self.session.outcome()
         duration = (self.ended or time.monotonic()) - self.started
         rate = (self.bytes_sent + self.bytes_rcvd) / duration if duration > 0 else 0.0
-        code = session.close_rcvd[0] if session.close_rcvd else None
-        if code is None and session.close_sent is not None:
-            code = session.close_sent[0]
-        clean = (
-            session.local_ended
-            and session.remote_ended
-            and code == CloseCode.NORMAL
-            and self.end_reason is None
-        )
-        how = "completed" if clean else (self.end_reason or "closed")
+        code = outcome.close_code
         self.log.info(
             "channel %s closed: %s; sent %s, received %s in %.2f s (%s/s); close code %s",
             self.name,
-            how,
+            outcome.description,
             format_bytes(self.bytes_sent),
             format_bytes(self.bytes_rcvd),
             duration,
             format_bytes(int(rate)),
             describe_close(code) if code is not None else "none",
-        )
-
-    @property
-    def clean(self) -> bool:
-        """Whether the channel ended with both directions complete and a normal close."""
-        session = self.session
-        return (
-            session.local_ended
-            and session.remote_ended
-            and self.end_reason is None
-            and session.close_rcvd is not None
-            and session.close_rcvd[0] == CloseCode.NORMAL
         )
 
     # -- liveness ------------------------------------------------------------------------
@@ -524,28 +509,21 @@ class Channel:
             self._timer = self._loop.call_later(delay, self._liveness_tick)
 
     def _liveness_tick(self) -> None:
-        if self._ws_closed or self.session.state is not SessionState.OPEN:
+        if self._ws_closed:
             return
-        # Only bytes from the peer prove it alive: our own bytes draining into the
-        # kernel's send buffer say nothing about a peer that froze or vanished.
-        mark = self._ws_rcvd_total
-        if mark != self._liveness_mark:
-            self._liveness_mark = mark
-            self._ping_outstanding = False
-            self._arm_liveness(self.limits.ping_interval)
-            return
-        if self._ping_outstanding:
-            self.close(
-                CloseCode.IDLE_TIMEOUT,
-                f"peer silent for {self.limits.ping_interval + self.limits.ping_timeout:g} s "
-                "(liveness timeout)",
-            )
+        limits = self.limits
+        verdict = self.session.check_liveness(
+            self._ws_rcvd_total, silent_seconds=limits.ping_interval + limits.ping_timeout
+        )
+        if verdict is Liveness.ALIVE:
+            self._arm_liveness(limits.ping_interval)
+        elif verdict is Liveness.PING_SENT:
+            if self.debug:
+                self.log.debug("%% %s: ping", self.name)
+            self._flush_control()
+            self._arm_liveness(limits.ping_timeout)
+        elif verdict is Liveness.DEAD:
+            self._flush_control()
+            self._close_unix()
             # A dead peer will not answer the Close either.
             self.abort(self.end_reason or "liveness timeout")
-            return
-        if self.debug:
-            self.log.debug("%% %s: ping", self.name)
-        self._ping_outstanding = True
-        self.session.send_ping(b"migrelay")
-        self._flush_control()
-        self._arm_liveness(self.limits.ping_timeout)
