@@ -11,7 +11,7 @@ import pytest
 from migrelay.control.migration import (
     MigrationOptions,
     Progress,
-    cancel,
+    cancel_outgoing,
     check_prepared_for,
     follow_migration,
     prepare_incoming,
@@ -455,7 +455,7 @@ def test_cancel_waits_for_cancelled(run_async: AsyncRunner, sock_dir: Path) -> N
     fake = FakeQMP(replies={"query-migrate": [{"status": "cancelling"}, {"status": "cancelled"}]})
 
     async def body(qmp: QMP) -> None:
-        info = await cancel(qmp)
+        info = await cancel_outgoing(qmp)
         assert info.status is MigrationStatus.CANCELLED
 
     run_async(against(fake, sock_dir, body))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from migrelay.control.migration import (
     MigrationOptions,
-    cancel,
+    cancel_outgoing,
     follow_migration,
     prepare_incoming,
     start_migration,
@@ -21,10 +22,15 @@ from migrelay.units import MIB, parse_size
 
 from .conftest import VMPairFactory
 
+if TYPE_CHECKING:
+    # A fixture of tests/conftest.py, never imported at run time.
+    from tests.conftest import AsyncRunner
+
 pytestmark = pytest.mark.e2e
 
 
 def test_prepare_incoming_on_a_vm_without_incoming_defer_says_what_to_do(
+    run_async: AsyncRunner,
     vm_pair: VMPairFactory,
 ) -> None:
     async def main() -> None:
@@ -34,10 +40,12 @@ def test_prepare_incoming_on_a_vm_without_incoming_defer_says_what_to_do(
                 await prepare_incoming(qmp, "tcp:127.0.0.1:0", MigrationOptions())
             assert info.value.state is RunState.PRELAUNCH
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_qemu_refusal_text_reaches_the_caller_whole(vm_pair: VMPairFactory) -> None:
+def test_qemu_refusal_text_reaches_the_caller_whole(
+    run_async: AsyncRunner, vm_pair: VMPairFactory
+) -> None:
     async def main() -> None:
         async with vm_pair(32 * MIB) as (src, _dst), QMP(src.name) as qmp:
             await qmp.connect(str(src.qmp_path))
@@ -47,11 +55,11 @@ def test_qemu_refusal_text_reaches_the_caller_whole(vm_pair: VMPairFactory) -> N
                 "Parameter 'multifd_channels' expects a value between 1 and 255"
             )
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_migration_to_a_missing_socket_fails_with_qemus_text(
-    vm_pair: VMPairFactory, sock_dir: Path
+    run_async: AsyncRunner, vm_pair: VMPairFactory, sock_dir: Path
 ) -> None:
     target = sock_dir / "nobody.sock"
 
@@ -66,10 +74,11 @@ def test_migration_to_a_missing_socket_fails_with_qemus_text(
             )
             assert await qmp.query_status() is RunState.PRELAUNCH
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_cancel_stops_a_slow_migration_and_the_source_keeps_its_state(
+    run_async: AsyncRunner,
     vm_pair: VMPairFactory,
 ) -> None:
     # 1 MiB/s for 32 MiB: the migration is certainly still running when cancelled.
@@ -86,14 +95,16 @@ def test_cancel_stops_a_slow_migration_and_the_source_keeps_its_state(
             incoming = await prepare_incoming(dst_qmp, "tcp:127.0.0.1:0", options)
             await start_migration(src_qmp, incoming.socket_addresses[0], options)
             await asyncio.sleep(0.3)
-            info = await cancel(src_qmp)
+            info = await cancel_outgoing(src_qmp)
             assert info.status is MigrationStatus.CANCELLED
             assert await src_qmp.query_status() is RunState.PRELAUNCH
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_vm_that_qemu_refuses_to_start_reports_qemus_stderr(sock_dir: Path) -> None:
+def test_vm_that_qemu_refuses_to_start_reports_qemus_stderr(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
     async def main() -> None:
         vm = DisposableVM(sock_dir, "bad", 32 * MIB, extra_args=("-no-such-option",))
         with pytest.raises(VMError, match="-no-such-option") as info:
@@ -101,10 +112,10 @@ def test_vm_that_qemu_refuses_to_start_reports_qemus_stderr(sock_dir: Path) -> N
         assert info.value.returncode == 1
         assert not vm.running
 
-    asyncio.run(main())
+    run_async(main())
 
 
-def test_terminate_reaps_a_running_vm(sock_dir: Path) -> None:
+def test_terminate_reaps_a_running_vm(run_async: AsyncRunner, sock_dir: Path) -> None:
     async def main() -> None:
         vm = DisposableVM(sock_dir, "solo", 32 * MIB)
         await vm.start()
@@ -114,7 +125,7 @@ def test_terminate_reaps_a_running_vm(sock_dir: Path) -> None:
         assert vm.returncode is not None
         assert await vm.terminate() == vm.returncode  # idempotent
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_first_difference_finds_the_first_differing_byte(sock_dir: Path) -> None:

@@ -26,7 +26,7 @@ from migrelay.control.migration import (
     DEFAULT_STALL_TIMEOUT_S,
     MigrationOptions,
     MigrationResult,
-    cancel,
+    cancel_outgoing,
     follow_migration,
     prepare_incoming,
     sleep_or_stop,
@@ -393,7 +393,7 @@ async def cancel_migration(qmp_path: str) -> tuple[MigrationInfo, RunState]:
                 "migrate_cancel cancels outgoing migrations; stop the destination qemu"
                 " to abandon an incoming one",
             )
-        info = await cancel(qmp)
+        info = await cancel_outgoing(qmp)
         runstate = await qmp.query_status()
         if info.status is MigrationStatus.COMPLETED:
             raise MigrationError(

@@ -47,7 +47,7 @@ __all__ = [
     "PostcopyPausedError",
     "Progress",
     "RunState",
-    "cancel",
+    "cancel_outgoing",
     "check_prepared_for",
     "follow_migration",
     "prepare_incoming",
@@ -416,7 +416,7 @@ async def follow_migration(
     stall = _StallWatch(stall_timeout)
     while True:
         if stop is not None and stop.is_set():
-            info = await cancel(qmp)
+            info = await cancel_outgoing(qmp)
             if on_progress is not None:
                 on_progress(info)
             if info.status is MigrationStatus.COMPLETED:
@@ -599,7 +599,7 @@ async def wait_destination_completed(qmp: QMP, timeout_s: float) -> MigrationInf
         await qmp.next_migration_event(min(remaining, 0.2))
 
 
-async def cancel(qmp: QMP, timeout_s: float = 10.0) -> MigrationInfo:
+async def cancel_outgoing(qmp: QMP, timeout_s: float = 10.0) -> MigrationInfo:
     """Cancel the outgoing migration and wait until QEMU says it has ended.
 
     Args:
