@@ -12,7 +12,14 @@ from migrelay.core.events import (
     ProtocolViolation,
 )
 from migrelay.core.frames import MAX_HEADER_BYTES, CloseCode, FrameParser, Opcode, encode_frame
-from migrelay.core.session import RelaySession, Role, SessionState
+from migrelay.core.session import (
+    ChannelOutcome,
+    Liveness,
+    LocalLoss,
+    RelaySession,
+    Role,
+    SessionState,
+)
 from migrelay.errors import LocalProtocolError
 
 KEY = b"\x01\x02\x03\x04"
@@ -128,3 +135,158 @@ def test_default_mask_keys_differ_between_frames() -> None:
     client = RelaySession(Role.CLIENT)
     keys = {bytes(_frame(client, b"abcd")[2:6]) for _ in range(64)}
     assert len(keys) > 60
+
+
+# -- closing rules: how a channel ends -------------------------------------------------
+
+
+def _closed_cleanly() -> tuple[RelaySession, RelaySession]:
+    client, server = _pair()
+    client.send_end_of_stream()
+    _deliver(client, server)
+    server.send_end_of_stream()
+    _deliver(server, client)
+    _deliver(client, server)
+    return client, server
+
+
+def test_both_ends_and_both_closes_with_1000_is_the_one_clean_outcome() -> None:
+    for session in _closed_cleanly():
+        assert session.outcome() == ChannelOutcome(True, CloseCode.NORMAL, "completed")
+
+
+def test_close_sent_with_1000_but_none_received_is_not_clean() -> None:
+    # Regression: the log line counted a Close *sent* with 1000 as "completed" while
+    # Channel.clean (the source relay's exit code) wanted one *received*.
+    client, server = _pair()
+    client.send_end_of_stream()
+    _deliver(client, server)
+    server.send_end_of_stream()
+    _deliver(server, client)  # the client got EndOfStream and Close and echoed it
+    assert server.close_sent == (CloseCode.NORMAL, "") and server.close_rcvd is None
+    outcome = server.outcome()
+    assert not outcome.clean and outcome.description == "closed"
+    assert outcome.close_code == CloseCode.NORMAL
+    server.receive_eof()  # the client's Close never came: TCP closed instead
+    assert server.outcome() == ChannelOutcome(
+        False, CloseCode.NORMAL, "websocket closed without a close frame"
+    )
+
+
+def test_peer_close_with_1000_before_our_end_is_a_failure() -> None:
+    client, server = _pair()
+    client.send_close(CloseCode.NORMAL)
+    _deliver(client, server)
+    outcome = server.outcome()
+    assert not outcome.clean
+    assert outcome.description == "peer closed with 1000 normal"
+    assert server.local_should_close()
+
+
+def test_a_recorded_failure_makes_a_normal_close_unclean_and_the_first_reason_wins() -> None:
+    _, server = _closed_cleanly()
+    server.record_failure("first")
+    server.record_failure("second")
+    assert server.outcome() == ChannelOutcome(False, CloseCode.NORMAL, "first")
+
+
+def test_violation_is_recorded_with_its_reason() -> None:
+    _, server = _pair()
+    server.receive_data(memoryview(encode_frame(Opcode.TEXT, b"hi", KEY)))
+    assert server.failure == "peer broke the protocol: text message"
+    assert server.local_should_close()
+
+
+@pytest.mark.parametrize(
+    ("role", "code"),
+    [(Role.SERVER, CloseCode.DESTINATION_CLOSED), (Role.CLIENT, CloseCode.SOURCE_CLOSED)],
+)
+def test_local_side_lost_with_an_error_fails_with_the_roles_code(
+    role: Role, code: CloseCode
+) -> None:
+    session = RelaySession(role, mask_key=lambda: KEY)
+    assert session.local_lost(OSError("EIO")) is LocalLoss.FAILURE
+    assert session.close_sent == (code, "")
+    assert session.failure == "unix side closed (EIO)"
+    assert session.local_should_close()
+    assert not session.accepts_local_data
+
+
+def test_local_side_closed_without_error_before_the_end_is_a_failure() -> None:
+    session = RelaySession(Role.SERVER)
+    assert session.local_lost(None) is LocalLoss.FAILURE
+    assert session.failure == "unix side closed (QEMU)"
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(), BrokenPipeError()])
+def test_local_reset_ends_our_direction_like_eof(error: Exception) -> None:
+    client, server = _pair()
+    assert server.local_lost(error) is LocalLoss.END_OF_STREAM
+    assert server.local_ended and server.close_sent is None and server.failure is None
+    assert _deliver(server, client) == [EndOfStream()]
+    # What the peer sends now cannot be delivered: the channel fails with 4000.
+    server.local_undeliverable()
+    assert server.close_sent == (CloseCode.DESTINATION_CLOSED, "")
+    assert server.failure is not None and "while data was still arriving" in server.failure
+
+
+def test_local_side_lost_after_both_ends_changes_nothing() -> None:
+    _, server = _closed_cleanly()
+    assert server.local_lost(OSError("late")) is LocalLoss.NOTHING
+    assert server.outcome().clean
+
+
+def test_local_eof_ends_our_direction() -> None:
+    client, server = _pair()
+    server.local_eof()
+    assert _deliver(server, client) == [EndOfStream()]
+
+
+def test_late_local_data_is_refused_by_one_rule() -> None:
+    for end in ("end_of_stream", "close", "websocket_gone"):
+        session = RelaySession(Role.CLIENT, mask_key=lambda: KEY)
+        assert session.accepts_local_data
+        if end == "end_of_stream":
+            session.local_eof()
+        elif end == "close":
+            session.send_close(CloseCode.SHUTDOWN)
+        else:
+            session.receive_eof()
+        assert not session.accepts_local_data, end
+        with pytest.raises(LocalProtocolError, match="cannot send data"):
+            _frame(session, b"late")
+
+
+def test_local_side_stays_open_while_only_our_normal_close_is_out() -> None:
+    client, _ = _pair()
+    assert not client.local_should_close()
+    client.local_eof()
+    client.send_close(CloseCode.NORMAL)
+    assert not client.local_should_close()  # the peer may still send its last data
+    other, _ = _pair()
+    other.send_close(CloseCode.SHUTDOWN)
+    assert other.local_should_close()  # failing: stop QEMU's side now
+
+
+def test_liveness_pings_a_silent_peer_then_closes_with_4002() -> None:
+    client, server = _pair()
+    assert server.check_liveness(0, silent_seconds=30) is Liveness.PING_SENT
+    assert _deliver(server, client) == [PingReceived(b"migrelay")]
+    assert server.check_liveness(0, silent_seconds=30) is Liveness.DEAD
+    assert server.close_sent == (CloseCode.IDLE_TIMEOUT, "")
+    assert server.failure == "peer silent for 30 s (liveness timeout)"
+    assert server.check_liveness(0, silent_seconds=30) is Liveness.STOP
+
+
+def test_liveness_any_byte_from_the_peer_proves_it_alive() -> None:
+    client, server = _pair()
+    assert server.check_liveness(0, silent_seconds=30) is Liveness.PING_SENT
+    _deliver(server, client)
+    pong = client.data_to_send()
+    received = sum(len(chunk) for chunk in pong)
+    for chunk in pong:
+        server.receive_data(memoryview(bytearray(chunk)))
+    assert server.check_liveness(received, silent_seconds=30) is Liveness.ALIVE
+    assert server.check_liveness(received + 10, silent_seconds=30) is Liveness.ALIVE
+    assert server.check_liveness(received + 10, silent_seconds=30) is Liveness.PING_SENT
+    assert server.failure is None
