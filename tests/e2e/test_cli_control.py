@@ -6,10 +6,10 @@ state) must give one sentence on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,6 +17,10 @@ from migrelay.units import MIB
 
 from .cli_helpers import Command, Commands, check_migrated
 from .conftest import VMPairFactory
+
+if TYPE_CHECKING:
+    # A fixture of tests/conftest.py, never imported at run time.
+    from tests.conftest import AsyncRunner
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +40,9 @@ def assert_one_line_error(command: Command, *fragments: str) -> str:
     return stderr
 
 
-def test_a_dead_qmp_socket_is_one_sentence(sock_dir: Path, commands: Commands) -> None:
+def test_a_dead_qmp_socket_is_one_sentence(
+    run_async: AsyncRunner, sock_dir: Path, commands: Commands
+) -> None:
     # A socket file that nobody listens on any more: what a crashed QEMU leaves behind.
     dead = sock_dir / "dead.qmp"
     with socket.socket(socket.AF_UNIX) as sock:
@@ -52,11 +58,11 @@ def test_a_dead_qmp_socket_is_one_sentence(sock_dir: Path, commands: Commands) -
             command = await commands.run(*args)
             assert_one_line_error(command, f"cannot connect to qmp socket {dead}")
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_incoming_on_a_vm_not_started_with_incoming_defer_says_so(
-    vm_pair: VMPairFactory, commands: Commands
+    run_async: AsyncRunner, vm_pair: VMPairFactory, commands: Commands
 ) -> None:
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (src, _dst):
@@ -65,11 +71,11 @@ def test_incoming_on_a_vm_not_started_with_incoming_defer_says_so(
                 command, "state is prelaunch, but inmigrate is required", "-incoming defer"
             )
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_migrate_from_a_destination_vm_is_refused_before_anything_changes(
-    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
+    run_async: AsyncRunner, vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (_src, dst):
@@ -83,11 +89,11 @@ def test_migrate_from_a_destination_vm_is_refused_before_anything_changes(
             assert document["runstate"] == "inmigrate"
             assert document["status"] == "none"
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_incoming_twice_says_the_vm_already_listens(
-    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
+    run_async: AsyncRunner, vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
     sock = sock_dir / "d.sock"
 
@@ -113,11 +119,11 @@ def test_incoming_twice_says_the_vm_already_listens(
             status = await commands.run("status", "--qmp", str(dst.qmp_path), "--json")
             assert json.loads(status.stdout())["listening"] == [f"unix:{sock}"]
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_migration_to_nowhere_exits_1_with_qemus_text(
-    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
+    run_async: AsyncRunner, vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
     nowhere = sock_dir / "nobody.sock"
 
@@ -137,11 +143,11 @@ def test_migration_to_nowhere_exits_1_with_qemus_text(
                 f"{src.name}: prelaunch, migration failed\n{src.name}: error: {qemu_text}\n"
             )
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_cancel_without_a_migration_is_harmless(
-    vm_pair: VMPairFactory, commands: Commands
+    run_async: AsyncRunner, vm_pair: VMPairFactory, commands: Commands
 ) -> None:
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (src, dst):
@@ -151,11 +157,11 @@ def test_cancel_without_a_migration_is_harmless(
             refused = await commands.run("cancel", "--qmp", str(dst.qmp_path))
             assert_one_line_error(refused, "state is inmigrate")
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_migrate_no_wait_returns_and_status_watch_follows_to_the_end(
-    vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
+    run_async: AsyncRunner, vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
 ) -> None:
     sock = sock_dir / "d.sock"
 
@@ -183,11 +189,11 @@ def test_migrate_no_wait_returns_and_status_watch_follows_to_the_end(
             assert watch.stdout().splitlines()[-1].startswith("completed in ")
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_async(main())
 
 
 def test_bad_flags_are_refused_before_any_vm_is_touched(
-    sock_dir: Path, commands: Commands
+    run_async: AsyncRunner, sock_dir: Path, commands: Commands
 ) -> None:
     qmp = str(sock_dir / "never.qmp")
 
@@ -202,4 +208,4 @@ def test_bad_flags_are_refused_before_any_vm_is_touched(
         assert multifd.popen.returncode == 2  # typer's usage error
         assert "Traceback" not in multifd.stderr()
 
-    asyncio.run(main())
+    run_async(main())
