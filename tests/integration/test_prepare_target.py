@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,18 +96,35 @@ def test_hook_runs_once_per_session_before_the_first_channel_connects(
 
 
 @pytest.mark.parametrize(
-    ("error", "status"),
+    ("error", "status", "reason"),
     [
-        (Refusal(409, "destination vm not ready"), 409),
-        (RuntimeError("qmp socket gone"), 503),
+        (
+            Refusal(409, "destination vm not ready", detail="/secret/vm.qmp"),
+            409,
+            "destination vm not ready",
+        ),
+        (RuntimeError("qmp socket /secret/vm.qmp gone"), 503, "destination not prepared"),
     ],
 )
-def test_a_failing_hook_refuses_the_channel(
-    error: Exception, status: int, sock_dir: Path, run_async: AsyncRunner
+def test_a_failing_hook_refuses_the_channel_without_its_text(
+    error: Exception,
+    status: int,
+    reason: str,
+    sock_dir: Path,
+    run_async: AsyncRunner,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="migrelay")
+
     async def hook(name: str, target: Path, headers: Mapping[str, str]) -> None:
         raise error
 
     results = run_async(_with_server(sock_dir, hook, 1, None))
     assert isinstance(results[0], HandshakeRefused), results
-    assert results[0].status == status
+    assert (results[0].status, results[0].reason) == (status, reason)
+    # The exception's text (a path here) is for the server's log, never for the peer.
+    assert "/secret/vm.qmp" not in results[0].reason
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "/secret/vm.qmp" in refusals[0], refusals
