@@ -29,7 +29,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from migrelay.errors import ConfigError
 
 __all__ = ["ConfigError", "load_section"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from .core.frames import DEFAULT_MAX_MESSAGE_BYTES, MAX_HEADER_BYTES
-from .core.handshake import DEFAULT_MAX_HEAD_BYTES
-from .errors import ConfigError
-from .units import parse_size
+from migrelay.core.frames import DEFAULT_MAX_MESSAGE_BYTES, MAX_HEADER_BYTES
+from migrelay.core.handshake import DEFAULT_MAX_HEAD_BYTES
+from migrelay.errors import ConfigError
+from migrelay.units import parse_size
 
 #: The smallest ``--max-message`` accepted: a frame header is 14 bytes, and messages
 #: much smaller than QEMU's writes would cost a frame per few bytes.

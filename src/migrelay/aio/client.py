@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from ..core.handshake import Accepted, ClientHandshake
-from ..core.headers import channel_headers
-from ..core.session import RelaySession, Role
-from ..errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
-from ..limits import Limits
-from .channel import Channel, UnixLeg
-from .proxy import ProxyURL, open_tunnel
-from .tls import check_peer_fingerprint
+from migrelay.aio.channel import Channel, UnixLeg
+from migrelay.aio.proxy import ProxyURL, open_tunnel
+from migrelay.aio.tls import check_peer_fingerprint
+from migrelay.core.handshake import Accepted, ClientHandshake
+from migrelay.core.headers import channel_headers
+from migrelay.core.session import RelaySession, Role
+from migrelay.errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
+from migrelay.limits import Limits
 
 logger = logging.getLogger(__name__)
 

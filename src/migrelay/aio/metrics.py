@@ -38,7 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from .channel import Channel
+from migrelay.aio.channel import Channel
 
 #: Handshake latency buckets (s): a local upgrade takes ~1 ms, one that waits for the
 #: destination socket up to --wait-target (30 s by default).

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from ..errors import ConnectError
+from migrelay.errors import ConnectError
 
 #: Largest CONNECT response head accepted (a proxy's answer is a few hundred bytes).
 MAX_PROXY_HEAD_BYTES: Final = 16 * 1024

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, cast
 
-from ..core.frames import CloseCode
-from ..core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
-from ..core.headers import CHANNEL_HEADER, SESSION_HEADER, parse_channel, parse_session_id
-from ..core.session import RelaySession, Role
-from ..errors import Refusal, RemoteProtocolError
-from ..limits import Limits
-from . import access
-from .channel import Channel, UnixLeg
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
+from migrelay.aio import access
+from migrelay.aio.channel import Channel, UnixLeg
+from migrelay.aio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
+from migrelay.core.frames import CloseCode
+from migrelay.core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
+from migrelay.core.headers import CHANNEL_HEADER, SESSION_HEADER, parse_channel, parse_session_id
+from migrelay.core.session import RelaySession, Role
+from migrelay.errors import Refusal, RemoteProtocolError
+from migrelay.limits import Limits
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import hmac
 import ssl
 from pathlib import Path
 
-from ..errors import ConnectError
+from migrelay.errors import ConnectError
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:

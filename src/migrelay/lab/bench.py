@@ -31,17 +31,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..control.migration import (
+from migrelay.control.migration import (
     MigrationOptions,
     prepare_incoming,
     start_migration,
     wait_destination_completed,
 )
-from ..control.qmp import QMP
-from ..errors import RelayError
-from ..units import GIB, MIB
-from .netns import LinkedNamespaces
-from .vm import DisposableVM, first_difference
+from migrelay.control.qmp import QMP
+from migrelay.errors import RelayError
+from migrelay.lab.netns import LinkedNamespaces
+from migrelay.lab.vm import DisposableVM, first_difference
+from migrelay.units import GIB, MIB
 
 #: Seconds one migration may take before the run counts as failed.
 RUN_TIMEOUT_S = 600.0

@@ -17,8 +17,8 @@ import subprocess
 from types import TracebackType
 from typing import Final
 
-from ..errors import RelayError
-from ..units import parse_link_rate
+from migrelay.errors import RelayError
+from migrelay.units import parse_link_rate
 
 #: A subnet for the link between the two namespaces; it exists only inside them.
 SUBNET_PREFIX: Final = "10.213.7"
