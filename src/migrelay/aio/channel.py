@@ -33,17 +33,11 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
-from ..core.events import EndOfStream, Payload
-from ..core.frames import MAX_HEADER_BYTES
-from ..core.session import (
-    ChannelOutcome,
-    Liveness,
-    LocalLoss,
-    RelaySession,
-    describe_close,
-)
-from ..limits import Limits
-from ..units import format_bytes
+from migrelay.core.events import EndOfStream, Payload
+from migrelay.core.frames import MAX_HEADER_BYTES
+from migrelay.core.session import ChannelOutcome, Liveness, LocalLoss, RelaySession, describe_close
+from migrelay.limits import Limits
+from migrelay.units import format_bytes
 
 __all__ = [
     "HEADROOM",

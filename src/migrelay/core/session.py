@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from .._types import BytesLike, WritableBuffer
-from ..errors import LocalProtocolError
-from .events import (
+from migrelay._types import BytesLike, WritableBuffer
+from migrelay.core.events import (
     CloseReceived,
     EndOfStream,
     FrameEvent,
@@ -39,7 +38,7 @@ from .events import (
     PongReceived,
     ProtocolViolation,
 )
-from .frames import (
+from migrelay.core.frames import (
     DEFAULT_MAX_MESSAGE_BYTES,
     CloseCode,
     FrameParser,
@@ -49,6 +48,7 @@ from .frames import (
     mask_payload,
     write_header,
 )
+from migrelay.errors import LocalProtocolError
 
 
 class Role(Enum):
