@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 #: Scales every test timeout (``MIGRELAY_TEST_TIMEOUT_FACTOR=3`` on a slow machine). The
-#: one place the variable is read: conftest.py and the test modules import it from here.
+#: one place the variable is read: the other test modules import it from here.
 FACTOR: float = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
+#: One millisecond of timeout, scaled (websockets ``tests/utils.py`` MS).
+MS: float = 0.001 * FACTOR
 
 
 async def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None:

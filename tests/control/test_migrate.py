@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -21,12 +21,8 @@ from migrelay.control.migration import (
 )
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
 from migrelay.errors import MigrationError, StateError, UnsupportedError
-
-from .fake_qmp import QEMU_7_2_CAPABILITIES, FakeQMP, Reply, against
-
-if TYPE_CHECKING:
-    # A fixture of tests/conftest.py, never imported at run time.
-    from tests.conftest import AsyncRunner
+from tests.control.fake_qmp import QEMU_7_2_CAPABILITIES, FakeQMP, Reply, against
+from tests.loops import AsyncRunner
 
 
 def status(state: str) -> dict[str, object]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,12 +18,8 @@ from migrelay.control import commands, destination, migration as migrate_module
 from migrelay.control.migration import MigrationOptions, Progress, follow_migration
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.errors import MigrationError, StateError
-
-from .fake_qmp import FakeQMP, QMPFail, Reply, against, serve
-
-if TYPE_CHECKING:
-    # A fixture of tests/conftest.py, never imported at run time.
-    from tests.conftest import AsyncRunner
+from tests.control.fake_qmp import FakeQMP, QMPFail, Reply, against, serve
+from tests.loops import AsyncRunner
 
 URI = "unix:/tmp/relay.sock"
 RESUME = ("migrate", {"uri": URI, "resume": True})

@@ -6,18 +6,13 @@ import asyncio
 import socket
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
 from migrelay.errors import ConnectError, MigrationError
-
-from .fake_qmp import HANG, HANGUP, FakeQMP, QMPFail, serve
-
-if TYPE_CHECKING:
-    # A fixture of tests/conftest.py, never imported at run time.
-    from tests.conftest import AsyncRunner
+from tests.control.fake_qmp import HANG, HANGUP, FakeQMP, QMPFail, serve
+from tests.loops import AsyncRunner
 
 QEMU_TEXT = "Failed to connect to '/nowhere/x.sock': No such file or directory"
 

@@ -16,16 +16,12 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from migrelay.control.migration import wait_destination_completed
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM, first_difference
 from tests.helpers import FACTOR
-
-if TYPE_CHECKING:
-    # tests/conftest.py is loaded by pytest as "conftest"; see the test modules.
-    from tests.conftest import MigrelayProcess, MigrelayProcesses
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 #: Generous for 64 MiB over a relay on a shared 2-core host (~1 s when idle).
 MIGRATION_TIMEOUT_S = 120.0 * FACTOR

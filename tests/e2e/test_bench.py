@@ -12,8 +12,7 @@ import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import first_difference
-
-from .conftest import VMPairFactory
+from tests.e2e.vms import VMPairFactory
 
 pytestmark = pytest.mark.e2e
 

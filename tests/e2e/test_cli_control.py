@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from migrelay.units import MIB
-
-from .cli_helpers import Command, Commands, check_migrated
-from .conftest import VMPairFactory
-
-if TYPE_CHECKING:
-    # A fixture of tests/conftest.py, never imported at run time.
-    from tests.conftest import AsyncRunner
+from tests.e2e.cli_helpers import Command, Commands, check_migrated
+from tests.e2e.vms import VMPairFactory
+from tests.loops import AsyncRunner
 
 pytestmark = pytest.mark.e2e
 

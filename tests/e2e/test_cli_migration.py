@@ -15,14 +15,12 @@ import os
 import pty
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM
-
-from .cli_helpers import (
+from tests.e2e.cli_helpers import (
     Commands,
     check_migrated,
     migrate_under_way,
@@ -30,12 +28,8 @@ from .cli_helpers import (
     source_state,
     summary_line,
 )
-from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
-
-if TYPE_CHECKING:
-    # Fixtures of tests/conftest.py are used, never imported at run time: pytest loads
-    # every conftest.py as "conftest", so an import would find whichever came last.
-    from tests.conftest import MigrelayProcesses
+from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
+from tests.processes import MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

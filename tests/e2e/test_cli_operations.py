@@ -16,15 +16,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM
 from migrelay.units import MIB
-
-from .cli_helpers import (
+from tests.e2e.cli_helpers import (
     SLOW_BANDWIDTH,
     Commands,
     check_migrated,
@@ -33,12 +31,8 @@ from .cli_helpers import (
     source_state,
     summary_line,
 )
-from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
-
-if TYPE_CHECKING:
-    # Fixtures of tests/conftest.py are used, never imported at run time: pytest loads
-    # every conftest.py as "conftest", so an import would find whichever came last.
-    from tests.conftest import MigrelayProcess, MigrelayProcesses
+from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

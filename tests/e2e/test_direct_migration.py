@@ -23,8 +23,7 @@ from migrelay.control.migration import (
 )
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM, first_difference
-
-from .conftest import VMPairFactory
+from tests.e2e.vms import VMPairFactory
 
 pytestmark = pytest.mark.e2e
 

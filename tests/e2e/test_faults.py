@@ -50,8 +50,7 @@ from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
 from tests.helpers import FACTOR
-
-from ..conftest import MigrelayProcess, MigrelayProcesses
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

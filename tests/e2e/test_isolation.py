@@ -25,7 +25,6 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,9 +33,7 @@ from migrelay.core.events import CloseReceived, FrameEvent, Payload
 from migrelay.core.frames import FrameParser, Opcode, encode_close, encode_frame
 from migrelay.lab.vm import DisposableVM
 from migrelay.units import MIB
-from tests.helpers import FACTOR, wait_until
-
-from .cli_helpers import (
+from tests.e2e.cli_helpers import (
     QUICK_TIMEOUT_S,
     SLOW_BANDWIDTH,
     Command,
@@ -46,12 +43,9 @@ from .cli_helpers import (
     serve_qmp_dir,
     source_state,
 )
-from .conftest import DEFAULT_RAM_BYTES, VMPairFactory
-
-if TYPE_CHECKING:
-    # Fixtures of tests/conftest.py are used, never imported at run time: pytest loads
-    # every conftest.py as "conftest", so an import would find whichever came last.
-    from tests.conftest import MigrelayProcess, MigrelayProcesses
+from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
+from tests.helpers import FACTOR, wait_until
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

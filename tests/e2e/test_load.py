@@ -34,9 +34,8 @@ from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import first_difference
 from migrelay.limits import Limits
 from migrelay.units import MIB
-
-from ..conftest import MigrelayProcess, MigrelayProcesses
-from .conftest import VMPairFactory
+from tests.e2e.vms import VMPairFactory
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

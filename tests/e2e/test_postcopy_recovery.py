@@ -43,8 +43,7 @@ from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
 from tests.helpers import FACTOR, short_temp_dir
-
-from ..conftest import MigrelayProcess, MigrelayProcesses
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

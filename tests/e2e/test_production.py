@@ -39,11 +39,10 @@ from migrelay.control.migration import (
 )
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import first_difference
-
-from ..conftest import MigrelayProcess, MigrelayProcesses
-from ..pki import PKI, SERVER_NAMES, issue, make_pki
-from .cli_helpers import Commands, check_migrated, serve_qmp_dir
-from .conftest import VMPairFactory
+from tests.e2e.cli_helpers import Commands, check_migrated, serve_qmp_dir
+from tests.e2e.vms import VMPairFactory
+from tests.pki import PKI, SERVER_NAMES, issue, make_pki
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

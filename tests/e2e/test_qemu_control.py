@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,12 +18,8 @@ from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.errors import MigrationError, StateError, VMError
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB, parse_size
-
-from .conftest import VMPairFactory
-
-if TYPE_CHECKING:
-    # A fixture of tests/conftest.py, never imported at run time.
-    from tests.conftest import AsyncRunner
+from tests.e2e.vms import VMPairFactory
+from tests.loops import AsyncRunner
 
 pytestmark = pytest.mark.e2e
 

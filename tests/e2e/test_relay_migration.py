@@ -20,9 +20,8 @@ from migrelay.control.migration import (
 )
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import DisposableVM, first_difference
-
-from ..conftest import MigrelayProcess, MigrelayProcesses
-from .conftest import VMPairFactory
+from tests.e2e.vms import VMPairFactory
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

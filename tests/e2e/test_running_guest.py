@@ -30,8 +30,7 @@ from migrelay.control.migration import (
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
-
-from ..conftest import MigrelayProcesses
+from tests.processes import MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 

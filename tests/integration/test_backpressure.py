@@ -17,15 +17,12 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tests.helpers import FACTOR
+from tests.processes import MigrelayProcesses
 
 from migrelay.limits import Limits
-
-if TYPE_CHECKING:
-    # A fixture, never imported at run time (pytest loads conftest.py itself).
-    from tests.conftest import MigrelayProcesses
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 

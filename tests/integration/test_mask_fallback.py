@@ -17,13 +17,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tests import helpers
-
-if TYPE_CHECKING:
-    # A fixture, never imported at run time (pytest loads conftest.py itself).
-    from tests.conftest import MigrelayProcesses
+from tests.processes import MigrelayProcesses
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 

@@ -7,16 +7,13 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
+from tests.loops import AsyncRunner
 
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.server import PrepareTarget, RelayServer, ServerConfig
 from migrelay.errors import HandshakeRefused, Refusal
-
-if TYPE_CHECKING:
-    from tests.conftest import AsyncRunner
 
 Call = tuple[str, Path, dict[str, str]]
 

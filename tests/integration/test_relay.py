@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from tests import helpers
 from tests.helpers import random_chunks, wait_until
+from tests.processes import MigrelayProcesses
 
 from migrelay.aio.client import ClientConfig, SourceRelay, open_websocket
 from migrelay.aio.server import RelayServer, ServerConfig
@@ -35,9 +36,6 @@ from migrelay.errors import HandshakeRefused
 from migrelay.limits import Limits
 
 if TYPE_CHECKING:
-    # A fixture, never imported at run time (pytest loads conftest.py itself).
-    from tests.conftest import MigrelayProcesses
-
     from migrelay.aio.channel import Channel
 
 Run = Callable[[Coroutine[Any, Any, None]], None]

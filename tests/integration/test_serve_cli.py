@@ -27,14 +27,10 @@ import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from tests import helpers
-
-if TYPE_CHECKING:
-    # A fixture, never imported at run time (pytest loads conftest.py itself).
-    from tests.conftest import MigrelayProcess, MigrelayProcesses
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 FACTOR = helpers.FACTOR
 #: Seconds a running process gets to answer a request or log a line.

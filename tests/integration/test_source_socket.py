@@ -18,14 +18,10 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from tests import helpers
-
-if TYPE_CHECKING:
-    # A fixture, never imported at run time (pytest loads conftest.py itself).
-    from tests.conftest import MigrelayProcesses
+from tests.processes import MigrelayProcesses
 
 FACTOR = helpers.FACTOR
 #: Seconds a socket operation or a refusing command gets.

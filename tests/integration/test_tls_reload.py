@@ -13,18 +13,14 @@ import shutil
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from tests import helpers
+from tests.loops import AsyncRunner
 from tests.pki import CLIENT_USAGE, PKI, SERVER_NAMES, issue, make_pki
 
 from migrelay.aio.server import RelayServer, ServerConfig
 from migrelay.aio.tls import ReloadableServerContext
-
-if TYPE_CHECKING:
-    # A fixture of tests/conftest.py: never imported at run time (see its docstring).
-    from tests.conftest import AsyncRunner
 
 PROMPT_S = 5.0 * helpers.FACTOR
 
