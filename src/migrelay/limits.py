@@ -20,13 +20,15 @@ class Limits:
     """Per-channel limits shared by both relays.
 
     Memory per channel is bounded (`channel_memory_bound`): each direction reads into
-    one buffer (``read_bytes`` plus 14 bytes of header room); a buffer handed to
-    ``transport.write()`` is not refilled until that transport has drained it, and while
-    it is busy the opposite leg does not read. An event loop may still deliver one read
-    after ``pause_reading()`` (uvloop was seen to); that read goes into a spare buffer
-    while the first drains. So a direction holds at most two buffers and a channel
-    ``4 × read_bytes`` of migration data in user space (4 MiB by default; usually half
-    of that), plus the kernel's socket buffers, whatever the speed of either peer.
+    at most two buffers (``read_bytes`` plus 14 bytes of header room each), used in turn
+    and never reallocated (`migrelay.aio.channel.ReadBuffers`). A buffer handed to
+    ``transport.write()`` is not refilled until that transport has drained it, and
+    while it is busy the opposite leg does not read; an event loop may still deliver
+    one read after ``pause_reading()`` (uvloop was seen to), which goes into the other
+    buffer. So a channel holds at most ``4 × read_bytes`` of migration data in user
+    space (4 MiB by default; usually half of that, since the second buffer of a
+    direction is allocated only when first needed), plus the kernel's socket buffers,
+    whatever the speed of either peer.
     """
 
     #: Bytes per read, and so the largest data message sent. 1 MiB reads used ~36 %
