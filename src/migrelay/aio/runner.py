@@ -6,7 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -62,3 +62,23 @@ def run(main: Coroutine[Any, Any, T], loop: LoopName = "auto") -> T:
         result: T = uvloop.run(main)
         return result
     return asyncio.run(main)
+
+
+async def wait_first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
+    """Wait until one of ``awaitables`` is done, then cancel the others and reap them.
+
+    Every background wait has an owner that cancels and awaits it (STYLE.md §3): this
+    is that owner for "whichever comes first" (a stop signal against a migration, an
+    event against a timeout).
+
+    Returns:
+        The futures that were done (``result()`` raises what each raised).
+    """
+    futures: list[asyncio.Future[Any]] = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+    return done

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from migrelay.aio import access, tls
+from migrelay.aio.runner import wait_first
 from migrelay.aio.server import PrepareTarget, RelayServer, ServerConfig
 from migrelay.errors import ConfigError, RelayError
 from migrelay.limits import Limits
@@ -240,17 +241,11 @@ async def serve(
         timeout = settings.shutdown_timeout
         logger.info("shutting down: no new sessions; running ones get %g s", timeout)
         drain = asyncio.ensure_future(server.shutdown(timeout))
-        again = asyncio.ensure_future(stop.wait())
-        await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
-        if not drain.done():
-            logger.info("second signal: stopping now")
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
-            await server.close()
-        again.cancel()
-        await asyncio.gather(again, return_exceptions=True)
-        if not drain.cancelled():
+        if drain in await wait_first(drain, stop.wait()):
             drain.result()  # an error while draining is the command's error
+        else:
+            logger.info("second signal: stopping now")
+            await server.close()
     finally:
         with contextlib.suppress(RuntimeError):  # the loop may be closing
             loop.remove_signal_handler(signal.SIGHUP)

@@ -23,6 +23,7 @@ from typing import Final
 from migrelay.aio import access, tls
 from migrelay.aio.client import ClientConfig, SourceRelay, WebSocketURL
 from migrelay.aio.proxy import ProxyURL, proxy_for
+from migrelay.aio.runner import wait_first
 from migrelay.errors import ConfigError
 from migrelay.limits import Limits
 
@@ -147,15 +148,12 @@ async def run_source_relay(
     """
     relay = SourceRelay(settings.load(), listen_path, once=once)
     await relay.start()
-    waits = [asyncio.ensure_future(stop.wait())]
-    if once:
-        waits.append(asyncio.ensure_future(relay.finished.wait()))
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if once:
+            await wait_first(stop.wait(), relay.finished.wait())
+        else:
+            await stop.wait()
     finally:
-        for wait in waits:
-            wait.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
         await relay.close()
     if once and not relay.finished.is_set():
         return EXIT_INTERRUPTED

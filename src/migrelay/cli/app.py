@@ -718,15 +718,9 @@ def bench(
                 given_qmp=given,
             )
         )
-        interrupted = asyncio.ensure_future(stop.wait())
-        await asyncio.wait((running, interrupted), return_when=asyncio.FIRST_COMPLETED)
-        interrupted.cancel()
-        if not running.done():
-            # Ctrl-C: the bench's VMs, relays and namespaces are torn down on the way out.
-            running.cancel()
-            await asyncio.gather(running, interrupted, return_exceptions=True)
+        if running not in await runner.wait_first(running, stop.wait()):
+            # Ctrl-C: the bench's VMs, relays and namespaces were torn down on the way out.
             return EXIT_INTERRUPTED
-        await asyncio.gather(interrupted, return_exceptions=True)
         report = running.result()
         typer.echo(lab_bench.format_table(report))
         if json_file is not None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from migrelay.aio.runner import wait_first
 from migrelay.control.qmp import (
     QMP,
     UNLIMITED_BANDWIDTH,
@@ -660,16 +661,9 @@ async def _next_event_or_stop(qmp: QMP, interval: float, stop: asyncio.Event | N
         return
     # Cancelling these waits is safe: neither is a QMP command in flight, only a wait
     # on the event queue and on the flag.
-    waits = {
-        asyncio.ensure_future(qmp.next_migration_event(interval)),
-        asyncio.ensure_future(stop.wait()),
-    }
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
+
+
+    await wait_first(qmp.next_migration_event(interval), stop.wait())
 
 
 async def sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> None:
