@@ -23,9 +23,8 @@ import struct
 from enum import IntEnum
 from typing import Final
 
-from .._types import BytesLike, WritableBuffer
-from ..errors import LocalProtocolError
-from .events import (
+from migrelay._types import BytesLike, WritableBuffer
+from migrelay.core.events import (
     CloseReceived,
     EndOfStream,
     FrameEvent,
@@ -34,7 +33,8 @@ from .events import (
     PongReceived,
     ProtocolViolation,
 )
-from .mask import apply_mask
+from migrelay.core.mask import apply_mask
+from migrelay.errors import LocalProtocolError
 
 
 class Opcode(IntEnum):

@@ -24,7 +24,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsprotoRemoteProtocolError
 
-from ..errors import HandshakeRefused, LocalProtocolError, RemoteProtocolError
+from migrelay.errors import HandshakeRefused, LocalProtocolError, RemoteProtocolError
 
 #: The subprotocol of DESIGN.md §3. A future incompatible wire format is ``migrelay.v2``.
 SUBPROTOCOL: Final = "migrelay.v1"

@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Final, Protocol
 
-from .._types import WritableBuffer
+from migrelay._types import WritableBuffer
 
 
 class MaskFunction(Protocol):
