@@ -120,3 +120,52 @@ def test_hostile_channel_number_is_400_without_a_traceback(
     assert "Traceback" not in caplog.text
     refusals = [r.getMessage() for r in records if ": 400 " in r.getMessage()]
     assert len(refusals) == 1 and "invalid Migrelay-Channel" in refusals[0], refusals
+
+
+async def answer_of(port: int, request: bytes) -> bytes:
+    """Send ``request``; return the whole answer (read until the server closes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), PROMPT_SECONDS)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def test_a_malformed_upgrade_gets_fixed_text_and_its_cause_goes_to_the_log(
+    run_async: Run,
+    sock_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # wsproto refuses version 12 with its own message; that message names nothing
+    # secret, but it is an exception's text: the peer gets migrelay's fixed reason.
+    monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="migrelay")
+    request = upgrade_request(b"").replace(
+        b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 12"
+    )
+
+    async def main() -> bytes:
+        server = RelayServer(ServerConfig(port=0, target=sock_dir / "dest.sock"))
+        await server.start()
+        try:
+            return await answer_of(server.sockets[0].getsockname()[1], request)
+        finally:
+            await asyncio.wait_for(server.close(), 3 * PROMPT_SECONDS)
+
+    answers: list[bytes] = []
+
+    async def collect() -> None:
+        answers.append(await main())
+
+    run_async(collect())
+    head, _, body = answers[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 426 "), head
+    assert b"\r\nsec-websocket-version: 13" in head.lower(), head  # RFC 6455 §4.4
+    assert body.strip() == b"invalid upgrade request", body
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1, refusals
+    assert "426 invalid upgrade request (RemoteProtocolError: " in refusals[0], refusals

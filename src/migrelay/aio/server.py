@@ -551,7 +551,9 @@ class _HandshakeProtocol(asyncio.Protocol):
         try:
             request = self.handshake.receive_data(data)
         except RemoteProtocolError as exc:
-            self._refuse(Refusal(exc.close_code, str(exc), exc.headers))
+            cause = exc.__cause__
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else None
+            self._refuse(Refusal(exc.close_code, str(exc), exc.headers, detail=detail))
             return
         if request is None:
             return

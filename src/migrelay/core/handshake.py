@@ -172,7 +172,9 @@ class ServerHandshake:
                 refusal_headers = tuple(
                     (k.decode("latin-1"), v.decode("latin-1")) for k, v in hint.headers
                 )
-            raise RemoteProtocolError(f"invalid upgrade: {exc}", status, refusal_headers) from exc
+            # wsproto's own text stays in the chain, for the server's log: a peer gets
+            # fixed text only.
+            raise RemoteProtocolError("invalid upgrade request", status, refusal_headers) from exc
         except UnicodeError as exc:
             # wsproto decodes Connection/Upgrade as ASCII and Host as IDNA without
             # catching the error (found by tools/fuzz_frames.py): a header byte >= 0x80.
