@@ -58,6 +58,7 @@ from migrelay.cli.running import (
     EXIT_OK,
     configure_logging,
     exit_with,
+    report_error,
     run_command,
 )
 from migrelay.control import commands, destination
@@ -397,7 +398,7 @@ def _report_failure(renderer: ProgressRenderer, error: str, message: str) -> Non
     """Finish the progress output with ``error`` and say ``message`` on stderr."""
     if renderer.last is not None or not isinstance(renderer, TerminalProgress):
         renderer.finish(error)
-    typer.echo(f"migrelay: error: {message}", err=True)
+    report_error(message)
 
 
 @app.command()
