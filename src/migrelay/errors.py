@@ -18,7 +18,8 @@
      └─ MigrationError                  QEMU refused a command or a migration failed;
          │                              keeps QEMU's text whole
          ├─ MigrationCancelledError     cancelled here or by another QMP client
-         └─ PostcopyPausedError         stayed postcopy-paused: resume, do not cancel
+         ├─ PostcopyPausedError         stayed postcopy-paused: resume, do not cancel
+         └─ MigrationFailed             ``migrate`` did not complete: the operator's line
 """
 
 from __future__ import annotations
@@ -214,3 +215,18 @@ class PostcopyPausedError(MigrationError):
     The VM's state is split between both hosts; resuming (``migrate --postcopy`` again)
     is the way out, so callers must not report it as a cancelled or failed migration.
     """
+
+
+class MigrationFailed(MigrationError):
+    """``migrate`` ended without completing; ``str()`` is the operator's one line.
+
+    Attributes:
+        error: the text the JSON document and the progress output keep (QEMU's own,
+            or the relay's reason when a channel could not open).
+        interrupted: the operator stopped it (SIGINT/SIGTERM) and it was cancelled.
+    """
+
+    def __init__(self, message: str, error: str, *, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.error = error
+        self.interrupted = interrupted

@@ -76,7 +76,7 @@ from migrelay.control.progress import (
 )
 from migrelay.control.qmp import MigrationStatus
 from migrelay.core.mask import MASK_IMPLEMENTATION
-from migrelay.errors import ConfigError
+from migrelay.errors import ConfigError, MigrationFailed
 from migrelay.limits import Limits
 from migrelay.units import parse_size
 
@@ -562,7 +562,7 @@ def migrate(
                 interval=_poll_interval(renderer),
                 stop=stop,
             )
-        except commands.MigrationFailed as failure:
+        except MigrationFailed as failure:
             _report_failure(renderer, failure.error, str(failure))
             return EXIT_INTERRUPTED if failure.interrupted else EXIT_FAILURE
         if result is None:

@@ -41,6 +41,7 @@ from migrelay.core.headers import (
 from migrelay.errors import (
     MigrationCancelledError,
     MigrationError,
+    MigrationFailed,
     PostcopyPausedError,
     StateError,
 )
@@ -50,7 +51,6 @@ __all__ = [
     "POSTCOPY_AFTER_PASSES",
     "RELAY_DRAIN_TIMEOUT_S",
     "MigrateRequest",
-    "MigrationFailed",
     "announcement",
     "cancel_migration",
     "incoming",
@@ -207,21 +207,6 @@ async def migrate(
 #: Seconds ``migrate --to`` waits, after QEMU reports ``completed``, for the in-process
 #: relay to deliver the last bytes and close its channels before tearing it down.
 RELAY_DRAIN_TIMEOUT_S = 30.0
-
-
-class MigrationFailed(MigrationError):
-    """``migrate`` ended without completing; ``str()`` is the operator's one line.
-
-    Attributes:
-        error: the text the JSON document and the progress output keep (QEMU's own,
-            or the relay's reason when a channel could not open).
-        interrupted: the operator stopped it (SIGINT/SIGTERM) and it was cancelled.
-    """
-
-    def __init__(self, message: str, error: str, *, interrupted: bool = False) -> None:
-        super().__init__(message)
-        self.error = error
-        self.interrupted = interrupted
 
 
 @dataclass(frozen=True)
