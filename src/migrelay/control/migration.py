@@ -661,8 +661,6 @@ async def _next_event_or_stop(qmp: QMP, interval: float, stop: asyncio.Event | N
         return
     # Cancelling these waits is safe: neither is a QMP command in flight, only a wait
     # on the event queue and on the flag.
-
-
     await wait_first(qmp.next_migration_event(interval), stop.wait())
 
 
