@@ -13,6 +13,15 @@
   subprocesses, waits until they listen, keeps their log, and always stops them on
   teardown.
 
+Why both loops here and one in e2e: the unit, integration and control tests run the code
+under test (codec, relays, QMP client) in the test's own process, on the test's loop, so
+``run_async`` runs each of them on both loops the relays support. Most end-to-end tests
+run the relays as ``migrelay`` subprocesses, which pick their own loop (uvloop, as in
+production), while the test's loop only drives QMP and waits; running each real-QEMU
+migration on both loops would add minutes to a suite that must stay near 6 minutes and
+test nothing more. Those tests take ``run_e2e`` (``tests/e2e/conftest.py``): the same
+runner and checks, on uvloop only.
+
 This module and ``tests/e2e/conftest.py`` hold fixtures only. Tests take the fixtures and
 never import a conftest (pytest imports every ``conftest.py`` under the name
 ``conftest``, so an import from one would find whichever was loaded last); what they

@@ -13,6 +13,7 @@ import pytest
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import first_difference
 from tests.e2e.vms import VMPairFactory
+from tests.loops import AsyncRunner
 
 pytestmark = pytest.mark.e2e
 
@@ -87,7 +88,7 @@ def test_bench_across_a_shaped_link_between_two_namespaces(tmp_path: Path) -> No
 
 
 def test_bench_migrates_given_vms_once_and_leaves_their_ram_to_the_user(
-    tmp_path: Path, vm_pair: VMPairFactory
+    run_e2e: AsyncRunner, tmp_path: Path, vm_pair: VMPairFactory
 ) -> None:
     async def scenario() -> dict[str, object]:
         async with vm_pair(32 << 20) as (src, dst):
@@ -114,7 +115,7 @@ def test_bench_migrates_given_vms_once_and_leaves_their_ram_to_the_user(
             report: dict[str, object] = json.loads(report_path.read_text())
             return report
 
-    report = asyncio.run(scenario())
+    report = run_e2e(scenario())
     results = report["results"]
     assert isinstance(results, list) and len(results) == 1
     assert results[0]["ram_matched"] is None and results[0]["error"] is None

@@ -29,6 +29,7 @@ from tests.e2e.cli_helpers import (
     summary_line,
 )
 from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -56,6 +57,7 @@ def _check_line_output(stdout: str) -> None:
 
 
 def test_four_commands_in_the_original_order_copy_ram_exactly(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -87,7 +89,7 @@ def test_four_commands_in_the_original_order_copy_ram_exactly(
             _check_line_output(migrate.stdout())
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 @pytest.mark.parametrize(
@@ -103,6 +105,7 @@ def test_four_commands_in_the_original_order_copy_ram_exactly(
     ids="-".join,
 )
 def test_four_commands_in_another_order_copy_ram_exactly(
+    run_e2e: AsyncRunner,
     order: tuple[str, ...],
     vm_pair: VMPairFactory,
     sock_dir: Path,
@@ -136,7 +139,7 @@ def test_four_commands_in_another_order_copy_ram_exactly(
             assert await migrate.wait() == 0, migrate.describe()
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def _free_port() -> int:
@@ -149,6 +152,7 @@ def _free_port() -> int:
 
 
 def test_serve_qmp_dir_and_migrate_to_need_no_other_command_and_print_json(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -174,10 +178,11 @@ def test_serve_qmp_dir_and_migrate_to_need_no_other_command_and_print_json(
             assert f"{dst.name}: listening for an incoming migration" in serve.log()
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -233,7 +238,7 @@ def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
             screen,
         ), repr(screen)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def _read_until_closed(fd: int) -> str:
@@ -253,6 +258,7 @@ def _read_until_closed(fd: int) -> str:
 
 
 def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_running(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -275,10 +281,11 @@ def test_destination_killed_midway_fails_with_qemus_text_and_the_source_keeps_ru
             assert summary_line(migrate.stdout()).startswith("failed in ")
             assert runstate is RunState.PRELAUNCH
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -309,10 +316,11 @@ def test_server_refusal_is_one_clear_line_and_the_source_stays_as_it_was(
             assert await migrate.wait() == 0, migrate.describe()
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte_moves(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -353,10 +361,11 @@ def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte
             assert await migrate.wait() == 0, migrate.describe()
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def test_ctrl_c_cancels_and_the_source_then_migrates_again(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -386,4 +395,4 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
                 assert await second.wait() == 0, second.describe()
                 await check_migrated(src, again)
 
-    asyncio.run(main())
+    run_e2e(main())

@@ -32,6 +32,7 @@ from tests.e2e.cli_helpers import (
     summary_line,
 )
 from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +69,7 @@ async def _migrate_again(
 
 
 def test_cancel_stops_a_migration_started_with_no_wait_and_the_vm_migrates_again(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -119,10 +121,11 @@ def test_cancel_stops_a_migration_started_with_no_wait_and_the_vm_migrates_again
 
             await _migrate_again(commands, serve, sock_dir, src, "again")
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrates_again(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -151,13 +154,14 @@ def test_cancel_from_another_terminal_stops_a_waiting_migrate_and_the_vm_migrate
             assert info.status is MigrationStatus.CANCELLED
             await _migrate_again(commands, serve, sock_dir, src, "again")
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 # -- Ctrl-C with a running guest ---------------------------------------------------------
 
 
 def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -182,13 +186,14 @@ def test_ctrl_c_leaves_a_running_source_running_and_it_then_migrates_again(
             # The running guest migrates again (check_migrated: source postmigrate).
             await _migrate_again(commands, serve, sock_dir, src, "again")
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 # -- serve --target --qmp: the single-VM form ----------------------------------------------
 
 
 def test_serve_target_and_qmp_on_slash_prepare_the_destination_without_incoming(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -214,7 +219,7 @@ def test_serve_target_and_qmp_on_slash_prepare_the_destination_without_incoming(
             ), log
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 # -- a destination that is not ready ---------------------------------------------------------
@@ -225,6 +230,7 @@ def test_serve_target_and_qmp_on_slash_prepare_the_destination_without_incoming(
     ["not-started-with-incoming-defer", "already-listening-elsewhere"],
 )
 def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
+    run_e2e: AsyncRunner,
     wrong: str,
     vm_pair: VMPairFactory,
     sock_dir: Path,
@@ -295,4 +301,4 @@ def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
             assert await migrate.wait() == 0, migrate.describe()
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())

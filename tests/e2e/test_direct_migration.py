@@ -24,6 +24,7 @@ from migrelay.control.migration import (
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM, first_difference
 from tests.e2e.vms import VMPairFactory
+from tests.loops import AsyncRunner
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +76,7 @@ def check_result(
 
 
 def test_direct_migration_over_unix_socket_copies_ram_exactly(
-    vm_pair: VMPairFactory, sock_dir: Path
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, sock_dir: Path
 ) -> None:
     async def main() -> None:
         async with vm_pair() as (src, dst):
@@ -85,10 +86,12 @@ def test_direct_migration_over_unix_socket_copies_ram_exactly(
             )
             check_result(src, dst, result, progress)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
-def test_direct_migration_over_tcp_copies_ram_exactly(vm_pair: VMPairFactory) -> None:
+def test_direct_migration_over_tcp_copies_ram_exactly(
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory
+) -> None:
     async def main() -> None:
         async with vm_pair() as (src, dst):
             # Port 0: QEMU binds a free port and reports it in socket-address, so there is
@@ -98,14 +101,16 @@ def test_direct_migration_over_tcp_copies_ram_exactly(vm_pair: VMPairFactory) ->
             )
             check_result(src, dst, result, progress)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
-def test_direct_multifd_migration_over_tcp_copies_ram_exactly(vm_pair: VMPairFactory) -> None:
+def test_direct_multifd_migration_over_tcp_copies_ram_exactly(
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory
+) -> None:
     async def main() -> None:
         async with vm_pair() as (src, dst):
             options = MigrationOptions(multifd_channels=4)
             result, progress = await migrate_direct(src, dst, "tcp:127.0.0.1:0", options)
             check_result(src, dst, result, progress)
 
-    asyncio.run(main())
+    run_e2e(main())

@@ -50,6 +50,7 @@ from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
 from tests.helpers import FACTOR
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -108,6 +109,8 @@ class Hosts:
     ns: LinkedNamespaces
     sock_dir: Path
     procs: MigrelayProcesses
+    #: The ``run_e2e`` fixture: the test's coroutines run through it.
+    run: AsyncRunner
     vms: list[DisposableVM] = field(default_factory=list)
 
     @property
@@ -142,11 +145,13 @@ class Hosts:
 
 
 @pytest.fixture
-def hosts(sock_dir: Path, migrelay_procs: MigrelayProcesses) -> Iterator[Hosts]:
+def hosts(
+    sock_dir: Path, migrelay_procs: MigrelayProcesses, run_e2e: AsyncRunner
+) -> Iterator[Hosts]:
     """Linked namespaces with a token file in ``sock_dir``; all torn down afterwards."""
     (sock_dir / "token").write_text("fault-test-token\n")
     with LinkedNamespaces() as ns:
-        hosts = Hosts(ns, sock_dir, migrelay_procs)
+        hosts = Hosts(ns, sock_dir, migrelay_procs, run_e2e)
         try:
             yield hosts
         finally:
@@ -337,7 +342,7 @@ def run_fault(
             await migrate_again(sq, src, hosts, "dst2")
         return outcome
 
-    return asyncio.run(scenario())
+    return hosts.run(scenario())
 
 
 # -- the faults -----------------------------------------------------------------------------

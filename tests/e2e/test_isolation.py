@@ -45,6 +45,7 @@ from tests.e2e.cli_helpers import (
 )
 from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
 from tests.helpers import FACTOR, wait_until
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -185,6 +186,7 @@ async def _healthz(serve: MigrelayProcess) -> bytes:
 
 
 def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_completes(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -252,10 +254,11 @@ def test_destination_qemu_killed_in_one_session_fails_it_alone_and_the_other_com
                 assert await retry.wait() == 0, retry.describe()
                 await check_migrated(src_a, again)
 
-    asyncio.run(main())
+    run_e2e(main())
 
 
 def test_hostile_clients_during_a_migration_are_refused_and_it_completes_intact(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     sock_dir: Path,
     migrelay_procs: MigrelayProcesses,
@@ -348,4 +351,4 @@ def test_hostile_clients_during_a_migration_are_refused_and_it_completes_intact(
                 assert re.search(rf"refused \S+ from \S+: {status} ", log), log
             assert (await _healthz(serve)).endswith(b"\r\n\r\nok\n")
 
-    asyncio.run(main())
+    run_e2e(main())

@@ -35,6 +35,7 @@ from migrelay.lab.vm import first_difference
 from migrelay.limits import Limits
 from migrelay.units import MIB
 from tests.e2e.vms import VMPairFactory
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +80,7 @@ class RssSampler:
 
 
 def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bound(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     target_dir = sock_dir / "targets"
     target_dir.mkdir()
@@ -146,7 +147,7 @@ def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bo
             return elapsed
 
     with RssSampler(server) as sampler:
-        elapsed = asyncio.run(scenario())
+        elapsed = run_e2e(scenario())
     limits = Limits()
     bound = CHANNELS * limits.channel_memory_bound + INTERPRETER_ALLOWANCE_BYTES
     growth = sampler.peak - baseline

@@ -26,7 +26,6 @@ an ext4 file (QEMU 7.2: "ram_block_enable_notify userfault register: Invalid arg
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import time
@@ -43,6 +42,7 @@ from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
 from tests.helpers import FACTOR, short_temp_dir
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -104,6 +104,8 @@ class Hosts:
     dst: DisposableVM
     serve: MigrelayProcess
     procs: MigrelayProcesses
+    #: The ``run_e2e`` fixture: the test's coroutines run through it.
+    run: AsyncRunner
 
     @property
     def url(self) -> str:
@@ -114,7 +116,9 @@ class Hosts:
 
 
 @pytest.fixture
-def hosts(shm_workdir: Path, migrelay_procs: MigrelayProcesses) -> Iterator[Hosts]:
+def hosts(
+    shm_workdir: Path, migrelay_procs: MigrelayProcesses, run_e2e: AsyncRunner
+) -> Iterator[Hosts]:
     """Two namespaces on a shaped link, the VMs and ``serve``; all torn down afterwards."""
     token = shm_workdir / "token"
     token.write_text("postcopy-recovery-token\n")
@@ -126,13 +130,13 @@ def hosts(shm_workdir: Path, migrelay_procs: MigrelayProcesses) -> Iterator[Host
             dest_dir, NAME, RAM_BYTES, incoming=True, command_prefix=ns.prefix(ns.dest_ns)
         )
         try:
-            asyncio.run(_start(src, dst))
+            run_e2e(_start(src, dst))
             serve = migrelay_procs.serve(
                 "--target-dir", str(dest_dir), "--qmp-dir", str(dest_dir),
                 "--token-file", str(token), "--wait-target", "10", *LIVENESS_ARGS,
                 listen=f"{ns.dest_addr}:{PORT}", prefix=ns.prefix(ns.dest_ns),
             )  # fmt: skip
-            yield Hosts(ns, shm_workdir, token, src, dst, serve, migrelay_procs)
+            yield Hosts(ns, shm_workdir, token, src, dst, serve, migrelay_procs, run_e2e)
         finally:
             migrelay_procs.stop_all()
             for vm in (src, dst):
@@ -200,7 +204,7 @@ def check_recovered(hosts: Hosts, migrate: MigrelayProcess, cut: Cut) -> tuple[f
     completed_after = time.monotonic() - cut.restored_at
     assert status == 0, migrate.log()
 
-    asyncio.run(_finish(hosts.src, hosts.dst))
+    hosts.run(_finish(hosts.src, hosts.dst))
     assert first_difference(hosts.src.ram_path, hosts.dst.ram_path) is None
 
     # The operator was told once that the link failed and that it waits.

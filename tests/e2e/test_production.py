@@ -41,6 +41,7 @@ from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import first_difference
 from tests.e2e.cli_helpers import Commands, check_migrated, serve_qmp_dir
 from tests.e2e.vms import VMPairFactory
+from tests.loops import AsyncRunner
 from tests.pki import PKI, SERVER_NAMES, issue, make_pki
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
@@ -250,7 +251,11 @@ def assert_channels_completed(*relays: MigrelayProcess) -> None:
 
 
 def test_wss_with_ca_carries_a_migration_intact(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
+    run_e2e: AsyncRunner,
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    sock_dir: Path,
+    pki: PKI,
 ) -> None:
     server = serve(
         migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
@@ -259,12 +264,16 @@ def test_wss_with_ca_carries_a_migration_intact(
     client = connect(
         migrelay_procs, sock_dir, f"wss://localhost:{server.port}/", "--ca", str(pki.ca)
     )
-    asyncio.run(migrate(vm_pair, sock_dir))
+    run_e2e(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
 
 
 def test_wss_with_pinned_fingerprint_carries_a_migration_intact(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
+    run_e2e: AsyncRunner,
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    sock_dir: Path,
+    pki: PKI,
 ) -> None:
     server = serve(
         migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
@@ -277,12 +286,16 @@ def test_wss_with_pinned_fingerprint_carries_a_migration_intact(
         "--fingerprint",
         pki.fingerprint(),
     )
-    asyncio.run(migrate(vm_pair, sock_dir, MigrationOptions(multifd_channels=2)))
+    run_e2e(migrate(vm_pair, sock_dir, MigrationOptions(multifd_channels=2)))
     assert_channels_completed(server, client)
 
 
 def test_wrong_fingerprint_is_refused_in_one_line_and_source_vm_stays(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
+    run_e2e: AsyncRunner,
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    sock_dir: Path,
+    pki: PKI,
 ) -> None:
     server = serve(
         migrelay_procs, sock_dir, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)
@@ -291,7 +304,7 @@ def test_wrong_fingerprint_is_refused_in_one_line_and_source_vm_stays(
     client = connect(
         migrelay_procs, sock_dir, f"wss://127.0.0.1:{server.port}/", "--fingerprint", wrong
     )
-    asyncio.run(migration_fails(vm_pair, sock_dir))
+    run_e2e(migration_fails(vm_pair, sock_dir))
     errors = [line for line in client.log().splitlines() if " ERROR " in line]
     assert len(errors) == 1, client.log()
     assert "does not match the pinned fingerprint" in errors[0]
@@ -299,7 +312,11 @@ def test_wrong_fingerprint_is_refused_in_one_line_and_source_vm_stays(
 
 
 def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
+    run_e2e: AsyncRunner,
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    sock_dir: Path,
+    pki: PKI,
 ) -> None:
     server = serve(
         migrelay_procs,
@@ -308,7 +325,7 @@ def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
     )
     url = f"wss://127.0.0.1:{server.port}/"
     anonymous = connect(migrelay_procs, sock_dir, url, "--ca", str(pki.ca), "--once")
-    asyncio.run(migration_fails(vm_pair, sock_dir))
+    run_e2e(migration_fails(vm_pair, sock_dir))
     anonymous.wait()
     assert "cannot open websocket" in anonymous.log(), anonymous.log()
     assert " opened: " not in server.log()
@@ -327,7 +344,7 @@ def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
             str(pki.client_key),
         ),
     )
-    asyncio.run(migrate(vm_pair, sock_dir))
+    run_e2e(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
 
 
@@ -335,6 +352,7 @@ def test_mtls_refuses_a_client_without_certificate_and_carries_one_with(
 
 
 def test_nginx_terminating_tls_under_a_path_prefix_carries_a_migration_intact(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
     sock_dir: Path,
@@ -353,7 +371,7 @@ def test_nginx_terminating_tls_under_a_path_prefix_carries_a_migration_intact(
         "--ca",
         str(pki.ca),
     )
-    asyncio.run(migrate(vm_pair, sock_dir, MigrationOptions(multifd_channels=2)))
+    run_e2e(migrate(vm_pair, sock_dir, MigrationOptions(multifd_channels=2)))
     assert_channels_completed(server, client)
     opened = [line for line in server.log().splitlines() if " opened: " in line]
     # nginx's X-Forwarded-For, trusted from 127.0.0.1, names the client in the log.
@@ -361,6 +379,7 @@ def test_nginx_terminating_tls_under_a_path_prefix_carries_a_migration_intact(
 
 
 def test_connect_through_tinyproxy_carries_a_migration_intact(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
     sock_dir: Path,
@@ -377,7 +396,7 @@ def test_connect_through_tinyproxy_carries_a_migration_intact(
         f"{server.url}/",
         *("--token-file", str(token_file), "--proxy", f"http://127.0.0.1:{proxy_port}"),
     )
-    asyncio.run(migrate(vm_pair, sock_dir))
+    run_e2e(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
     proxy_log = (sock_dir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
     # The one channel went through the proxy: one CONNECT, to serve's port.
@@ -386,6 +405,7 @@ def test_connect_through_tinyproxy_carries_a_migration_intact(
 
 
 def test_connect_follows_https_proxy_and_trusts_the_system_store_by_default(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
     sock_dir: Path,
@@ -401,7 +421,7 @@ def test_connect_follows_https_proxy_and_trusts_the_system_store_by_default(
     proxy_port = start_tinyproxy(sock_dir, daemons, server.port)
     environment = {"SSL_CERT_FILE": str(pki.ca), "https_proxy": f"http://127.0.0.1:{proxy_port}"}
     client = connect(migrelay_procs, sock_dir, f"wss://localhost:{server.port}/", env=environment)
-    asyncio.run(migrate(vm_pair, sock_dir))
+    run_e2e(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
     proxy_log = (sock_dir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
     assert proxy_log.count(f"CONNECT localhost:{server.port} HTTP/1.1") == 1, proxy_log
@@ -411,11 +431,12 @@ def test_connect_follows_https_proxy_and_trusts_the_system_store_by_default(
         migrelay_procs, sock_dir, f"wss://localhost:{server.port}/",
         env={"SSL_CERT_FILE": str(pki.other_ca), "no_proxy": "localhost"},
     )  # fmt: skip
-    asyncio.run(migration_fails(vm_pair, sock_dir))
+    run_e2e(migration_fails(vm_pair, sock_dir))
     assert "certificate verify failed" in untrusting.log(), untrusting.log()
 
 
 def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
     sock_dir: Path,
@@ -444,7 +465,7 @@ def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
             assert '"status": "completed"' in migrate.stdout(), migrate.describe()
             await check_migrated(src, dst)
 
-    asyncio.run(main())
+    run_e2e(main())
     proxy_log = (sock_dir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
     assert proxy_log.count(f"CONNECT localhost:{server.port} HTTP/1.1") == 1, proxy_log
 
@@ -453,7 +474,7 @@ def test_migrate_to_through_tinyproxy_over_wss_needs_no_other_command(
 
 
 def test_sigterm_during_a_migration_lets_it_complete(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     server = serve(migrelay_procs, sock_dir, "--shutdown-timeout", "60")
     connect(migrelay_procs, sock_dir, f"{server.url}/")
@@ -468,7 +489,7 @@ def test_sigterm_during_a_migration_lets_it_complete(
 
     # 32 MiB at 8 MiB/s: about four seconds of migration to send SIGTERM into.
     slow = MigrationOptions(max_bandwidth=8 << 20)
-    asyncio.run(migrate(vm_pair, sock_dir, slow, during=terminate_serve))
+    run_e2e(migrate(vm_pair, sock_dir, slow, during=terminate_serve))
     assert server.wait(10) == 0
     log = server.log()
     assert "shutting down" in log and "closed: completed" in log, log
@@ -514,7 +535,11 @@ def _metrics_status(port: int, ca: Path, token: str | None) -> int:
 
 
 def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path, pki: PKI
+    run_e2e: AsyncRunner,
+    vm_pair: VMPairFactory,
+    migrelay_procs: MigrelayProcesses,
+    sock_dir: Path,
+    pki: PKI,
 ) -> None:
     # serve reads its certificate, tokens and metrics tokens from files that the test
     # replaces mid-migration, as certbot or a secrets manager would, then sends SIGHUP.
@@ -553,7 +578,7 @@ def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
 
     # 32 MiB at 8 MiB/s: about four seconds of migration to reload into.
     slow = MigrationOptions(max_bandwidth=8 << 20)
-    asyncio.run(migrate(vm_pair, sock_dir, slow, during=reload_mid_migration))
+    run_e2e(migrate(vm_pair, sock_dir, slow, during=reload_mid_migration))
     assert_channels_completed(server)
 
     # New connections see the new certificate and the new tokens only.
@@ -577,11 +602,11 @@ def test_sighup_reloads_tokens_and_certificate_without_dropping_a_migration(
 
 
 def test_metrics_after_a_migration_show_the_bytes_it_moved(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     server = serve(migrelay_procs, sock_dir)
     connect(migrelay_procs, sock_dir, f"{server.url}/")
-    asyncio.run(migrate(vm_pair, sock_dir))
+    run_e2e(migrate(vm_pair, sock_dir))
     server.wait_for_log(r"channel \S+ closed: completed")
     url = f"http://{server.host}:{server.port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:

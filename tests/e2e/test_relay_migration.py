@@ -21,6 +21,7 @@ from migrelay.control.migration import (
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import DisposableVM, first_difference
 from tests.e2e.vms import VMPairFactory
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -74,6 +75,7 @@ def _relayed(lines: list[str], field: str) -> float:
 
 @pytest.mark.parametrize("multifd", [None, 4], ids=["single-channel", "multifd4"])
 def test_migration_through_the_tunnel_keeps_ram_identical(
+    run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
     migrelay_procs: MigrelayProcesses,
     sock_dir: Path,
@@ -90,7 +92,7 @@ def test_migration_through_the_tunnel_keeps_ram_identical(
             await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             await _finish(src, dst, sq, dq)
 
-    asyncio.run(scenario())
+    run_e2e(scenario())
     channels = 1 + (multifd or 0)
     # One "closed" line per channel on each side, each saying it completed normally.
     for relay in (server, client):
@@ -110,7 +112,7 @@ def test_migration_through_the_tunnel_keeps_ram_identical(
 
 
 def test_relays_started_after_migrate_incoming(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     options = MigrationOptions()
 
@@ -124,11 +126,11 @@ def test_relays_started_after_migrate_incoming(
             await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             await _finish(src, dst, sq, dq)
 
-    asyncio.run(scenario())
+    run_e2e(scenario())
 
 
 def test_migration_started_before_the_destination_listens_waits_for_it(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     # The original workflow may start the source before destination QEMU listens: the
     # server waits (bounded by --wait-target) for the destination socket to appear.
@@ -147,11 +149,11 @@ def test_migration_started_before_the_destination_listens_waits_for_it(
             await prepare_incoming(dq, f"unix:{sock_dir / 'dest.sock'}", options)
             await _finish(src, dst, sq, dq)
 
-    asyncio.run(scenario())
+    run_e2e(scenario())
 
 
 def test_second_migration_through_the_same_relays_completes(
-    vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     # Without --once, connect serves migration after migration, each its own session.
     _, client = _relays(migrelay_procs, sock_dir)
@@ -165,8 +167,8 @@ def test_second_migration_through_the_same_relays_completes(
             await start_migration(sq, f"unix:{sock_dir / 'source.sock'}", options)
             await _finish(src, dst, sq, dq)
 
-    asyncio.run(one("first"))
-    asyncio.run(one("second"))
+    run_e2e(one("first"))
+    run_e2e(one("second"))
     # The relay logs a session's end once its channels closed, a moment after QEMU quit.
     client.wait_for_log(r"(?s)(session \S+ ended.*){2}")
     sessions = [

@@ -30,6 +30,7 @@ from migrelay.control.migration import (
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
+from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +92,7 @@ def test_boot_sector_builds_a_bootable_floppy(sock_dir: Path) -> None:
 
 
 def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
-    migrelay_procs: MigrelayProcesses, sock_dir: Path
+    run_e2e: AsyncRunner, migrelay_procs: MigrelayProcesses, sock_dir: Path
 ) -> None:
     server = migrelay_procs.serve("--target", str(sock_dir / "dest.sock"))
     migrelay_procs.connect(f"{server.url}/", sock_dir / "source.sock")
@@ -142,4 +143,4 @@ def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
             await sq.quit()
             await dq.quit()
 
-    asyncio.run(scenario())
+    run_e2e(scenario())
