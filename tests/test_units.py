@@ -74,6 +74,7 @@ def test_parse_link_rate_refuses_what_tc_would(text: str) -> None:
         (64 * GIB, "64.0 GiB"),
         (3 << 40, "3.0 TiB"),
         (5000 << 40, "5000.0 TiB"),
+        (3 * 1024**5, "3072.0 TiB"),
     ],
 )
 def test_format_bytes_uses_binary_units(count: int | None, text: str) -> None:
@@ -92,6 +93,7 @@ def test_format_rate_appends_per_second() -> None:
         (float("nan"), "?"),
         (float("inf"), "?"),
         (0.42, "0.42 s"),
+        (0.4219, "0.42 s"),
         (12.4, "12 s"),
         (185, "3m05s"),
         (3720, "1h02m"),

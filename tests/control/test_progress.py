@@ -19,7 +19,6 @@ from migrelay.control.progress import (
     snapshot_document,
 )
 from migrelay.control.qmp import MigrationInfo, MigrationStatus
-from migrelay.units import format_bytes, format_duration, format_rate
 
 MIB = 1024 * 1024
 
@@ -73,42 +72,6 @@ COMPLETED = MigrationInfo(
 FAILED = MigrationInfo(
     status=MigrationStatus.FAILED, error_desc="Unable to write to socket: Broken pipe"
 )
-
-
-@pytest.mark.parametrize(
-    ("count", "text"),
-    [
-        (None, "?"),
-        (0, "0 B"),
-        (1023, "1023 B"),
-        (1024, "1.0 KiB"),
-        (int(1.5 * MIB), "1.5 MiB"),
-        (64 * 1024 * MIB, "64.0 GiB"),
-        (3 * 1024**5, "3072.0 TiB"),
-    ],
-)
-def test_format_bytes_uses_binary_units(count: int | None, text: str) -> None:
-    assert format_bytes(count) == text
-
-
-def test_format_rate_appends_per_second() -> None:
-    assert format_rate(118.25 * MIB) == "118.2 MiB/s"
-    assert format_rate(None) == "?"
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (None, "?"),
-        (float("inf"), "?"),
-        (0.4219, "0.42 s"),
-        (12.4, "12 s"),
-        (185, "3m05s"),
-        (3720, "1h02m"),
-    ],
-)
-def test_format_duration_reads_naturally(seconds: float | None, text: str) -> None:
-    assert format_duration(seconds) == text
 
 
 def test_eta_is_remaining_over_rate_and_unknown_without_a_rate() -> None:
