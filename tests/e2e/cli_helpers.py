@@ -166,6 +166,24 @@ def commands_in(sock_dir: Path) -> Iterator[Commands]:
             command.stop()
 
 
+def assert_one_line_error(command: Command, *fragments: str, code: int = 1) -> str:
+    """The command exited with ``code`` and said why in one ``migrelay: error:`` line.
+
+    No traceback, nothing else on stderr; every fragment appears in the line.
+
+    Returns:
+        The line, newline included, for the test's own checks.
+    """
+    assert command.popen.returncode == code, command.describe()
+    stderr = command.stderr()
+    assert stderr.startswith("migrelay: error: "), command.describe()
+    assert stderr.count("\n") == 1, command.describe()
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr, command.describe()
+    return stderr
+
+
 def summary_line(stdout: str) -> str:
     """The last line a command printed (``migrate``'s summary)."""
     lines = stdout.strip().splitlines()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from migrelay.units import MIB
-from tests.e2e.cli_helpers import Command, Commands, check_migrated
+from tests.e2e.cli_helpers import Commands, assert_one_line_error, check_migrated
 from tests.e2e.vms import VMPairFactory
 from tests.loops import AsyncRunner
 
@@ -21,18 +21,6 @@ pytestmark = pytest.mark.e2e
 
 #: These tests migrate nothing: the smallest VMs that QEMU starts quickly.
 RAM_BYTES = 32 * MIB
-
-
-def assert_one_line_error(command: Command, *fragments: str) -> str:
-    """The command failed with exit 1 and said why in one ``migrelay: error:`` line."""
-    assert command.popen.returncode == 1, command.describe()
-    stderr = command.stderr()
-    assert stderr.startswith("migrelay: error: "), command.describe()
-    assert stderr.count("\n") == 1, command.describe()
-    assert "Traceback" not in stderr
-    for fragment in fragments:
-        assert fragment in stderr, command.describe()
-    return stderr
 
 
 def test_a_dead_qmp_socket_is_one_sentence(

@@ -25,6 +25,7 @@ from migrelay.units import MIB
 from tests.e2e.cli_helpers import (
     SLOW_BANDWIDTH,
     Commands,
+    assert_one_line_error,
     check_migrated,
     migrate_under_way,
     serve_qmp_dir,
@@ -261,10 +262,8 @@ def test_a_destination_vm_not_ready_is_refused_in_one_line_and_nothing_changes(
             serve = serve_qmp_dir(migrelay_procs, sock_dir)
             url = f"{serve.url}/{bad.name}"
             refused = commands.migrate(src, "--to", url)
-            assert await refused.wait() == 1, refused.describe()
-            stderr = refused.stderr()
-            assert "Traceback" not in stderr
-            assert stderr.count("\n") == 1, stderr
+            await refused.wait()
+            stderr = assert_one_line_error(refused)
             # The client gets a fixed reason; what QEMU's state was (paths included) is
             # for serve's log only.
             assert stderr.startswith(
