@@ -35,7 +35,7 @@ from typing import Final, cast
 
 from migrelay.core.events import EndOfStream, Payload
 from migrelay.core.frames import MAX_HEADER_BYTES
-from migrelay.core.session import ChannelOutcome, Liveness, LocalLoss, RelaySession, describe_close
+from migrelay.core.session import Liveness, LocalLoss, RelaySession, describe_close
 from migrelay.limits import Limits
 from migrelay.units import format_bytes
 
@@ -93,22 +93,21 @@ class ReadBuffers:
         read_bytes: bytes per read.
     """
 
-    __slots__ = ("_held", "_size", "current", "headroom", "views")
+    __slots__ = ("_held", "_read_views", "_size", "current", "headroom", "view", "views")
 
     def __init__(self, headroom: int, read_bytes: int) -> None:
         self.headroom = headroom
         self._size = headroom + read_bytes
+        first = memoryview(bytearray(self._size))
         #: The whole buffers, header room included; the second is None until needed.
-        self.views: list[memoryview | None] = [memoryview(bytearray(self._size)), None]
-        #: Index of the buffer the last read went into.
+        self.views: list[memoryview | None] = [first, None]
+        #: The part of each buffer a read fills, sliced once (not per read).
+        self._read_views: list[memoryview | None] = [first[headroom:], None]
+        #: Index of the buffer the last read went into, and that whole buffer (header
+        #: room included).
         self.current = 0
+        self.view = first
         self._held = [False, False]
-
-    def current_view(self) -> memoryview:
-        """The whole buffer the last read went into, header room included."""
-        view = self.views[self.current]
-        assert view is not None  # next_read() made it
-        return view
 
     def next_read(self) -> memoryview:
         """Return where the next read goes: the current buffer unless it is held.
@@ -121,10 +120,14 @@ class ReadBuffers:
             index ^= 1
             if self._held[index]:
                 raise RuntimeError("read after pause_reading() with both buffers in use")
-            if self.views[index] is None:
-                self.views[index] = memoryview(bytearray(self._size))
-            self.current = index
-        return self.current_view()[self.headroom :]
+            view = self.views[index]
+            if view is None:
+                view = self.views[index] = memoryview(bytearray(self._size))
+                self._read_views[index] = view[self.headroom :]
+            self.current, self.view = index, view
+        read_view = self._read_views[index]
+        assert read_view is not None  # made with its buffer
+        return read_view
 
     def hold_current(self) -> None:
         """The current buffer's bytes are queued in the opposite transport."""
@@ -175,11 +178,11 @@ class UnixLeg(asyncio.BufferedProtocol):
         channel = self.channel
         if channel is None:
             # Copied: a pre-channel read is kept until start() replays it.
-            self.early_data += buffers.current_view()[buffers.headroom : buffers.headroom + nbytes]
+            self.early_data += buffers.view[buffers.headroom : buffers.headroom + nbytes]
             assert self.transport is not None
             self.transport.pause_reading()
             return
-        channel.unix_data(buffers.current_view(), nbytes)
+        channel.unix_data(buffers.view, nbytes)
         if channel.ws_write_busy:
             # OWNERSHIP: the frame is (or may be) queued in the WebSocket transport.
             buffers.hold_current()
@@ -224,7 +227,7 @@ class WebSocketLeg(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         buffers = self.buffers
         channel = self.channel
-        channel.ws_data(buffers.current_view()[:nbytes])
+        channel.ws_data(buffers.view[:nbytes])
         if channel.unix_write_busy:
             # OWNERSHIP: payload views of this buffer are (or may be) queued in the
             # unix transport.
@@ -437,10 +440,6 @@ class Channel:
     def end_reason(self) -> str | None:
         """The first failure recorded (the session's), or None."""
         return self.session.failure
-
-    def outcome(self) -> ChannelOutcome:
-        """How the channel ended (:meth:`RelaySession.outcome`)."""
-        return self.session.outcome()
 
     @property
     def clean(self) -> bool:

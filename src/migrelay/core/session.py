@@ -194,8 +194,7 @@ class RelaySession:
         self.failed = False
         #: The first thing that went wrong, for the log (never sent to the peer).
         self.failure: str | None = None
-        #: Whether the local (unix) side is gone, and with which error.
-        self.local_closed = False
+        #: The error the local (unix) side went away with, if any.
         self.local_error: BaseException | None = None
         self._liveness_mark = 0
         self._ping_outstanding = False
@@ -300,7 +299,6 @@ class RelaySession:
         Anything else before both directions ended fails the channel with
         :attr:`local_close_code`, so the peer closes its QEMU too and both see it.
         """
-        self.local_closed = True
         self.local_error = error
         if self.state is not SessionState.OPEN or (self.local_ended and self.remote_ended):
             return LocalLoss.NOTHING
