@@ -13,16 +13,13 @@ import base64
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tests import helpers
+from tests.loops import AsyncRunner
 
 from migrelay.aio.server import RelayServer, ServerConfig
-
-Run = Callable[[Coroutine[Any, Any, None]], None]
 
 PROMPT_SECONDS = 2.0 * helpers.FACTOR
 
@@ -40,16 +37,21 @@ def upgrade_request(extra_headers: bytes) -> bytes:
     )
 
 
-async def status_of(port: int, request: bytes) -> int:
-    """Send ``request``; return the status of the answer (read until the server closes)."""
+async def answer_of(port: int, request: bytes) -> bytes:
+    """Send ``request``; return the whole answer (read until the server closes)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
-        raw = await asyncio.wait_for(reader.read(), PROMPT_SECONDS)
+        return await asyncio.wait_for(reader.read(), PROMPT_SECONDS)
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def status_of(port: int, request: bytes) -> int:
+    """Send ``request``; return the status of the answer."""
+    raw = await answer_of(port, request)
     status_line = raw.split(b"\r\n", 1)[0]
     assert status_line.startswith(b"HTTP/1.1 "), raw
     return int(status_line.split()[1])
@@ -71,7 +73,7 @@ HOSTILE_CHANNELS: dict[str, bytes] = {
 
 @pytest.mark.parametrize("value", list(HOSTILE_CHANNELS.values()), ids=list(HOSTILE_CHANNELS))
 def test_hostile_channel_number_is_400_without_a_traceback(
-    run_async: Run,
+    run_async: AsyncRunner,
     sock_dir: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -122,28 +124,13 @@ def test_hostile_channel_number_is_400_without_a_traceback(
     assert len(refusals) == 1 and "invalid Migrelay-Channel" in refusals[0], refusals
 
 
-async def answer_of(port: int, request: bytes) -> bytes:
-    """Send ``request``; return the whole answer (read until the server closes)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        return await asyncio.wait_for(reader.read(), PROMPT_SECONDS)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 def test_a_malformed_upgrade_gets_fixed_text_and_its_cause_goes_to_the_log(
-    run_async: Run,
+    run_async: AsyncRunner,
     sock_dir: Path,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    logs: pytest.LogCaptureFixture,
 ) -> None:
     # wsproto refuses version 12 with its own message; that message names nothing
     # secret, but it is an exception's text: the peer gets migrelay's fixed reason.
-    monkeypatch.setattr(logging.getLogger("migrelay"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="migrelay")
     request = upgrade_request(b"").replace(
         b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 12"
     )
@@ -156,16 +143,10 @@ def test_a_malformed_upgrade_gets_fixed_text_and_its_cause_goes_to_the_log(
         finally:
             await asyncio.wait_for(server.close(), 3 * PROMPT_SECONDS)
 
-    answers: list[bytes] = []
-
-    async def collect() -> None:
-        answers.append(await main())
-
-    run_async(collect())
-    head, _, body = answers[0].partition(b"\r\n\r\n")
+    head, _, body = run_async(main()).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 426 "), head
     assert b"\r\nsec-websocket-version: 13" in head.lower(), head  # RFC 6455 §4.4
     assert body.strip() == b"invalid upgrade request", body
-    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    refusals = [r.getMessage() for r in logs.records if "refused" in r.getMessage()]
     assert len(refusals) == 1, refusals
     assert "426 invalid upgrade request (RemoteProtocolError: " in refusals[0], refusals
