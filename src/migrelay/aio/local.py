@@ -241,8 +241,7 @@ async def connect_path(
     finally:
         os.close(fd)
     transport, protocol = await loop.create_unix_connection(factory, sock=sock)
-    # uvloop's transports implement asyncio.Transport without subclassing it.
-    return transport, protocol  # type: ignore[return-value]
+    return transport, protocol
 
 
 def check_listener_owner(path: Path, owners: SocketOwners) -> None:
