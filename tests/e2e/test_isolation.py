@@ -325,7 +325,7 @@ def test_hostile_clients_during_a_migration_are_refused_and_it_completes_intact(
             assert not any(isinstance(event, Payload) for event in events)
             line = await asyncio.to_thread(
                 serve.wait_for_log,
-                r"channel anon-\d+/0 closed: peer broke the protocol: [^\n]*",
+                r"channel anon-[0-9a-f]{16}/0 closed: peer broke the protocol: [^\n]*",
                 ANSWER_TIMEOUT_S,
             )
             assert "close code 1002 protocol error" in line.group(0), line.group(0)

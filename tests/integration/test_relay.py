@@ -30,7 +30,7 @@ from tests.helpers import random_chunks, wait_until
 from tests.processes import MigrelayProcesses
 
 from migrelay.aio.client import ClientConfig, SourceRelay, open_websocket
-from migrelay.aio.server import RelayServer, ServerConfig
+from migrelay.aio.server import ANONYMOUS, RelayServer, ServerConfig
 from migrelay.core.frames import Opcode, encode_frame
 from migrelay.errors import HandshakeRefused
 from migrelay.limits import Limits
@@ -305,7 +305,7 @@ def test_channels_reach_destination_in_channel_order_when_websockets_arrive_out_
         session = "order-test"
 
         def claimed() -> set[int]:
-            entry = server.sessions.get(session)
+            entry = server.sessions.get((ANONYMOUS, session))
             return set() if entry is None else set(entry.claimed)
 
         later = [asyncio.create_task(open_channel(url, session, 1))]

@@ -78,7 +78,7 @@ def test_serve_reads_tokens_with_their_targets(files: dict[str, Path]) -> None:
     [
         ("missing", r"cannot read .*missing: No such file or directory"),
         ("empty", r".*empty holds no token"),
-        ("bad", r".*bad line 1: expected 'TOKEN \[TARGET,\.\.\.\]'"),
+        ("bad", r".*bad line 1: expected 'SECRET \[TARGET,\.\.\.\] \[name=NAME\]'"),
     ],
 )
 @pytest.mark.parametrize("option", ["token_file", "metrics_token_file"])
@@ -117,7 +117,7 @@ def test_serve_checks_its_tls_files_before_it_starts(
     )
     if error is None:
         config, credentials = load_server_config(settings)
-        assert credentials is not None and config.ssl_context is credentials.listening
+        assert credentials is not None and config.ssl_context is credentials.current
     else:
         with pytest.raises(ConfigError, match=f"^{error}"):
             load_server_config(settings)

@@ -9,9 +9,11 @@ one-line body and one log line; a refused or failed connection never disturbs an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import hmac
 import logging
-import re
+import secrets
 import socket
 import ssl
 import time
@@ -22,7 +24,17 @@ from typing import Final, cast
 
 from migrelay.aio import access
 from migrelay.aio.channel import Channel, UnixLeg
+from migrelay.aio.listener import (
+    SPARE_DESCRIPTORS,
+    Admission,
+    DescriptorReserve,
+    accept_forever,
+    open_listeners,
+    raise_descriptor_limit,
+)
+from migrelay.aio.local import PeerRefused, SocketOwners, connect_path
 from migrelay.aio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
+from migrelay.aio.ratelimit import LogLimiter, clip
 from migrelay.core.frames import CloseCode
 from migrelay.core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
 from migrelay.core.headers import CHANNEL_HEADER, SESSION_HEADER, parse_channel, parse_session_id
@@ -33,7 +45,14 @@ from migrelay.limits import Limits
 logger = logging.getLogger(__name__)
 
 #: DESIGN.md §3: a session name; anything else is 404 before the host is touched.
-TARGET_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+TARGET_NAME_RE: Final = access.TARGET_NAME_RE
+#: The principal of requests without a token (a server without ``--token-file``).
+ANONYMOUS: Final = "-"
+#: Longest request path quoted in a log line; the rest is cut (logs are not for rent).
+LOGGED_PATH_CHARS: Final = 64
+#: Refusal log lines: a burst of this many, then `REFUSAL_LOG_RATE` a second.
+REFUSAL_LOG_BURST: Final = 100
+REFUSAL_LOG_RATE: Final = 10.0
 #: Seconds between attempts to connect a destination socket that is not there yet.
 TARGET_RETRY_SECONDS: Final = 0.05
 
@@ -55,6 +74,17 @@ class ServerConfig:
     #: Seconds to wait for the destination socket to appear (and for earlier channels).
     wait_target: float = 30.0
     max_sessions: int = 64
+    #: Most sessions one token (or, without tokens, everyone) may hold at once.
+    max_sessions_per_token: int = 16
+    #: Most sessions to one target at once: a VM is one migration at a time; a few
+    #: more let a retry start while the failed attempt's channels wind down.
+    max_sessions_per_target: int = 4
+    #: Most connections still in their handshake (TCP accepted, TLS and HTTP request
+    #: not yet complete), in all and from one client address (see `listener.Admission`).
+    max_handshakes: int = 512
+    max_handshakes_per_address: int = 32
+    #: Who may listen at a destination socket (``SO_PEERCRED``; `local.SocketOwners`).
+    socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
     limits: Limits = field(default_factory=Limits)
     #: Awaited once per session, before its first channel connects the destination
     #: socket, with the session's name (``/`` or ``NAME``), that socket's path and the
@@ -64,8 +94,14 @@ class ServerConfig:
     prepare_target: PrepareTarget | None = None
     #: Tokens restricted to some targets (``/`` or NAME); the others reach every target.
     token_targets: Mapping[bytes, frozenset[str]] = field(default_factory=dict)
-    #: Accepted ``Origin`` values (normalized, see `access.normalize_origin`); empty: any.
+    #: The name of each token, for logs, metrics and quotas (never the secret).
+    token_names: Mapping[bytes, str] = field(default_factory=dict)
+    #: Accepted ``Origin`` values (normalized, see `access.normalize_origin`). Without
+    #: tokens, a request with an Origin (a browser) is refused unless it is listed;
+    #: with tokens, an empty list accepts any (a browser cannot send the token).
     allowed_origins: frozenset[str] = frozenset()
+    #: Without tokens, ``Host`` must name the listener or one of these (DNS rebinding).
+    allowed_hosts: frozenset[str] = frozenset()
     #: Peers whose ``X-Forwarded-For`` names the client in log lines (reverse proxies).
     trusted_proxies: tuple[access.IPNetwork, ...] = ()
     #: Path prefix a reverse proxy forwards under (``/migrelay``), or "".
@@ -95,12 +131,13 @@ def check_bearer(request: UpgradeRequest, tokens: Sequence[bytes]) -> bytes | No
     scheme, _, credential = header.partition(" ")
     if scheme.lower() != "bearer" or not credential:
         raise Refusal(401, "authentication required", (("WWW-Authenticate", "Bearer"),))
-    given = credential.strip().encode("utf-8")
+    given = hashlib.sha256(credential.strip().encode("utf-8")).digest()
     # Compare with every token, without stopping at a match, so the time taken
-    # says nothing about which token (if any) matched.
+    # says nothing about which token (if any) matched; digests, so that it says
+    # nothing about the tokens' lengths either.
     matched: bytes | None = None
     for token in tokens:
-        if hmac.compare_digest(given, token):
+        if hmac.compare_digest(given, hashlib.sha256(token).digest()):
             matched = token
     if matched is None:
         raise Refusal(
@@ -118,6 +155,12 @@ class _MigrationSession:
 
     id: str
     target: Path
+    #: The token's name (or `ANONYMOUS`) that opened it: only it may add channels.
+    principal: str
+    #: The target's name (``/`` or NAME), for quotas.
+    target_name: str
+    #: Its key in `RelayServer.sessions`.
+    key: tuple[str, str]
     connected: list[asyncio.Future[None]] = field(default_factory=list)
     claimed: set[int] = field(default_factory=set)
     channels: set[Channel] = field(default_factory=set)
@@ -137,11 +180,20 @@ class RelayServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.sessions: dict[str, _MigrationSession] = {}
+        #: Keyed by (principal, session id): a session id names a session only for the
+        #: token that opened it, so no tenant can join, claim or even see another's.
+        self.sessions: dict[tuple[str, str], _MigrationSession] = {}
         self.channels: set[Channel] = set()
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._opening: set[asyncio.Task[None]] = set()
         self._connections: set[_HandshakeProtocol] = set()
-        self._anonymous = 0
+        self.admission = Admission(config.max_handshakes, config.max_handshakes_per_address)
+        self._reserve: DescriptorReserve | None = None
+        #: Refusals and dropped connections are logged at most this often: a burst of
+        #: `REFUSAL_LOG_BURST` lines, then `REFUSAL_LOG_RATE` a second; each line that
+        #: follows a gap says how many were not logged (the metrics count them all).
+        self.refusal_log = LogLimiter(rate_per_s=REFUSAL_LOG_RATE, burst=REFUSAL_LOG_BURST)
         #: Called with each channel when it closes (used by tests and metrics).
         self.on_channel_closed: Callable[[Channel], None] | None = None
         self.metrics = RelayMetrics(self.sessions, self.channels)
@@ -154,21 +206,20 @@ class RelayServer:
     @property
     def sockets(self) -> list[socket.socket]:
         """The listening sockets (to learn the port when 0 was asked for)."""
-        assert self._server is not None
-        return list(self._server.sockets)
+        return list(self._listeners)
 
     async def start(self) -> None:
         """Start listening. Raises OSError when the address is unavailable."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _HandshakeProtocol(self),
-            self.config.host,
-            self.config.port,
-            ssl=self.config.ssl_context,
-            reuse_address=True,
-            backlog=128,
-        )
-        for sock in self._server.sockets:
+        self._check_descriptor_budget(raise_descriptor_limit())
+        self._listeners = open_listeners(self.config.host, self.config.port, backlog=128)
+        self._reserve = DescriptorReserve()
+        for sock in self._listeners:
+            self._accept_tasks.append(
+                loop.create_task(
+                    accept_forever(sock, self._accepted, self._reserve, self._out_of_descriptors)
+                )
+            )
             logger.info(
                 "listening on %s://%s",
                 "wss" if self.config.ssl_context else "ws",
@@ -177,15 +228,93 @@ class RelayServer:
         if self.config.idle_timeout > 0:
             self._idle_task = loop.create_task(self._watch_idle(self.config.idle_timeout))
 
-    async def serve_forever(self) -> None:
-        """Serve until cancelled."""
-        assert self._server is not None
-        await self._server.serve_forever()
+    def _check_descriptor_budget(self, limit: int) -> None:
+        """Shrink the handshake cap when RLIMIT_NOFILE could not hold it with every channel.
+
+        A channel takes two descriptors (WebSocket and unix); sessions, channels and
+        handshakes at their caps, plus `SPARE_DESCRIPTORS`, must fit in the limit, or
+        idle connections could leave a migration's unix connect without a descriptor.
+        """
+        config = self.config
+        channels = config.max_sessions * config.max_channels * 2
+        room = limit - channels - SPARE_DESCRIPTORS
+        if room < self.admission.max_total:
+            cap = max(room, 16)
+            logger.warning(
+                "RLIMIT_NOFILE is %d: handshake cap lowered from %d to %d so that %d sessions "
+                "of %d channels keep their descriptors",
+                limit,
+                self.admission.max_total,
+                cap,
+                config.max_sessions,
+                config.max_channels,
+            )
+            self.admission.max_total = cap
+            self.admission.max_per_address = min(self.admission.max_per_address, cap)
+
+    def _accepted(self, conn: socket.socket, address: object) -> None:
+        client = str(address[0]) if isinstance(address, tuple) and address else "?"
+        why_not = self.admission.admit(client)
+        if why_not is not None:
+            # Closed without reading a byte: an idle flood costs one accept per socket.
+            conn.close()
+            self.metrics.refused(503, "handshake_limit")
+            self._log_refusal("dropped connection from %s: %s", client, why_not)
+            return
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # The return path and postcopy page requests are small and latency-bound.
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.get_running_loop().create_task(self._open_connection(conn, client))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open_connection(self, conn: socket.socket, client: str) -> None:
+        """Run the TLS handshake (if any) within the handshake timeout, then the HTTP one."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.limits.handshake_timeout
+        deadline = loop.time() + timeout
+        context = self.config.ssl_context  # the newest: SIGHUP replaces it whole
+        protocol = _HandshakeProtocol(self, client, deadline)
+        try:
+            if context is None:
+                await loop.connect_accepted_socket(lambda: protocol, conn)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=context, ssl_handshake_timeout=timeout
+                )
+        except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError) as exc:
+            conn.close()
+            protocol._release_admission()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self.metrics.refused(400, "tls_handshake")
+            self._log_refusal(
+                "TLS handshake with %s failed: %s", client, clip(str(exc) or type(exc).__name__)
+            )
+
+    def _out_of_descriptors(self, exc: OSError) -> None:
+        self.metrics.refused(503, "out_of_descriptors")
+        self._log_refusal("accept failed: %s; shedding the oldest waiting connection", exc)
+
+    def _log_refusal(self, message: str, *args: object) -> None:
+        """Log one refusal line, at most `LogLimiter`'s rate; say how many were not."""
+        limiter = self.refusal_log
+        if not limiter.allow():
+            return
+        suppressed = limiter.take_suppressed()
+        if suppressed:
+            message += " (%d more refusals not logged)"
+            args = (*args, suppressed)
+        logger.info(message, *args)
 
     async def close(self) -> None:
         """Stop listening and close every connection and channel."""
-        if self._server is not None:
-            self._server.close()
+        self._stop_listening()
+        for task in list(self._opening):
+            task.cancel()
+        if self._opening:
+            await asyncio.gather(*self._opening, return_exceptions=True)
         if self._idle_task is not None:
             self._idle_task.cancel()
             await asyncio.gather(self._idle_task, return_exceptions=True)
@@ -197,8 +326,16 @@ class RelayServer:
         waits = [channel.closed.wait() for channel in self.channels]
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._reserve is not None:
+            self._reserve.close()
+            self._reserve = None
+
+    def _stop_listening(self) -> None:
+        for task in self._accept_tasks:
+            task.cancel()
+        self._accept_tasks.clear()
+        for sock in self._listeners:
+            sock.close()
 
     # -- routing -------------------------------------------------------------------------
 
@@ -242,24 +379,37 @@ class RelayServer:
             return
         if SUBPROTOCOL not in request.subprotocols:
             raise Refusal(400, f"subprotocol {SUBPROTOCOL} required")
-        if not access.origin_allowed(request.headers.get("origin"), self.config.allowed_origins):
+        config = self.config
+        with_tokens = bool(config.tokens)
+        if not access.browser_origin_allowed(
+            request.headers.get("origin"), config.allowed_origins, with_tokens
+        ):
             raise Refusal(403, "origin not allowed", kind="origin")
+        if not with_tokens and not access.host_allowed(
+            request.headers.get("host"), config.host, self.port, config.allowed_hosts
+        ):
+            # DNS rebinding: a web page's own name resolving to this host.
+            raise Refusal(403, "host not allowed", kind="host")
         token = self.authenticate(request)
+        principal = ANONYMOUS if token is None else config.token_names.get(token, "token")
         name, target = self.resolve_target(request)
         self.authorize(token, name)
         session_id = request.headers.get(SESSION_HEADER.lower())
         channel_text = request.headers.get(CHANNEL_HEADER.lower(), "0")
         if session_id is None:
-            # A standard client: a session of one channel (DESIGN.md §3).
-            self._anonymous += 1
-            session_id = f"anon-{self._anonymous}"
+            # A standard client: a session of one channel (DESIGN.md §3). Its id is
+            # the server's, unpredictable, and in a key no client can send (it holds
+            # a character Migrelay-Session does not allow), so nobody can join it.
             if CHANNEL_HEADER.lower() in request.headers:
                 raise Refusal(400, f"{CHANNEL_HEADER} without {SESSION_HEADER}")
+            session_id = f"anon-{secrets.token_hex(8)}"
+            key = (principal, f"{session_id}/")
         else:
             try:
                 parse_session_id(session_id)
             except ValueError as exc:
                 raise Refusal(400, str(exc)) from None
+            key = (principal, session_id)
         try:
             number = parse_channel(channel_text)
         except ValueError as exc:
@@ -270,21 +420,14 @@ class RelayServer:
                 429, f"too many channels in one session (limit {self.config.max_channels})"
             )
 
-        session = self.sessions.get(session_id)
+        session = self.sessions.get(key)
         if session is None:
-            if self.draining:
-                raise Refusal(503, "shutting down", (("Retry-After", "5"),), kind="shutting_down")
-            if len(self.sessions) >= self.config.max_sessions:
-                raise Refusal(
-                    503,
-                    f"too many sessions (limit {self.config.max_sessions})",
-                    (("Retry-After", "5"),),
-                    kind="max_sessions",
-                )
-            session = _MigrationSession(session_id, target)
-            self.sessions[session_id] = session
+            self._check_quotas(principal, name)
+            session = _MigrationSession(session_id, target, principal, name, key)
+            self.sessions[key] = session
             self.metrics.session_started()
         if session.target != target:
+            # Only the token that opened the session can get here: nothing is revealed.
             raise Refusal(409, f"session {session_id} belongs to another target")
         if number in session.claimed:
             raise Refusal(409, f"channel {number} of session {session_id} repeated")
@@ -317,11 +460,12 @@ class RelayServer:
             self.metrics.channel_opened(channel, name)
             self.metrics.handshake_seconds.observe(connection.age())
             logger.info(
-                "channel %s opened: %s -> %s (%s)",
+                "channel %s opened: %s -> %s (%s%s)",
                 channel_name,
                 peer,
                 target,
                 "target /" if name == "/" else f"target {name}",
+                "" if principal == ANONYMOUS else f", token {principal}",
             )
             channel.start(connection.handshake.trailing_data)
             transport.resume_reading()
@@ -331,6 +475,44 @@ class RelayServer:
             # N arriving in that window start a new session and wait for its channel 0.
             session.pending -= 1
             self._forget_if_idle(session)
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the configured one, or the one chosen for 0)."""
+        if self._listeners:
+            return int(self._listeners[0].getsockname()[1])
+        return self.config.port
+
+    def _check_quotas(self, principal: str, name: str) -> None:
+        """Refuse a new session over a server-wide, per-token or per-target cap (503/429)."""
+        config = self.config
+        if self.draining:
+            raise Refusal(503, "shutting down", (("Retry-After", "5"),), kind="shutting_down")
+        if len(self.sessions) >= config.max_sessions:
+            raise Refusal(
+                503,
+                f"too many sessions (limit {config.max_sessions})",
+                (("Retry-After", "5"),),
+                kind="max_sessions",
+            )
+        sessions = self.sessions.values()
+        held = sum(1 for session in sessions if session.principal == principal)
+        if held >= config.max_sessions_per_token:
+            raise Refusal(
+                429,
+                f"too many sessions for this token (limit {config.max_sessions_per_token})",
+                (("Retry-After", "5"),),
+                kind="token_quota",
+            )
+        to_target = sum(1 for session in sessions if session.target_name == name)
+        if to_target >= config.max_sessions_per_target:
+            shown = "/" if name == "/" else f"/{name}"
+            raise Refusal(
+                429,
+                f"too many sessions to target {shown} (limit {config.max_sessions_per_target})",
+                (("Retry-After", "5"),),
+                kind="target_quota",
+            )
 
     async def _prepare_target(
         self, session: _MigrationSession, name: str, target: Path, request: UpgradeRequest
@@ -398,15 +580,21 @@ class RelayServer:
         return unix
 
     async def _connect_target(self, target: Path, wait: float) -> UnixLeg:
-        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + wait
         read_bytes = self.config.limits.read_bytes
         while True:
             try:
-                _, leg = await loop.create_unix_connection(
-                    lambda: UnixLeg(read_bytes), str(target)
+                _, leg = await connect_path(
+                    lambda: UnixLeg(read_bytes), target, self.config.socket_owners
                 )
                 return leg
+            except PeerRefused as exc:
+                # A symlink or another user's listener where QEMU's socket should be:
+                # never send it guest RAM. The client learns only that it is refused.
+                logger.warning("refusing destination socket: %s", exc)
+                raise Refusal(
+                    503, "destination socket not trusted", detail=str(exc), kind="untrusted_socket"
+                ) from None
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 # The original workflow starts the relay before QEMU listens.
                 if time.monotonic() >= deadline:
@@ -434,7 +622,8 @@ class RelayServer:
 
     def _forget_if_idle(self, session: _MigrationSession) -> None:
         if not session.channels and not session.pending:
-            self.sessions.pop(session.id, None)
+            if self.sessions.get(session.key) is session:
+                del self.sessions[session.key]
             if self.draining and not self.sessions:
                 self._drained.set()
 
@@ -448,8 +637,7 @@ class RelayServer:
         :meth:`close`. Channels of sessions already under way may still join them.
         """
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        self._stop_listening()
         if self.sessions:
             logger.info(
                 "shutting down: waiting up to %g s for %d session(s), %d channel(s)",
@@ -512,7 +700,7 @@ def _format_address(address: object) -> str:
 class _HandshakeProtocol(asyncio.Protocol):
     """A connection until its upgrade is accepted (then the channel takes over)."""
 
-    def __init__(self, server: RelayServer) -> None:
+    def __init__(self, server: RelayServer, client: str, deadline: float) -> None:
         self.server = server
         self.handshake = ServerHandshake(server.config.limits.max_head_bytes)
         self.transport: asyncio.Transport | None = None
@@ -521,7 +709,13 @@ class _HandshakeProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._started = time.monotonic()
+        #: The address `RelayServer.admission` counted this connection under, until
+        #: its request is complete (then None: released).
+        self._admitted: str | None = client
         self._peer_ip: str | None = None
+        #: Loop time by which the request must be complete (the TLS handshake, if
+        #: any, spent part of it already).
+        self._deadline = deadline
 
     def age(self) -> float:
         """Seconds since the connection was accepted."""
@@ -534,15 +728,14 @@ class _HandshakeProtocol(asyncio.Protocol):
         self.peer = _format_address(peername)
         if isinstance(peername, tuple) and peername:
             self._peer_ip = str(peername[0])
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # The return path and postcopy page requests are small and latency-bound.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server._connections.add(self)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(
-            self.server.config.limits.handshake_timeout, self._handshake_timed_out
-        )
+        self._timer = loop.call_at(self._deadline, self._handshake_timed_out)
+
+    def _release_admission(self) -> None:
+        if self._admitted is not None:
+            self.server.admission.release(self._admitted)
+            self._admitted = None
 
     def data_received(self, data: bytes) -> None:
         if self._task is not None:
@@ -559,16 +752,22 @@ class _HandshakeProtocol(asyncio.Protocol):
             return
         if self._timer is not None:
             self._timer.cancel()
-        client = access.forwarded_client(
-            self._peer_ip,
-            request.headers.get("x-forwarded-for"),
-            self.server.config.trusted_proxies,
-        )
+        # The handshake is over: from here on, sessions' quotas bound what it holds.
+        self._release_admission()
+        assert self.transport is not None
+        self.transport.pause_reading()
+        try:
+            client = access.forwarded_client(
+                self._peer_ip,
+                request.headers.get("x-forwarded-for"),
+                self.server.config.trusted_proxies,
+            )
+        except ValueError as exc:
+            self._refuse(Refusal(400, "invalid X-Forwarded-For", detail=str(exc)), request)
+            return
         if client is not None:
             # Log lines name the client a trusted reverse proxy speaks for.
             self.peer = f"{client} via {self.peer}"
-        assert self.transport is not None
-        self.transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._handle(request))
 
     async def _handle(self, request: UpgradeRequest) -> None:
@@ -597,9 +796,9 @@ class _HandshakeProtocol(asyncio.Protocol):
         raise Refusal(426, "this is a migrelay websocket endpoint", (("Upgrade", "websocket"),))
 
     def _refuse(self, refusal: Refusal, request: UpgradeRequest | None = None) -> None:
-        what = f"{request.path}" if request is not None else "request"
-        detail = f" ({refusal.detail})" if refusal.detail else ""
-        logger.info(
+        what = clip(request.path, LOGGED_PATH_CHARS) if request is not None else "request"
+        detail = f" ({clip(refusal.detail, 200)})" if refusal.detail else ""
+        self.server._log_refusal(
             "refused %s from %s: %d %s%s", what, self.peer, refusal.status, refusal.reason, detail
         )
         metrics = self.server.metrics
@@ -628,6 +827,7 @@ class _HandshakeProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
+        self._release_admission()
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None and not self._task.done() and not self.handed_over:

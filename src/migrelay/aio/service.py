@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from migrelay.aio import access, tls
+from migrelay.aio import access, local, tls
 from migrelay.aio.runner import wait_first
 from migrelay.aio.server import PrepareTarget, RelayServer, ServerConfig
 from migrelay.errors import ConfigError, RelayError
@@ -45,8 +45,10 @@ logger = logging.getLogger(__name__)
 
 #: DESIGN.md §1: the original scripts' port.
 DEFAULT_PORT: Final = 8765
-#: DESIGN.md §1: the original destination socket, the default target of ``/``.
-DEFAULT_DEST_SOCKET: Final = Path("/tmp/qemu_migration_dest.sock")
+#: The default target of ``/``: in the private runtime directory, not in ``/tmp``
+#: where any local user could bind it first (`migrelay.aio.local`). The original
+#: scripts' ``/tmp/qemu_migration_dest.sock`` still works when given explicitly.
+DEFAULT_DEST_SOCKET: Final = local.runtime_dir() / "dest.sock"
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,20 @@ class ServeSettings:
     #: Listen beyond loopback without tokens or a client CA.
     insecure: bool = False
     allow_origin: Sequence[str] = ()
+    #: Names (``NAME`` or ``NAME:PORT``) accepted in ``Host`` without tokens, besides
+    #: the listener's own address.
+    allow_host: Sequence[str] = ()
     trusted_proxy: Sequence[str] = ()
     path_prefix: str = ""
+    #: Users (names or uids) that may listen at destination sockets; empty: this
+    #: user and root.
+    socket_owner: Sequence[str] = ()
     wait_target: float = ServerConfig.wait_target
     max_sessions: int = ServerConfig.max_sessions
+    max_sessions_per_token: int = ServerConfig.max_sessions_per_token
+    max_sessions_per_target: int = ServerConfig.max_sessions_per_target
+    max_handshakes: int = ServerConfig.max_handshakes
+    max_handshakes_per_address: int = ServerConfig.max_handshakes_per_address
     max_channels: int = ServerConfig.max_channels
     idle_timeout: float = ServerConfig.idle_timeout
     #: On a stop, seconds running migrations get before their channels close with 4004.
@@ -151,21 +163,41 @@ def load_server_config(
             "give --token-file (or --insecure on a trusted network)"
         )
     try:
-        allowed_origins = frozenset(access.normalize_origin(o) for o in settings.allow_origin)
+        allowed_origins = access.parse_allowed_origins(settings.allow_origin)
+        allowed_hosts = access.parse_allowed_hosts(settings.allow_host)
         trusted_proxies = access.parse_networks(settings.trusted_proxy)
         path_prefix = access.normalize_prefix(settings.path_prefix)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    owners = (
+        local.SocketOwners.parse(settings.socket_owner)
+        if settings.socket_owner
+        else local.SocketOwners.default()
+    )
+    target_dir = settings.target_dir
+    if target_dir is not None:
+        local.check_directory(target_dir, "--target-dir")
+        # Resolved once: a symlink swapped in for the directory later changes nothing.
+        target_dir = target_dir.resolve()
+    if target is not None:
+        local.prepare_default_dir(target)
     config = ServerConfig(
         host=host,
         port=port,
         target=target,
-        target_dir=settings.target_dir,
+        target_dir=target_dir,
         tokens=[entry.secret for entry in entries],
         token_targets=access.token_targets(entries),
-        ssl_context=credentials.listening if credentials is not None else None,
+        token_names={entry.secret: entry.name for entry in entries},
+        ssl_context=credentials.current if credentials is not None else None,
         wait_target=settings.wait_target,
         max_sessions=settings.max_sessions,
+        max_sessions_per_token=settings.max_sessions_per_token,
+        max_sessions_per_target=settings.max_sessions_per_target,
+        max_handshakes=settings.max_handshakes,
+        max_handshakes_per_address=settings.max_handshakes_per_address,
+        socket_owners=owners,
+        allowed_hosts=allowed_hosts,
         limits=settings.limits,
         prepare_target=prepare_target,
         allowed_origins=allowed_origins,
@@ -192,9 +224,11 @@ def reload_files(
     entries = access.load_token_entries(settings.token_file)
     metrics_tokens = access.load_tokens(settings.metrics_token_file)
     if credentials is not None:
-        credentials.reload()  # atomic in itself: a new context or none
+        # Atomic in itself (a new context or none); the next handshake uses it.
+        config.ssl_context = credentials.reload()
     config.tokens = [entry.secret for entry in entries]
     config.token_targets = access.token_targets(entries)
+    config.token_names = {entry.secret: entry.name for entry in entries}
     config.metrics_tokens = metrics_tokens
 
 

@@ -36,13 +36,13 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
 class ReloadableServerContext:
     """The server's TLS settings, replaced whole on SIGHUP while the server listens.
 
-    The listener keeps :attr:`listening` for its life; each handshake is moved onto the
-    newest context in the ClientHello callback (OpenSSL calls it with or without SNI),
-    so that certificate, key and client CAs all come from one `server_context` call.
+    The relay wraps each accepted connection with :attr:`current` (see
+    `migrelay.aio.listener`), so a reload takes effect at the next handshake.
     Loading into the live context instead would be neither atomic (a bad key file
-    would leave a certificate without its key) nor complete (a CA removed from the
-    client-CA file would stay trusted). Open connections keep the context they began
-    with.
+    would leave a certificate without its key) nor complete: a CA removed from the
+    client-CA file would stay trusted, and so would every TLS session the old context
+    issued (its session cache and ticket keys go with it only when it is replaced
+    whole). Open connections keep the context they began with.
 
     Raises:
         OSError, ssl.SSLError: from `server_context`, for the first load.
@@ -51,21 +51,15 @@ class ReloadableServerContext:
     def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self.current = server_context(cert, key, client_ca)
-        self.listening = server_context(cert, key, client_ca)
-        self.listening.sni_callback = self._choose_context
 
-    def reload(self) -> None:
-        """Read the files again; on any error the previous context stays in use.
+    def reload(self) -> ssl.SSLContext:
+        """Read the files again and return the new context; on error nothing changes.
 
         Raises:
             OSError, ssl.SSLError: a file cannot be read, or the key does not match.
         """
         self.current = server_context(self.cert, self.key, self.client_ca)
-
-    def _choose_context(
-        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
-    ) -> None:
-        ssl_object.context = self.current
+        return self.current
 
 
 def normalize_fingerprint(text: str) -> bytes:
