@@ -192,6 +192,48 @@ def serve(
     max_sessions: Annotated[
         int, typer.Option(help="Most migrations at once.", envvar="MIGRELAY_MAX_SESSIONS")
     ] = ServeSettings.max_sessions,
+    max_sessions_per_token: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most migrations at once for one token (without tokens: for everyone).",
+            envvar="MIGRELAY_MAX_SESSIONS_PER_TOKEN",
+        ),
+    ] = ServeSettings.max_sessions_per_token,
+    max_sessions_per_target: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most migrations at once to one target.",
+            envvar="MIGRELAY_MAX_SESSIONS_PER_TARGET",
+        ),
+    ] = ServeSettings.max_sessions_per_target,
+    max_handshakes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most connections still in their TLS or HTTP handshake; more are closed"
+            " at once.",
+            envvar="MIGRELAY_MAX_HANDSHAKES",
+        ),
+    ] = ServeSettings.max_handshakes,
+    max_handshakes_per_address: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most connections in handshake from one client address.",
+            envvar="MIGRELAY_MAX_HANDSHAKES_PER_ADDRESS",
+        ),
+    ] = ServeSettings.max_handshakes_per_address,
+    socket_owner: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="User (name or uid) that may listen at destination sockets; the relay"
+            " refuses a socket bound by anyone else (repeatable) [default: this user and"
+            " root].",
+            envvar="MIGRELAY_SOCKET_OWNER",
+        ),
+    ] = None,
     ping_interval: PingIntervalOpt = Limits.ping_interval,
     ping_timeout: PingTimeoutOpt = Limits.ping_timeout,
     insecure: Annotated[
@@ -205,8 +247,17 @@ def serve(
     allow_origin: Annotated[
         list[str] | None,
         typer.Option(
-            help="Accept browser clients only from this Origin (repeatable).",
+            help="Accept browser clients from this Origin (repeatable) [default: none"
+            " without tokens, any with tokens].",
             envvar="MIGRELAY_ALLOW_ORIGIN",
+        ),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Without tokens, accept this NAME or NAME:PORT in Host besides the"
+            " listener's own address (repeatable; e.g. the name a reverse proxy forwards).",
+            envvar="MIGRELAY_ALLOW_HOST",
         ),
     ] = None,
     trusted_proxy: Annotated[
@@ -288,10 +339,16 @@ def serve(
         metrics_token_file=metrics_token_file,
         insecure=insecure,
         allow_origin=tuple(allow_origin or ()),
+        allow_host=tuple(allow_host or ()),
         trusted_proxy=tuple(trusted_proxy or ()),
         path_prefix=path_prefix,
+        socket_owner=tuple(socket_owner or ()),
         wait_target=wait_target,
         max_sessions=max_sessions,
+        max_sessions_per_token=max_sessions_per_token,
+        max_sessions_per_target=max_sessions_per_target,
+        max_handshakes=max_handshakes,
+        max_handshakes_per_address=max_handshakes_per_address,
         max_channels=max_channels,
         idle_timeout=idle_timeout,
         shutdown_timeout=shutdown_timeout,
