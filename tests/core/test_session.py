@@ -296,3 +296,43 @@ def test_liveness_any_byte_from_the_peer_proves_it_alive() -> None:
     assert server.check_liveness(received + 10, silent_seconds=30) is Liveness.ALIVE
     assert server.check_liveness(received + 10, silent_seconds=30) is Liveness.PING_SENT
     assert server.failure is None
+
+
+# -- a budget of frames per call -----------------------------------------------------------
+
+
+def test_receive_frames_stops_at_the_budget_and_the_rest_parses_the_same() -> None:
+    client, server = _pair()
+    stream = bytearray(encode_frame(Opcode.PING, b"p", KEY) * 5 + _frame(client, b"data"))
+    view = memoryview(stream)
+    events, used = server.receive_frames(view, 2)
+    assert [type(event) for event in events] == [PingReceived, PingReceived]
+    assert used == 2 * 7  # two whole Pings (6 bytes of header, 1 of payload), nothing more
+    seen = list(events)
+    while used < len(view):
+        view = view[used:]
+        events, used = server.receive_frames(view, 2)
+        assert len(events) <= 2
+        seen += events
+    assert [type(event) for event in seen] == [PingReceived] * 5 + [Payload]
+    assert isinstance(seen[-1], Payload) and bytes(seen[-1].data) == b"data"
+    assert len(server.data_to_send()) == 5  # one Pong per Ping
+
+
+def test_receive_frames_takes_a_large_frame_whole_within_the_budget() -> None:
+    client, server = _pair()
+    payload = bytes(range(256)) * 256
+    stream = bytearray(_frame(client, payload) + encode_frame(Opcode.PING, b"", KEY))
+    events, used = server.receive_frames(memoryview(stream), 1)
+    assert used == len(stream) - 6  # the frame begun is finished, the next one waits
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, Payload)) == payload
+
+
+def test_receive_frames_counts_everything_after_a_close_as_used() -> None:
+    _, server = _pair()
+    close = encode_frame(Opcode.CLOSE, b"\x03\xe8", KEY)
+    stream = bytearray(close + encode_frame(Opcode.PING, b"", KEY) * 10)
+    events, used = server.receive_frames(memoryview(stream), 100)
+    assert [type(event) for event in events] == [CloseReceived]
+    assert used == len(stream)
+    assert server.receive_frames(memoryview(bytearray(b"\x89\x80" + KEY)), 1) == ([], 6)

@@ -40,6 +40,7 @@ from migrelay.core.events import (
 )
 from migrelay.core.frames import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    UNLIMITED_FRAMES,
     CloseCode,
     FrameParser,
     Opcode,
@@ -210,9 +211,19 @@ class RelaySession:
         views of ``data``: write them out before reusing the buffer. Data that arrives
         after the peer's end-of-stream or Close is reported as a violation.
         """
-        if self.close_rcvd is not None or self.failed:
-            return []
-        events = self._parser.receive(data)
+        return self.receive_frames(data, UNLIMITED_FRAMES)[0]
+
+    def receive_frames(self, data: memoryview, max_frames: int) -> tuple[list[FrameEvent], int]:
+        """:meth:`receive_data` for at most ``max_frames`` frames; also return bytes used.
+
+        The I/O layer passes ``data[used:]`` again later (it bounds the work one read
+        does per event-loop callback, :attr:`~migrelay.limits.Limits.frames_per_callback`).
+        Once the session ignores input (the peer's Close, a violation) all of ``data``
+        counts as used.
+        """
+        if self._ignores_input():
+            return [], len(data)
+        events, used = self._parser.receive_frames(data, max_frames)
         for index, event in enumerate(events):
             if isinstance(event, PingReceived):
                 if self.close_sent is None:
@@ -236,7 +247,11 @@ class RelaySession:
                 events[index:] = [violation]
                 self._violated(violation)
                 break
-        return events
+        # What follows a Close or a violation is ignored: all of it counts as used.
+        return events, len(data) if self._ignores_input() else used
+
+    def _ignores_input(self) -> bool:
+        return self.close_rcvd is not None or self.failed
 
     def _violated(self, violation: ProtocolViolation) -> None:
         self.failed = True
