@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from migrelay.core.frames import DEFAULT_MAX_MESSAGE_BYTES, MAX_HEADER_BYTES
+from migrelay.core.frames import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_CONTROL_PAYLOAD_BYTES,
+    MAX_HEADER_BYTES,
+)
 from migrelay.core.handshake import DEFAULT_MAX_HEAD_BYTES
 from migrelay.errors import ConfigError
 from migrelay.units import parse_size
@@ -28,7 +32,8 @@ class Limits:
     buffer. So a channel holds at most ``4 × read_bytes`` of migration data in user
     space (4 MiB by default; usually half of that, since the second buffer of a
     direction is allocated only when first needed), plus the kernel's socket buffers,
-    whatever the speed of either peer.
+    whatever the speed of either peer. Control frames queued towards the peer are
+    bounded apart (`control_queue_bound`: ~130 KiB by default).
     """
 
     #: Bytes per read, and so the largest data message sent. 1 MiB reads used ~36 %
@@ -50,12 +55,40 @@ class Limits:
     ping_timeout: float = 15.0
     #: Seconds to wait for the peer's side of the close handshake (websockets: 10 s).
     close_timeout: float = 5.0
+    #: Most frames parsed from the WebSocket in one event-loop callback; the rest of the
+    #: read waits for the next loop iteration, and the WebSocket is not read meanwhile.
+    #: A frame of 6 bytes costs ~3.5-5 µs of Python (measured: one 1 MiB read of empty
+    #: frames took 0.6 s, of pings 0.9 s), so 256 frames hold the loop for ~1-2 ms;
+    #: migration data comes in frames of up to ``read_bytes``, one or two per read,
+    #: and never meets the budget.
+    frames_per_callback: int = 256
+    #: Most bytes of control frames (Pongs above all: a peer chooses how many Pings
+    #: it sends) that may sit in the WebSocket transport's queue before the channel
+    #: stops reading that WebSocket until the queue has drained: a peer that does not
+    #: read stops being read. 64 KiB is ~500 Pongs with full payloads.
+    control_backlog_bytes: int = 64 << 10
 
     @property
     def channel_memory_bound(self) -> int:
         """The most migration data one channel holds in user space, in bytes."""
         directions, buffers_each = 2, 2
         return directions * buffers_each * (MAX_HEADER_BYTES + self.read_bytes)
+
+    @property
+    def control_queue_bound(self) -> int:
+        """The most control-frame bytes one channel queues towards its peer.
+
+        The channel stops reading once more than `control_backlog_bytes` are queued;
+        the callback that crossed the bound, and one read an event loop may still
+        deliver after ``pause_reading()``, each parsed at most `frames_per_callback`
+        frames, each answered with at most one frame of at most
+        ``6 + MAX_CONTROL_PAYLOAD_BYTES`` bytes (header with mask key); then come our
+        own Ping and Close.
+        """
+        largest_frame = 6 + MAX_CONTROL_PAYLOAD_BYTES
+        callbacks, own_frames = 2, 2
+        answers = callbacks * self.frames_per_callback + own_frames
+        return self.control_backlog_bytes + answers * largest_frame
 
     def with_max_message(self, max_message: str, **changes: Any) -> Limits:
         """A copy with ``--max-message`` (``1M``, ``256K``) and other ``changes`` applied.

@@ -20,15 +20,16 @@ from typing import Any, cast
 import pytest
 from tests.helpers import FACTOR, wait_until
 
-from migrelay.aio.channel import HEADROOM, Channel, ReadBuffers, UnixLeg
+from migrelay.aio.channel import HEADROOM, Channel, ReadBuffers, UnixLeg, WsPause
 from migrelay.core.events import (
     CloseReceived,
     EndOfStream,
     FrameEvent,
     Payload,
     PingReceived,
+    PongReceived,
 )
-from migrelay.core.frames import MAX_HEADER_BYTES, CloseCode
+from migrelay.core.frames import MAX_HEADER_BYTES, CloseCode, Opcode, encode_frame
 from migrelay.core.session import RelaySession, Role
 from migrelay.limits import Limits
 
@@ -457,3 +458,75 @@ def test_read_buffers_alternate_allocate_the_second_once_and_never_a_third() -> 
     buffers.hold_current()
     assert buffers.next_read().obj is first.obj  # the same two, never a new one
     assert {id(v.obj) for v in buffers.views if v is not None} == {id(first.obj), id(second.obj)}
+
+
+def test_read_buffers_keep_an_unparsed_buffer_held_after_the_transport_drained() -> None:
+    buffers = ReadBuffers(0, 4096)
+    first = buffers.next_read()
+    index = buffers.keep_unparsed()  # part of it waits for a later loop iteration
+    buffers.hold_current()
+    buffers.release()  # the opposite transport drained: not enough to refill it
+    assert buffers.next_read().obj is not first.obj
+    buffers.parsed(index)
+    buffers.hold_current()  # the second one's bytes are queued now
+    assert buffers.next_read().obj is first.obj
+
+
+# -- what a peer may cost per callback and in queued replies ----------------------------
+
+
+def test_pings_in_one_read_are_parsed_a_budget_per_callback_and_all_answered_in_order(
+    run_async: Run,
+) -> None:
+    limits = Limits(read_bytes=64 << 10, ping_interval=0, frames_per_callback=4)
+    pings = 100
+
+    async def main() -> None:
+        rig = await make_rig(Role.SERVER, limits)
+        try:
+            channel, peer = rig.channel, rig.peer
+            per_call: list[int] = []
+            receive_frames = channel.session.receive_frames
+
+            def counted(data: memoryview, max_frames: int) -> tuple[list[FrameEvent], int]:
+                events, used = receive_frames(data, max_frames)
+                per_call.append(len(events))
+                return events, used
+
+            channel.session.receive_frames = counted  # type: ignore[method-assign]
+            peer.writer.write(
+                b"".join(encode_frame(Opcode.PING, str(n).encode(), KEY) for n in range(pings))
+            )
+
+            def all_pongs() -> bool:
+                return sum(isinstance(event, PongReceived) for event in peer.events) == pings
+
+            await peer.read_until(all_pongs, "every Pong")
+            pongs = [event for event in peer.events if isinstance(event, PongReceived)]
+            assert [pong.payload for pong in pongs] == [str(n).encode() for n in range(pings)]
+            assert max(per_call) == limits.frames_per_callback
+            assert sum(per_call) == pings
+            await wait_until(channel.ws_transport.is_reading, PROMPT_SECONDS, "reading again")
+        finally:
+            rig.close_all()
+
+    run_async(main())
+
+
+def test_websocket_reading_resumes_only_when_no_pause_reason_holds(run_async: Run) -> None:
+    async def main() -> None:
+        rig = await make_rig(Role.SERVER)
+        try:
+            channel = rig.channel
+            transport = channel.ws_transport
+            channel.pause_ws_reading()  # the unix transport keeps payload queued
+            channel._pause_ws(WsPause.CONTROL_BACKLOG)  # and Pongs pile up for the peer
+            assert not transport.is_reading()
+            channel.resume_ws_reading()  # the unix side drained; the Pongs did not
+            assert not transport.is_reading()
+            channel.resume_unix_reading()  # the WebSocket's queue drained too
+            assert transport.is_reading()
+        finally:
+            rig.close_all()
+
+    run_async(main())

@@ -16,6 +16,15 @@ The data path (DESIGN.md §4):
   socket buffers absorb bursts, and the relay holds at most two buffers per direction
   (see :class:`~migrelay.limits.Limits`).
 * Masking and unmasking run in place (C speedup).
+* A peer's cost is bounded per event-loop callback and in queued replies. One callback
+  parses at most :attr:`~migrelay.limits.Limits.frames_per_callback` frames; the rest of
+  the read stays in its buffer (held, like a buffer queued in a transport) and is parsed
+  in later loop iterations, with the WebSocket not read meanwhile. Control frames the
+  session answers with (Pongs) are counted while the WebSocket transport keeps bytes
+  queued; past :attr:`~migrelay.limits.Limits.control_backlog_bytes` the WebSocket is
+  not read until that queue has drained: a peer that does not read stops being read, so
+  the liveness check, which counts the bytes read, ends it. Reading of the WebSocket is
+  paused for a set of reasons (:class:`WsPause`) and resumes when none holds.
 
 The channel only moves bytes. What a channel does when either side ends, fails or goes
 quiet, and whether it ended cleanly, is decided by its sans-IO
@@ -30,7 +39,9 @@ import contextlib
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
+from enum import Enum
 from typing import Final, cast
 
 from migrelay.core.events import EndOfStream, Payload
@@ -46,6 +57,7 @@ __all__ = [
     "ReadBuffers",
     "UnixLeg",
     "WebSocketLeg",
+    "WsPause",
     "describe_close",
     "pause_on_any_queued_byte",
 ]
@@ -56,6 +68,22 @@ logger = logging.getLogger(__name__)
 HEADROOM: Final = MAX_HEADER_BYTES
 #: SO_SNDBUF asked for on unix legs (Linux doubles it, capped by net.core.wmem_max).
 UNIX_SNDBUF_BYTES: Final = 2 << 20
+
+#: Why a read buffer may not be refilled (bits of ReadBuffers._held): its bytes are
+#: queued in the opposite transport, or some of them wait to be parsed.
+_QUEUED: Final = 1
+_UNPARSED: Final = 2
+
+
+class WsPause(Enum):
+    """Why a channel does not read its WebSocket; it reads again when no reason holds."""
+
+    #: The unix transport keeps written payload queued (OWNERSHIP backpressure).
+    UNIX_BUSY = "unix write busy"
+    #: Too many control-frame bytes wait in the WebSocket transport's queue.
+    CONTROL_BACKLOG = "control backlog"
+    #: Bytes already read wait to be parsed (``Limits.frames_per_callback``).
+    UNPARSED = "unparsed bytes"
 
 
 def pause_on_any_queued_byte(transport: asyncio.WriteTransport) -> None:
@@ -77,7 +105,9 @@ class ReadBuffers:
 
     OWNERSHIP: a buffer whose bytes were handed to the opposite transport's
     ``write()`` while that transport kept something queued is *held* until the
-    transport has drained (``resume_writing``, then :meth:`release`). Reads go into the
+    transport has drained (``resume_writing``, then :meth:`release`); a buffer part of
+    which waits to be parsed (``Limits.frames_per_callback``) is held until it has been
+    (:meth:`keep_unparsed`, :meth:`parsed`). Reads go into the
     current buffer while it is free (warm in the cache), into the other one while it
     is held. Both held means the loop read twice after ``pause_reading()``; refilling
     either would corrupt the stream, and a third buffer would break the memory bound
@@ -107,7 +137,8 @@ class ReadBuffers:
         #: room included).
         self.current = 0
         self.view = first
-        self._held = [False, False]
+        #: Per buffer, the reasons it is held (_QUEUED | _UNPARSED), 0 when free.
+        self._held = [0, 0]
 
     def next_read(self) -> memoryview:
         """Return where the next read goes: the current buffer unless it is held.
@@ -131,11 +162,27 @@ class ReadBuffers:
 
     def hold_current(self) -> None:
         """The current buffer's bytes are queued in the opposite transport."""
-        self._held[self.current] = True
+        self._held[self.current] |= _QUEUED
+
+    def hold(self, index: int) -> None:
+        """Buffer ``index``'s bytes are queued in the opposite transport."""
+        self._held[index] |= _QUEUED
 
     def release(self) -> None:
-        """The opposite transport's queue is empty: both buffers are free again."""
-        self._held[0] = self._held[1] = False
+        """The opposite transport's queue is empty: no buffer is held for it any more."""
+        held = self._held
+        held[0] &= _UNPARSED
+        held[1] &= _UNPARSED
+
+    def keep_unparsed(self) -> int:
+        """Part of the current buffer waits to be parsed; return the buffer's index."""
+        index = self.current
+        self._held[index] |= _UNPARSED
+        return index
+
+    def parsed(self, index: int) -> None:
+        """Buffer ``index`` has been parsed to its end."""
+        self._held[index] &= _QUEUED
 
 
 class UnixLeg(asyncio.BufferedProtocol):
@@ -287,7 +334,15 @@ class Channel:
         self.ws_write_busy = False
         self.unix_write_busy = False
         self._unix_reading_paused = False
-        self._ws_reading_paused = False
+        #: Why the WebSocket is not read; empty while it is.
+        self._ws_pauses: set[WsPause] = set()
+        #: Bytes read from the WebSocket and not parsed yet, oldest first, each with the
+        #: index of the read buffer it lies in (None: not one of them).
+        self._unparsed: deque[tuple[memoryview, int | None]] = deque()
+        self._parse_handle: asyncio.Handle | None = None
+        #: Control-frame bytes written since the WebSocket transport's queue was last
+        #: empty: at least what of them is still queued.
+        self._control_queued = 0
         self._unix_closed = False
         self._ws_closed = False
         self._finished = False
@@ -309,7 +364,7 @@ class Channel:
     def start(self, trailing_data: bytes = b"") -> None:
         """Start relaying: replay what happened on either side before the hand-over."""
         if trailing_data:
-            self.ws_data(memoryview(bytearray(trailing_data)))
+            self.ws_data(memoryview(bytearray(trailing_data)), in_read_buffer=False)
         unix = self.unix
         early = unix.early_data
         for offset in range(0, len(early), self.limits.read_bytes):
@@ -360,6 +415,9 @@ class Channel:
 
     def resume_unix_reading(self) -> None:
         self.ws_write_busy = False
+        self._control_queued = 0
+        if WsPause.CONTROL_BACKLOG in self._ws_pauses:
+            self._resume_ws(WsPause.CONTROL_BACKLOG)
         self.unix.buffers.release()
         if self._unix_reading_paused:
             self._unix_reading_paused = False
@@ -368,11 +426,64 @@ class Channel:
 
     # -- WebSocket → unix --------------------------------------------------------------
 
-    def ws_data(self, view: memoryview) -> None:
+    def ws_data(self, view: memoryview, in_read_buffer: bool = True) -> None:
+        """Relay what the WebSocket delivered; ``view`` lies in the leg's current buffer
+        unless ``in_read_buffer`` is False."""
         self._ws_rcvd_total += len(view)
+        if self._unparsed:
+            # A read the loop delivered after pause_reading(): it comes after the bytes
+            # that wait already.
+            self._keep_unparsed(view, in_read_buffer)
+            return
+        used = self._parse_ws(view)
+        if used < len(view):
+            self._keep_unparsed(view[used:], in_read_buffer)
+            self._pause_ws(WsPause.UNPARSED)
+            self._schedule_parse()
+
+    def _keep_unparsed(self, view: memoryview, in_read_buffer: bool) -> None:
+        index = self._ws_leg.buffers.keep_unparsed() if in_read_buffer else None
+        self._unparsed.append((view, index))
+
+    def _schedule_parse(self) -> None:
+        # Only while nothing else keeps the WebSocket from being read: a peer whose
+        # Pongs pile up, or whose data the unix side does not take, waits for that.
+        if self._parse_handle is None and len(self._ws_pauses) == 1:
+            self._parse_handle = self._loop.call_soon(self._parse_unparsed)
+
+    def _parse_unparsed(self) -> None:
+        """Parse the next ``frames_per_callback`` frames of what waits (a loop callback)."""
+        self._parse_handle = None
+        unparsed = self._unparsed
+        if self._ws_closed or not unparsed or len(self._ws_pauses) != 1:
+            return
+        # The relays resume reading right after start(), which may have left bytes
+        # unparsed: keep the WebSocket paused (idempotent otherwise).
+        self.ws_transport.pause_reading()
+        view, index = unparsed[0]
+        used = self._parse_ws(view)
+        if used < len(view):
+            unparsed[0] = (view[used:], index)
+        else:
+            unparsed.popleft()
+        if index is not None:
+            buffers = self._ws_leg.buffers
+            if used == len(view):
+                buffers.parsed(index)
+            if self.unix_write_busy:
+                # OWNERSHIP: as WebSocketLeg.buffer_updated does for a read.
+                buffers.hold(index)
+        if unparsed:
+            self._schedule_parse()
+        else:
+            self._resume_ws(WsPause.UNPARSED)
+
+    def _parse_ws(self, view: memoryview) -> int:
+        """Relay up to ``frames_per_callback`` frames of ``view``; return the bytes used."""
         session = self.session
         unix_transport = self.unix.transport
-        for event in session.receive_data(view):
+        events, used = session.receive_frames(view, self.limits.frames_per_callback)
+        for event in events:
             if isinstance(event, Payload):
                 if self._unix_closed or unix_transport is None or unix_transport.is_closing():
                     session.local_undeliverable()
@@ -391,6 +502,7 @@ class Channel:
             # Pongs, Closes and violations: the session took note and queued the answer;
             # _flush_control sends it and closes the unix side if the session says so.
         self._flush_control()
+        return used
 
     def ws_eof(self) -> None:
         if self.debug:
@@ -398,23 +510,40 @@ class Channel:
 
     def ws_lost(self, exc: Exception | None) -> None:
         self._ws_closed = True
+        self._unparsed.clear()
+        if self._parse_handle is not None:
+            self._parse_handle.cancel()
+            self._parse_handle = None
         self.session.receive_eof(exc)
         self._close_unix()
         self._maybe_finish()
 
     def pause_ws_reading(self) -> None:
         self.unix_write_busy = True
-        if not self._ws_reading_paused and not self._ws_closed:
-            self._ws_reading_paused = True
-            self.ws_transport.pause_reading()
+        self._pause_ws(WsPause.UNIX_BUSY)
 
     def resume_ws_reading(self) -> None:
         self.unix_write_busy = False
         self._ws_leg.buffers.release()
-        if self._ws_reading_paused:
-            self._ws_reading_paused = False
-            if not self._ws_closed:
-                self.ws_transport.resume_reading()
+        self._resume_ws(WsPause.UNIX_BUSY)
+
+    def _pause_ws(self, reason: WsPause) -> None:
+        pauses = self._ws_pauses
+        if not pauses and not self._ws_closed:
+            self.ws_transport.pause_reading()
+        pauses.add(reason)
+
+    def _resume_ws(self, reason: WsPause) -> None:
+        pauses = self._ws_pauses
+        if reason not in pauses:
+            return
+        pauses.discard(reason)
+        if self._ws_closed:
+            return
+        if not pauses:
+            self.ws_transport.resume_reading()
+        elif self._unparsed:
+            self._schedule_parse()
 
     # -- closing -------------------------------------------------------------------------
 
@@ -457,6 +586,12 @@ class Channel:
         frames = session.data_to_send()
         if frames and not self._ws_closed:
             self.ws_transport.writelines(frames)
+            if self.ws_write_busy:
+                # Queued behind what the peer has not read yet: count it (pause_writing
+                # fired on the first byte queued, OWNERSHIP; resume_unix_reading resets).
+                self._control_queued += sum(map(len, frames))
+                if self._control_queued > self.limits.control_backlog_bytes:
+                    self._pause_ws(WsPause.CONTROL_BACKLOG)
         if session.local_should_close():
             self._close_unix()
         if session.close_expected() and not self._ws_closed:
