@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -51,3 +52,42 @@ def random_chunks(seed: int, total: int, largest: int) -> Iterator[bytes]:
         size = min(left, rng.randint(1, largest))
         left -= size
         yield rng.randbytes(size)
+
+
+#: The user "another local user" runs as in tests (the suite runs as root).
+NOBODY_UID = 65534
+
+
+@contextlib.contextmanager
+def listening_as(uid: int, path: Path) -> Iterator[int]:
+    """A unix listener at ``path`` bound by a child process running as ``uid``.
+
+    A fork, not a new interpreter: the venv's python may live where ``uid`` cannot
+    read. The child makes only system calls between fork and exit. Yields its pid.
+    """
+    ready, release = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(ready[0])
+            os.close(release[1])  # or the read below never sees the parent's close
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            sock.listen(16)
+            os.write(ready[1], b"y")
+            os.read(release[0], 1)  # until the parent closes its end
+        finally:
+            os._exit(0)
+    os.close(ready[1])
+    os.close(release[0])
+    try:
+        if os.read(ready[0], 1) != b"y":
+            raise AssertionError(f"could not listen at {path} as uid {uid}")
+        yield pid
+    finally:
+        os.close(release[1])
+        os.close(ready[0])
+        os.waitpid(pid, 0)
