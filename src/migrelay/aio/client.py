@@ -5,6 +5,10 @@ channel, then multifd or postcopy-preempt channels) becomes its own WebSocket, o
 when QEMU connects. The handshake names the migration (``Migrelay-Session``) and the
 channel's accept order (``Migrelay-Channel``) so the server can connect the channels to
 destination QEMU in the same order (DESIGN.md §3).
+
+Only the socket's owners (`ClientConfig.socket_owners`: this user and root by default)
+may open a channel: the relay reads the peer's credentials (``SO_PEERCRED``) of every
+connection and closes one from any other user at once, before a WebSocket is opened.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import secrets
 import socket
 import ssl
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import cast
 
 from migrelay.aio.channel import Channel, UnixLeg
+from migrelay.aio.local import PeerCredentials, SocketOwners, peer_credentials
 from migrelay.aio.proxy import ProxyURL, open_tunnel
 from migrelay.aio.tls import check_peer_fingerprint
 from migrelay.core.handshake import Accepted, ClientHandshake
@@ -92,6 +98,9 @@ class ClientConfig:
     #: source hangs in postcopy-recover for good if a resume connection it made is
     #: dropped, so the relay must wait for the link rather than fail the connection.
     open_retry: float = 0.0
+    #: The users whose processes may connect to the relay's unix socket (source QEMU);
+    #: a connection from anyone else is closed unread, no WebSocket opened.
+    socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
 
 
 #: Seconds between two attempts to open a channel's WebSocket (`ClientConfig.open_retry`).
@@ -124,7 +133,10 @@ class _ClientHandshakeProtocol(asyncio.Protocol):
             # The TLS handshake is complete here; check the pin before sending the
             # request, so a token never goes to an impostor.
             try:
-                check_peer_fingerprint(stream.get_extra_info("ssl_object"), self.fingerprint)
+                ssl_object = stream.get_extra_info("ssl_object")
+                if ssl_object is None:
+                    raise ConnectError("a pinned fingerprint needs a wss:// URL")
+                check_peer_fingerprint(ssl_object, self.fingerprint)
             except ConnectError as exc:
                 self.done.set_exception(exc)
                 stream.abort()
@@ -208,7 +220,9 @@ async def open_websocket(
     except OSError as exc:
         raise ConnectError(f"cannot connect to {url.host_header}", exc) from exc
     sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    # Closing already: connection_made() refused the server (a pin); ``done`` says why.
+    closing = transport.is_closing()
+    if sock is not None and not closing and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         accepted = await asyncio.wait_for(asyncio.shield(done), timeout=config.connect_timeout)
@@ -306,7 +320,14 @@ class _SourceUnixLeg(UnixLeg):
         self.relay = relay
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        super().connection_made(transport)  # reading paused: nothing is read yet
+        refusal = self.relay._refusal(transport)
+        if refusal is not None:
+            # Closed unread; connection_lost() then finds no channel and stays quiet.
+            logger.warning("%s", refusal)
+            assert self.transport is not None
+            self.transport.abort()
+            return
         self.relay._accepted(self)
 
 
@@ -375,6 +396,21 @@ class SourceRelay:
             channel.abort("relay stopped")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _refusal(self, transport: asyncio.BaseTransport) -> str | None:
+        """Why the process that connected may not open a channel; None if it may."""
+        sock = transport.get_extra_info("socket")
+        try:
+            credentials = peer_credentials(sock)
+        except (AttributeError, OSError) as exc:
+            return f"refused a connection on {self.listen_path}: its peer is unknown ({exc})"
+        owners = self.config.socket_owners
+        if credentials.uid in owners.uids:
+            return None
+        return (
+            f"refused a connection on {self.listen_path} from {_describe(credentials)}:"
+            f" not an expected socket owner ({owners.describe()}); nothing was relayed"
+        )
 
     def _accepted(self, leg: _SourceUnixLeg) -> None:
         session = self._session
@@ -466,3 +502,12 @@ class SourceRelay:
             )
             if self.once:
                 self.finished.set()
+
+
+def _describe(credentials: PeerCredentials) -> str:
+    """``nobody (uid 65534, pid 1234)``."""
+    try:
+        name = pwd.getpwuid(credentials.uid).pw_name
+    except KeyError:
+        return f"uid {credentials.uid} (pid {credentials.pid})"
+    return f"{name} (uid {credentials.uid}, pid {credentials.pid})"
