@@ -6,6 +6,14 @@ proxy); `ClientSettings.load` reads the files and returns the `ClientConfig` tha
 stopped (or, with ``once``, until the first migration ends). `private_relay` is
 ``migrate --to``: the same relay on a socket in a fresh private directory, for one
 migration, removed afterwards.
+
+What `ClientSettings.load` refuses beyond malformed values: TLS options with a ``ws://``
+URL (they would be ignored), and credentials (a token, an ``Authorization`` header)
+that a ``ws://`` URL would send through an HTTP proxy: the CONNECT tunnel carries the
+plain-text upgrade request, so the proxy, and the network on both of its sides, would
+read the token. ``wss://`` through the same proxy runs TLS inside the tunnel: the proxy
+sees the host and port only. ``ws://`` without a proxy stays allowed, token or not (the
+one-host workflow on loopback; a remote ``ws://`` server is the operator's choice).
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from migrelay.aio import access, tls
+from migrelay.aio import access, local, tls
 from migrelay.aio.client import ClientConfig, SourceRelay, WebSocketURL
+from migrelay.aio.local import SocketOwners
 from migrelay.aio.proxy import ProxyURL, proxy_for
 from migrelay.aio.runner import wait_first
 from migrelay.errors import ConfigError
@@ -37,8 +46,10 @@ __all__ = [
     "run_source_relay",
 ]
 
-#: DESIGN.md §1: the original source socket, ``connect``'s default.
-DEFAULT_SOURCE_SOCKET: Final = Path("/tmp/qemu_migration_source.sock")
+#: ``connect``'s socket and ``migrate --socket``'s default: in the private runtime
+#: directory (`migrelay.aio.local.runtime_dir`), not in ``/tmp`` where another user could
+#: bind it first. ``connect`` creates the directory (mode 0700) when it listens there.
+DEFAULT_SOURCE_SOCKET: Final = local.runtime_dir() / "source.sock"
 
 #: Exit status after SIGINT or SIGTERM (128 + SIGINT), as shells report an interrupt.
 EXIT_INTERRUPTED: Final = 130
@@ -63,27 +74,73 @@ class ClientSettings:
     proxy: str | None = None
     limits: Limits = field(default_factory=Limits)
     open_retry: float = ClientConfig.open_retry
+    #: ``--socket-owner``: the users whose processes may connect to the relay's socket
+    #: (source QEMU); by default this user and root.
+    socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
 
     def load(self) -> ClientConfig:
         """Read the files and check the values; return the relay's configuration.
 
         Raises:
-            ConfigError: a bad URL, header, proxy, token file or TLS file.
+            ConfigError: a bad URL, header, proxy, token file or TLS file; TLS options
+                with a ``ws://`` URL; a token that ``ws://`` would show a proxy.
         """
         try:
+            url = WebSocketURL.parse(self.url)
             proxy = choose_proxy(self.url, self.proxy)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         ssl_context, pin = self._tls()
+        if not url.secure:
+            self._refuse_tls_options()
+        token = read_first_token(self.token_file)
+        headers = [*parse_header_lines(self.header_lines), *self.extra_headers]
+        if not url.secure and proxy is not None:
+            self._refuse_credentials_through(proxy, token, headers)
         return ClientConfig(
             url=self.url,
-            token=read_first_token(self.token_file),
-            headers=[*parse_header_lines(self.header_lines), *self.extra_headers],
+            token=token,
+            headers=headers,
             ssl_context=ssl_context,
             fingerprint=pin,
             limits=self.limits,
             proxy=proxy,
             open_retry=self.open_retry,
+            socket_owners=self.socket_owners,
+        )
+
+    def _refuse_tls_options(self) -> None:
+        """A ``ws://`` URL runs no TLS: a CA, a pin or a client certificate would be ignored."""
+        given = [
+            flag
+            for flag, value in (
+                ("--ca", self.ca),
+                ("--fingerprint", self.fingerprint),
+                ("--tls-cert", self.tls_cert),
+                ("--tls-key", self.tls_key),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{given[0]} needs a wss:// URL: {self.url} is ws://, which does not use TLS"
+            )
+
+    def _refuse_credentials_through(
+        self, proxy: ProxyURL, token: str | None, headers: Sequence[tuple[str, str]]
+    ) -> None:
+        """Refuse a token (or ``Authorization`` header) that ws:// would show ``proxy``."""
+        if token is not None:
+            what = "the token"
+        elif any(name.lower() == "authorization" for name, _ in headers):
+            what = "the Authorization header"
+        else:
+            return
+        source = "--proxy" if self.proxy is not None else "http_proxy"
+        raise ConfigError(
+            f"{what} would cross proxy {proxy.address} (from {source}) in clear with a"
+            f" ws:// URL: use wss:// (the proxy then sees only the host and port), or"
+            f" --proxy direct if the server can be reached without it"
         )
 
     def _tls(self) -> tuple[ssl.SSLContext | None, bytes | None]:
@@ -147,6 +204,8 @@ async def run_source_relay(
         RelayError, OSError: the socket cannot be made; nothing was started.
     """
     relay = SourceRelay(settings.load(), listen_path, once=once)
+    # The default socket's directory: created private, refused if another user made it.
+    local.prepare_default_dir(listen_path)
     await relay.start()
     try:
         if once:
