@@ -2,8 +2,12 @@
 
 The source relay opens a TCP connection to the proxy, asks it to ``CONNECT`` to the
 server, and once the proxy answers 2xx runs TLS (for ``wss://``) and the WebSocket
-handshake through that tunnel as if it were a direct connection. The proxy sees only
-the host and port, never the token or (with ``wss://``) a byte of the migration.
+handshake through that tunnel as if it were a direct connection. With ``wss://`` the
+proxy sees only the host and port (and the TLS server name). With ``ws://`` the tunnel
+carries plain text that the proxy relays and can read: the upgrade request with its
+``Authorization`` header, then the migration (client frames are masked with a key sent
+beside them, which hides nothing). So `migrelay.aio.source.ClientSettings.load` refuses
+a token with ``ws://`` through a proxy.
 
 Which proxy, the way curl, pip and websockets choose it:
 
