@@ -1,0 +1,220 @@
+"""A hostile tenant of a shared ``serve``, for the soak test and its benchmark.
+
+It holds the three attacks of the README's threat model that cost a server the most
+while staying within what one token may do, all at once and for as long as it runs:
+
+* **idle connections**: up to ``idle_connections`` TCP connections from its own address
+  that never send a byte, re-opened as the server closes them;
+* **a ping flood**: a WebSocket to its own target on which it writes Pings as fast as
+  the server reads them and never reads a Pong;
+* **tiny frames**: a WebSocket on which it streams empty Pings (6-byte frames) and
+  reads the Pongs, so that the server parses frame after frame.
+
+Raw sockets and the sans-IO frame encoder: a well-behaved client library would not do
+any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import errno
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Final
+
+from migrelay.core.frames import Opcode, encode_frame
+from migrelay.core.handshake import SUBPROTOCOL
+
+__all__ = ["HostileCounters", "HostileTenant"]
+
+#: Pings written per batch: ~1.3 MiB of full-size Pings, ~60 KiB of empty ones.
+PINGS_PER_WRITE: Final = 10_000
+#: Seconds between rounds of re-opening idle connections the server closed.
+REOPEN_INTERVAL_S: Final = 0.2
+#: Seconds to wait before opening a WebSocket again after the server ended one.
+RECONNECT_DELAY_S: Final = 0.2
+
+
+@dataclass
+class HostileCounters:
+    """What the tenant managed to do, for the test's and the bench's report."""
+
+    idle_opened: int = 0
+    idle_closed_by_server: int = 0
+    pings_written: int = 0
+    tiny_frames_written: int = 0
+    websockets_opened: int = 0
+    refusals: list[int] = field(default_factory=list)
+
+
+class HostileTenant:
+    """Runs the attacks (module docstring) against ``host:port`` while in its context.
+
+    Args:
+        host, port: the ``serve`` listener.
+        path: the tenant's own target (``/NAME``).
+        token: its bearer token, or None.
+        idle_connections: how many idle connections it tries to hold.
+        source_address: the address its idle connections come from (another "host").
+        channel_address: the address its WebSockets come from. Another one: from
+            ``source_address`` they would find the handshake slots of that address
+            taken by the tenant's own idle connections.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        token: str | None,
+        idle_connections: int = 1000,
+        source_address: str = "127.0.0.2",
+        channel_address: str = "127.0.0.3",
+    ) -> None:
+        self.host, self.port, self.path, self.token = host, port, path, token
+        self.idle_connections = idle_connections
+        self.source_address = source_address
+        self.channel_address = channel_address
+        self.counters = HostileCounters()
+        self._idle: list[socket.socket] = []
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        mask = os.urandom(4)
+        self._ping_batch = b"".join(
+            bytes(encode_frame(Opcode.PING, b"p" * 125, mask)) for _ in range(PINGS_PER_WRITE)
+        )
+        self._tiny_batch = bytes(encode_frame(Opcode.PING, b"", mask)) * PINGS_PER_WRITE
+
+    async def __aenter__(self) -> HostileTenant:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._hold_idle_connections()),
+            loop.create_task(self._ping_flood()),
+            loop.create_task(self._tiny_frames()),
+        ]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in self._idle:
+            sock.close()
+        self._idle.clear()
+        for writer in self._writers:
+            writer.transport.abort()
+        # The loop closes the aborted transports on its next turns.
+        await asyncio.sleep(0.05)
+        self._writers.clear()
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+    # -- idle connections --------------------------------------------------------------
+
+    def _open_idle(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((self.source_address, 0))
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect((self.host, self.port))
+        self.counters.idle_opened += 1
+        return sock
+
+    @staticmethod
+    def _closed(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            # Still connecting (SYN queue full) is not closed; a reset is.
+            return exc.errno not in (errno.ENOTCONN, errno.EAGAIN)
+
+    async def _hold_idle_connections(self) -> None:
+        while True:
+            still_open = []
+            for sock in self._idle:
+                if self._closed(sock):
+                    sock.close()
+                    self.counters.idle_closed_by_server += 1
+                else:
+                    still_open.append(sock)
+            self._idle = still_open
+            while len(self._idle) < self.idle_connections:
+                self._idle.append(self._open_idle())
+                if len(self._idle) % 100 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(REOPEN_INTERVAL_S)
+
+    # -- WebSockets ---------------------------------------------------------------------
+
+    async def _open_websocket(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A WebSocket to the tenant's target, or None when refused (status recorded)."""
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, local_addr=(self.channel_address, 0)
+        )
+        self._writers.add(writer)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {self.path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            f"Sec-WebSocket-Protocol: {SUBPROTOCOL}",
+        ]
+        if self.token is not None:
+            lines.append(f"Authorization: Bearer {self.token}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split()[1])
+        if status != 101:
+            self.counters.refusals.append(status)
+            writer.close()
+            return None
+        self.counters.websockets_opened += 1
+        return reader, writer
+
+    async def _ping_flood(self) -> None:
+        """Pings as fast as the server reads them; never a read."""
+        while True:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                opened = await self._open_websocket()
+                if opened is not None:
+                    _, writer = opened
+                    try:
+                        while True:
+                            writer.write(self._ping_batch)
+                            self.counters.pings_written += PINGS_PER_WRITE
+                            await writer.drain()
+                    finally:
+                        writer.close()
+            await asyncio.sleep(RECONNECT_DELAY_S)
+
+    async def _tiny_frames(self) -> None:
+        """Empty Pings (6-byte frames) without end; the Pongs are read and dropped."""
+        while True:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                opened = await self._open_websocket()
+                if opened is not None:
+                    reader, writer = opened
+                    drain = asyncio.get_running_loop().create_task(_discard(reader))
+                    try:
+                        while not drain.done():
+                            writer.write(self._tiny_batch)
+                            self.counters.tiny_frames_written += PINGS_PER_WRITE
+                            await writer.drain()
+                    finally:
+                        drain.cancel()
+                        writer.close()
+            await asyncio.sleep(RECONNECT_DELAY_S)
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass
