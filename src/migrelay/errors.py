@@ -14,6 +14,8 @@
      │   └─ CapabilityMismatchError     a prepared destination differs from the source
      ├─ UnsupportedError                the QEMU in use lacks a requested feature
      ├─ ConnectError                    could not reach a peer; wraps the root cause
+     ├─ PeerRefused                     a unix socket is not one a relay may use (wrong
+     │                                  owner, a symlink, a directory others can write)
      ├─ VMError                         a disposable lab VM failed to start or stop
      └─ MigrationError                  QEMU refused a command or a migration failed;
          │                              keeps QEMU's text whole
@@ -165,6 +167,10 @@ class ConnectError(RelayError):
             return self.message
         cause = " ".join(str(self.exc).split()) or type(self.exc).__name__
         return f"{self.message}: {cause}"
+
+
+class PeerRefused(RelayError):
+    """A unix socket is not what a relay may talk to (wrong owner, a symlink, …)."""
 
 
 class VMError(RelayError):

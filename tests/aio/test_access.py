@@ -15,7 +15,6 @@ import pytest
 from migrelay.aio.access import (
     MAX_FORWARDED_HOPS,
     TARGET_NAME_RE,
-    InvalidForwardedFor,
     TokenEntry,
     browser_origin_allowed,
     derived_token_name,
@@ -366,7 +365,7 @@ def test_forwarded_client(header: str, client: str) -> None:
     ],
 )
 def test_forwarded_for_from_a_trusted_proxy_is_strict(header: str) -> None:
-    with pytest.raises(InvalidForwardedFor) as caught:
+    with pytest.raises(ValueError) as caught:
         forwarded_client("127.0.0.1", header, TRUSTED)
     assert isinstance(caught.value, ValueError)
     # The message says which hop, never what the client wrote.
@@ -397,9 +396,9 @@ def test_mapped_and_v6_peers_are_trusted(peer: str) -> None:
 
 
 def test_invalid_hop_message_names_the_place() -> None:
-    with pytest.raises(InvalidForwardedFor, match="hop 2 from the right of 3"):
+    with pytest.raises(ValueError, match="hop 2 from the right of 3"):
         forwarded_client("127.0.0.1", "1.1.1.1, bad, 10.0.0.1", TRUSTED)
-    with pytest.raises(InvalidForwardedFor, match=f"more than {MAX_FORWARDED_HOPS} hops"):
+    with pytest.raises(ValueError, match=f"more than {MAX_FORWARDED_HOPS} hops"):
         forwarded_client("127.0.0.1", ",".join(["1.1.1.1"] * 40), TRUSTED)
 
 

@@ -488,10 +488,6 @@ def parse_allowed_hosts(values: Iterable[str]) -> frozenset[str]:
 MAX_FORWARDED_HOPS: Final = 32
 
 
-class InvalidForwardedFor(ValueError):
-    """A trusted proxy's ``X-Forwarded-For`` is malformed (refuse with 400)."""
-
-
 def parse_networks(values: Sequence[str]) -> tuple[IPNetwork, ...]:
     """Parse ``--trusted-proxy`` values: addresses or CIDR networks.
 
@@ -528,7 +524,7 @@ def parse_forwarded_hop(hop: str) -> IPAddress:
     back as its IPv4 address (one client, one form, for logs and quotas).
 
     Raises:
-        InvalidForwardedFor: the hop is not an address (the message does not quote it).
+        ValueError: the hop is not an address (the message does not quote it).
     """
     text = hop.strip(" \t")
     if text.startswith("[") and text.endswith("]"):
@@ -548,7 +544,7 @@ def parse_forwarded_hop(hop: str) -> IPAddress:
             return _unmapped(ipaddress.IPv6Address(text))
         except ValueError:
             pass
-    raise InvalidForwardedFor("not an IP address")
+    raise ValueError("not an IP address")
 
 
 def forwarded_client(
@@ -572,21 +568,21 @@ def forwarded_client(
         header is absent or empty or the peer is not trusted.
 
     Raises:
-        InvalidForwardedFor: (a ValueError) the peer is trusted and the header lists
+        ValueError: the peer is trusted and the header lists
             more than `MAX_FORWARDED_HOPS` hops or a walked hop is not an address.
     """
     if peer_ip is None or not forwarded_for or not _trusted(peer_ip, trusted):
         return None
     if forwarded_for.count(",") >= MAX_FORWARDED_HOPS:
-        raise InvalidForwardedFor(f"more than {MAX_FORWARDED_HOPS} hops")
+        raise ValueError(f"more than {MAX_FORWARDED_HOPS} hops")
     hops = forwarded_for.split(",")
     rightmost: IPAddress | None = None
     for place, hop in enumerate(reversed(hops), start=1):
         try:
             ip = parse_forwarded_hop(hop)
-        except InvalidForwardedFor:
+        except ValueError:
             # Which hop, not what it says: the text is the client's.
-            raise InvalidForwardedFor(
+            raise ValueError(
                 f"hop {place} from the right of {len(hops)} is not an IP address"
             ) from None
         if rightmost is None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-from migrelay.errors import ConfigError, RelayError
+from migrelay.errors import ConfigError, PeerRefused
 
 __all__ = [
     "PeerCredentials",
@@ -48,10 +48,6 @@ SYSTEM_RUNTIME_DIR: Final = Path("/run/migrelay")
 _PEERCRED: Final = struct.Struct("3i")
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
-
-
-class PeerRefused(RelayError):
-    """A unix socket is not what the relay may talk to (wrong owner, a symlink, …)."""
 
 
 def runtime_dir() -> Path:

@@ -212,8 +212,7 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="Most connections still in their TLS or HTTP handshake; more are closed"
-            " at once.",
+            help="Most connections still in their TLS or HTTP handshake; more are closed at once.",
             envvar="MIGRELAY_MAX_HANDSHAKES",
         ),
     ] = ServeSettings.max_handshakes,
