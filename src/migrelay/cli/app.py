@@ -31,6 +31,7 @@ import typer
 from migrelay import __version__
 from migrelay.aio import runner, service
 from migrelay.aio.client import ClientConfig
+from migrelay.aio.local import SocketOwners
 from migrelay.aio.service import DEFAULT_DEST_SOCKET, ServeSettings
 from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, run_source_relay
 from migrelay.cli.options import (
@@ -48,6 +49,7 @@ from migrelay.cli.options import (
     PostcopyOpt,
     ProxyOpt,
     QmpOpt,
+    SocketOwnerOpt,
     TlsKeyOpt,
     TokenFileOpt,
     VerboseOpt,
@@ -116,6 +118,15 @@ def main_callback(
     ] = False,
 ) -> None:
     """Live-migrate QEMU virtual machines between hosts over WebSocket."""
+
+
+def _socket_owners(names: list[str] | None) -> SocketOwners:
+    if not names:
+        return SocketOwners.default()
+    try:
+        return SocketOwners.parse(names)
+    except ConfigError as exc:
+        exit_with(str(exc))
 
 
 def _limits(max_message: str, **changes: object) -> Limits:
@@ -397,6 +408,7 @@ def connect(
     ] = ClientConfig.open_retry,
     config_file: ConfigOpt = None,
     proxy: ProxyOpt = None,
+    socket_owner: SocketOwnerOpt = None,
     max_message: MaxMessageOpt = DEFAULT_MAX_MESSAGE,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
@@ -404,6 +416,7 @@ def connect(
     """Source relay: listen for source QEMU and carry each connection over a WebSocket."""
     configure_logging(verbose, log_format)
     settings = ClientSettings(
+        socket_owners=_socket_owners(socket_owner),
         url=url,
         token_file=token_file,
         header_lines=tuple(header or ()),
@@ -561,6 +574,7 @@ def migrate(
     tls_cert: ClientCertOpt = None,
     tls_key: TlsKeyOpt = None,
     proxy: ProxyOpt = None,
+    socket_owner: SocketOwnerOpt = None,
     ping_interval: PingIntervalOpt = Limits.ping_interval,
     ping_timeout: PingTimeoutOpt = Limits.ping_timeout,
     verbose: VerboseOpt = 0,
@@ -571,6 +585,7 @@ def migrate(
     Ctrl-C cancels the migration; the source VM stays as it was.
     """
     configure_logging(verbose, log_format, quiet=True)
+    owners = _socket_owners(socket_owner)
     if socket is not None and to is not None:
         exit_with("--socket and --to exclude each other")
     if to is not None and no_wait:
@@ -582,6 +597,7 @@ def migrate(
     relay = None
     if to is not None:
         relay = ClientSettings(
+            socket_owners=owners,
             url=to,
             token_file=token_file,
             header_lines=tuple(header or ()),
@@ -599,6 +615,7 @@ def migrate(
             # own error line; its log would say the same thing a second time.
             logging.getLogger("migrelay.aio").setLevel(logging.CRITICAL)
     request = commands.MigrateRequest(
+        socket_owners=owners,
         qmp_path=qmp,
         options=_options(multifd, postcopy, max_bandwidth, downtime_limit),
         socket=socket,

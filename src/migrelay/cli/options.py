@@ -132,6 +132,15 @@ ProxyOpt = Annotated[
     ),
 ]
 # Liveness, shared by serve, connect and migrate --to (DESIGN.md §3).
+SocketOwnerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="User (name or uid) allowed at the other end of the relay's unix socket:"
+        " whose source QEMU may connect to it, or (migrate --socket) who must have bound"
+        " it; repeatable [default: this user and root].",
+        envvar="MIGRELAY_SOCKET_OWNER",
+    ),
+]
 PingIntervalOpt = Annotated[
     float,
     typer.Option(
