@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -384,23 +385,52 @@ def test_connect_through_tinyproxy_carries_a_migration_intact(
     migrelay_procs: MigrelayProcesses,
     sock_dir: Path,
     daemons: list[subprocess.Popen[bytes]],
+    pki: PKI,
 ) -> None:
     token_file = sock_dir / "tokens"
     token_file.write_text("proxy-test-token /\n")
-    server = serve(migrelay_procs, sock_dir, "--token-file", str(token_file))
+    server = serve(
+        migrelay_procs,
+        sock_dir,
+        *("--token-file", str(token_file)),
+        *("--tls-cert", str(pki.cert), "--tls-key", str(pki.key)),
+    )
     assert server.port is not None
     proxy_port = start_tinyproxy(sock_dir, daemons, server.port)
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    # With ws:// the proxy would read the token (and guest RAM): refused, in one line.
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "migrelay",
+            "connect",
+            f"ws://127.0.0.1:{server.port}/",
+            "--listen-unix",
+            str(sock_dir / "never.sock"),
+            "--token-file",
+            str(token_file),
+            "--proxy",
+            proxy,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert refused.stderr.count("\n") == 1 and "use wss://" in refused.stderr, refused.stderr
     client = connect(
         migrelay_procs,
         sock_dir,
-        f"{server.url}/",
-        *("--token-file", str(token_file), "--proxy", f"http://127.0.0.1:{proxy_port}"),
+        f"wss://localhost:{server.port}/",
+        *("--token-file", str(token_file), "--proxy", proxy, "--ca", str(pki.ca)),
     )
     run_e2e(migrate(vm_pair, sock_dir))
     assert_channels_completed(server, client)
     proxy_log = (sock_dir / "tinyproxy" / "tinyproxy.log").read_text(errors="replace")
     # The one channel went through the proxy: one CONNECT, to serve's port.
-    assert proxy_log.count(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1") == 1, proxy_log
+    assert proxy_log.count(f"CONNECT localhost:{server.port} HTTP/1.1") == 1, proxy_log
     assert "proxy-test-token" not in server.log() + client.log() + proxy_log
 
 
