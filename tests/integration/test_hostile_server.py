@@ -208,6 +208,10 @@ def test_a_session_id_belongs_to_the_token_that_opened_it(
             assert key == ("alice", "migration-7")
             assert served.server.sessions[key].claimed == {0}
             assert any("token alice" in line for line in served.lines())
+            metrics = served.server.metrics.exposition().decode()
+            assert 'migrelay_sessions_total{token="alice"} 1.0' in metrics
+            assert 'migrelay_sessions_total{token="bob"} 1.0' in metrics
+            assert ALICE not in metrics and BOB not in metrics
             first.abort()
 
     run_async(main())

@@ -11,7 +11,7 @@ by a metrics library. Closed channels' bytes are folded into per-target totals.
 name                                        type       labels
 ==========================================  =========  ==================================
 migrelay_sessions_open                      gauge
-migrelay_sessions_total                     counter
+migrelay_sessions_total                     counter    token (its name; "-" without tokens)
 migrelay_channels_open                      gauge
 migrelay_channels_total                     counter    target
 migrelay_channels_closed_total              counter    target, code
@@ -95,7 +95,10 @@ class RelayMetrics:
         )
         self.sessions_open.set_function(_length(sessions))
         self.sessions_total = Counter(
-            "migrelay_sessions", "Migration sessions started.", registry=registry
+            "migrelay_sessions",
+            "Migration sessions started, by token name (never the secret).",
+            ("token",),
+            registry=registry,
         )
         self.channels_open = Gauge(
             "migrelay_channels_open", "Channels (WebSockets) open now.", registry=registry
@@ -124,9 +127,9 @@ class RelayMetrics:
         )
         registry.register(_ByteCollector(self))
 
-    def session_started(self) -> None:
-        """Count a new migration session."""
-        self.sessions_total.inc()
+    def session_started(self, token: str) -> None:
+        """Count a new migration session opened with the token named ``token``."""
+        self.sessions_total.labels(token).inc()
 
     def channel_opened(self, channel: Channel, target: str) -> None:
         """Count ``channel`` and follow its byte counters until it closes."""

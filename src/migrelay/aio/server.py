@@ -425,7 +425,7 @@ class RelayServer:
             self._check_quotas(principal, name)
             session = _MigrationSession(session_id, target, principal, name, key)
             self.sessions[key] = session
-            self.metrics.session_started()
+            self.metrics.session_started(principal)
         if session.target != target:
             # Only the token that opened the session can get here: nothing is revealed.
             raise Refusal(409, f"session {session_id} belongs to another target")

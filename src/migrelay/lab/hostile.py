@@ -79,6 +79,8 @@ class HostileTenant:
         self.source_address = source_address
         self.channel_address = channel_address
         self.counters = HostileCounters()
+        #: Set once both floods have written their first batch.
+        self.under_way = asyncio.Event()
         self._idle: list[socket.socket] = []
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,6 +114,10 @@ class HostileTenant:
         for result in results:
             if isinstance(result, Exception):
                 raise result
+
+    def _check_under_way(self) -> None:
+        if self.counters.pings_written and self.counters.tiny_frames_written:
+            self.under_way.set()
 
     # -- idle connections --------------------------------------------------------------
 
@@ -191,6 +197,7 @@ class HostileTenant:
                         while True:
                             writer.write(self._ping_batch)
                             self.counters.pings_written += PINGS_PER_WRITE
+                            self._check_under_way()
                             await writer.drain()
                     finally:
                         writer.close()
@@ -208,6 +215,7 @@ class HostileTenant:
                         while not drain.done():
                             writer.write(self._tiny_batch)
                             self.counters.tiny_frames_written += PINGS_PER_WRITE
+                            self._check_under_way()
                             await writer.drain()
                     finally:
                         drain.cancel()
