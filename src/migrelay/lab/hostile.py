@@ -226,3 +226,28 @@ class HostileTenant:
 async def _discard(reader: asyncio.StreamReader) -> None:
     while await reader.read(1 << 16):
         pass
+
+
+async def _attack_until_stopped(tenant: HostileTenant) -> None:
+    async with tenant:
+        await tenant.under_way.wait()
+        print("under way", flush=True)
+        await asyncio.Event().wait()  # until the process is terminated
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m migrelay.lab.hostile HOST PORT PATH [TOKEN]``: attack until killed.
+
+    A process of its own, so that a benchmark can run the attacker at the lowest CPU
+    priority: a real attacker's CPU is on another host, not taken from the victim.
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    host, port, path = args[0], int(args[1]), args[2]
+    token = args[3] if len(args) > 3 else None
+    asyncio.run(_attack_until_stopped(HostileTenant(host, port, path, token)))
+
+
+if __name__ == "__main__":
+    main()
