@@ -33,6 +33,7 @@ from tests.integration.test_hosting import (
     wait_until,
 )
 from tests.pki import PKI, make_pki
+from tests.processes import MigrelayProcesses
 
 from migrelay.aio import local
 from migrelay.aio.access import parse_token_lines
@@ -48,6 +49,8 @@ OTHER_ADDRESS = "127.0.0.2"
 #: Idle connections of the flood: within the listen backlog (128), so that none waits
 #: for a SYN retransmission, and far above the per-address cap of the test.
 FLOOD = 120
+#: RLIMIT_NOFILE of the serve process in the descriptor test: far below the flood.
+DESCRIPTOR_LIMIT = 200
 
 
 def _key() -> str:
@@ -422,3 +425,44 @@ def test_tokens_are_named_in_logs_never_shown(tmp_path: Path) -> None:
     names = set(config.token_names.values())
     assert "ops" in names and len(names) == 2
     assert all(TOKEN not in name and VM1_TOKEN not in name for name in names)
+
+
+def test_idle_sockets_beyond_the_descriptor_limit_cannot_starve_a_migration(
+    run_async: Run, sock_dir: Path, migrelay_procs: MigrelayProcesses
+) -> None:
+    # serve under a descriptor limit of 200, 1,000 idle sockets from one address:
+    # accept() used to fail with EMFILE, and so did the unix connect of a real channel.
+    # Now the handshake caps are sized to leave every session's channels their
+    # descriptors, and a connection over a cap is closed at once.
+    target = sock_dir / "dest.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(target))
+    listener.listen(16)
+    serve = migrelay_procs.serve(
+        *("--target", str(target), "--max-sessions", "4", "--max-channels", "4"),
+        prefix=("prlimit", f"--nofile={DESCRIPTOR_LIMIT}:{DESCRIPTOR_LIMIT}", "--"),
+    )
+    assert serve.port is not None
+    port = serve.port
+
+    async def main() -> None:
+        flood = await idle_connections(port, 1000, OTHER_ADDRESS)
+        try:
+            await helpers.wait_until(
+                lambda: sum(closed_by_server(sock) for sock in flood) >= 500,
+                20 * helpers.FACTOR,
+                "serve to shed the flood",
+            )
+            status, _ = await raw_upgrade(port, path="/")
+            assert status == 101
+        finally:
+            for sock in flood:
+                sock.close()
+
+    try:
+        run_async(main())
+    finally:
+        listener.close()
+    log = serve.log()
+    assert "Too many open files" not in log and "EMFILE" not in log, log[-2000:]
+    assert "dropped connection from 127.0.0.2" in log
