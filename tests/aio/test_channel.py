@@ -121,8 +121,11 @@ class Rig:
             self.channel.abort("test over")
 
 
-async def make_rig(role: Role, limits: Limits = LIMITS) -> Rig:
-    """A channel of ``role``, started, with QEMU's end and the peer's end as streams."""
+async def make_rig(role: Role, limits: Limits = LIMITS, trailing: bytes = b"") -> Rig:
+    """A channel of ``role``, started, with QEMU's end and the peer's end as streams.
+
+    ``trailing``: bytes that came with the handshake, which the channel parses first.
+    """
     loop = asyncio.get_running_loop()
     qemu_sock, relay_unix_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     peer_sock, relay_ws_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -139,6 +142,7 @@ async def make_rig(role: Role, limits: Limits = LIMITS) -> Rig:
     peer_role = Role.CLIENT if role is Role.SERVER else Role.SERVER
     peer = Peer(RelaySession(peer_role, mask_key=lambda: KEY), peer_reader, peer_writer)
     ended: list[Channel] = []
+    ws_transport.pause_reading()  # handed over paused, as the relays do
     channel = Channel(
         RelaySession(role),
         unix_leg,
@@ -147,7 +151,7 @@ async def make_rig(role: Role, limits: Limits = LIMITS) -> Rig:
         f"test/{role.value}",
         on_closed=ended.append,
     )
-    channel.start()
+    channel.start(trailing)
     return Rig(channel, unix_leg, qemu_reader, qemu_writer, peer, ended)
 
 
@@ -526,6 +530,35 @@ def test_websocket_reading_resumes_only_when_no_pause_reason_holds(run_async: Ru
             assert not transport.is_reading()
             channel.resume_unix_reading()  # the WebSocket's queue drained too
             assert transport.is_reading()
+        finally:
+            rig.close_all()
+
+    run_async(main())
+
+
+def test_frames_beyond_the_budget_in_the_handshake_leftovers_keep_the_websocket_paused(
+    run_async: Run,
+) -> None:
+    # Bytes that arrived with the upgrade request are parsed by start(): beyond the
+    # budget, the WebSocket must stay unread until they are (start() resumes reading
+    # only when nothing holds it).
+    limits = Limits(read_bytes=64 << 10, ping_interval=0, frames_per_callback=4)
+    pings = 50
+    trailing = b"".join(encode_frame(Opcode.PING, str(n).encode(), KEY) for n in range(pings))
+
+    async def main() -> None:
+        rig = await make_rig(Role.SERVER, limits, trailing)
+        try:
+            channel, peer = rig.channel, rig.peer
+            assert not channel.ws_transport.is_reading()
+
+            def all_pongs() -> bool:
+                return sum(isinstance(event, PongReceived) for event in peer.events) == pings
+
+            await peer.read_until(all_pongs, "every Pong")
+            pongs = [event for event in peer.events if isinstance(event, PongReceived)]
+            assert [pong.payload for pong in pongs] == [str(n).encode() for n in range(pings)]
+            await wait_until(channel.ws_transport.is_reading, PROMPT_SECONDS, "reading again")
         finally:
             rig.close_all()
 

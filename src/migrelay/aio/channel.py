@@ -362,9 +362,13 @@ class Channel:
     # -- start-up ------------------------------------------------------------------------
 
     def start(self, trailing_data: bytes = b"") -> None:
-        """Start relaying: replay what happened on either side before the hand-over."""
+        """Start relaying: replay what happened on either side before the hand-over,
+        then read the WebSocket (the caller hands it over with reading paused) unless
+        the replay left a reason not to (`WsPause`)."""
         if trailing_data:
             self.ws_data(memoryview(bytearray(trailing_data)), in_read_buffer=False)
+        if not self._ws_pauses and not self._ws_closed:
+            self.ws_transport.resume_reading()
         unix = self.unix
         early = unix.early_data
         for offset in range(0, len(early), self.limits.read_bytes):
@@ -457,9 +461,6 @@ class Channel:
         unparsed = self._unparsed
         if self._ws_closed or not unparsed or len(self._ws_pauses) != 1:
             return
-        # The relays resume reading right after start(), which may have left bytes
-        # unparsed: keep the WebSocket paused (idempotent otherwise).
-        self.ws_transport.pause_reading()
         view, index = unparsed[0]
         used = self._parse_ws(view)
         if used < len(view):

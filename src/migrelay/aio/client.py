@@ -483,7 +483,6 @@ class SourceRelay:
         session.channels.append(channel)
         logger.info("channel %s opened: %s -> %s", name, self.listen_path, self.config.url)
         channel.start(trailing)
-        transport.resume_reading()
 
     def _channel_ended(self, session: _SourceSession, channel: Channel | None) -> None:
         if channel is not None:

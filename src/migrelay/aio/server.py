@@ -468,7 +468,6 @@ class RelayServer:
                 "" if principal == ANONYMOUS else f", token {principal}",
             )
             channel.start(connection.handshake.trailing_data)
-            transport.resume_reading()
         finally:
             # Only now, once the channel belongs to the session (or failed): forgetting
             # the session between the unix connect and the registration made a channel
