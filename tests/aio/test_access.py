@@ -21,7 +21,6 @@ from migrelay.aio.access import (
     forwarded_client,
     host_allowed,
     load_token_entries,
-    load_tokens,
     match_token,
     origin_allowed,
     parse_allowed_hosts,
@@ -31,7 +30,6 @@ from migrelay.aio.access import (
     parse_networks,
     parse_origin,
     parse_token_lines,
-    token_targets,
     valid_target,
 )
 from migrelay.errors import ConfigError
@@ -97,7 +95,7 @@ def test_comments_and_blank_lines_are_skipped() -> None:
     lines = ["# comment", "", "   ", "\t# indented comment", "   #", "a", "b vm1,vm2", "c /"]
     entries = parse_token_lines(lines)
     assert [entry.secret for entry in entries] == [b"a", b"b", b"c"]
-    assert token_targets(entries) == {b"b": frozenset({"vm1", "vm2"}), b"c": frozenset({"/"})}
+    assert [entry.targets for entry in entries] == [None, {"vm1", "vm2"}, {"/"}]
 
 
 def test_a_hash_inside_a_secret_is_part_of_it() -> None:
@@ -235,8 +233,6 @@ def test_load_token_file(tmp_path: Path) -> None:
         (SECRET.encode(), None, derived_token_name(SECRET.encode())),
         (b"b", frozenset({"vm1"}), "backup"),
     ]
-    assert load_tokens(path) == [SECRET.encode(), b"b"]
-    assert load_tokens(None) == []
     assert load_token_entries(None) == []
 
 

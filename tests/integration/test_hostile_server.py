@@ -102,14 +102,12 @@ def test_without_tokens_a_browser_origin_is_refused_unless_allowed(
     # Any web page open on the host could otherwise stream bytes into destination QEMU:
     # `new WebSocket("ws://127.0.0.1:8765/vm1", "migrelay.v1")` sends this request.
     async def main() -> None:
-        async with serving(sock_dir, logs, tokens=[], token_targets={}) as served:
+        async with serving(sock_dir, logs, tokens=[]) as served:
             evil = [("Origin", "http://evil.example")]
             assert (await raw_upgrade(served.port, headers=evil))[0] == 403
             assert (await raw_upgrade(served.port))[0] == 101  # the relay: no Origin
         allowed = frozenset({"https://console.example"})
-        async with serving(
-            sock_dir, logs, tokens=[], token_targets={}, allowed_origins=allowed
-        ) as served:
+        async with serving(sock_dir, logs, tokens=[], allowed_origins=allowed) as served:
             console = [("Origin", "https://console.example")]
             assert (await raw_upgrade(served.port, headers=console))[0] == 101
             assert (await raw_upgrade(served.port, headers=[("Origin", "null")]))[0] == 403
@@ -137,7 +135,6 @@ def test_without_tokens_host_must_name_the_listener(
             sock_dir,
             logs,
             tokens=[],
-            token_targets={},
             allowed_hosts=frozenset({"allowed.example"}),
         ) as served:
             got, _ = await raw_upgrade(served.port, host=host.format(port=served.port))
@@ -164,12 +161,7 @@ def test_with_tokens_host_is_not_checked(
 
 def named_tokens(**config: Any) -> dict[str, Any]:
     entries = parse_token_lines([f"{ALICE} name=alice", f"{BOB} name=bob"])
-    return {
-        "tokens": [entry.secret for entry in entries],
-        "token_names": {entry.secret: entry.name for entry in entries},
-        "token_targets": {},
-        **config,
-    }
+    return {"tokens": entries, **config}
 
 
 def test_anonymous_session_ids_are_unpredictable_and_cannot_be_claimed(
@@ -178,7 +170,7 @@ def test_anonymous_session_ids_are_unpredictable_and_cannot_be_claimed(
     # The ids used to be anon-1, anon-2…: a client sending Migrelay-Session: anon-N
     # ahead of a victim's plain client made the victim's channel 0 "repeated" (409).
     async def main() -> None:
-        config = {"tokens": [], "token_targets": {}, "max_sessions_per_target": 20}
+        config = {"tokens": [], "max_sessions_per_target": 20}
         async with serving(sock_dir, logs, **config) as served:
             squatters = []
             for number in range(1, 6):
@@ -422,7 +414,7 @@ def test_tokens_are_named_in_logs_never_shown(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{VM1_TOKEN} vm1 name=ops   # the operators\n{TOKEN}\n")
     config, _ = load_server_config(ServeSettings(token_file=tokens))
-    names = set(config.token_names.values())
+    names = {entry.name for entry in config.tokens}
     assert "ops" in names and len(names) == 2
     assert all(TOKEN not in name and VM1_TOKEN not in name for name in names)
 

@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from migrelay.aio.access import IPNetwork, parse_networks, parse_token_lines, token_targets
+from migrelay.aio.access import IPNetwork, parse_networks, parse_token_lines
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.proxy import ProxyURL, bypassed, proxy_for
 from migrelay.aio.server import RelayServer, ServerConfig
@@ -98,8 +98,7 @@ async def serving(
     settings: dict[str, Any] = {
         "port": 0,
         "target_dir": sock_dir,
-        "tokens": [entry.secret for entry in entries],
-        "token_targets": token_targets(entries),
+        "tokens": entries,
         "wait_target": 0.5,
     }
     settings.update(config)
@@ -245,7 +244,7 @@ def test_allowed_origin_and_absent_origin_are_accepted(
 
 def test_token_file_lines_name_their_targets_and_reject_garbage() -> None:
     entries = parse_token_lines(["# comment", "", "a", "b vm1,vm2", "c /"])
-    assert token_targets(entries) == {b"b": frozenset({"vm1", "vm2"}), b"c": frozenset({"/"})}
+    assert [entry.targets for entry in entries] == [None, {"vm1", "vm2"}, {"/"}]
     assert "b" not in repr(entries[1]).replace("bytes", "")
     with pytest.raises(RelayError, match="line 1: expected"):
         parse_token_lines(["x y z"])
@@ -405,7 +404,9 @@ def test_metrics_token_guards_metrics_but_not_healthz_with_one_line_per_refusal(
     run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
-        async with serving(sock_dir, logs, metrics_tokens=[b"scraper"]) as served:
+        async with serving(
+            sock_dir, logs, metrics_tokens=parse_token_lines(["scraper"])
+        ) as served:
             assert (await http_get(served.port, "/metrics"))[0] == 401
             # The migration token is not a metrics token: they are kept apart.
             wrong = f"Authorization: Bearer {TOKEN}\r\n"

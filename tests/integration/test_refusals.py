@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from tests import helpers
 
+from migrelay.aio.access import TokenEntry
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.server import RelayServer, ServerConfig
 from migrelay.core.frames import Opcode, encode_frame
@@ -167,7 +168,7 @@ async def serving(
         "port": 0,
         "target": paths[0],
         "target_dir": sock_dir / "vms",
-        "tokens": [TOKEN.encode()],
+        "tokens": [TokenEntry(TOKEN.encode())],
         "wait_target": WAIT_TARGET,
         "limits": Limits(handshake_timeout=HANDSHAKE_TIMEOUT),
     }

@@ -69,8 +69,8 @@ def test_serve_listens_beyond_loopback_only_with_authentication_or_insecure(
 
 def test_serve_reads_tokens_with_their_targets(files: dict[str, Path]) -> None:
     config, _ = load_server_config(ServeSettings(token_file=files["tokens"]))
-    assert config.tokens == [b"secret-one", b"secret-two"]
-    assert config.token_targets == {b"secret-two": frozenset({"vm1", "vm2"})}
+    assert [entry.secret for entry in config.tokens] == [b"secret-one", b"secret-two"]
+    assert [entry.targets for entry in config.tokens] == [None, {"vm1", "vm2"}]
 
 
 @pytest.mark.parametrize(

@@ -197,20 +197,6 @@ def load_token_entries(token_file: Path | None) -> list[TokenEntry]:
     return entries
 
 
-def load_tokens(token_file: Path | None) -> list[bytes]:
-    """The secrets of a token file, target restrictions aside (``--metrics-token-file``).
-
-    Raises:
-        ConfigError: the file is unreadable, malformed or holds no token.
-    """
-    return [entry.secret for entry in load_token_entries(token_file)]
-
-
-def token_targets(entries: Iterable[TokenEntry]) -> dict[bytes, frozenset[str]]:
-    """The restricted tokens of ``entries``, mapped to the targets each may reach."""
-    return {entry.secret: entry.targets for entry in entries if entry.targets is not None}
-
-
 def match_token(given: bytes, entries: Sequence[TokenEntry]) -> TokenEntry | None:
     """The entry whose secret is ``given``, found in constant time over all entries.
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import secrets
 import socket
@@ -69,7 +67,8 @@ class ServerConfig:
     port: int = 8765
     target: Path | None = None
     target_dir: Path | None = None
-    tokens: list[bytes] = field(default_factory=list)
+    #: ``--token-file``: each secret with its name and the targets it may reach.
+    tokens: Sequence[access.TokenEntry] = ()
     ssl_context: ssl.SSLContext | None = None
     #: Seconds to wait for the destination socket to appear (and for earlier channels).
     wait_target: float = 30.0
@@ -92,10 +91,6 @@ class ServerConfig:
     #: ``migrate-incoming`` here. It may raise `Refusal` to choose the answer; any other
     #: exception refuses every channel of the session with 503.
     prepare_target: PrepareTarget | None = None
-    #: Tokens restricted to some targets (``/`` or NAME); the others reach every target.
-    token_targets: Mapping[bytes, frozenset[str]] = field(default_factory=dict)
-    #: The name of each token, for logs, metrics and quotas (never the secret).
-    token_names: Mapping[bytes, str] = field(default_factory=dict)
     #: Accepted ``Origin`` values (normalized, see `access.normalize_origin`). Without
     #: tokens, a request with an Origin (a browser) is refused unless it is listed;
     #: with tokens, an empty list accepts any (a browser cannot send the token).
@@ -113,11 +108,13 @@ class ServerConfig:
     idle_timeout: float = 0.0
     #: Bearer tokens that may read ``/metrics``; empty: ``/metrics`` is open to anyone
     #: who reaches the port (``/healthz`` always is: load balancers probe it).
-    metrics_tokens: list[bytes] = field(default_factory=list)
+    metrics_tokens: Sequence[access.TokenEntry] = ()
 
 
-def check_bearer(request: UpgradeRequest, tokens: Sequence[bytes]) -> bytes | None:
-    """Check the bearer token in constant time against every token of ``tokens``.
+def check_bearer(
+    request: UpgradeRequest, tokens: Sequence[access.TokenEntry]
+) -> access.TokenEntry | None:
+    """Check the bearer token against ``tokens`` (`access.match_token`: constant time).
 
     Returns:
         The token that matched (None when ``tokens`` is empty: nothing to check).
@@ -131,14 +128,7 @@ def check_bearer(request: UpgradeRequest, tokens: Sequence[bytes]) -> bytes | No
     scheme, _, credential = header.partition(" ")
     if scheme.lower() != "bearer" or not credential:
         raise Refusal(401, "authentication required", (("WWW-Authenticate", "Bearer"),))
-    given = hashlib.sha256(credential.strip().encode("utf-8")).digest()
-    # Compare with every token, without stopping at a match, so the time taken
-    # says nothing about which token (if any) matched; digests, so that it says
-    # nothing about the tokens' lengths either.
-    matched: bytes | None = None
-    for token in tokens:
-        if hmac.compare_digest(given, hashlib.sha256(token).digest()):
-            matched = token
+    matched = access.match_token(credential.strip().encode("utf-8"), tokens)
     if matched is None:
         raise Refusal(
             403 if header else 401,
@@ -356,15 +346,15 @@ class RelayServer:
             raise Refusal(404, "unknown target")
         return name, config.target_dir / f"{name}.sock"
 
-    def authenticate(self, request: UpgradeRequest) -> bytes | None:
+    def authenticate(self, request: UpgradeRequest) -> access.TokenEntry | None:
         """Check the request's bearer token against ``--token-file`` (`check_bearer`)."""
         return check_bearer(request, self.config.tokens)
 
-    def authorize(self, token: bytes | None, name: str) -> None:
+    def authorize(self, token: access.TokenEntry | None, name: str) -> None:
         """Refuse with 403 when ``token`` is restricted to targets other than ``name``."""
         if token is None:
             return
-        allowed = self.config.token_targets.get(token)
+        allowed = token.targets
         if allowed is not None and name not in allowed:
             shown = "/" if name == "/" else f"/{name}"
             raise Refusal(403, f"token not valid for target {shown}", kind="target_not_allowed")
@@ -391,7 +381,7 @@ class RelayServer:
             # DNS rebinding: a web page's own name resolving to this host.
             raise Refusal(403, "host not allowed", kind="host")
         token = self.authenticate(request)
-        principal = ANONYMOUS if token is None else config.token_names.get(token, "token")
+        principal = ANONYMOUS if token is None else token.name
         name, target = self.resolve_target(request)
         self.authorize(token, name)
         session_id = request.headers.get(SESSION_HEADER.lower())

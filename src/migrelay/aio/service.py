@@ -143,7 +143,7 @@ def load_server_config(
     if target is None and settings.target_dir is None:
         target = DEFAULT_DEST_SOCKET
     entries = access.load_token_entries(settings.token_file)
-    metrics_tokens = access.load_tokens(settings.metrics_token_file)
+    metrics_tokens = access.load_token_entries(settings.metrics_token_file)
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if settings.client_ca is not None and settings.tls_cert is None:
@@ -186,9 +186,7 @@ def load_server_config(
         port=port,
         target=target,
         target_dir=target_dir,
-        tokens=[entry.secret for entry in entries],
-        token_targets=access.token_targets(entries),
-        token_names={entry.secret: entry.name for entry in entries},
+        tokens=entries,
         ssl_context=credentials.current if credentials is not None else None,
         wait_target=settings.wait_target,
         max_sessions=settings.max_sessions,
@@ -222,13 +220,11 @@ def reload_files(
     """
     # Read every file before changing anything.
     entries = access.load_token_entries(settings.token_file)
-    metrics_tokens = access.load_tokens(settings.metrics_token_file)
+    metrics_tokens = access.load_token_entries(settings.metrics_token_file)
     if credentials is not None:
         # Atomic in itself (a new context or none); the next handshake uses it.
         config.ssl_context = credentials.reload()
-    config.tokens = [entry.secret for entry in entries]
-    config.token_targets = access.token_targets(entries)
-    config.token_names = {entry.secret: entry.name for entry in entries}
+    config.tokens = entries
     config.metrics_tokens = metrics_tokens
 
 

@@ -166,7 +166,7 @@ def read_first_token(token_file: Path | None) -> str | None:
     """
     if token_file is None:
         return None
-    return access.load_tokens(token_file)[0].decode("utf-8")
+    return access.load_token_entries(token_file)[0].secret.decode("utf-8")
 
 
 def parse_header_lines(lines: Sequence[str]) -> list[tuple[str, str]]:
