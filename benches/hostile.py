@@ -30,6 +30,7 @@ from pathlib import Path
 
 from migrelay.control.migration import wait_destination_completed
 from migrelay.control.qmp import QMP, MigrationStatus
+from migrelay.lab.hostile import discarding_socket
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB, parse_size
 
@@ -73,23 +74,6 @@ async def serving(workdir: Path) -> AsyncIterator[int]:
 
 
 @contextlib.asynccontextmanager
-async def attacker_sink(path: Path) -> AsyncIterator[None]:
-    accepted: list[asyncio.BaseTransport] = []
-
-    class Drop(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            accepted.append(transport)
-
-    server = await asyncio.get_running_loop().create_unix_server(Drop, str(path))
-    try:
-        yield
-    finally:
-        server.close()
-        for transport in accepted:
-            transport.close()
-
-
-@contextlib.asynccontextmanager
 async def attacker(port: int) -> AsyncIterator[None]:
     """`HostileTenant` in a process of its own at nice 19: a real attacker's CPU is on
     another host, so only what ``serve`` spends on it may slow the victim down."""
@@ -116,7 +100,7 @@ async def one_migration(workdir: Path, ram: int, attacked: bool) -> float:
     token_file.write_text(VICTIM_TOKEN + "\n")
     async with (
         serving(workdir) as port,
-        attacker_sink(workdir / "attacker.sock"),
+        discarding_socket(workdir / "attacker.sock"),
         DisposableVM(workdir, "src", ram, reuse_ram=True) as src,
         DisposableVM(workdir, "dst", ram, incoming=True) as dst,
     ):

@@ -15,14 +15,11 @@ How much slower the victim is than against a quiet server is a benchmark figure
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from migrelay.lab.hostile import HostileTenant
+from migrelay.lab.hostile import HostileTenant, discarding_socket
 from migrelay.limits import Limits
 from migrelay.units import MIB
 from tests.e2e.cli_helpers import Commands, check_migrated
@@ -42,28 +39,6 @@ CHANNELS = 3
 FLOODED_CHANNELS = 2
 
 
-@contextlib.asynccontextmanager
-async def sink(path: Path) -> AsyncIterator[None]:
-    """The attacker's own "VM": a unix socket that reads and drops everything."""
-    accepted: list[asyncio.BaseTransport] = []
-
-    class Drop(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            accepted.append(transport)
-
-        def data_received(self, data: bytes) -> None:
-            pass
-
-    server = await asyncio.get_running_loop().create_unix_server(Drop, str(path))
-    try:
-        yield
-    finally:
-        server.close()
-        for transport in accepted:
-            transport.close()
-        await server.wait_closed()
-
-
 def test_a_migration_completes_intact_while_another_tenant_attacks_the_server(
     run_e2e: AsyncRunner,
     vm_pair: VMPairFactory,
@@ -81,7 +56,10 @@ def test_a_migration_completes_intact_while_another_tenant_attacks_the_server(
     baseline = serve.rss_bytes()
 
     async def main() -> HostileTenant:
-        async with sink(sock_dir / "attacker.sock"), vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+        async with (
+            discarding_socket(sock_dir / "attacker.sock"),
+            vm_pair(DEFAULT_RAM_BYTES) as (src, dst),
+        ):
             incoming = await commands.run(
                 "incoming", "--qmp", str(dst.qmp_path), "--socket", str(sock_dir / "vm-dst.sock")
             )

@@ -40,6 +40,7 @@ from migrelay.aio.access import parse_token_lines
 from migrelay.aio.server import REFUSAL_LOG_BURST, REFUSAL_LOG_RATE
 from migrelay.aio.service import ServeSettings, load_server_config
 from migrelay.errors import ConfigError
+from migrelay.lab.hostile import closed_by_peer, open_idle_connection
 from migrelay.limits import Limits
 
 #: Tokens with names, for the quota and session-binding tests.
@@ -250,25 +251,9 @@ def test_one_target_cannot_take_every_session(
 
 async def idle_connections(port: int, count: int, address: str) -> list[socket.socket]:
     """``count`` connections from ``address`` that never send a byte."""
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind((address, 0))
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            sock.connect(("127.0.0.1", port))
-        sockets.append(sock)
+    sockets = [open_idle_connection("127.0.0.1", port, address) for _ in range(count)]
     await asyncio.sleep(0)
     return sockets
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def test_a_flood_of_idle_connections_from_one_address_leaves_room_for_others(
@@ -282,7 +267,7 @@ def test_a_flood_of_idle_connections_from_one_address_leaves_room_for_others(
             await wait_until(
                 lambda: (
                     served.server.admission.by_address.get(OTHER_ADDRESS) == 8
-                    and sum(closed_by_server(sock) for sock in flood) == FLOOD - 8
+                    and sum(closed_by_peer(sock) for sock in flood) == FLOOD - 8
                 ),
                 "all but 8 of the flood to be closed",
             )
@@ -320,7 +305,7 @@ def test_the_tls_handshake_is_inside_the_handshake_timeout(
             (silent,) = await idle_connections(served.port, 1, "127.0.0.1")
             await wait_until(lambda: served.server.admission.total == 1, "it to be counted")
             await helpers.wait_until(
-                lambda: closed_by_server(silent), 3 * helpers.FACTOR, "the server to close it"
+                lambda: closed_by_peer(silent), 3 * helpers.FACTOR, "the server to close it"
             )
             silent.close()
             await wait_until(lambda: served.server.admission.total == 0, "it to be released")
@@ -445,7 +430,7 @@ def test_idle_sockets_beyond_the_descriptor_limit_cannot_starve_a_migration(
             for _ in range(1000 // FLOOD):
                 flood.extend(await idle_connections(port, FLOOD, OTHER_ADDRESS))
                 await helpers.wait_until(
-                    lambda: sum(closed_by_server(sock) for sock in flood) >= len(flood) - 32,
+                    lambda: sum(closed_by_peer(sock) for sock in flood) >= len(flood) - 32,
                     10 * helpers.FACTOR,
                     "serve to shed the flood",
                 )

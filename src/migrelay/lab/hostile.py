@@ -22,13 +22,21 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from migrelay.core.frames import Opcode, encode_frame
 from migrelay.core.handshake import SUBPROTOCOL
 
-__all__ = ["HostileCounters", "HostileTenant"]
+__all__ = [
+    "HostileCounters",
+    "HostileTenant",
+    "closed_by_peer",
+    "discarding_socket",
+    "open_idle_connection",
+]
 
 #: Pings written per batch: ~1.3 MiB of full-size Pings, ~60 KiB of empty ones.
 PINGS_PER_WRITE: Final = 10_000
@@ -121,37 +129,19 @@ class HostileTenant:
 
     # -- idle connections --------------------------------------------------------------
 
-    def _open_idle(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind((self.source_address, 0))
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            sock.connect((self.host, self.port))
-        self.counters.idle_opened += 1
-        return sock
-
-    @staticmethod
-    def _closed(sock: socket.socket) -> bool:
-        try:
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            # Still connecting (SYN queue full) is not closed; a reset is.
-            return exc.errno not in (errno.ENOTCONN, errno.EAGAIN)
-
     async def _hold_idle_connections(self) -> None:
         while True:
             still_open = []
             for sock in self._idle:
-                if self._closed(sock):
+                if closed_by_peer(sock):
                     sock.close()
                     self.counters.idle_closed_by_server += 1
                 else:
                     still_open.append(sock)
             self._idle = still_open
             while len(self._idle) < self.idle_connections:
-                self._idle.append(self._open_idle())
+                self._idle.append(open_idle_connection(self.host, self.port, self.source_address))
+                self.counters.idle_opened += 1
                 if len(self._idle) % 100 == 0:
                     await asyncio.sleep(0)
             await asyncio.sleep(REOPEN_INTERVAL_S)
@@ -188,39 +178,92 @@ class HostileTenant:
 
     async def _ping_flood(self) -> None:
         """Pings as fast as the server reads them; never a read."""
-        while True:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                opened = await self._open_websocket()
-                if opened is not None:
-                    _, writer = opened
-                    try:
-                        while True:
-                            writer.write(self._ping_batch)
-                            self.counters.pings_written += PINGS_PER_WRITE
-                            self._check_under_way()
-                            await writer.drain()
-                    finally:
-                        writer.close()
-            await asyncio.sleep(RECONNECT_DELAY_S)
+
+        def written() -> None:
+            self.counters.pings_written += PINGS_PER_WRITE
+
+        await self._flood(self._ping_batch, written, read_replies=False)
 
     async def _tiny_frames(self) -> None:
         """Empty Pings (6-byte frames) without end; the Pongs are read and dropped."""
+
+        def written() -> None:
+            self.counters.tiny_frames_written += PINGS_PER_WRITE
+
+        await self._flood(self._tiny_batch, written, read_replies=True)
+
+    async def _flood(
+        self, batch: bytes, written: Callable[[], None], *, read_replies: bool
+    ) -> None:
+        """Write ``batch`` on a WebSocket as fast as the server reads it, reading what it
+        answers (``read_replies``) or never; open another when the server ends it."""
         while True:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 opened = await self._open_websocket()
                 if opened is not None:
                     reader, writer = opened
-                    drain = asyncio.get_running_loop().create_task(_discard(reader))
+                    replies = (
+                        asyncio.get_running_loop().create_task(_discard(reader))
+                        if read_replies
+                        else None
+                    )
                     try:
-                        while not drain.done():
-                            writer.write(self._tiny_batch)
-                            self.counters.tiny_frames_written += PINGS_PER_WRITE
+                        # Until the server ends the connection: drain() raises, or the
+                        # reader sees the end.
+                        while replies is None or not replies.done():
+                            writer.write(batch)
+                            written()
                             self._check_under_way()
                             await writer.drain()
                     finally:
-                        drain.cancel()
+                        if replies is not None:
+                            replies.cancel()
                         writer.close()
             await asyncio.sleep(RECONNECT_DELAY_S)
+
+
+def open_idle_connection(host: str, port: int, source_address: str) -> socket.socket:
+    """A TCP connection from ``source_address`` that will never send a byte (non-blocking;
+    it may still be connecting when this returns)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source_address, 0))
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        sock.connect((host, port))
+    return sock
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the server closed (or reset) ``sock``; one still connecting is not closed."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        return exc.errno not in (errno.ENOTCONN, errno.EAGAIN)
+
+
+@contextlib.asynccontextmanager
+async def discarding_socket(path: Path) -> AsyncIterator[None]:
+    """A unix socket at ``path`` that accepts everything and reads and drops it: the
+    attacker's own "VM"."""
+    accepted: list[asyncio.BaseTransport] = []
+
+    class Drop(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.append(transport)
+
+        def data_received(self, data: bytes) -> None:
+            pass
+
+    server = await asyncio.get_running_loop().create_unix_server(Drop, str(path))
+    try:
+        yield
+    finally:
+        server.close()
+        for transport in accepted:
+            transport.close()
+        await server.wait_closed()
 
 
 async def _discard(reader: asyncio.StreamReader) -> None:
