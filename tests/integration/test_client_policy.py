@@ -36,7 +36,7 @@ from migrelay.aio.client import ClientConfig, SourceRelay, open_websocket
 from migrelay.aio.local import PeerRefused
 from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, run_source_relay
 from migrelay.control import commands
-from migrelay.control.commands import MigrateRequest, check_relay_socket
+from migrelay.control.commands import MigrateRequest
 from migrelay.control.migration import MigrationOptions
 from migrelay.errors import ConfigError, ConnectError
 
@@ -249,7 +249,7 @@ def test_migrate_refuses_a_socket_another_user_could_swap_before_qemu_connects(
         elif "missing" not in case:
             stack.enter_context(own_socket(path))
         with pytest.raises(PeerRefused, match=error):
-            check_relay_socket(path, local.SocketOwners.default())
+            local.check_relay_socket(path, local.SocketOwners.default())
 
 
 def test_migrate_accepts_its_own_socket_and_leaves_a_missing_private_one_to_qemu(
@@ -257,9 +257,9 @@ def test_migrate_accepts_its_own_socket_and_leaves_a_missing_private_one_to_qemu
 ) -> None:
     owners = local.SocketOwners.default()
     with shared_dir() as directory, own_socket(directory / "src.sock"):
-        check_relay_socket(directory / "src.sock", owners)  # /tmp-like, but ours
+        local.check_relay_socket(directory / "src.sock", owners)  # /tmp-like, but ours
     missing = sock_dir / "nobody-here.sock"  # a private directory: nobody can bind it
-    check_relay_socket(missing, owners)
+    local.check_relay_socket(missing, owners)
     request = MigrateRequest(qmp_path=dead_qmp(sock_dir), socket=missing)
     with pytest.raises(ConnectError, match="cannot connect to qmp socket"):
         run_async(commands.run_migration(request))

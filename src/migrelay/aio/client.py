@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pwd
 import secrets
 import socket
 import ssl
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import cast
 
 from migrelay.aio.channel import Channel, UnixLeg
-from migrelay.aio.local import PeerCredentials, SocketOwners, peer_credentials
+from migrelay.aio.local import SocketOwners, peer_credentials
 from migrelay.aio.proxy import ProxyURL, open_tunnel
 from migrelay.aio.tls import check_peer_fingerprint
 from migrelay.core.handshake import Accepted, ClientHandshake
@@ -408,7 +407,7 @@ class SourceRelay:
         if credentials.uid in owners.uids:
             return None
         return (
-            f"refused a connection on {self.listen_path} from {_describe(credentials)}:"
+            f"refused a connection on {self.listen_path} from {credentials.describe()}:"
             f" not an expected socket owner ({owners.describe()}); nothing was relayed"
         )
 
@@ -501,12 +500,3 @@ class SourceRelay:
             )
             if self.once:
                 self.finished.set()
-
-
-def _describe(credentials: PeerCredentials) -> str:
-    """``nobody (uid 65534, pid 1234)``."""
-    try:
-        name = pwd.getpwuid(credentials.uid).pw_name
-    except KeyError:
-        return f"uid {credentials.uid} (pid {credentials.pid})"
-    return f"{name} (uid {credentials.uid}, pid {credentials.pid})"

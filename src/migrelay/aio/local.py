@@ -36,7 +36,10 @@ __all__ = [
     "PeerRefused",
     "SocketOwners",
     "check_directory",
+    "check_listener_owner",
+    "check_relay_socket",
     "connect_path",
+    "describe_user",
     "ensure_private_dir",
     "peer_credentials",
     "runtime_dir",
@@ -95,6 +98,16 @@ def prepare_default_dir(socket_path: Path) -> None:
         ensure_private_dir(directory)
 
 
+#: Mode bits that let users other than the owner create and remove entries.
+_WRITABLE_BY_OTHERS: Final = 0o022
+
+
+def _replaceable_by_others(directory_mode: int) -> bool:
+    """Whether users other than its owner may replace entries of such a directory:
+    they may write to it, and no sticky bit (like ``/tmp``'s) stops them."""
+    return bool(directory_mode & _WRITABLE_BY_OTHERS) and not directory_mode & stat.S_ISVTX
+
+
 def check_directory(path: Path, what: str) -> None:
     """Refuse a socket directory in which one writer may replace another's sockets.
 
@@ -111,7 +124,7 @@ def check_directory(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"{what} {path} is not a directory")
-    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+    if _replaceable_by_others(info.st_mode):
         raise ConfigError(
             f"{what} {path} is writable by group or others without the sticky bit "
             f"(mode {info.st_mode & 0o7777:o}): any writer could replace another VM's "
@@ -127,6 +140,13 @@ class PeerCredentials:
     uid: int
     gid: int
 
+    def describe(self) -> str:
+        """``nobody (uid 65534, pid 1234)``, for log lines and errors."""
+        name = _login(self.uid)
+        if name is None:
+            return f"uid {self.uid} (pid {self.pid})"
+        return f"{name} (uid {self.uid}, pid {self.pid})"
+
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
     """The credentials of the process that listened (or connected) at the other end."""
@@ -136,11 +156,17 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid)
 
 
-def _user_name(uid: int) -> str:
+def _login(uid: int) -> str | None:
     try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return None
+
+
+def describe_user(uid: int) -> str:
+    """``nobody (uid 65534)``, or ``uid 65534`` for a uid without a name."""
+    name = _login(uid)
+    return f"uid {uid}" if name is None else f"{name} (uid {uid})"
 
 
 @dataclass(frozen=True)
@@ -179,13 +205,13 @@ class SocketOwners:
         return cls(frozenset(uids))
 
     def describe(self) -> str:
-        return ", ".join(_user_name(uid) for uid in sorted(self.uids))
+        return ", ".join(describe_user(uid) for uid in sorted(self.uids))
 
     def check(self, credentials: PeerCredentials, path: Path | str) -> None:
         """Raises PeerRefused unless the peer runs as one of the owners."""
         if credentials.uid not in self.uids:
             raise PeerRefused(
-                f"{path} is served by {_user_name(credentials.uid)} (pid {credentials.pid}), "
+                f"{path} is served by {credentials.describe()}, "
                 f"not by an expected socket owner ({self.describe()})"
             )
 
@@ -254,6 +280,50 @@ def check_listener_owner(path: Path, owners: SocketOwners) -> None:
         os.close(fd)
     if uid not in owners.uids:
         raise PeerRefused(
-            f"{path} was bound by {_user_name(uid)}, not by an expected socket owner "
+            f"{path} was bound by {describe_user(uid)}, not by an expected socket owner "
             f"({owners.describe()}): another user may be waiting for the migration there"
+        )
+
+
+def check_relay_socket(path: Path, owners: SocketOwners) -> None:
+    """Before QEMU is told to migrate to ``path``: may the relay listening there get it?
+
+    The socket must be bound by one of ``owners`` (the check follows no symlink), in a
+    directory that belongs to them, this user or root, and in which nobody else may
+    replace it (not writable by others, or sticky like ``/tmp``). A socket that is
+    missing is left to QEMU to report, unless others may write to its directory: one
+    of them could bind it between this check and QEMU's connect.
+
+    Raises:
+        PeerRefused: any of that does not hold.
+    """
+    directory = path.parent
+    try:
+        info = directory.stat()
+    except OSError:
+        return  # QEMU says what is missing, as without this check
+    shared = bool(info.st_mode & _WRITABLE_BY_OTHERS)
+    try:
+        check_listener_owner(path, owners)
+    except FileNotFoundError:
+        if shared:
+            raise PeerRefused(
+                f"nothing listens on {path}, and other users may bind it there before"
+                f" qemu connects ({directory} is mode {stat.S_IMODE(info.st_mode):o}):"
+                " start migrelay connect first, or use a private directory"
+            ) from None
+        return
+    except OSError as exc:
+        raise PeerRefused(f"cannot check who bound {path}: {exc.strerror or exc}") from None
+    trusted = owners.uids | {0, os.geteuid()}
+    if info.st_uid not in trusted:
+        raise PeerRefused(
+            f"{directory} belongs to uid {info.st_uid}, who could replace {path.name} in"
+            f" it before qemu connects: use a directory of {owners.describe()}"
+        )
+    if _replaceable_by_others(info.st_mode):
+        raise PeerRefused(
+            f"{directory} is writable by others without the sticky bit (mode"
+            f" {stat.S_IMODE(info.st_mode):o}): anyone could replace {path.name} before"
+            f" qemu connects; chmod +t {directory} or use a private directory"
         )

@@ -10,7 +10,7 @@ the destination to match without an ``incoming`` step (`migrelay.control.destina
 
 Local sockets: ``incoming`` creates the private runtime directory (mode 0700) when QEMU
 is to listen in it (the default socket); ``migrate --socket`` checks who bound the relay's
-socket before QEMU is told to connect there (`check_relay_socket`), so that guest RAM
+socket before QEMU is told to connect there (`local.check_relay_socket`), so that guest RAM
 never goes to a socket another user bound first.
 """
 
@@ -19,15 +19,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from migrelay.aio import local
 from migrelay.aio.client import SourceRelay
-from migrelay.aio.local import PeerRefused, SocketOwners
+from migrelay.aio.local import SocketOwners
 from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, private_relay
 from migrelay.control.migration import (
     DEFAULT_POLL_INTERVAL_S,
@@ -62,7 +60,6 @@ __all__ = [
     "MigrateRequest",
     "announcement",
     "cancel_migration",
-    "check_relay_socket",
     "incoming",
     "migrate",
     "parse_announcement",
@@ -241,7 +238,7 @@ class MigrateRequest:
     postcopy_after_passes: int = POSTCOPY_AFTER_PASSES
     #: None (or 0): never.
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S
-    #: ``--socket-owner``: who may have bound ``socket`` (`check_relay_socket`).
+    #: ``--socket-owner``: who may have bound ``socket`` (`local.check_relay_socket`).
     socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
 
 
@@ -266,12 +263,12 @@ async def run_migration(
             as it was (a paused postcopy migration stays paused, to be resumed).
         ConfigError: the relay's settings cannot be used; nothing was changed.
         PeerRefused: ``request.socket`` was bound by another user, or could be
-            (`check_relay_socket`); QEMU was not contacted.
+            (`local.check_relay_socket`); QEMU was not contacted.
         ConnectError, StateError, UnsupportedError, TimeoutError: as `migrate`.
     """
     if request.relay is None:
         socket = request.socket or DEFAULT_SOURCE_SOCKET
-        check_relay_socket(socket, request.socket_owners)
+        local.check_relay_socket(socket, request.socket_owners)
         return await _migrate_reporting(
             request, f"unix:{socket}", None, on_progress, interval, stop
         )
@@ -298,50 +295,6 @@ async def run_migration(
                     "relay channels still open %g s after completion", RELAY_DRAIN_TIMEOUT_S
                 )
         return result
-
-
-def check_relay_socket(path: Path, owners: SocketOwners) -> None:
-    """Before QEMU is told to migrate to ``path``: may the relay listening there get it?
-
-    The socket must be bound by one of ``owners`` (the check follows no symlink), in a
-    directory that belongs to them, this user or root, and in which nobody else may
-    replace it (not writable by others, or sticky like ``/tmp``). A socket that is
-    missing is left to QEMU to report, unless others may write to its directory: one
-    of them could bind it between this check and QEMU's connect.
-
-    Raises:
-        PeerRefused: any of that does not hold.
-    """
-    directory = path.parent
-    try:
-        info = directory.stat()
-    except OSError:
-        return  # QEMU says what is missing, as without this check
-    shared = bool(info.st_mode & 0o022)
-    try:
-        local.check_listener_owner(path, owners)
-    except FileNotFoundError:
-        if shared:
-            raise PeerRefused(
-                f"nothing listens on {path}, and other users may bind it there before"
-                f" qemu connects ({directory} is mode {stat.S_IMODE(info.st_mode):o}):"
-                " start migrelay connect first, or use a private directory"
-            ) from None
-        return
-    except OSError as exc:
-        raise PeerRefused(f"cannot check who bound {path}: {exc.strerror or exc}") from None
-    trusted = owners.uids | {0, os.geteuid()}
-    if info.st_uid not in trusted:
-        raise PeerRefused(
-            f"{directory} belongs to uid {info.st_uid}, who could replace {path.name} in"
-            f" it before qemu connects: use a directory of {owners.describe()}"
-        )
-    if shared and not info.st_mode & stat.S_ISVTX:
-        raise PeerRefused(
-            f"{directory} is writable by others without the sticky bit (mode"
-            f" {stat.S_IMODE(info.st_mode):o}): anyone could replace {path.name} before"
-            f" qemu connects; chmod +t {directory} or use a private directory"
-        )
 
 
 async def _migrate_reporting(
