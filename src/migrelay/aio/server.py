@@ -698,10 +698,10 @@ class _HandshakeProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._started = time.monotonic()
-        #: The address `RelayServer.admission` counted this connection under, until
-        #: its request is complete (then None: released).
-        self._admitted: str | None = client
-        self._peer_ip: str | None = None
+        #: The client's address (its IP), which `RelayServer.admission` counts this
+        #: connection under until its request is complete.
+        self.address = client
+        self._admitted = True
         #: Loop time by which the request must be complete (the TLS handshake, if
         #: any, spent part of it already).
         self._deadline = deadline
@@ -715,16 +715,14 @@ class _HandshakeProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         self.peer = _format_address(peername)
-        if isinstance(peername, tuple) and peername:
-            self._peer_ip = str(peername[0])
         self.server._connections.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(self._deadline, self._handshake_timed_out)
 
     def _release_admission(self) -> None:
-        if self._admitted is not None:
-            self.server.admission.release(self._admitted)
-            self._admitted = None
+        if self._admitted:
+            self.server.admission.release(self.address)
+            self._admitted = False
 
     def data_received(self, data: bytes) -> None:
         if self._task is not None:
@@ -747,7 +745,7 @@ class _HandshakeProtocol(asyncio.Protocol):
         self.transport.pause_reading()
         try:
             client = access.forwarded_client(
-                self._peer_ip,
+                self.address,
                 request.headers.get("x-forwarded-for"),
                 self.server.config.trusted_proxies,
             )
