@@ -267,12 +267,12 @@ class RelayServer:
         context = self.config.ssl_context  # the newest: SIGHUP replaces it whole
         protocol = _HandshakeProtocol(self, client, deadline)
         try:
-            if context is None:
-                await loop.connect_accepted_socket(lambda: protocol, conn)
-            else:
-                await loop.connect_accepted_socket(
-                    lambda: protocol, conn, ssl=context, ssl_handshake_timeout=timeout
-                )
+            await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=None if context is None else timeout,
+            )
         except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError) as exc:
             conn.close()
             protocol._release_admission()
