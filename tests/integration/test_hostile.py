@@ -16,14 +16,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import os
 import re
 import secrets
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import FACTOR, short_temp_dir
+from tests.processes import MigrelayProcess, MigrelayProcesses
 
 from migrelay.core.events import CloseReceived, EndOfStream, FrameEvent, Payload
 from migrelay.core.frames import FrameParser, Opcode, encode_close, encode_frame
@@ -107,13 +104,12 @@ class SinkTarget:
 
 @dataclass
 class Serve:
-    popen: subprocess.Popen[bytes]
-    log_path: Path
+    process: MigrelayProcess
     port: int
     target: SinkTarget
 
     def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        return self.process.log()
 
     def wait_for_log(self, pattern: str, after: int = 0) -> str:
         """Wait until ``pattern`` appears in the log past offset ``after``; return it."""
@@ -122,7 +118,7 @@ class Serve:
             match = re.search(pattern, self.log()[after:])
             if match:
                 return match.group(0)
-            assert self.popen.poll() is None, f"serve exited:\n{self.log()}"
+            assert self.process.popen.poll() is None, f"serve exited:\n{self.log()}"
             assert time.monotonic() < deadline, f"no {pattern!r} in serve's log:\n{self.log()}"
             time.sleep(0.01)
 
@@ -137,36 +133,19 @@ def serve() -> Iterator[Serve]:
 def _serve(workdir: Path) -> Iterator[Serve]:
     target = SinkTarget(workdir / "dest.sock")
     target.start()
-    log_path = workdir / "serve.log"
-    argv = [sys.executable, "-m", "migrelay", "serve", "--listen", "127.0.0.1:0",
-            "--target", str(target.path), "--wait-target", "2"]  # fmt: skip
-    with log_path.open("wb") as log_file:
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    procs = MigrelayProcesses(workdir)
     try:
-        deadline = time.monotonic() + 15 * FACTOR
-        while not (
-            match := re.search(r"listening on ws://127\.0\.0\.1:(\d+)", log_path.read_text())
-        ):
-            assert popen.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.01)
-        yield Serve(popen, log_path, int(match.group(1)), target)
-        assert popen.poll() is None, "serve died during the hostile cases"
-        popen.send_signal(signal.SIGTERM)
-        assert popen.wait(10) == 0
-        log = log_path.read_text()
+        process = procs.serve("--target", str(target.path), "--wait-target", "2")
+        assert process.port is not None
+        yield Serve(process, process.port, target)
+        assert process.popen.poll() is None, "serve died during the hostile cases"
+        assert process.stop() == 0
+        log = process.log()
         assert "Traceback" not in log, log
     finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait()
-        print(f"----- serve log:\n{log_path.read_text(errors='replace')}")
+        procs.stop_all()
+        for process in procs.processes:
+            print(f"----- serve log:\n{process.log()}")
         target.stop()
 
 
