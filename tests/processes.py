@@ -4,21 +4,25 @@
 ``migrelay`` command), waits until they listen, keeps their log and stops them all; the
 ``migrelay_procs`` fixture of ``tests/conftest.py`` makes one per test and stops it at
 teardown. Test modules import these classes from here to annotate that fixture, never
-from a conftest.
+from a conftest. :class:`RssSampler` follows one's resident memory (the load and soak
+tests' bounds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from migrelay.units import MIB
 from tests.helpers import FACTOR
 
 #: How long a subprocess gets to start listening (typer and uvloop imports take ~0.5 s).
@@ -213,3 +217,36 @@ class MigrelayProcesses:
         """Stop every process (SIGCONT, SIGTERM, then SIGKILL), newest first."""
         for process in reversed(self.processes):
             process.stop()
+
+
+#: Headroom over the idle process for what is not migration data: per-connection
+#: Python objects and asyncio/uvloop handles (a few KiB each), log records, allocator
+#: slack.
+INTERPRETER_ALLOWANCE_BYTES = 8 * MIB
+
+
+class RssSampler:
+    """Samples a process's RSS in a thread until stopped; keeps the peak."""
+
+    def __init__(self, process: MigrelayProcess, period: float = 0.02) -> None:
+        self.process = process
+        self.period = period
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                self.peak = max(self.peak, self.process.rss_bytes())
+                self.samples += 1
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)

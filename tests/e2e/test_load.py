@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from migrelay.limits import Limits
 from migrelay.units import MIB
 from tests.e2e.vms import VMPairFactory
 from tests.loops import AsyncRunner
-from tests.processes import MigrelayProcess, MigrelayProcesses
+from tests.processes import INTERPRETER_ALLOWANCE_BYTES, MigrelayProcesses, RssSampler
 
 pytestmark = pytest.mark.e2e
 
@@ -45,38 +44,7 @@ RAM_BYTES = 32 * MIB
 #: multifd channel count per VM: even VMs single-channel, odd VMs multifd 2.
 MULTIFD = [None if index % 2 == 0 else 2 for index in range(SESSIONS)]
 CHANNELS = sum(1 + (channels or 0) for channels in MULTIFD)
-#: Headroom over the idle process for what is not migration data: per-connection
-#: Python objects and asyncio/uvloop handles (a few KiB each), log records, allocator
-#: slack.
-INTERPRETER_ALLOWANCE_BYTES = 8 * MIB
 MIGRATION_TIMEOUT_S = 180.0
-
-
-class RssSampler:
-    """Samples a process's RSS in a thread until stopped; keeps the peak."""
-
-    def __init__(self, process: MigrelayProcess, period: float = 0.02) -> None:
-        self.process = process
-        self.period = period
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                self.peak = max(self.peak, self.process.rss_bytes())
-                self.samples += 1
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bound(

@@ -23,11 +23,10 @@ from migrelay.lab.hostile import HostileTenant, discarding_socket
 from migrelay.limits import Limits
 from migrelay.units import MIB
 from tests.e2e.cli_helpers import Commands, check_migrated
-from tests.e2e.test_load import INTERPRETER_ALLOWANCE_BYTES, RssSampler
 from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
 from tests.helpers import FACTOR, wait_until
 from tests.loops import AsyncRunner
-from tests.processes import MigrelayProcesses
+from tests.processes import INTERPRETER_ALLOWANCE_BYTES, MigrelayProcesses, RssSampler
 
 pytestmark = pytest.mark.e2e
 

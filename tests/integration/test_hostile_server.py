@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from tests import helpers
-from tests.integration.test_hosting import (
+from tests.integration.served import (
     PROMPT_S,
     TOKEN,
     VM1_TOKEN,

@@ -8,10 +8,9 @@ TOML config file. (The refusals that ``test_refusals.py`` covers are not repeate
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -19,6 +18,17 @@ from typing import Annotated, Any, cast
 import pytest
 import typer
 from tests import helpers
+from tests.integration.served import (
+    PROMPT_S,
+    TOKEN,
+    VM1_TOKEN,
+    Run,
+    Served,
+    refused,
+    serving,
+    upgrade,
+    wait_until,
+)
 from typer.testing import CliRunner
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
@@ -27,93 +37,13 @@ from websockets.typing import Subprotocol
 from migrelay.aio.access import IPNetwork, parse_networks, parse_token_lines
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.proxy import ProxyURL, bypassed, proxy_for
-from migrelay.aio.server import RelayServer, ServerConfig
 from migrelay.cli.options import config_callback
 from migrelay.config_file import ConfigError, load_section
-from migrelay.errors import ConnectError, HandshakeRefused, RelayError
+from migrelay.errors import ConnectError, RelayError
 from migrelay.limits import Limits
 
-Run = Callable[[Coroutine[Any, Any, None]], None]
-
 FACTOR = helpers.FACTOR
-PROMPT_S = 3.0 * FACTOR
-TOKEN = "all-targets-token"
 TO_VM2 = 'migrelay_bytes_total{direction="to_destination",target="vm2"}'
-VM1_TOKEN = "vm1-only-token"
-
-
-@dataclass
-class Sink:
-    """A destination socket that keeps every connection and counts the bytes."""
-
-    received: int = 0
-    transports: list[asyncio.BaseTransport] = field(default_factory=list)
-
-    def protocol(self) -> asyncio.Protocol:
-        sink = self
-
-        class _Protocol(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                sink.transports.append(transport)
-
-            def data_received(self, data: bytes) -> None:
-                sink.received += len(data)
-
-            def eof_received(self) -> bool:
-                return False
-
-        return _Protocol()
-
-
-@dataclass
-class Served:
-    server: RelayServer
-    port: int
-    sink: Sink
-    logs: pytest.LogCaptureFixture
-
-    def url(self, path: str = "/vm1") -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
-
-    def lines(self) -> list[str]:
-        return [r.getMessage() for r in self.logs.records if r.name.startswith("migrelay")]
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    await helpers.wait_until(predicate, PROMPT_S, what)
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    sock_dir: Path, logs: pytest.LogCaptureFixture, **config: Any
-) -> AsyncIterator[Served]:
-    """``serve --target-dir`` holding vm1.sock and vm2.sock, with two tokens."""
-    loop = asyncio.get_running_loop()
-    sink = Sink()
-    listeners = [
-        await loop.create_unix_server(sink.protocol, str(sock_dir / f"{name}.sock"))
-        for name in ("vm1", "vm2")
-    ]
-    entries = parse_token_lines([TOKEN, f"{VM1_TOKEN} vm1"])
-    settings: dict[str, Any] = {
-        "port": 0,
-        "target_dir": sock_dir,
-        "tokens": entries,
-        "wait_target": 0.5,
-    }
-    settings.update(config)
-    server = RelayServer(ServerConfig(**settings))
-    await server.start()
-    served = Served(server, server.sockets[0].getsockname()[1], sink, logs)
-    try:
-        yield served
-    finally:
-        await asyncio.wait_for(server.close(), PROMPT_S)
-        for transport in sink.transports:
-            transport.close()
-        for listener in listeners:
-            listener.close()
-            await listener.wait_closed()
 
 
 def foreign_client(url: str) -> ws_connect:
@@ -124,23 +54,6 @@ def foreign_client(url: str) -> ws_connect:
         additional_headers={"Authorization": f"Bearer {TOKEN}"},
         compression=None,
     )
-
-
-async def upgrade(
-    served: Served,
-    path: str = "/vm1",
-    token: str | None = TOKEN,
-    headers: list[tuple[str, str]] | None = None,
-) -> asyncio.Transport:
-    config = ClientConfig(url=served.url(path), token=token, connect_timeout=PROMPT_S)
-    transport, _ = await open_websocket(config, headers or [])
-    return transport
-
-
-async def refused(served: Served, **kwargs: Any) -> HandshakeRefused:
-    with pytest.raises(HandshakeRefused) as caught:
-        await upgrade(served, **kwargs)
-    return caught.value
 
 
 async def assert_still_serving(served: Served) -> None:
