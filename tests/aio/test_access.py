@@ -22,7 +22,6 @@ from migrelay.aio.access import (
     host_allowed,
     load_token_entries,
     match_token,
-    origin_allowed,
     parse_allowed_hosts,
     parse_allowed_origins,
     parse_forwarded_hop,
@@ -709,13 +708,6 @@ def test_parse_allowed_origins() -> None:
     }
     with pytest.raises(ValueError, match="not an origin"):
         parse_allowed_origins(["a.example"])
-
-
-def test_legacy_origin_allowed_unchanged() -> None:
-    assert origin_allowed(None, ALLOWED)
-    assert origin_allowed("https://anything", frozenset())
-    assert origin_allowed("HTTPS://console.example/", ALLOWED)
-    assert not origin_allowed("https://evil.example", ALLOWED)
 
 
 def test_parsed_allow_lists_feed_the_checks() -> None:

@@ -218,28 +218,6 @@ def match_token(given: bytes, entries: Sequence[TokenEntry]) -> TokenEntry | Non
 # -- origins -------------------------------------------------------------------------------
 
 
-def normalize_origin(origin: str) -> str:
-    """``https://Console.Example:443/`` → ``https://console.example:443`` (lower case).
-
-    No syntax check (see `parse_origin`, which also drops default ports).
-    """
-    return origin.strip().rstrip("/").lower()
-
-
-def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
-    """Whether a request's ``Origin`` passes the allow-list (the rule with tokens).
-
-    Browsers always send ``Origin`` on a WebSocket handshake; other clients (the source
-    relay, websockets, curl) do not. With an allow-list, a request *with* an Origin must
-    match it; a request without one is not a browser and is judged by its token alone.
-    An empty allow-list accepts any origin. Superseded by `browser_origin_allowed`,
-    which also checks the syntax and knows the rule without tokens.
-    """
-    if not allowed or origin is None:
-        return True
-    return normalize_origin(origin) in allowed
-
-
 _SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 

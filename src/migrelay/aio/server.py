@@ -91,7 +91,7 @@ class ServerConfig:
     #: ``migrate-incoming`` here. It may raise `Refusal` to choose the answer; any other
     #: exception refuses every channel of the session with 503.
     prepare_target: PrepareTarget | None = None
-    #: Accepted ``Origin`` values (normalized, see `access.normalize_origin`). Without
+    #: Accepted ``Origin`` values (normalized, see `access.parse_origin`). Without
     #: tokens, a request with an Origin (a browser) is refused unless it is listed;
     #: with tokens, an empty list accepts any (a browser cannot send the token).
     allowed_origins: frozenset[str] = frozenset()
