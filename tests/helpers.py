@@ -58,36 +58,51 @@ def random_chunks(seed: int, total: int, largest: int) -> Iterator[bytes]:
 NOBODY_UID = 65534
 
 
-@contextlib.contextmanager
-def listening_as(uid: int, path: Path) -> Iterator[int]:
-    """A unix listener at ``path`` bound by a child process running as ``uid``.
+def as_user(uid: int, action: Callable[[], int]) -> int:
+    """Run ``action`` in a forked child as ``uid`` (group too); return the child's pid.
 
     A fork, not a new interpreter: the venv's python may live where ``uid`` cannot
-    read. The child makes only system calls between fork and exit. Yields its pid.
+    read. ``action``'s result is the child's exit status (1 if it raised).
     """
-    ready, release = os.pipe(), os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        code = 1
         try:
-            os.close(ready[0])
-            os.close(release[1])  # or the read below never sees the parent's close
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            code = action()
+        finally:
+            os._exit(code)
+    return pid
+
+
+@contextlib.contextmanager
+def listening_as(uid: int, path: Path) -> Iterator[int]:
+    """A unix listener at ``path`` bound by a child process running as ``uid``, until
+    the block ends. Yields the child's pid."""
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+
+    def listen() -> int:
+        os.close(ready_r)
+        os.close(hold_w)  # or the read below never sees the parent's close
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.bind(str(path))
             sock.listen(16)
-            os.write(ready[1], b"y")
-            os.read(release[0], 1)  # until the parent closes its end
-        finally:
-            os._exit(0)
-    os.close(ready[1])
-    os.close(release[0])
+            os.write(ready_w, b"y")
+            os.read(hold_r, 1)  # until the parent closes hold_w
+        return 0
+
+    pid = as_user(uid, listen)
+    os.close(ready_w)
+    os.close(hold_r)
     try:
-        if os.read(ready[0], 1) != b"y":
+        if os.read(ready_r, 1) != b"y":
             raise AssertionError(f"could not listen at {path} as uid {uid}")
+        assert path.lstat().st_uid == uid
         yield pid
     finally:
-        os.close(release[1])
-        os.close(ready[0])
+        os.close(hold_w)
+        os.close(ready_r)
         os.waitpid(pid, 0)

@@ -41,10 +41,8 @@ from migrelay.control.migration import MigrationOptions
 from migrelay.errors import ConfigError, ConnectError
 
 PROMPT_S = 5.0 * helpers.FACTOR
-NOBODY = 65534
+NOBODY = helpers.NOBODY_UID
 PROXY_VARIABLES = [f"{scheme}_proxy" for scheme in ("http", "https", "no")]
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acts as another user (nobody)")
 
 
 # -- another user ------------------------------------------------------------------------
@@ -52,17 +50,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acts as another user 
 
 def as_nobody(action: Callable[[], int]) -> int:
     """Run ``action`` in a child process as ``nobody``; its result is the exit status."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            code = action()
-        finally:
-            os._exit(code)
-    return pid
+    return helpers.as_user(NOBODY, action)
 
 
 async def exit_status(pid: int) -> int:
@@ -79,33 +67,9 @@ def shared_dir(mode: int = 0o1777) -> Iterator[Path]:
         yield directory
 
 
-@contextlib.contextmanager
-def bound_by_nobody(path: Path) -> Iterator[None]:
+def bound_by_nobody(path: Path) -> contextlib.AbstractContextManager[int]:
     """A socket at ``path`` that ``nobody`` bound and listens on, until the block ends."""
-    ready_r, ready_w = os.pipe()
-    hold_r, hold_w = os.pipe()
-
-    def listen() -> int:
-        os.close(ready_r)
-        os.close(hold_w)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.bind(str(path))
-            sock.listen(8)
-            os.write(ready_w, b"1")
-            os.read(hold_r, 1)  # until the test closes hold_w
-        return 0
-
-    pid = as_nobody(listen)
-    os.close(ready_w)
-    os.close(hold_r)
-    try:
-        assert os.read(ready_r, 1) == b"1", "nobody could not bind the socket"
-        assert path.lstat().st_uid == NOBODY
-        yield
-    finally:
-        os.close(hold_w)
-        os.close(ready_r)
-        os.waitpid(pid, 0)
+    return helpers.listening_as(NOBODY, path)
 
 
 # -- the source relay's socket -------------------------------------------------------------
@@ -126,7 +90,6 @@ def connect_and_wait_for_close(path: Path) -> int:
             return 2
 
 
-@needs_root
 def test_source_relay_closes_a_connection_from_another_user_before_any_websocket(
     run_async: AsyncRunner, logs: pytest.LogCaptureFixture
 ) -> None:
@@ -171,7 +134,6 @@ def test_source_relay_closes_a_connection_from_another_user_before_any_websocket
 # -- migrate --socket: who bound it --------------------------------------------------------
 
 
-@needs_root
 def test_migrate_refuses_a_socket_bound_by_another_user_before_qemu_is_contacted(
     run_async: AsyncRunner, sock_dir: Path
 ) -> None:
@@ -188,7 +150,6 @@ def test_migrate_refuses_a_socket_bound_by_another_user_before_qemu_is_contacted
     assert "\n" not in message
 
 
-@needs_root
 def test_migrate_cli_says_who_bound_the_socket_in_one_line(sock_dir: Path) -> None:
     qmp = dead_qmp(sock_dir)
     with shared_dir() as directory:
@@ -224,7 +185,6 @@ def own_socket(path: Path) -> socket.socket:
     return sock
 
 
-@needs_root
 @pytest.mark.parametrize(
     ("case", "error"),
     [
@@ -317,7 +277,6 @@ def test_incoming_creates_the_default_directory_before_qemu_listens_there(
     assert stat.S_IMODE(runtime.lstat().st_mode) == 0o700
 
 
-@needs_root
 @pytest.mark.parametrize("kind", ["symlink", "nobody's"])
 def test_a_default_directory_planted_by_another_user_is_refused(
     kind: str, run_async: AsyncRunner, runtime: Path, sock_dir: Path
