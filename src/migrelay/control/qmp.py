@@ -38,6 +38,7 @@ __all__ = [
     "QMP",
     "UNLIMITED_BANDWIDTH",
     "Capability",
+    "DiskProgress",
     "MigrationInfo",
     "MigrationParameters",
     "MigrationStatus",
@@ -146,6 +147,47 @@ class Capability(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class DiskProgress:
+    """One disk's copy to the destination (a ``blockdev-mirror`` job), for progress.
+
+    Attributes:
+        disk: the disk's device id (the ``-device ... id=``), as both sides name it.
+        status: the mirror job's status (``running``, ``ready``, ``concluded`` …);
+            ``ready`` means the destination holds every byte and follows each new write.
+        copied: bytes copied so far (the job's ``current-progress``).
+        total: bytes to copy; grows while the guest writes (``total-progress``).
+        rate_bytes_per_s: copy rate over the last interval, ``None`` until known.
+    """
+
+    disk: str
+    status: str
+    copied: int
+    total: int
+    rate_bytes_per_s: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the mirror is in sync (it then only follows the guest's writes)."""
+        return self.status in ("ready", "standby") or (
+            self.status == "concluded" and self.copied >= self.total
+        )
+
+    @property
+    def remaining(self) -> int:
+        """Bytes still to copy."""
+        return max(self.total - self.copied, 0)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until copied at the current rate; 0 once ready, ``None`` if unknown."""
+        if self.ready:
+            return 0.0
+        if not self.rate_bytes_per_s:
+            return None
+        return self.remaining / self.rate_bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
 class MigrationInfo:
     """One ``query-migrate`` reply, typed.
 
@@ -186,6 +228,9 @@ class MigrationInfo:
     error_desc: str | None = None
     socket_addresses: tuple[str, ...] = ()
     raw: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
+    #: The disks ``migrate --copy-storage`` copies, as the source's mirror jobs report
+    #: them (filled in by `migrelay.control.storage`, never by ``query-migrate``).
+    disks: tuple[DiskProgress, ...] = ()
 
     @classmethod
     def from_reply(cls, reply: Mapping[str, object]) -> MigrationInfo:
@@ -486,6 +531,19 @@ class QMP:
         with contextlib.suppress(ConnectError):
             await self.execute("quit")
         await self.close()
+
+    async def human_monitor_command(self, command_line: str) -> str:
+        """Run one HMP command (``human-monitor-command``) and return its output text.
+
+        For what only HMP offers: ``qemu-io DEVICE "write ..."`` writes to a disk of a
+        running or paused VM (tests of a disk written while it is copied).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("human-monitor-command", {"command-line": command_line})
+        return reply if isinstance(reply, str) else ""
 
     # -- migration: capabilities and parameters ----------------------------------------
 
