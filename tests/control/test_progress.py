@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import re
 
 import pytest
 
 from migrelay.control.progress import (
+    DiskSummary,
     JsonProgress,
     LineProgress,
+    ProgressRenderer,
     Summary,
     TerminalProgress,
     bar_line,
+    disk_bar_line,
+    disk_line,
     eta_seconds,
     progress_line,
     renderer_for,
     snapshot_document,
 )
-from migrelay.control.qmp import MigrationInfo, MigrationStatus
+from migrelay.control.qmp import DiskProgress, MigrationInfo, MigrationStatus
 
 MIB = 1024 * 1024
 
@@ -224,3 +230,437 @@ def test_snapshot_document_carries_runstate_and_listeners() -> None:
     assert document["status"] == "none"
     assert document["listening"] == ["unix:/tmp/d.sock"]
     json.dumps(document)  # serialisable as it is
+
+
+# A migration without disks: the whole output, byte for byte, as it was before disks.
+
+
+def play_ram_migration(renderer: ProgressRenderer, clock: FakeClock) -> None:
+    renderer.update(MigrationInfo(status=MigrationStatus.SETUP))
+    clock.now += 0.5
+    renderer.update(active(16 * MIB, 48 * MIB, passes=1))
+    clock.now += 1.0
+    renderer.update(active(32 * MIB, 32 * MIB, passes=2))
+    clock.now += 1.0
+    renderer.update(COMPLETED)
+    renderer.finish()
+
+
+def test_terminal_output_without_disks_is_unchanged() -> None:
+    out, clock = TTY(), FakeClock()
+    play_ram_migration(TerminalProgress(out, clock), clock)
+    assert out.getvalue() == (
+        "\r[--------------------]   ?% setup  ? sent  ? left  ?  eta ?  dirty ?  pass ?\x1b[K"
+        "\r[#####---------------]  25% active  16.0 MiB sent  48.0 MiB left  32.0 MiB/s  e\x1b[K"
+        "\r[##########----------]  50% active  32.0 MiB sent  32.0 MiB left  32.0 MiB/s  e\x1b[K"
+        "\r[####################] 100% completed  64.0 MiB sent  0 B left  40.0 MiB/s  eta\x1b[K"
+        "\r\x1b[Kcompleted in 2.00 s: 64.0 MiB at 32.0 MiB/s, downtime 12 ms, 3 passes\n"
+    )
+
+
+def test_lines_output_without_disks_is_unchanged() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    play_ram_migration(LineProgress(out, clock), clock)
+    assert out.getvalue() == (
+        "setup\n"
+        "active  25% transferred 16.0 MiB remaining 48.0 MiB rate 32.0 MiB/s eta 1.50 s"
+        " dirty 1.0 MiB/s pass 1\n"
+        "active  50% transferred 32.0 MiB remaining 32.0 MiB rate 32.0 MiB/s eta 1.00 s"
+        " dirty 1.0 MiB/s pass 2\n"
+        "completed 100% transferred 64.0 MiB remaining 0 B rate 40.0 MiB/s eta 0.00 s"
+        " dirty 0 B/s pass 3\n"
+        "completed in 2.00 s: 64.0 MiB at 32.0 MiB/s, downtime 12 ms, 3 passes\n"
+    )
+
+
+def test_json_output_without_disks_is_unchanged() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    play_ram_migration(JsonProgress(out, clock), clock)
+    assert out.getvalue() == (
+        '{"status": "completed", "elapsed_s": 2.5, "total_time_ms": 2000, "setup_time_ms": 1,'
+        ' "downtime_ms": 12, "transferred_bytes": 67108864, "total_bytes": 67108864,'
+        ' "average_rate_bytes_per_s": 33554432.0, "passes": 3, "error": null}\n'
+    )
+
+
+def test_snapshot_document_without_disks_has_no_disks_key() -> None:
+    assert list(snapshot_document(active(16 * MIB, 48 * MIB), "running")) == [
+        "runstate",
+        "status",
+        "transferred_bytes",
+        "remaining_bytes",
+        "total_bytes",
+        "rate_bytes_per_s",
+        "dirty_pages_rate",
+        "page_size",
+        "passes",
+        "expected_downtime_ms",
+        "total_time_ms",
+        "setup_time_ms",
+        "downtime_ms",
+        "listening",
+        "error",
+    ]
+
+
+# A migration with disks (--copy-storage): the disks are mirrored first, then RAM moves
+# while the mirrors, ready, follow the guest's writes.
+
+
+def mirror(
+    disk: str,
+    copied: int,
+    total: int = 32 * MIB,
+    status: str = "running",
+    rate: float | None = 50 * MIB,
+) -> DiskProgress:
+    return DiskProgress(
+        disk=disk, status=status, copied=copied, total=total, rate_bytes_per_s=rate
+    )
+
+
+def disk_phase(*disks: DiskProgress) -> MigrationInfo:
+    """A snapshot while the disks are copied and the RAM migration has not started."""
+    return MigrationInfo(status=MigrationStatus.NONE, disks=disks)
+
+
+def with_disks(info: MigrationInfo, *disks: DiskProgress) -> MigrationInfo:
+    return dataclasses.replace(info, disks=disks)
+
+
+DISK0_READY = mirror("disk0", 32 * MIB, status="ready")
+DISK1_READY = mirror("disk1", 48 * MIB, 48 * MIB, status="ready", rate=24 * MIB)
+
+#: (seconds since the previous snapshot, snapshot): disk0 is copied in one second at
+#: 32 MiB/s, disk1 (48 MiB) in two at 24 MiB/s; RAM then moves while the guest writes
+#: 1 MiB to disk0, which its mirror follows.
+STORAGE_MIGRATION: list[tuple[float, MigrationInfo]] = [
+    (0.0, disk_phase(mirror("disk0", 0), mirror("disk1", 0, 48 * MIB, rate=None))),
+    (
+        0.5,
+        disk_phase(mirror("disk0", 16 * MIB), mirror("disk1", 12 * MIB, 48 * MIB, rate=24 * MIB)),
+    ),
+    (0.5, disk_phase(DISK0_READY, mirror("disk1", 24 * MIB, 48 * MIB, rate=24 * MIB))),
+    (1.0, disk_phase(DISK0_READY, DISK1_READY)),
+    (0.2, with_disks(MigrationInfo(status=MigrationStatus.SETUP), DISK0_READY, DISK1_READY)),
+    (
+        1.0,
+        with_disks(
+            active(32 * MIB, 32 * MIB),
+            mirror("disk0", 33 * MIB, 33 * MIB, status="ready"),
+            DISK1_READY,
+        ),
+    ),
+    (
+        1.0,
+        with_disks(
+            COMPLETED,
+            mirror("disk0", 33 * MIB, 33 * MIB, status="concluded"),
+            mirror("disk1", 48 * MIB, 48 * MIB, status="concluded"),
+        ),
+    ),
+]
+
+
+def play(
+    renderer: ProgressRenderer, clock: FakeClock, snapshots: list[tuple[float, MigrationInfo]]
+) -> None:
+    for seconds, info in snapshots:
+        clock.now += seconds
+        renderer.update(info)
+
+
+def test_disk_line_while_copying_ready_and_done() -> None:
+    assert disk_line(mirror("disk0", 12 * MIB)) == (
+        "disk disk0: 38% copied 12.0 MiB of 32.0 MiB rate 50.0 MiB/s eta 0.40 s"
+    )
+    assert disk_line(DISK0_READY) == "disk disk0: ready, 32.0 MiB copied, following writes"
+    assert disk_line(mirror("disk0", 32 * MIB, status="concluded")) == (
+        "disk disk0: done, 32.0 MiB copied"
+    )
+
+
+def test_disk_line_names_an_unusual_status_and_leaves_out_unknown_figures() -> None:
+    assert disk_line(mirror("disk0", 0, 0, status="created", rate=None)) == (
+        "disk disk0: created copied 0 B of 0 B"
+    )
+    assert disk_line(mirror("disk0", 8 * MIB, status="paused", rate=None)) == (
+        "disk disk0: paused 25% copied 8.0 MiB of 32.0 MiB"
+    )
+
+
+def test_disk_bar_is_as_wide_as_the_ram_bar() -> None:
+    assert disk_bar_line(mirror("disk0", 16 * MIB)) == (
+        "[##########----------]  50% disk0  16.0 MiB of 32.0 MiB  50.0 MiB/s  eta 0.32 s"
+    )
+    assert disk_bar_line(DISK0_READY) == (
+        "[####################] 100% disk0  ready  32.0 MiB, following writes"
+    )
+    assert disk_bar_line(mirror("disk0", 0, 0, rate=None)) == (
+        "[--------------------]   ?% disk0  0 B of 0 B  ?  eta ?"
+    )
+
+
+class Screen:
+    """What a terminal shows after the text `TerminalProgress` writes to it.
+
+    It plays the only controls the renderer may use: ``\\r``, ``\\n``, erase to the end
+    of the line and cursor up; any other escape fails the test.
+    """
+
+    _TOKEN = re.compile(r"\x1b\[(\d*)([AK])|(\r)|(\n)|([^\x1b\r\n]+)|(.)", re.DOTALL)
+
+    def __init__(self) -> None:
+        # A command line already on the screen: the block must never climb over it.
+        self.rows = ["$ migrelay migrate --copy-storage", ""]
+        self.row, self.col = 1, 0
+
+    def play(self, text: str) -> None:
+        for match in self._TOKEN.finditer(text):
+            count, command, cr, newline, printable, other = match.groups()
+            assert other is None, f"unexpected control {other!r}"
+            if command == "A":
+                self.row = max(self.row - int(count or "1"), 0)
+            elif command == "K":
+                self.rows[self.row] = self.rows[self.row][: self.col]
+            elif cr:
+                self.col = 0
+            elif newline:
+                self.row, self.col = self.row + 1, 0
+                if self.row == len(self.rows):
+                    self.rows.append("")
+            elif printable:
+                line = self.rows[self.row].ljust(self.col)
+                self.rows[self.row] = (
+                    line[: self.col] + printable + line[self.col + len(printable) :]
+                )
+                self.col += len(printable)
+
+    def shown(self) -> list[str]:
+        """The rows below the command line, without the empty ones at the bottom."""
+        rows = self.rows[1:]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+
+def test_terminal_draws_a_line_per_disk_and_redraws_them_in_place() -> None:
+    out, clock, screen = TTY(), FakeClock(), Screen()
+    renderer = TerminalProgress(out, clock, columns=60)
+    written = 0
+    screens: list[list[str]] = []
+    for seconds, info in STORAGE_MIGRATION:
+        clock.now += seconds
+        renderer.update(info)
+        draw = out.getvalue()[written:]
+        written = len(out.getvalue())
+        for line in re.split(r"\n", draw):
+            # What lands on a row, escapes aside, never wraps.
+            assert len(re.sub(r"\x1b\[\d*[AK]|\r", "", line)) <= 59
+        if screens:  # every redraw goes back up to the block's first line
+            assert draw.startswith("\x1b[2A\r")
+        screen.play(draw)
+        screens.append(screen.shown())
+        assert len(screens[-1]) == 3  # disk0, disk1, ram
+        assert all(len(row) <= 59 for row in screens[-1])
+    first, ready, ram = screens[0], screens[3], screens[5]
+    # Each line as it would be on a wide terminal, cut to the 59 cells of this one.
+    assert first == [
+        line[:59]
+        for line in (
+            "[--------------------]   0% disk0  0 B of 32.0 MiB  50.0 MiB/s  eta 0.64 s",
+            "[--------------------]   0% disk1  0 B of 48.0 MiB  ?  eta ?",
+            "ram: waits for the disks",
+        )
+    ]
+    assert ready == [
+        line[:59]
+        for line in (
+            "[####################] 100% disk0  ready  32.0 MiB, following writes",
+            "[####################] 100% disk1  ready  48.0 MiB, following writes",
+            "ram: waits for the disks",
+        )
+    ]
+    assert ram[2].startswith("[##########----------]  50% active  32.0 MiB sent")
+    assert screens[1][0].startswith("[##########----------]  50% disk0  16.0 MiB of 32.0 MiB")
+    renderer.finish()
+    screen.play(out.getvalue()[written:])
+    # The summary takes the first line of the block; the other two are erased.
+    assert screen.shown() == [
+        "completed in 2.00 s: 64.0 MiB at 32.0 MiB/s, downtime 12 ms, 3 passes;"
+        " disks: disk0 33.0 MiB, disk1 48.0 MiB copied"
+    ]
+    assert out.getvalue()[written:].startswith("\r\x1b[K\x1b[1A\r\x1b[K\x1b[1A\r\x1b[K")
+
+
+def test_terminal_clear_erases_every_line_it_drew() -> None:
+    out, screen = TTY(), Screen()
+    renderer = TerminalProgress(out, FakeClock(), columns=60)
+    renderer.update(disk_phase(mirror("disk0", 0), mirror("disk1", 0)))
+    renderer.clear()
+    screen.play(out.getvalue())
+    assert screen.shown() == []
+    assert (screen.row, screen.col) == (1, 0)  # where the block began
+    renderer.clear()  # nothing more to erase
+    assert out.getvalue().count("\x1b[K") == 3 + 3
+
+
+def test_terminal_erases_the_lines_a_shorter_redraw_no_longer_uses() -> None:
+    out, screen = TTY(), Screen()
+    renderer = TerminalProgress(out, FakeClock(), columns=60)
+    renderer.update(disk_phase(mirror("disk0", 0), mirror("disk1", 0)))
+    renderer.update(FAILED)  # a final snapshot that no longer lists the disks
+    screen.play(out.getvalue())
+    assert screen.shown() == [bar_line(FAILED)[:59]]
+    drawn = len(out.getvalue())
+    renderer.finish()
+    screen.play(out.getvalue()[drawn:])
+    assert screen.shown() == [
+        "failed in 0.00 s: ? at ?; disks: disk0 0 B of 32.0 MiB, disk1 0 B of 32.0 MiB copied"
+    ]
+
+
+def test_lines_give_each_disk_a_line_and_ram_its_line_once_it_started() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    renderer = LineProgress(out, clock)
+    play(renderer, clock, STORAGE_MIGRATION)
+    renderer.finish()
+    assert out.getvalue().splitlines() == [
+        # t=0: the first snapshot
+        "disk disk0: 0% copied 0 B of 32.0 MiB rate 50.0 MiB/s eta 0.64 s",
+        "disk disk1: 0% copied 0 B of 48.0 MiB",
+        # t=0.5: not a second later, no status changed: nothing
+        # t=1.0: a second later, and disk0 turned ready
+        "disk disk0: ready, 32.0 MiB copied, following writes",
+        "disk disk1: 50% copied 24.0 MiB of 48.0 MiB rate 24.0 MiB/s eta 1.00 s",
+        # t=2.0: disk1 turned ready
+        "disk disk0: ready, 32.0 MiB copied, following writes",
+        "disk disk1: ready, 48.0 MiB copied, following writes",
+        # t=2.2: the RAM migration started
+        "disk disk0: ready, 32.0 MiB copied, following writes",
+        "disk disk1: ready, 48.0 MiB copied, following writes",
+        "setup",
+        # t=3.2
+        "disk disk0: ready, 33.0 MiB copied, following writes",
+        "disk disk1: ready, 48.0 MiB copied, following writes",
+        "active  50% transferred 32.0 MiB remaining 32.0 MiB rate 32.0 MiB/s eta 1.00 s"
+        " dirty 1.0 MiB/s pass 1",
+        # t=4.2
+        "disk disk0: done, 33.0 MiB copied",
+        "disk disk1: done, 48.0 MiB copied",
+        "completed 100% transferred 64.0 MiB remaining 0 B rate 40.0 MiB/s eta 0.00 s"
+        " dirty 0 B/s pass 3",
+        "completed in 2.00 s: 64.0 MiB at 32.0 MiB/s, downtime 12 ms, 3 passes;"
+        " disks: disk0 33.0 MiB, disk1 48.0 MiB copied",
+    ]
+
+
+def test_lines_print_at_once_when_a_disk_turns_ready() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    renderer = LineProgress(out, clock)
+    renderer.update(disk_phase(mirror("disk0", 30 * MIB)))
+    clock.now += 0.1
+    renderer.update(disk_phase(mirror("disk0", 31 * MIB)))  # too soon: skipped
+    clock.now += 0.1
+    renderer.update(disk_phase(DISK0_READY))  # ready: printed at once
+    assert out.getvalue().splitlines() == [
+        "disk disk0: 94% copied 30.0 MiB of 32.0 MiB rate 50.0 MiB/s eta 0.04 s",
+        "disk disk0: ready, 32.0 MiB copied, following writes",
+    ]
+
+
+def test_json_lists_the_disks_with_their_average_rate_until_ready() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    renderer = JsonProgress(out, clock)
+    play(renderer, clock, STORAGE_MIGRATION)
+    assert out.getvalue() == ""
+    renderer.finish()
+    document = json.loads(out.getvalue())
+    # The keys of a migration without disks, in their order, then the disks.
+    assert list(document) == [
+        "status",
+        "elapsed_s",
+        "total_time_ms",
+        "setup_time_ms",
+        "downtime_ms",
+        "transferred_bytes",
+        "total_bytes",
+        "average_rate_bytes_per_s",
+        "passes",
+        "error",
+        "disks",
+    ]
+    assert document["status"] == "completed"
+    assert document["elapsed_s"] == pytest.approx(4.2)
+    assert document["disks"] == [
+        # 32 MiB from t=0 to ready at t=1; the 1 MiB it followed afterwards is the
+        # guest's pace, not the copy's, and is left out of the rate.
+        {
+            "disk": "disk0",
+            "status": "concluded",
+            "copied_bytes": 33 * MIB,
+            "total_bytes": 33 * MIB,
+            "average_rate_bytes_per_s": 32 * MIB,
+        },
+        {
+            "disk": "disk1",
+            "status": "concluded",
+            "copied_bytes": 48 * MIB,
+            "total_bytes": 48 * MIB,
+            "average_rate_bytes_per_s": 24 * MIB,
+        },
+    ]
+
+
+def test_a_disk_that_never_got_ready_is_averaged_until_last_seen() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    renderer = JsonProgress(out, clock)
+    renderer.update(disk_phase(mirror("disk0", 4 * MIB)))  # already under way when first seen
+    clock.now += 2.0
+    renderer.update(disk_phase(mirror("disk0", 12 * MIB)))
+    clock.now += 0.5
+    renderer.update(FAILED)  # the final snapshot no longer lists the disks
+    summary = renderer.finish("mirror of disk0 failed")
+    assert summary.disks == (DiskSummary("disk0", "running", 12 * MIB, 32 * MIB, 4 * MIB),)
+    assert json.loads(out.getvalue())["disks"][0]["average_rate_bytes_per_s"] == 4 * MIB
+    assert summary.text().endswith("; disks: disk0 12.0 MiB of 32.0 MiB copied")
+
+
+def test_a_disk_first_seen_ready_has_no_average() -> None:
+    renderer = JsonProgress(io.StringIO(), FakeClock())
+    renderer.update(disk_phase(DISK0_READY))
+    assert renderer.summary().disks[0].average_rate_bytes_per_s is None
+
+
+def test_summary_text_names_the_disks_copied() -> None:
+    disks = (
+        DiskSummary("disk0", "concluded", 32 * MIB, 32 * MIB, 32 * MIB),
+        DiskSummary("disk1", "ready", 48 * MIB, 48 * MIB, 24 * MIB),
+    )
+    assert Summary.build(COMPLETED, 2.0, disks=disks).text() == (
+        "completed in 2.00 s: 64.0 MiB at 32.0 MiB/s, downtime 12 ms, 3 passes;"
+        " disks: disk0 32.0 MiB, disk1 48.0 MiB copied"
+    )
+
+
+def test_snapshot_document_lists_the_disks_when_there_are_some() -> None:
+    info = with_disks(active(16 * MIB, 48 * MIB), DISK0_READY, mirror("disk1", 8 * MIB, 48 * MIB))
+    document = snapshot_document(info, "running")
+    assert list(document)[-1] == "disks"
+    assert document["disks"] == [
+        {
+            "disk": "disk0",
+            "status": "ready",
+            "copied_bytes": 32 * MIB,
+            "total_bytes": 32 * MIB,
+            "rate_bytes_per_s": 50 * MIB,
+        },
+        {
+            "disk": "disk1",
+            "status": "running",
+            "copied_bytes": 8 * MIB,
+            "total_bytes": 48 * MIB,
+            "rate_bytes_per_s": 50 * MIB,
+        },
+    ]
+    json.dumps(document)

@@ -9,8 +9,17 @@ none of them speaking QMP:
   then the same summary.
 - `JsonProgress`: nothing while the migration runs, then one JSON document (`Summary`).
 
+With ``--copy-storage`` the snapshots also carry the disks' mirror jobs
+(`MigrationInfo.disks`): first a disk phase (status ``none``, no RAM migration yet),
+then the RAM phase while the mirrors, ready, follow the guest's writes. The terminal
+then redraws a block of lines (one per disk, then RAM) instead of one line, the lines
+form writes a line per disk with each update, and the summary and the JSON document
+gain the disks (`DiskSummary`). A migration without disks is rendered exactly as
+before: scripts parse this output.
+
 Each renderer is told `update(info)` for every snapshot and `finish(error)` once. The
-clock is injected so that the throttling and the elapsed time are testable.
+clock is injected so that the throttling, the elapsed time and the disks' average
+rates are testable.
 """
 
 from __future__ import annotations
@@ -21,15 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from migrelay.control.qmp import MigrationInfo, MigrationStatus
+from migrelay.control.qmp import DiskProgress, MigrationInfo, MigrationStatus
 from migrelay.units import format_bytes, format_duration, format_rate
 
 __all__ = [
+    "DiskSummary",
     "JsonProgress",
     "LineProgress",
     "ProgressRenderer",
     "Summary",
     "TerminalProgress",
+    "disk_line",
     "progress_line",
     "renderer_for",
     "snapshot_document",
@@ -44,6 +55,14 @@ BAR_CELLS = 20
 
 #: ANSI "erase to end of line": a shorter redraw must not leave the tail of a longer one.
 _ERASE_LINE = "\x1b[K"
+
+#: What the RAM line of the terminal says while the disks are copied first.
+RAM_WAITS_FOR_DISKS = "ram: waits for the disks"
+
+
+def _cursor_up(lines: int) -> str:
+    """ANSI "cursor up", or nothing: ``\\x1b[0A`` would move up one line, not zero."""
+    return f"\x1b[{lines}A" if lines > 0 else ""
 
 
 def eta_seconds(info: MigrationInfo) -> float | None:
@@ -111,9 +130,77 @@ def bar_line(info: MigrationInfo, cells: int = BAR_CELLS) -> str:
     )
 
 
+def disk_fraction(disk: DiskProgress) -> float | None:
+    """How much of a disk is copied (0..1); 1 once ready, ``None`` while the size is unknown.
+
+    A ready mirror counts as whole even when the guest's latest writes are still on their
+    way: it is in sync, and only that matters for the switchover.
+    """
+    if disk.ready:
+        return 1.0
+    if disk.total <= 0:
+        return None
+    return min(max(disk.copied / disk.total, 0.0), 1.0)
+
+
+def disk_line(disk: DiskProgress) -> str:
+    """One plain line for a disk's mirror (the `LineProgress` form)."""
+    if disk.ready and disk.status == "concluded":
+        return f"disk {disk.disk}: done, {format_bytes(disk.copied)} copied"
+    if disk.status == "ready":
+        return f"disk {disk.disk}: ready, {format_bytes(disk.copied)} copied, following writes"
+    parts = [f"disk {disk.disk}:"]
+    if disk.status != "running":
+        parts.append(disk.status)
+    fraction = disk_fraction(disk)
+    if fraction is not None:
+        parts.append(f"{fraction * 100:.0f}%")
+    parts.append(f"copied {format_bytes(disk.copied)} of {format_bytes(disk.total)}")
+    if disk.rate_bytes_per_s is not None:
+        parts.append(f"rate {format_rate(disk.rate_bytes_per_s)}")
+    eta = disk.eta_s
+    if eta is not None:
+        parts.append(f"eta {format_duration(eta)}")
+    return " ".join(parts)
+
+
+def disk_bar_line(disk: DiskProgress, cells: int = BAR_CELLS) -> str:
+    """The terminal form of a disk's mirror: a bar as wide as the RAM bar, so they align."""
+    fraction = disk_fraction(disk)
+    filled = round((fraction or 0.0) * cells)
+    bar = "#" * filled + "-" * (cells - filled)
+    percent = f"{fraction * 100:3.0f}%" if fraction is not None else "  ?%"
+    head = f"[{bar}] {percent} {disk.disk}"
+    if disk.ready and disk.status == "concluded":
+        return f"{head}  done  {format_bytes(disk.copied)} copied"
+    if disk.status == "ready":
+        return f"{head}  ready  {format_bytes(disk.copied)}, following writes"
+    status = f"  {disk.status}" if disk.status != "running" else ""
+    return (
+        f"{head}{status}"
+        f"  {format_bytes(disk.copied)} of {format_bytes(disk.total)}"
+        f"  {format_rate(disk.rate_bytes_per_s)}"
+        f"  eta {format_duration(disk.eta_s)}"
+    )
+
+
+def terminal_lines(info: MigrationInfo, cells: int = BAR_CELLS) -> list[str]:
+    """The terminal's block for a snapshot: a line per disk, then the RAM line."""
+    lines = [disk_bar_line(disk, cells) for disk in info.disks]
+    if info.disks and info.status is MigrationStatus.NONE:
+        lines.append(RAM_WAITS_FOR_DISKS)
+    else:
+        lines.append(bar_line(info, cells))
+    return lines
+
+
 def snapshot_document(info: MigrationInfo, runstate: str | None = None) -> dict[str, object]:
-    """A snapshot as ``status --json`` prints it (bytes in bytes, times in ms)."""
-    return {
+    """A snapshot as ``status --json`` prints it (bytes in bytes, times in ms).
+
+    ``disks`` (each mirror's status, bytes copied and to copy, current rate) is there
+    only when the snapshot has disks.
+    """
+    document: dict[str, object] = {
         "runstate": runstate,
         "status": str(info.status),
         "transferred_bytes": info.transferred,
@@ -130,6 +217,91 @@ def snapshot_document(info: MigrationInfo, runstate: str | None = None) -> dict[
         "listening": list(info.socket_addresses),
         "error": info.error_desc,
     }
+    # Only with disks: a migration without them keeps the document it always had.
+    if info.disks:
+        document["disks"] = [
+            {
+                "disk": disk.disk,
+                "status": disk.status,
+                "copied_bytes": disk.copied,
+                "total_bytes": disk.total,
+                "rate_bytes_per_s": disk.rate_bytes_per_s,
+            }
+            for disk in info.disks
+        ]
+    return document
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSummary:
+    """How one disk's copy went, as the ``--json`` document's ``disks`` list says it.
+
+    Attributes:
+        disk: the disk's device id.
+        status: the mirror job's last status seen (``concluded``, ``ready`` …).
+        copied_bytes: bytes copied, as last seen.
+        total_bytes: bytes to copy, as last seen.
+        average_rate_bytes_per_s: bytes copied from the first snapshot that showed the
+            disk to the first that showed it ready (or the last one, if it never was),
+            over the time between them; ``None`` if no time passed between them.
+    """
+
+    disk: str
+    status: str
+    copied_bytes: int
+    total_bytes: int
+    average_rate_bytes_per_s: float | None
+
+    def to_document(self) -> dict[str, object]:
+        """The entry of the ``disks`` list, keys in a fixed order."""
+        return {
+            "disk": self.disk,
+            "status": self.status,
+            "copied_bytes": self.copied_bytes,
+            "total_bytes": self.total_bytes,
+            "average_rate_bytes_per_s": self.average_rate_bytes_per_s,
+        }
+
+    def text(self) -> str:
+        """``disk0 32.0 MiB``, or ``disk0 12.0 MiB of 32.0 MiB`` when not all was copied."""
+        if self.copied_bytes >= self.total_bytes:
+            return f"{self.disk} {format_bytes(self.copied_bytes)}"
+        return f"{self.disk} {format_bytes(self.copied_bytes)} of {format_bytes(self.total_bytes)}"
+
+
+@dataclass(slots=True)
+class _DiskWatch:
+    """What a renderer remembers of one disk to average its rate."""
+
+    first: DiskProgress
+    first_at: float
+    last: DiskProgress
+    last_at: float
+    ready: DiskProgress | None = None
+    ready_at: float | None = None
+
+    def see(self, disk: DiskProgress, now: float) -> None:
+        self.last, self.last_at = disk, now
+        if disk.ready and self.ready is None:
+            self.ready, self.ready_at = disk, now
+
+    def summary(self) -> DiskSummary:
+        # The bulk copy ends when the mirror is first ready; what it copies afterwards
+        # follows the guest's writes, at the guest's pace, and would only dilute the rate.
+        end, end_at = (
+            (self.ready, self.ready_at)
+            if self.ready is not None and self.ready_at is not None
+            else (self.last, self.last_at)
+        )
+        seconds = end_at - self.first_at
+        rate = (end.copied - self.first.copied) / seconds if seconds > 0 else None
+        return DiskSummary(
+            disk=self.last.disk,
+            status=self.last.status,
+            copied_bytes=self.last.copied,
+            total_bytes=self.last.total,
+            average_rate_bytes_per_s=round(rate, 1) if rate is not None else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +319,7 @@ class Summary:
         average_rate_bytes_per_s: ``transferred_bytes`` over the total time.
         passes: dirty-bitmap syncs (passes over RAM).
         error: why it did not complete (QEMU's own text when QEMU gave one), else ``None``.
+        disks: the disks copied first (``--copy-storage``), empty without them.
     """
 
     status: str
@@ -159,6 +332,7 @@ class Summary:
     average_rate_bytes_per_s: float | None
     passes: int | None
     error: str | None
+    disks: tuple[DiskSummary, ...] = ()
 
     @classmethod
     def build(
@@ -167,6 +341,7 @@ class Summary:
         elapsed_s: float,
         error: str | None = None,
         progress: MigrationInfo | None = None,
+        disks: tuple[DiskSummary, ...] = (),
     ) -> Summary:
         """Summarise from the last snapshot; ``progress`` is the last one with RAM figures.
 
@@ -192,27 +367,36 @@ class Summary:
             average_rate_bytes_per_s=round(rate, 1) if rate is not None else None,
             passes=figures.dirty_sync_count if figures is not None else None,
             error=error,
+            disks=disks,
         )
 
     def to_json(self) -> str:
-        """The document ``migrate --json`` prints: one object, keys in a fixed order."""
-        return json.dumps(
-            {
-                "status": self.status,
-                "elapsed_s": self.elapsed_s,
-                "total_time_ms": self.total_time_ms,
-                "setup_time_ms": self.setup_time_ms,
-                "downtime_ms": self.downtime_ms,
-                "transferred_bytes": self.transferred_bytes,
-                "total_bytes": self.total_bytes,
-                "average_rate_bytes_per_s": self.average_rate_bytes_per_s,
-                "passes": self.passes,
-                "error": self.error,
-            }
-        )
+        """The document ``migrate --json`` prints: one object, keys in a fixed order.
+
+        ``disks`` comes last and only when there were disks, so that the document of a
+        migration without them keeps its keys.
+        """
+        document: dict[str, object] = {
+            "status": self.status,
+            "elapsed_s": self.elapsed_s,
+            "total_time_ms": self.total_time_ms,
+            "setup_time_ms": self.setup_time_ms,
+            "downtime_ms": self.downtime_ms,
+            "transferred_bytes": self.transferred_bytes,
+            "total_bytes": self.total_bytes,
+            "average_rate_bytes_per_s": self.average_rate_bytes_per_s,
+            "passes": self.passes,
+            "error": self.error,
+        }
+        if self.disks:
+            document["disks"] = [disk.to_document() for disk in self.disks]
+        return json.dumps(document)
 
     def text(self) -> str:
-        """One line for people: ``completed in 1.23 s: 64.1 MiB at 52.0 MiB/s, …``."""
+        """One line for people: ``completed in 1.23 s: 64.1 MiB at 52.0 MiB/s, …``.
+
+        With disks it ends with ``; disks: disk0 32.0 MiB, disk1 48.0 MiB copied``.
+        """
         seconds = self.total_time_ms / 1000 if self.total_time_ms else self.elapsed_s
         line = (
             f"{self.status} in {format_duration(seconds)}:"
@@ -223,6 +407,8 @@ class Summary:
             line += f", downtime {self.downtime_ms} ms"
         if self.passes is not None:
             line += f", {self.passes} pass{'es' if self.passes != 1 else ''}"
+        if self.disks:
+            line += f"; disks: {', '.join(disk.text() for disk in self.disks)} copied"
         return line
 
 
@@ -242,12 +428,20 @@ class ProgressRenderer:
         self.last: MigrationInfo | None = None
         #: The last snapshot that had RAM figures (a failed one has none).
         self.last_progress: MigrationInfo | None = None
+        #: Every disk seen, by id, in the order they first appeared: a later snapshot
+        #: (a failed one) may no longer list them.
+        self._disks: dict[str, _DiskWatch] = {}
 
     def update(self, info: MigrationInfo) -> None:
         """Take a snapshot (call it for every ``query-migrate``, the final one included)."""
         self.last = info
         if info.transferred is not None:
             self.last_progress = info
+        if info.disks:
+            now = self.clock()
+            for disk in info.disks:
+                watch = self._disks.setdefault(disk.disk, _DiskWatch(disk, now, disk, now))
+                watch.see(disk, now)
         self.draw(info)
 
     def draw(self, info: MigrationInfo) -> None:
@@ -255,7 +449,13 @@ class ProgressRenderer:
 
     def summary(self, error: str | None = None) -> Summary:
         """The summary of what was seen so far."""
-        return Summary.build(self.last, self.clock() - self.started, error, self.last_progress)
+        return Summary.build(
+            self.last,
+            self.clock() - self.started,
+            error,
+            self.last_progress,
+            tuple(watch.summary() for watch in self._disks.values()),
+        )
 
     def finish(self, error: str | None = None) -> Summary:
         """Write the summary (text forms) or the document (JSON form) and return it.
@@ -271,7 +471,12 @@ class ProgressRenderer:
 
 
 class LineProgress(ProgressRenderer):
-    """One plain line per `LINE_INTERVAL_S`, and on every status change."""
+    """One plain line per `LINE_INTERVAL_S`, and on every status change.
+
+    With disks, each of those updates is a line per disk and then, once the RAM
+    migration has started, the RAM line; a disk's mirror changing status (turning
+    ready) counts as a status change.
+    """
 
     def __init__(
         self,
@@ -282,28 +487,37 @@ class LineProgress(ProgressRenderer):
         super().__init__(stream, clock)
         self.interval = interval
         self._last_line_at: float | None = None
-        self._last_status: MigrationStatus | None = None
+        self._last_statuses: tuple[MigrationStatus, tuple[tuple[str, str], ...]] | None = None
 
     def draw(self, info: MigrationInfo) -> None:
-        """Write a line if a second has passed or the status changed."""
+        """Write the lines if a second has passed or a status changed."""
         now = self.clock()
         due = self._last_line_at is None or now - self._last_line_at >= self.interval
-        if not due and info.status is self._last_status:
+        statuses = (info.status, tuple((disk.disk, disk.status) for disk in info.disks))
+        if not due and statuses == self._last_statuses:
             return
         self._last_line_at = now
-        self._last_status = info.status
-        self.stream.write(progress_line(info) + "\n")
+        self._last_statuses = statuses
+        lines = [disk_line(disk) for disk in info.disks]
+        # Status "none" with disks: the disks are copied first and RAM has not started,
+        # so there are no RAM figures to print.
+        if not info.disks or info.status is not MigrationStatus.NONE:
+            lines.append(progress_line(info))
+        self.stream.write("".join(line + "\n" for line in lines))
         self.stream.flush()
 
 
 class TerminalProgress(ProgressRenderer):
-    """A single line redrawn in place; the summary replaces it at the end.
+    """A line redrawn in place (a block of lines with disks); the summary replaces it.
+
+    Between draws the cursor rests on the block's last line; a redraw moves it up to
+    the first line and rewrites each line.
 
     Args:
         stream: a terminal.
         clock: monotonic seconds.
-        columns: the terminal's width; the line is cut to fit, because a line that
-            wraps cannot be redrawn with ``\\r``.
+        columns: the terminal's width; every line is cut to fit, because a line that
+            wraps takes two rows and the cursor would no longer go back to the top.
     """
 
     def __init__(
@@ -311,21 +525,33 @@ class TerminalProgress(ProgressRenderer):
     ) -> None:
         super().__init__(stream, clock)
         self.columns = max(columns, 20)
-        self._drawn = False
+        #: How many lines the last draw left on the terminal (0: none, or cleared).
+        self._drawn_lines = 0
 
     def draw(self, info: MigrationInfo) -> None:
-        """Redraw the line."""
-        line = bar_line(info)[: self.columns - 1]
-        self.stream.write(f"\r{line}{_ERASE_LINE}")
+        """Redraw the block: a line per disk, then the RAM line."""
+        lines = [line[: self.columns - 1] for line in terminal_lines(info)]
+        text = _cursor_up(self._drawn_lines - 1)
+        text += "\n".join(f"\r{line}{_ERASE_LINE}" for line in lines)
+        # Fewer lines than last time (a final snapshot without its disks): erase the
+        # rest, then come back up, so the cursor rests on the last line drawn.
+        stale = self._drawn_lines - len(lines)
+        if stale > 0:
+            text += f"\n\r{_ERASE_LINE}" * stale + _cursor_up(stale)
+        self.stream.write(text)
         self.stream.flush()
-        self._drawn = True
+        self._drawn_lines = len(lines)
 
     def clear(self) -> None:
-        """Erase the bar, so that a message can be printed on a clean line."""
-        if self._drawn:
-            self.stream.write(f"\r{_ERASE_LINE}")
+        """Erase the block, leaving the cursor at the start of its first line.
+
+        A message (or the summary) printed next then takes the block's place.
+        """
+        if self._drawn_lines:
+            text = f"\r{_ERASE_LINE}" + f"{_cursor_up(1)}\r{_ERASE_LINE}" * (self._drawn_lines - 1)
+            self.stream.write(text)
             self.stream.flush()
-            self._drawn = False
+            self._drawn_lines = 0
 
     def finish(self, error: str | None = None) -> Summary:
         """Replace the bar with the summary line."""
