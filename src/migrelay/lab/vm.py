@@ -1,10 +1,14 @@
 """Disposable QEMU VMs for end-to-end tests, ``migrelay bench`` and the README demo.
 
-A test VM has no disk and no guest (DESIGN §7): it is stopped from the start (``-S``), has
-no default devices (``-nodefaults``), and its RAM is a shared file (``memory-backend-file``,
+A test VM has no guest (DESIGN §7): it is stopped from the start (``-S``), has no default
+devices (``-nodefaults``), and its RAM is a shared file (``memory-backend-file``,
 ``share=on``). The source's file holds random bytes, the destination's starts sparse, and
 after a successful migration the two files are equal byte for byte: that is the integrity
 check of every end-to-end test (`first_difference`).
+
+A test VM may also have disks (`migrelay.lab.disks.DiskSpec`), for storage migration
+(DESIGN §9): image files in the work directory, of random bytes on a source and empty on
+a destination, equal after a storage migration (`migrelay.lab.disks.compare_images`).
 
 The processes are `subprocess.Popen` objects rather than asyncio subprocesses, so a VM is
 not tied to the event loop that started it (tests run one ``asyncio.run`` each, and a
@@ -22,10 +26,18 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from migrelay.errors import VMError
+from migrelay.lab.disks import (
+    IDE_SLOTS,
+    DiskSpec,
+    create_empty_image,
+    create_random_image,
+    qemu_args,
+)
 from migrelay.units import MIB
 
 __all__ = [
@@ -83,11 +95,13 @@ def first_difference(
 
 
 class DisposableVM:
-    """A stopped, diskless QEMU whose RAM is a file, for migration tests and benchmarks.
+    """A stopped QEMU whose RAM is a file, with disks or none, for migration tests and
+    benchmarks.
 
-    Files live in ``workdir``: ``NAME.qmp`` (QMP socket), ``NAME.ram`` (RAM) and
-    ``NAME.log`` (QEMU's stderr). ``workdir`` should have a short path: a unix socket path
-    is limited to 107 bytes.
+    Files live in ``workdir``: ``NAME.qmp`` (QMP socket), ``NAME.ram`` (RAM),
+    ``NAME.log`` (QEMU's stdout and stderr) and ``NAME-ID.FORMAT`` per disk
+    (`disk_path`). ``workdir`` should have a short path: a unix socket path is limited to
+    107 bytes.
 
     Use as an async context manager, which always terminates and reaps QEMU::
 
@@ -106,6 +120,18 @@ class DisposableVM:
         reuse_ram: a source keeps an existing RAM file of the right size instead of
             writing new random bytes (benchmarks migrate the same RAM run after run).
         command_prefix: run QEMU under this command (``ip netns exec NAME``).
+        disks: the VM's disks, attached in this order. A source's images get random
+            bytes; a destination's (``incoming``) are empty, except a CD-ROM, which gets
+            random bytes of its own: a migration never copies a CD-ROM, QEMU only needs
+            the device on both sides, so the two CD-ROM images differ and are never
+            compared.
+        reuse_disks: keep an existing image of random bytes instead of writing a new one
+            (a source's disks, a destination's CD-ROM): a raw image of the right size,
+            a qcow2 image that exists.
+
+    Raises:
+        ValueError: a bad RAM size, two disks with one id, or more IDE devices than the
+            machine has slots (`migrelay.lab.disks.IDE_SLOTS`).
     """
 
     def __init__(
@@ -119,9 +145,16 @@ class DisposableVM:
         extra_args: tuple[str, ...] = (),
         reuse_ram: bool = False,
         command_prefix: tuple[str, ...] = (),
+        disks: Sequence[DiskSpec] = (),
+        reuse_disks: bool = False,
     ) -> None:
         if ram_size <= 0 or ram_size % MIB:
             raise ValueError(f"ram size must be a positive multiple of 1 MiB, got {ram_size}")
+        ids = [spec.id for spec in disks]
+        if duplicates := sorted({id_ for id_ in ids if ids.count(id_) > 1}):
+            raise ValueError(f"disk ids must be unique: {', '.join(duplicates)} repeated")
+        if (ide := sum(spec.bus == "ide" for spec in disks)) > IDE_SLOTS:
+            raise ValueError(f"{ide} ide disks, but the pc machine has {IDE_SLOTS} ide slots")
         self.workdir = Path(workdir)
         self.name = name
         self.ram_size = ram_size
@@ -130,6 +163,8 @@ class DisposableVM:
         self.extra_args = extra_args
         self.reuse_ram = reuse_ram
         self.command_prefix = command_prefix
+        self.disks = tuple(disks)
+        self.reuse_disks = reuse_disks
         self.qmp_path = self.workdir / f"{name}.qmp"
         self.ram_path = self.workdir / f"{name}.ram"
         self.log_path = self.workdir / f"{name}.log"
@@ -165,6 +200,15 @@ class DisposableVM:
         """Whether QEMU was started and has not exited."""
         return self._process is not None and self._process.poll() is None
 
+    def disk_path(self, spec: DiskSpec) -> Path:
+        """Return the image file of one of the VM's disks: ``workdir/NAME-ID.FORMAT``."""
+        return self.workdir / f"{self.name}-{spec.id}.{spec.format}"
+
+    @property
+    def disk_paths(self) -> Mapping[str, Path]:
+        """Every disk's image file, by disk id, in the order of ``disks``."""
+        return {spec.id: self.disk_path(spec) for spec in self.disks}
+
     def command(self) -> list[str]:
         """Return the QEMU command line (DESIGN §7), for logs and for the README demo."""
         args = [
@@ -186,17 +230,23 @@ class DisposableVM:
         ]
         if self.incoming:
             args += ["-incoming", "defer"]
+        ide_slots = iter(range(IDE_SLOTS))  # in order: QEMU would put them all on ide.0
+        for spec in self.disks:
+            ide_slot = next(ide_slots) if spec.bus == "ide" else None
+            args += qemu_args(spec, self.disk_path(spec), ide_slot=ide_slot)
         return [*self.command_prefix, *args, *self.extra_args]
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        """Create the RAM file, start QEMU and wait for its QMP socket to appear.
+        """Create the RAM file and the disk images, start QEMU and wait for its QMP socket
+        to appear.
 
         Args:
-            timeout_s: seconds to wait for the RAM file and the QMP socket.
+            timeout_s: seconds to wait for the RAM file, the images and the QMP socket.
 
         Raises:
-            VMError: the RAM file could not be written, or QEMU exited (or created no QMP
-                socket) in time; QEMU's stderr is in the message. Nothing is left running.
+            VMError: the RAM file or an image could not be written (the tool's stderr is
+                in the message), or QEMU exited (or created no QMP socket) in time;
+                QEMU's stderr is in the message. Nothing is left running.
         """
         if self._process is not None:
             raise VMError(f"vm {self.name} was already started")
@@ -207,6 +257,8 @@ class DisposableVM:
             self._create_sparse_ram()
         elif not (self.reuse_ram and self._ram_file_size() == self.ram_size):
             await self._fill_random(deadline)
+        for spec in self.disks:
+            await self._create_disk(spec, deadline)
         process = self._spawn()
         try:
             while not self.qmp_path.exists():
@@ -283,6 +335,14 @@ class DisposableVM:
                 returncode,
             )
 
+    async def _create_disk(self, spec: DiskSpec, deadline: float) -> None:
+        path = self.disk_path(spec)
+        timeout_s = max(deadline - time.monotonic(), 0.001)
+        if self.incoming and not spec.cdrom:
+            await asyncio.to_thread(create_empty_image, path, spec, timeout_s=timeout_s)
+        elif not (self.reuse_disks and _has_random_image(path, spec)):
+            await asyncio.to_thread(create_random_image, path, spec, timeout_s=timeout_s)
+
     def stderr_tail(self) -> str:
         """Return the end of QEMU's stderr (QEMU explains its failures there)."""
         try:
@@ -334,6 +394,15 @@ class DisposableVM:
         if self._process is None:
             return None
         return _kill_and_reap(self._process)
+
+
+def _has_random_image(path: Path, spec: DiskSpec) -> bool:
+    """Whether a reusable image is there: raw of the right size, or any qcow2."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    return spec.format != "raw" or size == spec.size
 
 
 async def _wait_process(process: subprocess.Popen[bytes], timeout_s: float | None) -> int | None:
