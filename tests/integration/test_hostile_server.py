@@ -202,7 +202,7 @@ def test_a_session_id_belongs_to_the_token_that_opened_it(
             assert error.status == 409 and "alice" not in error.reason, error
             (key,) = served.server.sessions
             assert key == ("alice", "migration-7")
-            assert served.server.sessions[key].claimed == {0}
+            assert served.server.sessions[key].claimed == {"0"}
             assert any("token alice" in line for line in served.lines())
             metrics = served.server.metrics.exposition().decode()
             assert 'migrelay_sessions_total{token="alice"} 1.0' in metrics

@@ -304,14 +304,14 @@ def test_channels_reach_destination_in_channel_order_when_websockets_arrive_out_
         url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
         session = "order-test"
 
-        def claimed() -> set[int]:
+        def claimed() -> set[str]:
             entry = server.sessions.get((ANONYMOUS, session))
             return set() if entry is None else set(entry.claimed)
 
         later = [asyncio.create_task(open_channel(url, session, 1))]
-        await wait_until(lambda: claimed() == {1}, PROMPT_SECONDS, "channel 1 to arrive")
+        await wait_until(lambda: claimed() == {"1"}, PROMPT_SECONDS, "channel 1 to arrive")
         later.append(asyncio.create_task(open_channel(url, session, 2)))
-        await wait_until(lambda: claimed() == {1, 2}, PROMPT_SECONDS, "channel 2 to arrive")
+        await wait_until(lambda: claimed() == {"1", "2"}, PROMPT_SECONDS, "channel 2 to arrive")
         # Channels 1 and 2 wait for channel 0: nothing has reached the destination.
         assert log == []
         assert not any(task.done() for task in later)

@@ -14,6 +14,7 @@ connection and closes one from any other user at once, before a WebSocket is ope
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -28,11 +29,11 @@ from pathlib import Path
 from typing import cast
 
 from migrelay.aio.channel import Channel, UnixLeg
-from migrelay.aio.local import SocketOwners, peer_credentials
+from migrelay.aio.local import SocketOwners, peer_credentials, storage_socket
 from migrelay.aio.proxy import ProxyURL, open_tunnel
 from migrelay.aio.tls import check_peer_fingerprint
 from migrelay.core.handshake import Accepted, ClientHandshake
-from migrelay.core.headers import channel_headers
+from migrelay.core.headers import ChannelLabel, channel_headers, storage_channel_headers
 from migrelay.core.session import RelaySession, Role
 from migrelay.errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
 from migrelay.limits import Limits
@@ -314,9 +315,11 @@ def prepare_unix_listener(path: Path, mode: int = 0o600) -> socket.socket:
 
 
 class _SourceUnixLeg(UnixLeg):
-    def __init__(self, relay: SourceRelay) -> None:
+    def __init__(self, relay: SourceRelay, storage: bool) -> None:
         super().__init__(relay.config.limits.read_bytes)
         self.relay = relay
+        #: Accepted on the storage (NBD) socket rather than the migration socket.
+        self.storage = storage
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # reading paused: nothing is read yet
@@ -334,6 +337,7 @@ class _SourceUnixLeg(UnixLeg):
 class _SourceSession:
     id: str
     next_channel: int = 0
+    next_storage_channel: int = 0
     open_channels: int = 0
     channels: list[Channel] = field(default_factory=list)
     failed: bool = False
@@ -341,6 +345,10 @@ class _SourceSession:
 
 class SourceRelay:
     """Listens on a unix socket for source QEMU; one WebSocket per connection.
+
+    Beside it, on `storage_path` (the same path + ``.nbd``), it listens for source
+    QEMU's NBD connections (``migrate --copy-storage``): each becomes a storage channel
+    of the same session (DESIGN.md §9), numbered apart from the migration channels.
 
     Args:
         config: how to reach the server.
@@ -356,6 +364,8 @@ class SourceRelay:
         self.listen_path = listen_path
         self.once = once
         self.mode = mode
+        #: Where source QEMU's NBD client connects to copy disks.
+        self.storage_path = storage_socket(listen_path)
         #: Set when ``once`` and the latest session ended; cleared when another begins
         #: (a postcopy migration resumed after a failed link opens a new session).
         self.finished = asyncio.Event()
@@ -365,30 +375,45 @@ class SourceRelay:
         #: server), for a caller that reports why QEMU's migration failed.
         self.first_error: RelayError | OSError | None = None
         self._session: _SourceSession | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: set[Channel] = set()
 
     async def start(self) -> None:
         """Start listening. Raises RelayError/OSError when the socket cannot be made."""
         WebSocketURL.parse(self.config.url)  # fail early on a bad URL
-        sock = prepare_unix_listener(self.listen_path, self.mode)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _SourceUnixLeg(self), sock=sock)
+        try:
+            for path, storage in ((self.listen_path, False), (self.storage_path, True)):
+                sock = prepare_unix_listener(path, self.mode)
+                self._servers.append(
+                    await loop.create_unix_server(
+                        functools.partial(_SourceUnixLeg, self, storage), sock=sock
+                    )
+                )
+        except BaseException:
+            await self._stop_listening()
+            raise
         logger.info("listening on %s, relaying to %s", self.listen_path, self.config.url)
+        logger.debug("listening for disk copies (NBD) on %s", self.storage_path)
 
-    async def close(self) -> None:
-        """Stop listening, abort open channels, remove the socket file."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-            with_socket = self.listen_path
+    async def _stop_listening(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        if not servers:
+            return
+        for path in (self.listen_path, self.storage_path):
             try:
-                if stat.S_ISSOCK(with_socket.lstat().st_mode):
-                    with_socket.unlink()
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
             except FileNotFoundError:
                 pass
+
+    async def close(self) -> None:
+        """Stop listening, abort open channels, remove the socket files."""
+        await self._stop_listening()
         for task in list(self._tasks):
             task.cancel()
         for channel in list(self._channels):
@@ -419,18 +444,25 @@ class SourceRelay:
             logger.debug("= new session %s", session.id)
             # Waiting on `finished` means waiting for this session now, not a failed one.
             self.finished.clear()
-        number = session.next_channel
-        session.next_channel += 1
+        if leg.storage:
+            label = ChannelLabel(session.next_storage_channel, storage=True)
+            session.next_storage_channel += 1
+        else:
+            label = ChannelLabel(session.next_channel)
+            session.next_channel += 1
         session.open_channels += 1
-        task = asyncio.get_running_loop().create_task(self._open_channel(leg, session, number))
+        task = asyncio.get_running_loop().create_task(self._open_channel(leg, session, label))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _open_channel(
-        self, leg: _SourceUnixLeg, session: _SourceSession, number: int
+        self, leg: _SourceUnixLeg, session: _SourceSession, label: ChannelLabel
     ) -> None:
-        name = f"{session.id}/{number}"
-        headers = channel_headers(session.id, number)
+        name = f"{session.id}/{label}"
+        if label.storage:
+            headers = storage_channel_headers(session.id, label.number)
+        else:
+            headers = channel_headers(session.id, label.number)
         deadline = time.monotonic() + self.config.open_retry
         retrying = False
         try:
@@ -480,7 +512,8 @@ class SourceRelay:
         )
         self._channels.add(channel)
         session.channels.append(channel)
-        logger.info("channel %s opened: %s -> %s", name, self.listen_path, self.config.url)
+        where = self.storage_path if label.storage else self.listen_path
+        logger.info("channel %s opened: %s -> %s", name, where, self.config.url)
         channel.start(trailing)
 
     def _channel_ended(self, session: _SourceSession, channel: Channel | None) -> None:
@@ -495,7 +528,7 @@ class SourceRelay:
             logger.info(
                 "session %s ended: %d channel(s), %s",
                 session.id,
-                session.next_channel,
+                session.next_channel + session.next_storage_channel,
                 "failed" if session.failed else "completed",
             )
             if self.once:

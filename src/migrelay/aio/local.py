@@ -63,6 +63,21 @@ def runtime_dir() -> Path:
     return Path(f"/tmp/migrelay-{os.geteuid()}")
 
 
+#: Appended to a migration socket's path to name the storage (NBD) socket beside it.
+STORAGE_SOCKET_SUFFIX = ".nbd"
+
+
+def storage_socket(migration_socket: Path) -> Path:
+    """The storage (NBD) socket that goes with a migration socket: its path + ``.nbd``.
+
+    One rule on both hosts: ``connect`` listens for source QEMU's NBD connections
+    there, destination QEMU's NBD server listens there, and ``serve`` connects a
+    session's storage channels to it (``/tmp/x/vm.sock`` -> ``/tmp/x/vm.sock.nbd``).
+    A target name never ends in ``.sock.nbd``, so no target's socket is another's.
+    """
+    return migration_socket.with_name(migration_socket.name + STORAGE_SOCKET_SUFFIX)
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) if missing; check that it is safe to put sockets in.
 

@@ -30,12 +30,18 @@ from migrelay.aio.listener import (
     open_listeners,
     raise_descriptor_limit,
 )
-from migrelay.aio.local import PeerRefused, SocketOwners, connect_path
+from migrelay.aio.local import PeerRefused, SocketOwners, connect_path, storage_socket
 from migrelay.aio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
 from migrelay.aio.ratelimit import LogLimiter, clip
 from migrelay.core.frames import CloseCode
 from migrelay.core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
-from migrelay.core.headers import CHANNEL_HEADER, SESSION_HEADER, parse_channel, parse_session_id
+from migrelay.core.headers import (
+    CHANNEL_HEADER,
+    SESSION_HEADER,
+    ChannelLabel,
+    parse_channel_label,
+    parse_session_id,
+)
 from migrelay.core.session import RelaySession, Role
 from migrelay.errors import Refusal, RemoteProtocolError
 from migrelay.limits import Limits
@@ -57,6 +63,10 @@ TARGET_RETRY_SECONDS: Final = 0.05
 
 #: ``prepare_target(name, target, request_headers)``: see `ServerConfig.prepare_target`.
 PrepareTarget = Callable[[str, Path, Mapping[str, str]], Awaitable[object]]
+#: ``finish_target(name, target, request_headers)``: see `ServerConfig.finish_target`.
+FinishTarget = Callable[[str, Path, Mapping[str, str]], Awaitable[object]]
+#: Seconds `RelayServer.close` waits for `ServerConfig.finish_target` calls under way.
+FINISH_TIMEOUT_S: Final = 10.0
 
 
 @dataclass
@@ -91,6 +101,11 @@ class ServerConfig:
     #: ``migrate-incoming`` here. It may raise `Refusal` to choose the answer; any other
     #: exception refuses every channel of the session with 503.
     prepare_target: PrepareTarget | None = None
+    #: Awaited once a prepared session has ended (its last channel closed), unless
+    #: another session to the same target is under way, with the same arguments as
+    #: `prepare_target`: ``serve --qmp`` removes the disk exports it added there. A
+    #: later session's `prepare_target` for that target waits for it. Errors are logged.
+    finish_target: FinishTarget | None = None
     #: Accepted ``Origin`` values (normalized, see `access.parse_origin`). Without
     #: tokens, a request with an Origin (a browser) is refused unless it is listed;
     #: with tokens, an empty list accepts any (a browser cannot send the token).
@@ -152,11 +167,14 @@ class _MigrationSession:
     #: Its key in `RelayServer.sessions`.
     key: tuple[str, str]
     connected: list[asyncio.Future[None]] = field(default_factory=list)
-    claimed: set[int] = field(default_factory=set)
+    #: The channel labels (``0``, ``storage-0`` …) already taken.
+    claimed: set[str] = field(default_factory=set)
     channels: set[Channel] = field(default_factory=set)
     pending: int = 0
     #: The `ServerConfig.prepare_target` call, shared by all channels of the session.
     prepared: asyncio.Future[None] | None = None
+    #: The first request's headers, for `ServerConfig.finish_target`.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def slot(self, number: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -192,6 +210,8 @@ class RelayServer:
         #: Set once draining and the last session has ended.
         self._drained = asyncio.Event()
         self._idle_task: asyncio.Task[None] | None = None
+        #: `ServerConfig.finish_target` calls under way, by target name.
+        self._finishing: dict[str, asyncio.Task[None]] = {}
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -316,6 +336,8 @@ class RelayServer:
         waits = [channel.closed.wait() for channel in self.channels]
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
+        if self._finishing:
+            await asyncio.wait(list(self._finishing.values()), timeout=FINISH_TIMEOUT_S)
         if self._reserve is not None:
             self._reserve.close()
             self._reserve = None
@@ -385,7 +407,7 @@ class RelayServer:
         name, target = self.resolve_target(request)
         self.authorize(token, name)
         session_id = request.headers.get(SESSION_HEADER.lower())
-        channel_text = request.headers.get(CHANNEL_HEADER.lower(), "0")
+        label_text = request.headers.get(CHANNEL_HEADER.lower(), "0")
         if session_id is None:
             # A standard client: a session of one channel (DESIGN.md §3). Its id is
             # the server's, unpredictable, and in a key no client can send (it holds
@@ -401,11 +423,11 @@ class RelayServer:
                 raise Refusal(400, str(exc)) from None
             key = (principal, session_id)
         try:
-            number = parse_channel(channel_text)
+            label = parse_channel_label(label_text)
         except ValueError as exc:
             # "invalid Migrelay-Channel": the message never echoes the value.
             raise Refusal(400, str(exc)) from None
-        if number >= self.config.max_channels:
+        if not label.storage and label.number >= self.config.max_channels:
             raise Refusal(
                 429, f"too many channels in one session (limit {self.config.max_channels})"
             )
@@ -413,20 +435,22 @@ class RelayServer:
         session = self.sessions.get(key)
         if session is None:
             self._check_quotas(principal, name)
-            session = _MigrationSession(session_id, target, principal, name, key)
+            session = _MigrationSession(
+                session_id, target, principal, name, key, headers=dict(request.headers)
+            )
             self.sessions[key] = session
             self.metrics.session_started(principal)
         if session.target != target:
             # Only the token that opened the session can get here: nothing is revealed.
             raise Refusal(409, f"session {session_id} belongs to another target")
-        if number in session.claimed:
-            raise Refusal(409, f"channel {number} of session {session_id} repeated")
-        session.claimed.add(number)
+        if str(label) in session.claimed:
+            raise Refusal(409, f"channel {label} of session {session_id} repeated")
+        session.claimed.add(str(label))
         session.pending += 1
         try:
             await self._prepare_target(session, name, target, request)
-            unix = await self._connect_in_order(session, number, target)
-            channel_name = f"{session_id}/{number}"
+            unix = await self._connect_channel(session, label, target)
+            channel_name = f"{session_id}/{label}"
             transport = connection.transport
             if transport is None or transport.is_closing():
                 # The client left while we waited; let QEMU see a closed connection.
@@ -525,6 +549,10 @@ class RelayServer:
     async def _run_prepare(
         self, hook: PrepareTarget, name: str, target: Path, headers: Mapping[str, str]
     ) -> None:
+        finishing = self._finishing.get(name)
+        if finishing is not None:
+            # The last session's clean-up first: it must not undo this one's set-up.
+            await asyncio.wait([finishing], timeout=FINISH_TIMEOUT_S)
         try:
             await hook(name, target, headers)
         except Refusal:
@@ -537,6 +565,19 @@ class RelayServer:
                 (("Retry-After", "5"),),
                 detail=f"{type(exc).__name__}: {exc}",
             ) from exc
+
+    async def _connect_channel(
+        self, session: _MigrationSession, label: ChannelLabel, target: Path
+    ) -> UnixLeg:
+        """Connect a channel: a migration channel in order, a storage one at once.
+
+        A storage channel is one NBD connection of source QEMU to the destination's
+        NBD server, which listens beside the migration socket (`storage_socket`).
+        NBD connections name their export themselves: their order does not matter.
+        """
+        if label.storage:
+            return await self._connect_target(storage_socket(target), self.config.wait_target)
+        return await self._connect_in_order(session, label.number, target)
 
     async def _connect_in_order(
         self, session: _MigrationSession, number: int, target: Path
@@ -613,8 +654,41 @@ class RelayServer:
         if not session.channels and not session.pending:
             if self.sessions.get(session.key) is session:
                 del self.sessions[session.key]
+                self._finish(session)
             if self.draining and not self.sessions:
                 self._drained.set()
+
+    def _finish(self, session: _MigrationSession) -> None:
+        """Run `ServerConfig.finish_target` for a prepared session that has ended."""
+        hook = self.config.finish_target
+        if hook is None or session.prepared is None or not session.prepared.done():
+            return
+        name = session.target_name
+        if any(other.target_name == name for other in self.sessions.values()):
+            return  # another session to this target is under way: the state is its own
+        task = asyncio.get_running_loop().create_task(
+            self._run_finish(hook, name, session.target, session.headers)
+        )
+        self._finishing[name] = task
+        task.add_done_callback(
+            lambda done: (
+                self._finishing.pop(name, None) if self._finishing.get(name) is done else None
+            )
+        )
+
+    async def _run_finish(
+        self, hook: FinishTarget, name: str, target: Path, headers: Mapping[str, str]
+    ) -> None:
+        try:
+            async with asyncio.timeout(FINISH_TIMEOUT_S):
+                await hook(name, target, headers)
+        except Exception as exc:
+            logger.warning(
+                "cleaning up target %s after its session failed: %s: %s",
+                name,
+                type(exc).__name__,
+                exc,
+            )
 
     # -- service operation ---------------------------------------------------------------
 

@@ -37,6 +37,8 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
     "QMP",
     "UNLIMITED_BANDWIDTH",
+    "BlockDevice",
+    "BlockJob",
     "Capability",
     "DiskProgress",
     "MigrationInfo",
@@ -144,6 +146,99 @@ class Capability(enum.StrEnum):
     POSTCOPY_RAM = "postcopy-ram"
     POSTCOPY_PREEMPT = "postcopy-preempt"
     RETURN_PATH = "return-path"
+    #: Source only: stop in ``pre-switchover`` (guest paused) until ``migrate-continue``,
+    #: so that the disk mirrors can be cancelled in sync before the destination runs.
+    PAUSE_BEFORE_SWITCHOVER = "pause-before-switchover"
+
+
+#: Prefix of the QOM path of a device given an ``id`` (``-device ...,id=ID``).
+_PERIPHERAL_PATH = "/machine/peripheral/"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDevice:
+    """One block device of a VM (an entry of ``query-block``), as storage migration sees it.
+
+    Attributes:
+        device_id: the guest device's ``id`` (``-device ...,id=disk0``), the name both
+            sides share whatever their command lines call the nodes; ``None`` for a
+            device without an id (or a drive attached to no device).
+        qdev: what QEMU reports: the device id, or its QOM path (a virtio-blk-pci's
+            backend is ``/machine/peripheral/ID/virtio-backend``).
+        node_name: the top node the device reads (``-drive`` makes these names up).
+        size: the virtual size in bytes; ``None`` without a medium.
+        read_only: read-only (a CD-ROM, ``readonly=on``).
+        has_medium: a medium is inserted (an empty CD-ROM drive has none).
+    """
+
+    device_id: str | None
+    qdev: str
+    node_name: str | None
+    size: int | None
+    read_only: bool
+    has_medium: bool
+
+    @classmethod
+    def from_reply(cls, entry: Mapping[str, object]) -> BlockDevice:
+        """Parse one ``query-block`` entry."""
+        qdev = _str(entry.get("qdev")) or ""
+        inserted = entry.get("inserted")
+        inserted = inserted if isinstance(inserted, Mapping) else None
+        image = inserted.get("image") if inserted is not None else None
+        image = image if isinstance(image, Mapping) else {}
+        return cls(
+            device_id=_device_id(qdev),
+            qdev=qdev,
+            node_name=_str(inserted.get("node-name")) if inserted is not None else None,
+            size=_int(image.get("virtual-size")),
+            read_only=bool(inserted.get("ro")) if inserted is not None else True,
+            has_medium=inserted is not None,
+        )
+
+
+def _device_id(qdev: str) -> str | None:
+    """The ``id`` in a ``query-block`` ``qdev``: the id itself or a peripheral's QOM path."""
+    if not qdev:
+        return None
+    if qdev.startswith(_PERIPHERAL_PATH):
+        return qdev[len(_PERIPHERAL_PATH) :].split("/", 1)[0] or None
+    if qdev.startswith("/"):
+        return None  # an anonymous device (``/machine/peripheral-anon/...``)
+    return qdev
+
+
+@dataclass(frozen=True, slots=True)
+class BlockJob:
+    """One job of ``query-jobs`` (migrelay's mirrors are block jobs).
+
+    Attributes:
+        job_id: the job's id.
+        kind: ``mirror``, ``stream`` …
+        status: ``created``, ``running``, ``ready``, ``standby``, ``waiting``,
+            ``pending``, ``aborting``, ``concluded``, ``null`` …
+        current: bytes done (``current-progress``).
+        total: bytes to do, which grows as a mirrored guest writes (``total-progress``).
+        error: why the job failed, once it has (``concluded`` with an error).
+    """
+
+    job_id: str
+    kind: str
+    status: str
+    current: int
+    total: int
+    error: str | None = None
+
+    @classmethod
+    def from_reply(cls, entry: Mapping[str, object]) -> BlockJob:
+        """Parse one ``query-jobs`` entry."""
+        return cls(
+            job_id=_str(entry.get("id")) or "",
+            kind=_str(entry.get("type")) or "",
+            status=_str(entry.get("status")) or "",
+            current=_int(entry.get("current-progress")) or 0,
+            total=_int(entry.get("total-progress")) or 0,
+            error=_str(entry.get("error")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,6 +832,230 @@ class QMP:
             ConnectError: the connection is gone.
         """
         await self.execute("migrate-recover", {"uri": uri})
+
+    async def migrate_continue(self) -> None:
+        """Let a migration stopped in ``pre-switchover`` go on (``migrate-continue``).
+
+        Raises:
+            MigrationError: QEMU refused (the migration is not in ``pre-switchover``).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("migrate-continue", {"state": str(MigrationStatus.PRE_SWITCHOVER)})
+
+    # -- storage: the source's mirrors ---------------------------------------------------
+
+    async def query_block(self) -> list[BlockDevice]:
+        """Return the VM's block devices (``query-block``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-block")
+        if not isinstance(reply, list):
+            return []
+        return [BlockDevice.from_reply(entry) for entry in reply if isinstance(entry, Mapping)]
+
+    async def query_node_names(self) -> dict[str, int | None]:
+        """Return every named block node and its virtual size (``query-named-block-nodes``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-named-block-nodes", {"flat": True})
+        nodes: dict[str, int | None] = {}
+        if isinstance(reply, list):
+            for entry in reply:
+                if isinstance(entry, Mapping):
+                    image = entry.get("image")
+                    size = _int(image.get("virtual-size")) if isinstance(image, Mapping) else None
+                    nodes[str(entry.get("node-name"))] = size
+        return nodes
+
+    async def add_nbd_node(self, node_name: str, socket_path: str, export: str) -> None:
+        """Add a node that reads and writes ``export`` of an NBD server (``blockdev-add``).
+
+        QEMU connects, and negotiates the export, before it answers.
+
+        Args:
+            node_name: the new node's name (at most 31 characters).
+            socket_path: the NBD server's unix socket.
+            export: the export's name on that server.
+
+        Raises:
+            MigrationError: QEMU could not connect or the server has no such export (its
+                text says which).
+            ConnectError: the connection is gone.
+        """
+        await self.execute(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": node_name,
+                "server": {"type": "unix", "path": socket_path},
+                "export": export,
+            },
+        )
+
+    async def delete_node(self, node_name: str) -> None:
+        """Remove a node that `add_nbd_node` added (``blockdev-del``).
+
+        Raises:
+            MigrationError: QEMU refused (the node is in use, or does not exist).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("blockdev-del", {"node-name": node_name})
+
+    async def mirror(
+        self,
+        job_id: str,
+        source_node: str,
+        target_node: str,
+        *,
+        write_blocking: bool = False,
+        speed: int | None = None,
+    ) -> None:
+        """Copy ``source_node`` to ``target_node`` and keep it in sync (``blockdev-mirror``).
+
+        The job copies the whole disk (``sync: full``), reports ``ready`` once both hold
+        the same bytes, and then copies every new write until it is cancelled. It stays
+        until `dismiss_job` (``auto-dismiss`` off), so that its error can be read.
+
+        Args:
+            job_id: the job's id.
+            source_node: the disk's top node.
+            target_node: where to copy to (an NBD node).
+            write_blocking: ``copy-mode: write-blocking``: a guest write completes only
+                once it is on both sides, so a guest that writes faster than the link
+                cannot keep the mirror from converging (it is slowed down instead).
+            speed: bytes/s the background copy may use; ``None``: unlimited.
+
+        Raises:
+            MigrationError: QEMU refused (the job id is taken, a node is missing or busy).
+            ConnectError: the connection is gone.
+        """
+        arguments: dict[str, object] = {
+            "job-id": job_id,
+            "device": source_node,
+            "target": target_node,
+            "sync": "full",
+            "auto-dismiss": False,
+            "copy-mode": "write-blocking" if write_blocking else "background",
+        }
+        if speed is not None:
+            arguments["speed"] = speed
+        await self.execute("blockdev-mirror", arguments)
+
+    async def query_jobs(self) -> list[BlockJob]:
+        """Return every job and its progress (``query-jobs``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-jobs")
+        if not isinstance(reply, list):
+            return []
+        return [BlockJob.from_reply(entry) for entry in reply if isinstance(entry, Mapping)]
+
+    async def query_block_job_ids(self) -> list[str]:
+        """Return the ids of the block jobs QEMU lists (``query-block-jobs``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-block-jobs")
+        if not isinstance(reply, list):
+            return []
+        return [str(entry.get("device")) for entry in reply if isinstance(entry, Mapping)]
+
+    async def cancel_job(self, job_id: str, *, force: bool = False) -> None:
+        """Cancel a block job (``block-job-cancel``).
+
+        A ``ready`` mirror cancelled without ``force`` first copies what is in flight,
+        then ends: its target holds exactly what the source held, and the source keeps
+        its own disk (nothing pivots). ``force`` ends it at once, in any state.
+
+        Raises:
+            MigrationError: QEMU refused (no such job, or it has already ended).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("block-job-cancel", {"device": job_id, "force": force})
+
+    async def dismiss_job(self, job_id: str) -> None:
+        """Remove a ``concluded`` job (``job-dismiss``).
+
+        Raises:
+            MigrationError: QEMU refused (no such job, or it has not concluded).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("job-dismiss", {"id": job_id})
+
+    # -- storage: the destination's exports ----------------------------------------------
+
+    async def start_nbd_server(self, socket_path: str) -> None:
+        """Start QEMU's NBD server on a unix socket (``nbd-server-start``).
+
+        Raises:
+            MigrationError: QEMU refused (a server already runs; the path is unusable).
+            ConnectError: the connection is gone.
+        """
+        await self.execute(
+            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket_path}}}
+        )
+
+    async def stop_nbd_server(self) -> None:
+        """Stop QEMU's NBD server and every export on it (``nbd-server-stop``).
+
+        Raises:
+            MigrationError: QEMU refused (no server runs).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("nbd-server-stop")
+
+    async def export_node(self, export_id: str, node_name: str, name: str) -> None:
+        """Export a node, writable, on the NBD server (``block-export-add``).
+
+        Exporting a node of a VM waiting for an incoming migration activates it (QEMU
+        takes the image's write lock), as storage migration needs.
+
+        Raises:
+            MigrationError: QEMU refused (no server, a duplicate id or name).
+            ConnectError: the connection is gone.
+        """
+        await self.execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": export_id,
+                "node-name": node_name,
+                "name": name,
+                "writable": True,
+            },
+        )
+
+    async def query_export_ids(self) -> list[str]:
+        """Return the ids of the block exports (``query-block-exports``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-block-exports")
+        if not isinstance(reply, list):
+            return []
+        return [str(entry.get("id")) for entry in reply if isinstance(entry, Mapping)]
+
+    async def delete_export(self, export_id: str) -> None:
+        """Remove an export, closing its clients' connections (``block-export-del``, hard).
+
+        Raises:
+            MigrationError: QEMU refused (no such export).
+            ConnectError: the connection is gone.
+        """
+        await self.execute("block-export-del", {"id": export_id, "mode": "hard"})
 
     # -- events ------------------------------------------------------------------------
 

@@ -5,7 +5,13 @@ the control plane that announces a migration::
 
     Migrelay-Session: 3f2a9c0d1e4b5a67      (opaque id, chosen by the source relay)
     Migrelay-Channel: 2                      (0, 1, 2 … in the order QEMU connected)
+    Migrelay-Channel: storage-0              (a disk's NBD connection: no order)
     Migrelay-Migration: multifd=4,postcopy=0
+    Migrelay-Storage: disk0=1073741824,disk1=68719476736   (disks to copy, by device id)
+
+A storage channel's label is not a number on purpose: a server that predates storage
+refuses it (400 invalid Migrelay-Channel) instead of connecting disk traffic to QEMU's
+migration socket.
 
 Every parser is strict and raises :class:`ValueError` with a message that is safe to
 log; header values come from the network, so they are checked character by character
@@ -25,6 +31,18 @@ SESSION_HEADER: Final = "Migrelay-Session"
 CHANNEL_HEADER: Final = "Migrelay-Channel"
 #: The source's migration capabilities, for a server that prepares the destination.
 MIGRATION_HEADER: Final = "Migrelay-Migration"
+
+#: The disks a migration copies and their sizes, for a server that prepares the destination.
+STORAGE_HEADER: Final = "Migrelay-Storage"
+#: A storage channel's `CHANNEL_HEADER` value is this prefix and its number.
+STORAGE_CHANNEL_PREFIX: Final = "storage-"
+#: Most disks one migration may copy (and storage channels it may open).
+MAX_DISKS: Final = 64
+#: A disk's name: a QEMU device id (letters, digits, ``-``, ``.``, ``_``; a letter
+#: first), at most 64 characters.
+DISK_ID_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+#: A disk's size: up to 2^63 - 1 bytes (QEMU's limit), so at most 19 digits.
+_MAX_SIZE_DIGITS: Final = 19
 
 #: Migrelay-Session values: opaque ids chosen by the source relay.
 SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -49,6 +67,81 @@ def channel_headers(session_id: str, channel: int) -> list[tuple[str, str]]:
     source relay logs like any other refusal.
     """
     return [(SESSION_HEADER, session_id), (CHANNEL_HEADER, str(channel))]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelLabel:
+    """A parsed `CHANNEL_HEADER`: a migration channel (ordered) or a storage channel."""
+
+    number: int
+    storage: bool = False
+
+    def __str__(self) -> str:
+        return f"{STORAGE_CHANNEL_PREFIX}{self.number}" if self.storage else str(self.number)
+
+
+def storage_channel_headers(session_id: str, number: int) -> list[tuple[str, str]]:
+    """The headers the source relay sends to open storage channel ``number`` (NBD)."""
+    return [(SESSION_HEADER, session_id), (CHANNEL_HEADER, f"{STORAGE_CHANNEL_PREFIX}{number}")]
+
+
+def parse_channel_label(value: str) -> ChannelLabel:
+    """Parse a `CHANNEL_HEADER` value: ``N`` (`parse_channel`) or ``storage-N``.
+
+    A storage channel's number is below `MAX_DISKS`: one per disk.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value.startswith(STORAGE_CHANNEL_PREFIX):
+        number = parse_channel(value[len(STORAGE_CHANNEL_PREFIX) :])
+        if number >= MAX_DISKS:
+            raise ValueError(f"invalid {CHANNEL_HEADER}")
+        return ChannelLabel(number, storage=True)
+    return ChannelLabel(parse_channel(value))
+
+
+def format_storage_header(disks: dict[str, int]) -> str:
+    """The `STORAGE_HEADER` value: ``disk0=1073741824,disk1=536870912`` (id=bytes).
+
+    Raises:
+        ValueError: no disk, too many, an id that is not a device id, a negative size.
+    """
+    if not disks or len(disks) > MAX_DISKS:
+        raise ValueError(f"{STORAGE_HEADER} names 1..{MAX_DISKS} disks, not {len(disks)}")
+    for disk, size in disks.items():
+        if DISK_ID_RE.fullmatch(disk) is None:
+            raise ValueError(f"disk id {disk!r} is not a device id")
+        if not 0 <= size < 2**63:
+            raise ValueError(f"disk {disk} size {size} out of range")
+    return ",".join(f"{disk}={size}" for disk, size in disks.items())
+
+
+def parse_storage_header(value: str) -> dict[str, int]:
+    """Parse a `STORAGE_HEADER` value into disk id -> size in bytes, in order.
+
+    Raises:
+        ValueError: malformed, a repeated disk, or more than `MAX_DISKS`; the message
+            never repeats more than a short piece of the value.
+    """
+    if len(value) > MAX_DISKS * (64 + 1 + _MAX_SIZE_DIGITS + 1):
+        raise ValueError(f"{STORAGE_HEADER} too long")
+    disks: dict[str, int] = {}
+    for item in value.split(","):
+        disk, sep, text = (part.strip() for part in item.partition("="))
+        if (
+            not sep
+            or DISK_ID_RE.fullmatch(disk) is None
+            or len(text) > _MAX_SIZE_DIGITS
+            or _ASCII_DIGITS_RE.fullmatch(text) is None
+        ):
+            raise ValueError(f"{STORAGE_HEADER} item {item.strip()[:80]!r} is not disk=bytes")
+        if disk in disks:
+            raise ValueError(f"{STORAGE_HEADER} names disk {disk} twice")
+        disks[disk] = int(text)
+        if len(disks) > MAX_DISKS:
+            raise ValueError(f"{STORAGE_HEADER} names more than {MAX_DISKS} disks")
+    return disks
 
 
 def parse_session_id(value: str) -> str:
