@@ -211,6 +211,15 @@ class MigrationError(RelayError):
         self.error_class = error_class
 
 
+class StorageError(MigrationError):
+    """Copying a disk cannot start or failed (``migrate --copy-storage``).
+
+    ``str()`` names the disk and what went wrong: a disk missing or of another size on
+    the destination (both sizes), a mirror that failed (QEMU's reason) or did not get
+    in sync in time. The source VM runs on its own disks.
+    """
+
+
 class MigrationCancelledError(MigrationError):
     """The migration was cancelled (here, or by another QMP client): the source VM runs on."""
 

@@ -477,7 +477,7 @@ class RelayServer:
                 "channel %s opened: %s -> %s (%s%s)",
                 channel_name,
                 peer,
-                target,
+                storage_socket(target) if label.storage else target,
                 "target /" if name == "/" else f"target {name}",
                 "" if principal == ANONYMOUS else f", token {principal}",
             )

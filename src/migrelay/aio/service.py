@@ -28,7 +28,7 @@ from typing import Final
 
 from migrelay.aio import access, local, tls
 from migrelay.aio.runner import wait_first
-from migrelay.aio.server import PrepareTarget, RelayServer, ServerConfig
+from migrelay.aio.server import FinishTarget, PrepareTarget, RelayServer, ServerConfig
 from migrelay.errors import ConfigError, RelayError
 from migrelay.limits import Limits
 
@@ -122,7 +122,9 @@ def is_loopback(host: str) -> bool:
 
 
 def load_server_config(
-    settings: ServeSettings, prepare_target: PrepareTarget | None = None
+    settings: ServeSettings,
+    prepare_target: PrepareTarget | None = None,
+    finish_target: FinishTarget | None = None,
 ) -> tuple[ServerConfig, tls.ReloadableServerContext | None]:
     """Read the files ``settings`` names and build the server's configuration.
 
@@ -130,6 +132,7 @@ def load_server_config(
         settings: what the operator gave.
         prepare_target: the hook run before a session's first channel connects
             (``serve --qmp``: see `migrelay.control.destination`).
+        finish_target: the hook run once a prepared session has ended.
 
     Returns:
         The configuration, and the certificate holder that SIGHUP reloads (or None).
@@ -198,6 +201,7 @@ def load_server_config(
         allowed_hosts=allowed_hosts,
         limits=settings.limits,
         prepare_target=prepare_target,
+        finish_target=finish_target,
         allowed_origins=allowed_origins,
         trusted_proxies=trusted_proxies,
         path_prefix=path_prefix,
@@ -232,6 +236,7 @@ async def serve(
     settings: ServeSettings,
     stop: asyncio.Event,
     prepare_target: PrepareTarget | None = None,
+    finish_target: FinishTarget | None = None,
 ) -> int:
     """Run ``migrelay serve`` until ``stop`` is set, then drain; a second stop ends it.
 
@@ -239,7 +244,7 @@ async def serve(
         settings: what the operator gave.
         stop: set on SIGTERM/SIGINT (by the caller); this function clears it after
             the first one to notice the second.
-        prepare_target: see `load_server_config`.
+        prepare_target, finish_target: see `load_server_config`.
 
     Returns:
         0 once stopped.
@@ -248,7 +253,7 @@ async def serve(
         ConfigError: the settings cannot be used (nothing was started).
         RelayError: the address cannot be listened on.
     """
-    config, credentials = load_server_config(settings, prepare_target)
+    config, credentials = load_server_config(settings, prepare_target, finish_target)
     server = RelayServer(config)
     try:
         await server.start()

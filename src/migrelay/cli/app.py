@@ -29,7 +29,7 @@ from typing import Annotated
 import typer
 
 from migrelay import __version__
-from migrelay.aio import runner, service
+from migrelay.aio import local, runner, service
 from migrelay.aio.client import ClientConfig
 from migrelay.aio.local import SocketOwners
 from migrelay.aio.service import DEFAULT_DEST_SOCKET, ServeSettings
@@ -38,11 +38,13 @@ from migrelay.cli.options import (
     CaOpt,
     ClientCertOpt,
     ConfigOpt,
+    CopyStorageOpt,
     FingerprintOpt,
     HeaderOpt,
     JsonOpt,
     LogFormatOpt,
     MaxMessageOpt,
+    MigrateDisksOpt,
     MultifdOpt,
     PingIntervalOpt,
     PingTimeoutOpt,
@@ -77,6 +79,8 @@ from migrelay.control.progress import (
     snapshot_document,
 )
 from migrelay.control.qmp import MigrationStatus
+from migrelay.control.storage import StorageOptions
+from migrelay.core.headers import DISK_ID_RE
 from migrelay.core.mask import MASK_IMPLEMENTATION
 from migrelay.errors import ConfigError, MigrationFailed
 from migrelay.limits import Limits
@@ -371,7 +375,8 @@ def serve(
         ),
     )
     prepare = destination.prepare_hook(qmp, qmp_dir)
-    run_command(lambda stop: service.serve(settings, stop, prepare))
+    finish = destination.finish_hook(qmp, qmp_dir)
+    run_command(lambda stop: service.serve(settings, stop, prepare, finish))
 
 
 @app.command()
@@ -451,6 +456,26 @@ def _options(
         exit_with(str(exc))
 
 
+def _storage_options(
+    copy_storage: bool,
+    migrate_disks: str | None,
+    write_blocking: bool = False,
+    timeout_s: float | None = None,
+) -> StorageOptions | None:
+    """``--copy-storage`` / ``--migrate-disks``; None when neither was given."""
+    if not copy_storage and migrate_disks is None:
+        return None
+    disks = None
+    if migrate_disks is not None:
+        disks = tuple(name.strip() for name in migrate_disks.split(",") if name.strip())
+        if not disks:
+            exit_with("--migrate-disks names no disk")
+        bad = [name for name in disks if DISK_ID_RE.fullmatch(name) is None]
+        if bad:
+            exit_with(f"--migrate-disks: {bad[0]!r} is not a device id")
+    return StorageOptions(disks=disks, write_blocking=write_blocking, timeout_s=timeout_s)
+
+
 def _renderer(json_output: bool) -> ProgressRenderer:
     return renderer_for(
         sys.stdout, json_output=json_output, columns=shutil.get_terminal_size().columns
@@ -489,19 +514,53 @@ def incoming(
             " migrate --postcopy can resume.",
         ),
     ] = False,
+    copy_storage: Annotated[
+        bool,
+        typer.Option(
+            "--copy-storage",
+            help="Export the VM's writable disks on SOCKET.nbd for migrate --copy-storage;"
+            " stay until the migration ends, then remove the exports.",
+        ),
+    ] = False,
+    migrate_disks: MigrateDisksOpt = None,
+    export_timeout: Annotated[
+        float,
+        typer.Option(
+            "--export-timeout",
+            min=1,
+            help="With --copy-storage: remove the exports after this many seconds even if"
+            " the migration has not ended.",
+        ),
+    ] = commands.DEFAULT_EXPORT_TIMEOUT_S,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
     """Destination: make QEMU (started with -incoming defer) listen for the migration."""
     configure_logging(verbose, log_format, quiet=True)
     options = _options(multifd, postcopy)
+    storage = _storage_options(copy_storage, migrate_disks)
+    if storage is not None and recover:
+        exit_with("--copy-storage and --recover exclude each other: the disks were copied")
 
     async def main(stop: asyncio.Event) -> int:
-        info = await commands.incoming(str(qmp), f"unix:{socket}", options, recover=recover)
+        info = await commands.incoming(
+            str(qmp), f"unix:{socket}", options, recover=recover, storage=storage
+        )
         where = ", ".join(info.socket_addresses) or f"unix:{socket}"
         what = "the paused postcopy migration to resume" if recover else "an incoming migration"
         typer.echo(f"{qmp.stem}: listening for {what} on {where}")
-        return EXIT_OK
+        if storage is None:
+            return EXIT_OK
+        nbd = local.storage_socket(socket)
+        typer.echo(f"{qmp.stem}: exporting its disks on {nbd} until the migration ends")
+        last = await commands.export_until_done(str(qmp), export_timeout, stop=stop)
+        if last is None:
+            typer.echo(f"{qmp.stem}: qemu has exited")
+            return EXIT_FAILURE
+        typer.echo(f"{qmp.stem}: migration {last.status}; disk exports removed")
+        if last.status is MigrationStatus.COMPLETED:
+            return EXIT_OK
+        return EXIT_INTERRUPTED if stop.is_set() else EXIT_FAILURE
 
     run_command(main)
 
@@ -566,6 +625,26 @@ def migrate(
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Return once the migration has started.")
     ] = False,
+    copy_storage: CopyStorageOpt = False,
+    migrate_disks: MigrateDisksOpt = None,
+    disk_copy_mode: Annotated[
+        str,
+        typer.Option(
+            "--disk-copy-mode",
+            help="background: the guest writes at full speed and the copy follows;"
+            " write-blocking: each guest write waits until it is on both hosts (a guest"
+            " that writes faster than the link then still gets in sync).",
+        ),
+    ] = "background",
+    disk_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--disk-timeout",
+            min=1,
+            help="Seconds the disks may take to get in sync before the migration is"
+            " abandoned (default: 120 s + 64 s per GiB of disk; more under --max-bandwidth).",
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     token_file: TokenFileOpt = None,
     header: HeaderOpt = None,
@@ -590,6 +669,15 @@ def migrate(
         exit_with("--socket and --to exclude each other")
     if to is not None and no_wait:
         exit_with("--no-wait cannot be used with --to: the relay runs inside this command")
+    if disk_copy_mode not in ("background", "write-blocking"):
+        exit_with(f"--disk-copy-mode must be background or write-blocking, not {disk_copy_mode}")
+    storage = _storage_options(
+        copy_storage, migrate_disks, disk_copy_mode == "write-blocking", disk_timeout
+    )
+    if storage is not None and no_wait:
+        exit_with(
+            "--no-wait cannot be used with --copy-storage: this command ends the disk copies"
+        )
     # MIGRELAY_PROXY may be set for `connect` on this host; only the flag is a mistake.
     proxy_source = ctx.get_parameter_source("proxy")
     if to is None and proxy_source is not None and proxy_source.name == "COMMANDLINE":
@@ -624,6 +712,7 @@ def migrate(
         recover_timeout=recover_timeout,
         postcopy_after_passes=postcopy_after,
         stall_timeout=stall_timeout,
+        storage=storage,
     )
     renderer = _renderer(json_output)
 

@@ -176,3 +176,18 @@ PostcopyOpt = Annotated[
     bool, typer.Option("--postcopy", help="Enable postcopy-ram (set the same on both sides).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document at the end.")]
+CopyStorageOpt = Annotated[
+    bool,
+    typer.Option(
+        "--copy-storage",
+        help="Copy the VM's writable disks too (NBD through the tunnel); the destination"
+        " VM has the same disks (same device ids and sizes), empty.",
+    ),
+]
+MigrateDisksOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--migrate-disks",
+        help="Copy only these disks: device ids, comma-separated (implies --copy-storage).",
+    ),
+]

@@ -6,7 +6,9 @@ out the next one (``status`` while ``migrate --no-wait`` runs, the test's own ch
 
 ``migrate --to`` announces its capabilities in the WebSocket handshake
 (``Migrelay-Migration``, `migrelay.core.headers`), so that ``serve --qmp-dir`` prepares
-the destination to match without an ``incoming`` step (`migrelay.control.destination`).
+the destination to match without an ``incoming`` step (`migrelay.control.destination`);
+with ``--copy-storage`` also the disks it copies and their sizes (``Migrelay-Storage``),
+which the destination exports for it (`migrelay.control.storage`).
 
 Local sockets: ``incoming`` creates the private runtime directory (mode 0700) when QEMU
 is to listen in it (the default socket); ``migrate --socket`` checks who bound the relay's
@@ -19,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from migrelay.aio import local
 from migrelay.aio.client import SourceRelay
@@ -34,18 +38,32 @@ from migrelay.control.migration import (
     MigrationOptions,
     MigrationResult,
     cancel_outgoing,
+    check_can_start,
+    check_incoming,
     follow_migration,
     prepare_incoming,
     sleep_or_stop,
     start_migration,
 )
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
+from migrelay.control.storage import (
+    Disk,
+    SourceMirrors,
+    StorageOptions,
+    default_disk_timeout,
+    export_disks,
+    select_disks,
+    unexport_disks,
+)
 from migrelay.core.headers import (
     MIGRATION_HEADER,
+    STORAGE_HEADER,
     format_migration_header,
+    format_storage_header,
     parse_migration_header,
 )
 from migrelay.errors import (
+    ConnectError,
     MigrationCancelledError,
     MigrationError,
     MigrationFailed,
@@ -54,15 +72,18 @@ from migrelay.errors import (
 )
 
 __all__ = [
+    "DEFAULT_EXPORT_TIMEOUT_S",
     "MIGRATION_HEADER",
     "POSTCOPY_AFTER_PASSES",
     "RELAY_DRAIN_TIMEOUT_S",
     "MigrateRequest",
     "announcement",
     "cancel_migration",
+    "export_until_done",
     "incoming",
     "migrate",
     "parse_announcement",
+    "plan_storage",
     "query",
     "recover_incoming",
     "run_migration",
@@ -71,6 +92,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: With ``--postcopy``, switch to postcopy once this many passes over RAM have not
 #: converged: pass 1 sends all of RAM, and a guest that still needs a fourth pass dirties
@@ -96,7 +119,12 @@ def parse_announcement(value: str | None) -> MigrationOptions:
 
 
 async def incoming(
-    qmp_path: str, uri: str, options: MigrationOptions, *, recover: bool = False
+    qmp_path: str,
+    uri: str,
+    options: MigrationOptions,
+    *,
+    recover: bool = False,
+    storage: StorageOptions | None = None,
 ) -> MigrationInfo:
     """Prepare a destination QEMU (``-incoming defer``) to receive on ``uri``.
 
@@ -106,6 +134,9 @@ async def incoming(
         options: the capabilities the source will use.
         recover: instead, let a ``postcopy-paused`` incoming migration listen again on
             ``uri`` (``migrate-recover``), for the source to resume.
+        storage: also export the disks (every writable one, or ``storage.disks``) on
+            the storage socket beside ``uri`` (``PATH.nbd``), for ``migrate
+            --copy-storage``; remove them with `export_until_done`.
 
     Returns:
         The destination's ``query-migrate`` once it listens.
@@ -125,7 +156,57 @@ async def incoming(
         await qmp.connect(qmp_path)
         if recover:
             return await recover_incoming(qmp, uri)
-        return await prepare_incoming(qmp, uri, options)
+        if storage is not None:
+            await check_incoming(qmp)
+            wanted = None if storage.disks is None else dict.fromkeys(storage.disks)
+            socket = local.storage_socket(Path(uri.removeprefix("unix:")))
+            await export_disks(qmp, socket, wanted)
+        try:
+            return await prepare_incoming(qmp, uri, options)
+        except BaseException:
+            if storage is not None:
+                await unexport_disks(qmp)
+            raise
+
+
+#: How long ``incoming --copy-storage`` keeps the disks exported at most: an hour covers
+#: a copy of 200 GiB at 60 MiB/s; a longer one needs ``--export-timeout``.
+DEFAULT_EXPORT_TIMEOUT_S = 3600.0
+
+
+async def export_until_done(
+    qmp_path: str,
+    timeout_s: float,
+    interval: float = DEFAULT_POLL_INTERVAL_S,
+    stop: asyncio.Event | None = None,
+) -> MigrationInfo | None:
+    """``incoming --copy-storage``: once the migration has ended, remove the disk exports.
+
+    Follows the destination's ``query-migrate`` until the migration completes or fails,
+    QEMU exits, ``timeout_s`` passes or ``stop`` is set, and removes the exports in
+    every case but the exit (then nothing is left to remove).
+
+    Returns:
+        The last snapshot, or None when QEMU has gone.
+    """
+    deadline = time.monotonic() + timeout_s
+    async with QMP(vm_name(qmp_path), share_monitor=True) as qmp:
+        try:
+            await qmp.connect(qmp_path)
+            while True:
+                info = await qmp.query_migrate()
+                if info.status.is_terminal or time.monotonic() >= deadline:
+                    break
+                if stop is not None and stop.is_set():
+                    break
+                await qmp.release()
+                await sleep_or_stop(min(interval, max(deadline - time.monotonic(), 0)), stop)
+                await qmp.reconnect()
+        except ConnectError:
+            logger.info("%s: qemu has gone; its exports with it", vm_name(qmp_path))
+            return None
+        await unexport_disks(qmp)
+        return info
 
 
 async def recover_incoming(qmp: QMP, uri: str) -> MigrationInfo:
@@ -154,6 +235,9 @@ async def migrate(
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
     postcopy_after_passes: int = POSTCOPY_AFTER_PASSES,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
+    storage: StorageOptions | None = None,
+    storage_socket: Path | None = None,
+    disks: Sequence[Disk] | None = None,
 ) -> MigrationResult | None:
     """Start migrating the VM behind ``qmp_path`` to ``uri`` and follow it to the end.
 
@@ -175,7 +259,14 @@ async def migrate(
         recover_timeout: seconds to wait for a failed link during postcopy.
         postcopy_after_passes: with ``options.postcopy``, switch in this pass (1: at once).
         stall_timeout: seconds without progress before a stuck stream is shut down
-            (`follow_migration`); ``None``: never.
+            (`follow_migration`); ``None``: never. It bounds the disk copy's stalls too.
+        storage: copy the disks first (``--copy-storage``): each is mirrored to its
+            export on the destination through ``storage_socket`` until all are in sync,
+            then RAM migrates, and the mirrors end in sync at switchover
+            (`migrelay.control.storage`). Needs ``wait``. Whatever happens, the jobs and
+            nodes it added are gone when this returns.
+        storage_socket: the relay's storage socket (``SOCKET.nbd``).
+        disks: the disks to copy, if already chosen (`plan_storage`).
 
     Returns:
         The result of the completed migration, or ``None`` when not waiting.
@@ -188,32 +279,103 @@ async def migrate(
             text) or was cancelled, or stayed postcopy-paused.
     """
     # Following a migration takes minutes: let go of the monitor between polls, so that
-    # `status` and `cancel` work from another terminal meanwhile.
-    async with QMP(vm_name(qmp_path), share_monitor=True) as qmp:
+    # `status` and `cancel` work from another terminal meanwhile. Not with disks: the
+    # guest is paused in pre-switchover until this command ends the mirrors, and a
+    # released monitor would hear of it only at the next poll, adding to the downtime.
+    async with QMP(vm_name(qmp_path), share_monitor=storage is None) as qmp:
         await qmp.connect(qmp_path)
         paused = options.postcopy and (
             (await qmp.query_migrate()).status is MigrationStatus.POSTCOPY_PAUSED
         )
+        mirrors: SourceMirrors | None = None
         if paused:
-            # follow_migration resumes it: the same path as a link that fails now.
+            # follow_migration resumes it: the same path as a link that fails now (the
+            # disks, if any, were in sync before postcopy began).
             logger.info("%s: postcopy migration is paused; resuming it to %s", qmp.name, uri)
             if not wait:
                 await qmp.migrate(uri, resume=True)  # one attempt; `status` tells the rest
                 return None
-        else:
-            await start_migration(qmp, uri, options)
-        if not wait:
-            return None
-        return await follow_migration(
-            qmp,
-            on_progress,
-            interval,
-            postcopy_after_passes=postcopy_after_passes if options.postcopy else None,
-            stop=stop,
-            resume_uri=uri if options.postcopy else None,
-            recover_timeout=recover_timeout,
-            stall_timeout=stall_timeout,
-        )
+        elif storage is not None:
+            if not wait or storage_socket is None:
+                raise ValueError("copying disks needs wait=True and a storage socket")
+            await check_can_start(qmp)
+            chosen = disks if disks is not None else await _choose_disks(qmp, storage)
+            mirrors = SourceMirrors(
+                chosen,
+                storage_socket,
+                write_blocking=storage.write_blocking,
+                speed=options.max_bandwidth,
+            )
+        try:
+            if mirrors is not None:
+                assert storage is not None
+                await mirrors.clear_leftovers(qmp)
+                await mirrors.start(qmp)
+                timeout = storage.timeout_s or default_disk_timeout(
+                    mirrors.total_bytes, options.max_bandwidth
+                )
+                await mirrors.wait_ready(
+                    qmp,
+                    timeout_s=timeout,
+                    stall_timeout_s=stall_timeout,
+                    interval=interval,
+                    on_progress=on_progress,
+                    stop=stop,
+                )
+            if not paused:
+                await start_migration(
+                    qmp, uri, options, pause_before_switchover=mirrors is not None
+                )
+            if not wait:
+                return None
+            result = await follow_migration(
+                qmp,
+                on_progress,
+                interval,
+                postcopy_after_passes=postcopy_after_passes if options.postcopy else None,
+                stop=stop,
+                resume_uri=uri if options.postcopy else None,
+                recover_timeout=recover_timeout,
+                stall_timeout=stall_timeout,
+                storage=mirrors,
+            )
+        except BaseException:
+            if mirrors is not None:
+                await _abandon_storage(qmp, mirrors)
+            raise
+        if mirrors is not None:
+            await mirrors.remove(qmp)
+        return result
+
+
+async def _choose_disks(qmp: QMP, storage: StorageOptions) -> list[Disk]:
+    return select_disks(await qmp.query_block(), storage.disks)
+
+
+async def plan_storage(qmp_path: str, storage: StorageOptions) -> list[Disk]:
+    """The disks ``migrate --copy-storage`` will copy (to announce them to the server).
+
+    Raises:
+        StorageError: a disk named does not exist or cannot be copied; none to copy.
+        ConnectError: the QMP socket cannot be reached.
+    """
+    async with QMP(vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        return await _choose_disks(qmp, storage)
+
+
+async def _abandon_storage(qmp: QMP, mirrors: SourceMirrors) -> None:
+    """After a failure: cancel a migration still under way, remove the mirrors' traces.
+
+    Never raises: the failure being handled is what the operator must read; what could
+    not be cleaned up is logged.
+    """
+    try:
+        if (await qmp.query_migrate()).status.is_active:
+            await cancel_outgoing(qmp)
+        await mirrors.remove(qmp)
+    except (MigrationError, ConnectError, TimeoutError) as exc:
+        logger.warning("%s: could not remove the disk copies: %s", qmp.name, exc)
 
 
 #: Seconds ``migrate --to`` waits, after QEMU reports ``completed``, for the in-process
@@ -240,6 +402,8 @@ class MigrateRequest:
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S
     #: ``--socket-owner``: who may have bound ``socket`` (`local.check_relay_socket`).
     socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
+    #: ``--copy-storage``: copy the VM's disks too.
+    storage: StorageOptions | None = None
 
 
 async def run_migration(
@@ -269,22 +433,28 @@ async def run_migration(
     if request.relay is None:
         socket = request.socket or DEFAULT_SOURCE_SOCKET
         local.check_relay_socket(socket, request.socket_owners)
+        if request.storage is not None:
+            local.check_relay_socket(local.storage_socket(socket), request.socket_owners)
         return await _migrate_reporting(
             request, f"unix:{socket}", None, on_progress, interval, stop
         )
     options = request.options
+    headers = [*request.relay.extra_headers, (MIGRATION_HEADER, announcement(options))]
+    disks = None
+    if request.storage is not None:
+        disks = await _reporting(plan_storage(str(request.qmp_path), request.storage))
+        headers.append(
+            (STORAGE_HEADER, format_storage_header({disk.id: disk.size for disk in disks}))
+        )
     settings = dataclasses.replace(
         request.relay,
-        extra_headers=[
-            *request.relay.extra_headers,
-            (MIGRATION_HEADER, announcement(options)),
-        ],
+        extra_headers=headers,
         # A postcopy resume must not be dropped once QEMU connected (ClientConfig).
         open_retry=request.recover_timeout if options.postcopy else 0.0,
     )
     async with private_relay(settings.load()) as relay:
         result = await _migrate_reporting(
-            request, f"unix:{relay.listen_path}", relay, on_progress, interval, stop
+            request, f"unix:{relay.listen_path}", relay, on_progress, interval, stop, disks
         )
         if result is not None:
             try:
@@ -304,8 +474,12 @@ async def _migrate_reporting(
     on_progress: Callable[[MigrationInfo], object] | None,
     interval: float,
     stop: asyncio.Event | None,
+    disks: Sequence[Disk] | None = None,
 ) -> MigrationResult | None:
     """`migrate`, with its failure told in the operator's words (`MigrationFailed`)."""
+    storage_socket = None
+    if request.storage is not None:
+        storage_socket = local.storage_socket(Path(uri.removeprefix("unix:")))
     try:
         return await migrate(
             str(request.qmp_path),
@@ -318,6 +492,9 @@ async def _migrate_reporting(
             recover_timeout=request.recover_timeout,
             postcopy_after_passes=request.postcopy_after_passes,
             stall_timeout=request.stall_timeout or None,
+            storage=request.storage,
+            storage_socket=storage_socket,
+            disks=disks,
         )
     except MigrationError as exc:
         stopped = stop is not None and stop.is_set()
@@ -339,6 +516,14 @@ async def _migrate_reporting(
         elif not stopped:
             message = f"migration failed: {error}"
         raise MigrationFailed(message, error) from exc
+
+
+async def _reporting(step: Awaitable[T]) -> T:
+    """Run a step before the migration; its `MigrationError` becomes `MigrationFailed`."""
+    try:
+        return await step
+    except MigrationError as exc:
+        raise MigrationFailed(f"migration failed: {exc}", str(exc)) from exc
 
 
 async def query(qmp_path: str) -> tuple[RunState, MigrationInfo]:

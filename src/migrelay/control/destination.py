@@ -3,7 +3,11 @@
 `prepare_hook` gives `migrelay.aio.server` the hook it awaits before a session's first
 channel connects: it maps the session's name to a QMP socket and runs `prepare_target`,
 which issues ``migrate-incoming`` with the capabilities the source announced in the
-handshake (or ``migrate-recover`` for a paused postcopy migration).
+handshake (or ``migrate-recover`` for a paused postcopy migration). When the source
+announces disks (``Migrelay-Storage``, ``migrate --copy-storage``), it first checks them
+against the destination's (same device ids, same sizes) and exports them on the storage
+socket (`migrelay.control.storage.export_disks`); `finish_hook` removes the exports once
+the session has ended, whichever way.
 
 A failure becomes a `Refusal` with a fixed reason for the peer (an authenticated client
 of one target must not learn paths, versions or QEMU's messages from the host); the
@@ -16,7 +20,8 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from migrelay.aio.server import PrepareTarget
+from migrelay.aio.local import storage_socket
+from migrelay.aio.server import FinishTarget, PrepareTarget
 from migrelay.control.commands import (
     MIGRATION_HEADER,
     parse_announcement,
@@ -25,16 +30,19 @@ from migrelay.control.commands import (
 )
 from migrelay.control.migration import check_prepared_for, prepare_incoming
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus
+from migrelay.control.storage import export_disks, unexport_disks
+from migrelay.core.headers import STORAGE_HEADER, parse_storage_header
 from migrelay.errors import (
     CapabilityMismatchError,
     ConnectError,
     MigrationError,
     Refusal,
     StateError,
+    StorageError,
     UnsupportedError,
 )
 
-__all__ = ["prepare_hook", "prepare_target", "refusal_for"]
+__all__ = ["finish_hook", "finish_target", "prepare_hook", "prepare_target", "refusal_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +70,16 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
     """
     announced = headers.get(MIGRATION_HEADER.lower())
     options = parse_announcement(announced)
+    storage = headers.get(STORAGE_HEADER.lower())
+    disks = parse_storage_header(storage) if storage is not None else None
     uri = f"unix:{target}"
     async with QMP(vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
         current = await qmp.query_migrate()
+        if disks is not None and current.status is MigrationStatus.NONE:
+            # Before the migration starts only: a resumed postcopy migration (which
+            # announces its disks again) copied them long ago.
+            await export_disks(qmp, storage_socket(target), disks)
         if uri in current.socket_addresses and current.status is MigrationStatus.NONE:
             if announced is not None:  # a plain `connect` announces nothing to compare
                 await check_prepared_for(qmp, options)
@@ -88,6 +102,10 @@ def refusal_for(error: Exception) -> Refusal:
     The reason is fixed text per kind of failure; ``str(error)`` goes only to the log.
     """
     detail = str(error) or type(error).__name__
+    if isinstance(error, StorageError):
+        # The client announced these disks itself: naming them and both sizes tells
+        # it nothing about the host it did not know, and is what the operator needs.
+        return Refusal(409, f"destination vm not ready: {error}", detail=detail)
     if isinstance(error, ValueError):
         return Refusal(400, f"invalid {MIGRATION_HEADER} header", detail=detail)
     if isinstance(error, CapabilityMismatchError):
@@ -128,9 +146,7 @@ def prepare_hook(qmp: Path | None, qmp_dir: Path | None) -> PrepareTarget | None
         return None
 
     async def prepare(name: str, target: Path, headers: Mapping[str, str]) -> None:
-        path = qmp if name == "/" else None
-        if name != "/" and qmp_dir is not None:
-            path = qmp_dir / f"{name}.qmp"
+        path = _qmp_path(name, qmp, qmp_dir)
         if path is None:
             return  # this path has no QMP socket: the operator runs `incoming` there
         try:
@@ -146,3 +162,41 @@ def prepare_hook(qmp: Path | None, qmp_dir: Path | None) -> PrepareTarget | None
             raise refusal_for(exc) from None
 
     return prepare
+
+
+def _qmp_path(name: str, qmp: Path | None, qmp_dir: Path | None) -> Path | None:
+    if name == "/":
+        return qmp
+    return qmp_dir / f"{name}.qmp" if qmp_dir is not None else None
+
+
+#: How long `finish_target` waits for the destination's monitor.
+FINISH_CONNECT_TIMEOUT_S = 5.0
+
+
+async def finish_target(qmp_path: str) -> list[str]:
+    """Remove the disk exports `prepare_target` added (the session has ended).
+
+    Returns:
+        The exports removed; none when QEMU has exited (nothing left to remove).
+    """
+    async with QMP(vm_name(qmp_path)) as qmp:
+        try:
+            await qmp.connect(qmp_path, FINISH_CONNECT_TIMEOUT_S)
+        except ConnectError as exc:
+            logger.debug("%s: not removing exports: %s", qmp.name, exc)
+            return []
+        return await unexport_disks(qmp)
+
+
+def finish_hook(qmp: Path | None, qmp_dir: Path | None) -> FinishTarget | None:
+    """The server's hook that undoes `prepare_hook`'s disk exports once a session ended."""
+    if qmp is None and qmp_dir is None:
+        return None
+
+    async def finish(name: str, target: Path, headers: Mapping[str, str]) -> None:
+        path = _qmp_path(name, qmp, qmp_dir)
+        if path is not None and STORAGE_HEADER.lower() in headers:
+            await finish_target(str(path))
+
+    return finish

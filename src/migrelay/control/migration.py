@@ -17,7 +17,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from migrelay.aio.runner import wait_first
 from migrelay.control.qmp import (
@@ -34,8 +35,12 @@ from migrelay.errors import (
     MigrationError,
     PostcopyPausedError,
     StateError,
+    StorageError,
     UnsupportedError,
 )
+
+if TYPE_CHECKING:
+    from migrelay.control.storage import SourceMirrors
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
@@ -49,6 +54,8 @@ __all__ = [
     "Progress",
     "RunState",
     "cancel_outgoing",
+    "check_can_start",
+    "check_incoming",
     "check_prepared_for",
     "follow_migration",
     "prepare_incoming",
@@ -153,10 +160,13 @@ _FIRST_RELEASE: dict[str, str] = {
     Capability.EVENTS: "2.4",
     Capability.MULTIFD: "4.0",
     Capability.POSTCOPY_RAM: "2.5",
+    Capability.PAUSE_BEFORE_SWITCHOVER: "2.11",
 }
 
 
-async def _set_capabilities(qmp: QMP, options: MigrationOptions) -> None:
+async def _set_capabilities(
+    qmp: QMP, options: MigrationOptions, *, pause_before_switchover: bool | None = None
+) -> None:
     """Set ``options.capabilities()`` after checking that this QEMU has them all.
 
     Raises:
@@ -166,6 +176,10 @@ async def _set_capabilities(qmp: QMP, options: MigrationOptions) -> None:
     """
     supported = await qmp.query_capabilities()
     wanted = options.capabilities()
+    if pause_before_switchover is not None:
+        # Explicitly off without disks: a VM that kept it from an earlier storage
+        # migration would otherwise wait in pre-switchover for a migrate-continue.
+        wanted[Capability.PAUSE_BEFORE_SWITCHOVER] = pause_before_switchover
     missing = [str(name) for name, on in wanted.items() if on and str(name) not in supported]
     if missing:
         version = await qmp.query_version()
@@ -275,6 +289,29 @@ async def require(
     return state
 
 
+async def check_incoming(qmp: QMP) -> None:
+    """Check that the VM waits for an incoming migration and does not listen yet.
+
+    Raises:
+        StateError: it was not started with ``-incoming defer``, or already listens.
+        MigrationError, ConnectError: from QMP.
+    """
+    await require(
+        qmp,
+        RunState.INMIGRATE,
+        "start the destination qemu with -incoming defer to receive a migration",
+    )
+    before = await qmp.query_migrate()
+    if before.socket_addresses or before.status is not MigrationStatus.NONE:
+        where = ", ".join(before.socket_addresses) or f"status {before.status}"
+        raise StateError(
+            f"inmigrate, already listening on {where}",
+            "inmigrate with no listener",
+            "start the destination qemu with -incoming defer, not -incoming URI,"
+            " and prepare it once",
+        )
+
+
 async def prepare_incoming(qmp: QMP, uri: str, options: MigrationOptions) -> MigrationInfo:
     """Prepare the destination: same capabilities as the source, then listen on ``uri``.
 
@@ -295,20 +332,7 @@ async def prepare_incoming(qmp: QMP, uri: str, options: MigrationOptions) -> Mig
             may already have been set.
         ConnectError: the connection is gone.
     """
-    await require(
-        qmp,
-        RunState.INMIGRATE,
-        "start the destination qemu with -incoming defer to receive a migration",
-    )
-    before = await qmp.query_migrate()
-    if before.socket_addresses or before.status is not MigrationStatus.NONE:
-        where = ", ".join(before.socket_addresses) or f"status {before.status}"
-        raise StateError(
-            f"inmigrate, already listening on {where}",
-            "inmigrate with no listener",
-            "start the destination qemu with -incoming defer, not -incoming URI,"
-            " and prepare it once",
-        )
+    await check_incoming(qmp)
     await _set_capabilities(qmp, options)
     if options.multifd_channels is not None:
         await qmp.set_parameters(multifd_channels=options.multifd_channels)
@@ -318,25 +342,13 @@ async def prepare_incoming(qmp: QMP, uri: str, options: MigrationOptions) -> Mig
     return info
 
 
-async def start_migration(qmp: QMP, uri: str, options: MigrationOptions) -> None:
-    """Set up the source and start migrating it to ``uri``.
-
-    Sets the same capabilities as `prepare_incoming`, the multifd channel count, the
-    downtime limit, and ``max-bandwidth`` (raised from QEMU's 128 MiB/s to unlimited unless
-    ``options.max_bandwidth`` says otherwise). Returns once QEMU has accepted ``migrate``;
-    follow it with `follow_migration`.
-
-    Args:
-        qmp: connected to the source QEMU.
-        uri: the destination (``unix:PATH`` of a relay socket, ``tcp:HOST:PORT``).
-        options: must equal the destination's.
+async def check_can_start(qmp: QMP) -> None:
+    """Check that the VM can be a migration's source now (its runstate, no migration).
 
     Raises:
-        StateError: the VM cannot be a source (it is itself an incoming VM, shut down, …),
-            or a migration is already under way. Nothing was changed.
-        MigrationError: QEMU refused a capability, a parameter or ``migrate``; no
-            migration is running, but capabilities/parameters may have been set.
-        ConnectError: the connection is gone.
+        StateError: it cannot (an incoming VM, shut down, …), or a migration is
+            under way.
+        MigrationError, ConnectError: from QMP.
     """
     await require(
         qmp,
@@ -350,7 +362,34 @@ async def start_migration(qmp: QMP, uri: str, options: MigrationOptions) -> None
             "no migration in progress",
             "wait for it to end or cancel it",
         )
-    await _set_capabilities(qmp, options)
+
+
+async def start_migration(
+    qmp: QMP, uri: str, options: MigrationOptions, *, pause_before_switchover: bool = False
+) -> None:
+    """Set up the source and start migrating it to ``uri``.
+
+    Sets the same capabilities as `prepare_incoming`, the multifd channel count, the
+    downtime limit, and ``max-bandwidth`` (raised from QEMU's 128 MiB/s to unlimited unless
+    ``options.max_bandwidth`` says otherwise). Returns once QEMU has accepted ``migrate``;
+    follow it with `follow_migration`.
+
+    Args:
+        qmp: connected to the source QEMU.
+        uri: the destination (``unix:PATH`` of a relay socket, ``tcp:HOST:PORT``).
+        options: must equal the destination's.
+        pause_before_switchover: stop in ``pre-switchover`` (guest paused) until
+            `follow_migration` lets it continue: the disk mirrors end there.
+
+    Raises:
+        StateError: the VM cannot be a source (it is itself an incoming VM, shut down, …),
+            or a migration is already under way. Nothing was changed.
+        MigrationError: QEMU refused a capability, a parameter or ``migrate``; no
+            migration is running, but capabilities/parameters may have been set.
+        ConnectError: the connection is gone.
+    """
+    await check_can_start(qmp)
+    await _set_capabilities(qmp, options, pause_before_switchover=pause_before_switchover)
     await qmp.set_parameters(
         multifd_channels=options.multifd_channels,
         max_bandwidth=(
@@ -372,6 +411,7 @@ async def follow_migration(
     resume_uri: str | None = None,
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
     stall_timeout: float | None = None,
+    storage: SourceMirrors | None = None,
 ) -> MigrationResult:
     """Poll the source's ``query-migrate`` until the migration ends.
 
@@ -401,6 +441,10 @@ async def follow_migration(
             ``active`` or ``postcopy-active`` after which the stream counts as stuck and
             is shut down (`QMP.yank_migration`): QEMU waits on a peer that stopped
             reading for ever, and only this side can tell. ``None``: never.
+        storage: the disk mirrors of a storage migration (started with
+            ``pause_before_switchover``): their progress joins each snapshot, a failed
+            mirror cancels the migration, and in ``pre-switchover`` they are ended in
+            sync before ``migrate-continue`` (`SourceMirrors.cancel_in_sync`).
 
     Returns:
         The result of a ``completed`` migration.
@@ -410,6 +454,8 @@ async def follow_migration(
             ``cancelled``; the source VM keeps its state and stays where it was. Or it
             is ``postcopy-paused`` and was not resumed (no ``resume_uri``, timeout,
             ``stop``): it stays paused and may still be resumed later.
+        StorageError: a disk mirror failed or could not end in sync; the migration
+            was cancelled (the mirrors are the caller's to remove).
         ConnectError: the connection is gone (the source QEMU died).
         TimeoutError: ``stop`` was set and QEMU was still cancelling 10 s later.
     """
@@ -418,6 +464,8 @@ async def follow_migration(
     while True:
         if stop is not None and stop.is_set():
             info = await cancel_outgoing(qmp)
+            if storage is not None:
+                info = replace(info, disks=storage.snapshot())
             if on_progress is not None:
                 on_progress(info)
             if info.status is MigrationStatus.COMPLETED:
@@ -427,8 +475,13 @@ async def follow_migration(
         info = await qmp.query_migrate()
         if info.status is MigrationStatus.COMPLETED:
             info = await _settled(qmp, info)
+        if storage is not None:
+            info = await _with_disks(qmp, info, storage)
         if on_progress is not None:
             on_progress(info)
+        if info.status is MigrationStatus.PRE_SWITCHOVER:
+            await _switch_over(qmp, storage)
+            continue
         if info.status is MigrationStatus.COMPLETED:
             result = MigrationResult.from_info(info)
             logger.info(
@@ -466,6 +519,38 @@ async def follow_migration(
             await qmp.migrate_start_postcopy()
             postcopy_requested = True
         await _next_event_or_stop(qmp, interval, stop)
+
+
+async def _with_disks(qmp: QMP, info: MigrationInfo, storage: SourceMirrors) -> MigrationInfo:
+    """``info`` with the mirrors' progress; a failed mirror cancels the migration.
+
+    A mirror that fails during the RAM phase would leave the destination's disk behind
+    the guest's writes: the migration must not reach switchover.
+    """
+    try:
+        disks = await storage.progress(qmp)
+    except StorageError:
+        if info.status.is_active:
+            await cancel_outgoing(qmp)
+        raise
+    return replace(info, disks=disks)
+
+
+async def _switch_over(qmp: QMP, storage: SourceMirrors | None) -> None:
+    """In ``pre-switchover`` (guest paused): end the mirrors in sync, then continue.
+
+    Raises:
+        StorageError: a mirror could not end in sync; the migration was cancelled and
+            the guest runs on at the source.
+    """
+    if storage is not None and not storage.switched_over:
+        try:
+            await storage.cancel_in_sync(qmp)
+        except (StorageError, MigrationError):
+            await cancel_outgoing(qmp)
+            raise
+        logger.info("%s: disks in sync at switchover; continuing", qmp.name)
+    await qmp.migrate_continue()
 
 
 class _StallWatch:
