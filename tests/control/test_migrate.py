@@ -124,6 +124,9 @@ def test_start_migration_lifts_the_default_bandwidth_limit(
                     {"capability": "events", "state": True},
                     {"capability": "multifd", "state": False},
                     {"capability": "postcopy-ram", "state": False},
+                    # Off on purpose: a VM that kept it on from an earlier storage
+                    # migration would wait in pre-switchover for good.
+                    {"capability": "pause-before-switchover", "state": False},
                 ]
             },
         ),
@@ -183,6 +186,7 @@ def test_a_capability_the_qemu_lacks_is_left_out_when_it_is_off(
             "capabilities": [
                 {"capability": "events", "state": True},
                 {"capability": "postcopy-ram", "state": False},
+                {"capability": "pause-before-switchover", "state": False},
             ]
         },
     ) in fake.received
