@@ -160,7 +160,7 @@ async def incoming(
             await check_incoming(qmp)
             wanted = None if storage.disks is None else dict.fromkeys(storage.disks)
             socket = local.storage_socket(Path(uri.removeprefix("unix:")))
-            await export_disks(qmp, socket, wanted)
+            await export_disks(qmp, f"unix:{socket}", wanted)
         try:
             return await prepare_incoming(qmp, uri, options)
         except BaseException:
@@ -302,7 +302,7 @@ async def migrate(
             chosen = disks if disks is not None else await _choose_disks(qmp, storage)
             mirrors = SourceMirrors(
                 chosen,
-                storage_socket,
+                f"unix:{storage_socket}",
                 write_blocking=storage.write_blocking,
                 speed=options.max_bandwidth,
             )

@@ -79,7 +79,7 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
         if disks is not None and current.status is MigrationStatus.NONE:
             # Before the migration starts only: a resumed postcopy migration (which
             # announces its disks again) copied them long ago.
-            await export_disks(qmp, storage_socket(target), disks)
+            await export_disks(qmp, f"unix:{storage_socket(target)}", disks)
         if uri in current.socket_addresses and current.status is MigrationStatus.NONE:
             if announced is not None:  # a plain `connect` announces nothing to compare
                 await check_prepared_for(qmp, options)

@@ -412,6 +412,21 @@ def _parse_migration_status(value: object) -> MigrationStatus:
         return MigrationStatus.UNKNOWN
 
 
+def _socket_address(uri: str) -> dict[str, str]:
+    """A QAPI ``SocketAddress`` from ``unix:PATH`` or ``tcp:HOST:PORT``.
+
+    Raises:
+        ValueError: any other form.
+    """
+    kind, _, rest = uri.partition(":")
+    if kind == "unix" and rest:
+        return {"type": "unix", "path": rest}
+    host, _, port = rest.rpartition(":")
+    if kind == "tcp" and host and port.isdigit():
+        return {"type": "inet", "host": host.strip("[]"), "port": port}
+    raise ValueError(f"not unix:PATH or tcp:HOST:PORT: {uri}")
+
+
 def _parse_socket_addresses(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         return ()
@@ -873,14 +888,14 @@ class QMP:
                     nodes[str(entry.get("node-name"))] = size
         return nodes
 
-    async def add_nbd_node(self, node_name: str, socket_path: str, export: str) -> None:
+    async def add_nbd_node(self, node_name: str, server: str, export: str) -> None:
         """Add a node that reads and writes ``export`` of an NBD server (``blockdev-add``).
 
         QEMU connects, and negotiates the export, before it answers.
 
         Args:
             node_name: the new node's name (at most 31 characters).
-            socket_path: the NBD server's unix socket.
+            server: the NBD server's address: ``unix:PATH`` or ``tcp:HOST:PORT``.
             export: the export's name on that server.
 
         Raises:
@@ -893,7 +908,7 @@ class QMP:
             {
                 "driver": "nbd",
                 "node-name": node_name,
-                "server": {"type": "unix", "path": socket_path},
+                "server": _socket_address(server),
                 "export": export,
             },
         )
@@ -995,16 +1010,20 @@ class QMP:
 
     # -- storage: the destination's exports ----------------------------------------------
 
-    async def start_nbd_server(self, socket_path: str) -> None:
-        """Start QEMU's NBD server on a unix socket (``nbd-server-start``).
+    async def start_nbd_server(self, address: str) -> None:
+        """Start QEMU's NBD server (``nbd-server-start``).
+
+        Args:
+            address: ``unix:PATH`` or ``tcp:HOST:PORT`` (the benchmark's direct path).
 
         Raises:
             MigrationError: QEMU refused (a server already runs; the path is unusable).
             ConnectError: the connection is gone.
         """
-        await self.execute(
-            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket_path}}}
-        )
+        # nbd-server-start still takes the legacy form: {"type": ..., "data": {...}}.
+        flat = dict(_socket_address(address))
+        kind = flat.pop("type")
+        await self.execute("nbd-server-start", {"addr": {"type": kind, "data": flat}})
 
     async def stop_nbd_server(self) -> None:
         """Stop QEMU's NBD server and every export on it (``nbd-server-stop``).

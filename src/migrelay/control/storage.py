@@ -33,7 +33,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from migrelay.control.migration import sleep_or_stop
@@ -184,13 +183,14 @@ def select_disks(devices: Sequence[BlockDevice], names: Sequence[str] | None) ->
 
 
 async def export_disks(
-    qmp: QMP, socket_path: Path, wanted: Mapping[str, int | None] | None
+    qmp: QMP, address: str, wanted: Mapping[str, int | None] | None
 ) -> list[Disk]:
-    """Export the destination's disks, writable, on a new NBD server at ``socket_path``.
+    """Export the destination's disks, writable, on a new NBD server at ``address``.
 
     Args:
         qmp: connected to the destination (started with ``-incoming defer``).
-        socket_path: where the NBD server listens (the storage socket).
+        address: where the NBD server listens: ``unix:PATH`` of the storage socket
+            (``tcp:HOST:PORT`` for the benchmark's direct path).
         wanted: disk id -> size the source announced (``None`` for a size not known
             here); ``None``: every writable disk (``incoming --copy-storage``, where
             the source announces nothing: it then compares the sizes itself).
@@ -227,7 +227,7 @@ async def export_disks(
             disks.append(Disk(disk_id, device.node_name, device.size))
     # A server or exports left by an earlier attempt (its relay killed) go first.
     await unexport_disks(qmp)
-    await qmp.start_nbd_server(str(socket_path))
+    await qmp.start_nbd_server(address)
     try:
         for disk in disks:
             await qmp.export_node(EXPORT_ID_PREFIX + disk.id, disk.node_name, disk.id)
@@ -238,7 +238,7 @@ async def export_disks(
         "%s: exporting %s on %s",
         qmp.name,
         ", ".join(f"{disk.id} ({format_bytes(disk.size)})" for disk in disks),
-        socket_path,
+        address,
     )
     return disks
 
@@ -283,7 +283,8 @@ class SourceMirrors:
 
     Args:
         disks: the disks to copy (`select_disks`).
-        socket_path: the source relay's storage socket.
+        server: the destination's NBD server as source QEMU reaches it: ``unix:PATH``
+            of the source relay's storage socket (``tcp:HOST:PORT`` directly).
         write_blocking: mirror in ``write-blocking`` mode (`QMP.mirror`).
         speed: bytes/s each mirror's background copy may use; ``None``: unlimited.
         clock: monotonic seconds (rates, timeouts).
@@ -292,14 +293,14 @@ class SourceMirrors:
     def __init__(
         self,
         disks: Sequence[Disk],
-        socket_path: Path,
+        server: str,
         *,
         write_blocking: bool = False,
         speed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.disks = list(disks)
-        self.socket_path = socket_path
+        self.server = server
         self.write_blocking = write_blocking
         self.speed = speed
         self.clock = clock
@@ -351,7 +352,7 @@ class SourceMirrors:
         for number, disk in enumerate(self.disks):
             node = f"{NBD_NODE_PREFIX}{number}"
             try:
-                await qmp.add_nbd_node(node, str(self.socket_path), disk.id)
+                await qmp.add_nbd_node(node, self.server, disk.id)
             except MigrationError as exc:
                 raise StorageError(
                     f"disk {disk.id}: cannot reach its export on the destination: {exc}"
