@@ -105,7 +105,7 @@ def refusal_for(error: Exception) -> Refusal:
     if isinstance(error, StorageError):
         # The client announced these disks itself: naming them and both sizes tells
         # it nothing about the host it did not know, and is what the operator needs.
-        return Refusal(409, f"destination vm not ready: {error}", detail=detail)
+        return Refusal(409, f"destination vm not ready: {error}")
     if isinstance(error, ValueError):
         return Refusal(400, f"invalid {MIGRATION_HEADER} header", detail=detail)
     if isinstance(error, CapabilityMismatchError):
