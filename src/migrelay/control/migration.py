@@ -530,6 +530,10 @@ async def _with_disks(qmp: QMP, info: MigrationInfo, storage: SourceMirrors) -> 
     try:
         disks = await storage.progress(qmp)
     except StorageError:
+        if info.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
+            # The migration's own ending is the cause to report: its mirrors failed
+            # with it (the same link or destination went away).
+            return replace(info, disks=storage.snapshot())
         if info.status.is_active:
             await cancel_outgoing(qmp)
         raise
