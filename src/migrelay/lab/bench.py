@@ -7,6 +7,16 @@ each is timed from ``migrate`` until the *destination's* ``query-migrate`` says
 ``completed``. Each run also reports the relays' CPU seconds per GiB and peak RSS
 (from ``/proc``) and checks that the destination RAM equals the source's.
 
+With a disk (``Bench(disk_size=...)``, ``migrelay bench --disk SIZE``) each test VM also
+has one raw virtio disk, random bytes on the source and empty on the destination, and
+every mode copies disk and RAM as ``migrate --copy-storage`` does (DESIGN §9): the
+source mirrors the disk into the destination's NBD export until it is in sync, then RAM
+migrates and the mirror ends in sync at switchover. Direct TCP mirrors to an export on
+a TCP port; the tunnel modes carry the NBD connection as a storage channel of the
+session (``SOCKET.nbd`` on both sides). Each run then reports the disk phase and the
+RAM phase apart, and checks the destination's disk against the source's
+(`migrelay.lab.disks.compare_images`).
+
 The relays run as real ``migrelay serve`` / ``migrelay connect`` processes (and socat,
 for the reference a WebSocket-free relay reaches).
 """
@@ -31,14 +41,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from migrelay.aio.local import storage_socket
 from migrelay.control.migration import (
+    DEFAULT_STALL_TIMEOUT_S,
     MigrationOptions,
+    cancel_outgoing,
+    follow_migration,
     prepare_incoming,
     start_migration,
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP
+from migrelay.control.storage import SourceMirrors, export_disks, select_disks, unexport_disks
 from migrelay.errors import RelayError
+from migrelay.lab.disks import DiskSpec, compare_images
 from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import GIB, MIB
@@ -47,6 +63,10 @@ from migrelay.units import GIB, MIB
 RUN_TIMEOUT_S = 600.0
 #: Seconds to wait for a relay to listen.
 RELAY_START_TIMEOUT_S = 20.0
+#: How often the disk phase polls the mirror: its end is timed to this.
+DISK_POLL_S = 0.05
+#: Seconds ``qemu-img compare`` may take over the two disks after a run.
+DISK_COMPARE_TIMEOUT_S = 300.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -87,7 +107,13 @@ class RunResult:
 
     mode: str
     run: int
+    #: From the start of the copy (the disk's, else RAM's) until the destination says
+    #: ``completed``.
     seconds: float | None = None
+    #: With a disk: the disk phase (mirror started until in sync) and the RAM phase
+    #: (``migrate`` until the destination completed, the switchover included).
+    disk_seconds: float | None = None
+    ram_seconds: float | None = None
     source_total_time_ms: int | None = None
     downtime_ms: int | None = None
     throughput_bytes_per_s: float | None = None
@@ -95,6 +121,8 @@ class RunResult:
     relay_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
     #: None when not checked (the user's own VMs).
     ram_matched: bool | None = False
+    #: Whether the destination's disk equals the source's; None: no disk.
+    disk_matched: bool | None = None
     error: str | None = None
 
 
@@ -105,7 +133,12 @@ class ModeSummary:
     mode: str
     runs: int
     failures: int
+    #: The whole copy: disk and RAM.
     median_seconds: float | None
+    #: With a disk, its phases (None without).
+    median_disk_seconds: float | None
+    median_ram_seconds: float | None
+    #: RAM and disk bytes over the median time.
     median_throughput_bytes_per_s: float | None
     median_downtime_ms: float | None
     #: Median time over direct TCP's with the same multifd channel count.
@@ -113,6 +146,8 @@ class ModeSummary:
     relay_cpu_seconds_per_gib: dict[str, float]
     relay_peak_rss_bytes: dict[str, int]
     all_ram_matched: bool
+    #: None: no disk.
+    all_disks_matched: bool | None
 
 
 class _Process:
@@ -229,12 +264,15 @@ def make_certificate(workdir: Path) -> tuple[Path, Path]:
 
 
 class Bench:
-    """Runs migrations of one RAM size in the chosen modes.
+    """Runs migrations of one RAM size (and disk size) in the chosen modes.
 
     Args:
         ram_size: guest RAM in bytes (random, written once and reused by every run).
         workdir: where VMs, sockets and logs live.
         migrelay: the command that runs migrelay (default: this interpreter's module).
+        disk_size: give each test VM a disk of this many bytes (random on the source,
+            written once and reused; empty on the destination, new every run), copied
+            before RAM; ``None``: no disk.
     """
 
     def __init__(
@@ -243,8 +281,10 @@ class Bench:
         workdir: Path,
         migrelay: Sequence[str] | None = None,
         link: LinkedNamespaces | None = None,
+        disk_size: int | None = None,
     ) -> None:
         self.ram_size = ram_size
+        self.disk = DiskSpec("disk0", disk_size) if disk_size else None
         self.workdir = workdir
         self.migrelay = list(migrelay or [sys.executable, "-m", "migrelay"])
         self.link = link
@@ -257,11 +297,25 @@ class Bench:
     async def run(self, mode: Mode, run: int) -> RunResult:
         """Migrate once in ``mode``; failures are reported in the result, not raised."""
         result = RunResult(mode.name, run)
+        disks = [self.disk] if self.disk is not None else []
+        if self.disk is not None:
+            result.disk_matched = False  # until compared
         src = DisposableVM(
-            self.workdir, "src", self.ram_size, reuse_ram=True, command_prefix=self.src_prefix
+            self.workdir,
+            "src",
+            self.ram_size,
+            reuse_ram=True,
+            command_prefix=self.src_prefix,
+            disks=disks,
+            reuse_disks=True,
         )
         dst = DisposableVM(
-            self.workdir, "dst", self.ram_size, incoming=True, command_prefix=self.dst_prefix
+            self.workdir,
+            "dst",
+            self.ram_size,
+            incoming=True,
+            command_prefix=self.dst_prefix,
+            disks=disks,
         )
         relays: list[_Process] = []
         keep = os.environ.get("MIGRELAY_BENCH_KEEP")
@@ -277,8 +331,19 @@ class Bench:
             await src.wait(30)
             await dst.wait(30)
             result.ram_matched = first_difference(src.ram_path, dst.ram_path) is None
-            if not result.ram_matched:
-                result.error = "destination RAM differs from the source"
+            problems = [] if result.ram_matched else ["destination RAM differs from the source"]
+            if self.disk is not None:
+                difference = await asyncio.to_thread(
+                    compare_images,
+                    src.disk_path(self.disk),
+                    dst.disk_path(self.disk),
+                    timeout_s=DISK_COMPARE_TIMEOUT_S,
+                )
+                result.disk_matched = difference is None
+                if difference is not None:
+                    problems.append(f"destination disk differs from the source: {difference}")
+            if problems:
+                result.error = "; ".join(problems)
         except Exception as exc:  # a failed run is a result, not the end of the bench
             result.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -288,8 +353,9 @@ class Bench:
                 print(f"bench: kept {self.workdir} for inspection", file=sys.stderr)
             await src.terminate()
             await dst.terminate()
-            with contextlib.suppress(FileNotFoundError):
-                dst.ram_path.unlink()
+            for path in (dst.ram_path, *dst.disk_paths.values()):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         return result
 
     async def run_given(self, mode: Mode, src_qmp_path: Path, dst_qmp_path: Path) -> RunResult:
@@ -299,6 +365,8 @@ class Bench:
         running); their RAM is not compared (``ram_matched`` stays None) since where
         it lives is not known here.
         """
+        if self.disk is not None:
+            raise ValueError("a disk is for test VMs; the user's own VMs keep theirs")
         result = RunResult(mode.name, 1, ram_matched=None)
         relays: list[_Process] = []
         try:
@@ -323,70 +391,116 @@ class Bench:
     ) -> None:
         """Plumb, migrate, and time until the destination says completed."""
         options = MigrationOptions(multifd_channels=mode.multifd)
-        out_uri = await self._plumb(mode, dst_qmp, options, relays)
+        out_uri, nbd_server = await self._plumb(mode, dst_qmp, options, relays)
+        mirrors = None
+        if nbd_server is not None:
+            mirrors = SourceMirrors(select_disks(await src_qmp.query_block(), None), nbd_server)
+            await mirrors.clear_leftovers(src_qmp)
         # Start-up CPU (the interpreter, imports) is not the migration's.
         idle_cpu = {relay.name: relay.cpu_seconds() for relay in relays}
         sampler = asyncio.ensure_future(_sample_rss(relays))
         started = time.monotonic()
         try:
-            await start_migration(src_qmp, out_uri, options)
+            if mirrors is None:
+                await start_migration(src_qmp, out_uri, options)
+            else:
+                await self._copy_disks(src_qmp, mirrors)
+                result.disk_seconds = time.monotonic() - started
+                await self._migrate_ram_after_disks(src_qmp, out_uri, options, mirrors)
             await wait_destination_completed(dst_qmp, RUN_TIMEOUT_S)
             result.seconds = time.monotonic() - started
+            if result.disk_seconds is not None:
+                result.ram_seconds = result.seconds - result.disk_seconds
         finally:
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
+        if mirrors is not None:
+            if left := await mirrors.remove(src_qmp):
+                raise RelayError(f"the disk copy left behind: {'; '.join(left)}")
+            await unexport_disks(dst_qmp)
         # socat's per-connection children exit once QEMU closed its end: let them be
         # reaped, so that their CPU time shows in the parent's cutime.
         await _children_reaped(relays)
         info = await src_qmp.query_migrate()
         result.source_total_time_ms = info.total_time_ms
         result.downtime_ms = info.downtime_ms
-        result.throughput_bytes_per_s = (info.total or self.ram_size) / result.seconds
+        disk_bytes = self.disk.size if self.disk is not None else 0
+        result.throughput_bytes_per_s = (
+            (info.total or self.ram_size) + disk_bytes
+        ) / result.seconds
         for relay in relays:
             used = relay.cpu_seconds() - idle_cpu[relay.name]
             result.relay_cpu_seconds[relay.name] = used
             result.relay_peak_rss_bytes[relay.name] = relay.peak_rss()
 
+    async def _copy_disks(self, src_qmp: QMP, mirrors: SourceMirrors) -> None:
+        """The disk phase, as ``migrate --copy-storage`` runs it: mirror until in sync."""
+        await mirrors.start(src_qmp)
+        await mirrors.wait_ready(
+            src_qmp,
+            timeout_s=RUN_TIMEOUT_S,
+            stall_timeout_s=DEFAULT_STALL_TIMEOUT_S,
+            interval=DISK_POLL_S,
+        )
+
+    async def _migrate_ram_after_disks(
+        self, src_qmp: QMP, uri: str, options: MigrationOptions, mirrors: SourceMirrors
+    ) -> None:
+        """RAM with the mirrors in sync: they end at switchover (`follow_migration`)."""
+        await start_migration(src_qmp, uri, options, pause_before_switchover=True)
+        try:
+            async with asyncio.timeout(RUN_TIMEOUT_S):
+                await follow_migration(
+                    src_qmp, storage=mirrors, stall_timeout=DEFAULT_STALL_TIMEOUT_S
+                )
+        except BaseException:
+            # As `migrate` does: leave no migration waiting in pre-switchover.
+            with contextlib.suppress(Exception):
+                if (await src_qmp.query_migrate()).status.is_active:
+                    await cancel_outgoing(src_qmp)
+            raise
+
     async def _plumb(
         self, mode: Mode, dst_qmp: QMP, options: MigrationOptions, relays: list[_Process]
-    ) -> str:
-        """Start the destination listening (and the relays); return the source's URI."""
+    ) -> tuple[str, str | None]:
+        """Start the destination listening (and the relays).
+
+        Returns:
+            The source's migration URI, and with a disk the address source QEMU
+            reaches the destination's NBD export at (``None`` without).
+        """
         work = self.workdir
         if mode.transport == "tcp":
+            nbd_server = None
+            if self.disk is not None:
+                nbd_server = f"tcp:{self.dest_host}:{_free_port()}"
+                await export_disks(dst_qmp, nbd_server, None)
             info = await prepare_incoming(dst_qmp, f"tcp:{self.dest_host}:0", options)
-            return info.socket_addresses[0]
+            return info.socket_addresses[0], nbd_server
         dest_sock, source_sock = work / "dest.sock", work / "source.sock"
-        for path in (dest_sock, source_sock):
+        dest_nbd, source_nbd = storage_socket(dest_sock), storage_socket(source_sock)
+        for path in (dest_sock, source_sock, dest_nbd, source_nbd):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if self.disk is not None:
+            await export_disks(dst_qmp, f"unix:{dest_nbd}", None)
         await prepare_incoming(dst_qmp, f"unix:{dest_sock}", options)
+        # Where source QEMU mirrors to: the relay's storage socket, like `migrate`.
+        nbd_server = f"unix:{source_nbd}" if self.disk is not None else None
         if mode.transport == "unix":
             if self.link is not None:
                 raise RelayError("mode unix needs both QEMUs on one host; drop it with --link")
-            return f"unix:{dest_sock}"
-        port = _free_port()
+            return f"unix:{dest_sock}", f"unix:{dest_nbd}" if self.disk is not None else None
         if mode.transport == "socat":
-            # The WebSocket-free reference: two plain copying relays.
-            server = _Process(
-                "socat-server",
-                [
-                    *self.dst_prefix,
-                    "socat",
-                    "-b",
-                    "1048576",
-                    f"TCP-LISTEN:{port},reuseaddr,fork,bind={self.dest_host}",
-                    f"UNIX-CONNECT:{dest_sock}",
-                ],
-                work / "socat-server.log",
-            )
-            relays.append(server)
-            await _wait_listening(lambda: _port_open(port, server), server)
-            client = _Process("socat-client", [*self.src_prefix, "socat", "-b", "1048576",
-                              f"UNIX-LISTEN:{source_sock},fork", f"TCP:{self.dest_host}:{port}"],
-                              work / "socat-client.log")  # fmt: skip
-            relays.append(client)
-            await _wait_listening(source_sock.exists, client)
-            return f"unix:{source_sock}"
+            # The WebSocket-free reference: two plain copying relays (a pair more for
+            # the disk's NBD connection).
+            pairs = [("socat", dest_sock, source_sock)]
+            if self.disk is not None:
+                pairs.append(("socat-nbd", dest_nbd, source_nbd))
+            for name, dest_path, source_path in pairs:
+                await self._start_socat_pair(name, dest_path, source_path, relays)
+            return f"unix:{source_sock}", nbd_server
+        port = _free_port()
         serve_tls: list[str] = []
         connect_tls: list[str] = []
         scheme = "ws"
@@ -411,8 +525,34 @@ class Bench:
                           f"{scheme}://{host}:{port}/", "--listen-unix", str(source_sock),
                           *connect_tls], work / "connect.log")  # fmt: skip
         relays.append(client)
-        await _wait_listening(source_sock.exists, client)
-        return f"unix:{source_sock}"
+        await _wait_listening(lambda: source_sock.exists() and source_nbd.exists(), client)
+        return f"unix:{source_sock}", nbd_server
+
+    async def _start_socat_pair(
+        self, name: str, dest_path: Path, source_path: Path, relays: list[_Process]
+    ) -> None:
+        """socat relays from ``source_path`` (source host) over TCP to ``dest_path``."""
+        work = self.workdir
+        port = _free_port()
+        server = _Process(
+            f"{name}-server",
+            [
+                *self.dst_prefix,
+                "socat",
+                "-b",
+                "1048576",
+                f"TCP-LISTEN:{port},reuseaddr,fork,bind={self.dest_host}",
+                f"UNIX-CONNECT:{dest_path}",
+            ],
+            work / f"{name}-server.log",
+        )
+        relays.append(server)
+        await _wait_listening(lambda: _port_open(port, server), server)
+        client = _Process(f"{name}-client", [*self.src_prefix, "socat", "-b", "1048576",
+                          f"UNIX-LISTEN:{source_path},fork", f"TCP:{self.dest_host}:{port}"],
+                          work / f"{name}-client.log")  # fmt: skip
+        relays.append(client)
+        await _wait_listening(source_path.exists, client)
 
 
 #: How often the relays' memory is sampled during a run.
