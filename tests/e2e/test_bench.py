@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus
+from migrelay.lab import bench as lab_bench
 from migrelay.lab.vm import first_difference
 from tests.e2e.vms import VMPairFactory
 from tests.loops import AsyncRunner
@@ -23,6 +24,10 @@ MODES = ["tcp", "unix", "ws", "wss", "tcp-multifd2", "ws-multifd2", "socat"]
 
 
 def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
+    return _bench_with_table(tmp_path, *args)[0]
+
+
+def _bench_with_table(tmp_path: Path, *args: str) -> tuple[dict[str, object], str]:
     report_path = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "migrelay", "bench", "--ram", "32M", "--json",
@@ -34,7 +39,7 @@ def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
     # The table went to stdout, the progress lines to stderr.
     assert "x tcp" in result.stdout
     assert "run 1:" in result.stderr
-    return report
+    return report, result.stdout
 
 
 def test_bench_reports_every_mode_with_matching_ram_and_ratios(tmp_path: Path) -> None:
@@ -87,6 +92,52 @@ def test_bench_across_a_shaped_link_between_two_namespaces(tmp_path: Path) -> No
         assert 0.5 * link_bytes_per_s < rate < 1.1 * link_bytes_per_s, row
 
 
+def test_bench_with_a_disk_copies_disk_then_ram_and_compares_the_disks(tmp_path: Path) -> None:
+    report, table = _bench_with_table(tmp_path, "--runs", "1", "--modes", "tcp,ws", "--disk", "8M")
+    assert report["disk_bytes"] == 8 << 20
+    results = report["results"]
+    assert isinstance(results, list)
+    assert [r["mode"] for r in results] == ["tcp", "ws"]
+    for r in results:
+        assert r["error"] is None and r["ram_matched"], r
+        assert r["disk_matched"] is True, r  # qemu-img compare ran and found them equal
+        assert r["disk_seconds"] > 0 and r["ram_seconds"] > 0
+        assert r["seconds"] == pytest.approx(r["disk_seconds"] + r["ram_seconds"])
+    summary = {row["mode"]: row for row in report["summary"]}  # type: ignore[attr-defined]
+    assert all(row["all_disks_matched"] is True for row in summary.values())
+    assert summary["ws"]["ratio_to_tcp"] == pytest.approx(
+        summary["ws"]["median_seconds"] / summary["tcp"]["median_seconds"]
+    )  # of the totals: disk and RAM
+    assert all(row["median_disk_seconds"] > 0 for row in summary.values())
+    assert all(row["median_ram_seconds"] > 0 for row in summary.values())
+    header, *rows = table.splitlines()
+    assert "disk s" in header and "ram s" in header and header.endswith("disk")
+    assert [row.split()[0] for row in rows] == ["tcp", "ws"]
+    assert all(row.split()[-2:] == ["ok", "ok"] for row in rows)
+
+
+def test_bench_counts_a_disk_that_differs_as_a_failure(
+    run_e2e: AsyncRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def differing(*_args: object, **_kwargs: object) -> str:
+        return "Content mismatch at offset 0!"
+
+    monkeypatch.setattr(lab_bench, "compare_images", differing)
+    report = run_e2e(
+        lab_bench.run_bench([lab_bench.Mode.parse("tcp")], 32 << 20, 1, disk_size=8 << 20)
+    )
+    results = report["results"]
+    assert isinstance(results, list) and len(results) == 1
+    result = results[0]
+    assert result["disk_matched"] is False
+    assert (
+        result["error"]
+        == "destination disk differs from the source: Content mismatch at offset 0!"
+    )
+    assert lab_bench.any_failed(report)
+    assert "MISMATCH" in lab_bench.format_table(report).splitlines()[1]
+
+
 def test_bench_migrates_given_vms_once_and_leaves_their_ram_to_the_user(
     run_e2e: AsyncRunner, tmp_path: Path, vm_pair: VMPairFactory
 ) -> None:
@@ -131,4 +182,17 @@ def test_bench_refuses_several_runs_of_given_vms(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "migrelay: error: your own VMs can be migrated once: give one --modes, --runs 1, no --link"
+    )
+
+
+def test_bench_refuses_a_disk_for_given_vms(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "migrelay", "bench", "--runs", "1", "--modes", "ws",
+         "--disk", "8M", "--src-qmp", str(tmp_path / "a.qmp"),
+         "--dst-qmp", str(tmp_path / "b.qmp")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "migrelay: error: --disk is for test VMs; your own VMs keep their disks"
     )

@@ -830,6 +830,13 @@ def bench(
         Path | None,
         typer.Option(help="Your destination VM (QMP socket; started with -incoming defer)."),
     ] = None,
+    disk: Annotated[
+        str | None,
+        typer.Option(
+            help="Give each test VM a disk of this size (random bytes), copied before RAM "
+            "as migrate --copy-storage does; direct TCP mirrors to an NBD export on TCP."
+        ),
+    ] = None,
 ) -> None:
     """Benchmark migrations: the tunnel against a direct TCP migration, same VMs.
 
@@ -842,6 +849,9 @@ def bench(
     try:
         mode_list = lab_bench.available_modes([m.strip() for m in modes.split(",") if m])
         ram_bytes = parse_size(ram)
+        disk_bytes = parse_size(disk) if disk is not None else None
+        if disk_bytes is not None:
+            lab_bench.check_disk_size(disk_bytes)
     except ValueError as exc:
         exit_with(str(exc))
     if link is not None and any(m.transport == "unix" for m in mode_list):
@@ -851,6 +861,8 @@ def bench(
     given = (src_qmp, dst_qmp) if src_qmp is not None and dst_qmp is not None else None
     if given is not None and (len(mode_list) != 1 or runs != 1 or link is not None):
         exit_with("your own VMs can be migrated once: give one --modes, --runs 1, no --link")
+    if given is not None and disk_bytes is not None:
+        exit_with("--disk is for test VMs; your own VMs keep their disks")
     if plot is not None:
         lab_bench.require_matplotlib()
     total = runs * len(mode_list)
@@ -867,7 +879,12 @@ def bench(
             result.ram_matched
         ]
         error = f" ({result.error})" if result.error else ""
-        typer.echo(f"    {result.mode}: {took}, {ram_ok}{error}", err=True)
+        disk_ok = ""
+        if result.disk_matched is not None:
+            disk_ok = ", disk identical" if result.disk_matched else ", disk MISMATCH"
+            if result.disk_seconds is not None and result.ram_seconds is not None:
+                took += f" (disk {result.disk_seconds:.2f} s + RAM {result.ram_seconds:.2f} s)"
+        typer.echo(f"    {result.mode}: {took}, {ram_ok}{disk_ok}{error}", err=True)
 
     async def main(stop: asyncio.Event) -> int:
         running = asyncio.ensure_future(
@@ -879,6 +896,7 @@ def bench(
                 on_start=on_start,
                 link_rate=link,
                 given_qmp=given,
+                disk_size=disk_bytes,
             )
         )
         if running not in await runner.wait_first(running, stop.wait()):

@@ -263,6 +263,12 @@ def make_certificate(workdir: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def check_disk_size(size: int) -> None:
+    """Raise ValueError unless ``size`` suits a test VM's disk: a positive multiple of 1 MiB."""
+    if size <= 0 or size % MIB:
+        raise ValueError(f"disk size must be a positive multiple of 1 MiB, got {size} bytes")
+
+
 class Bench:
     """Runs migrations of one RAM size (and disk size) in the chosen modes.
 
@@ -576,8 +582,14 @@ async def _children_reaped(relays: Sequence[_Process]) -> None:
         await asyncio.sleep(0.02)
 
 
-def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
-    """Medians per mode, and each mode's median time over direct TCP's."""
+def summarize(
+    results: Sequence[RunResult], ram_size: int, disk_size: int | None = None
+) -> list[ModeSummary]:
+    """Medians per mode, and each mode's median time over direct TCP's.
+
+    With ``disk_size`` the times, rates and CPU per GiB are of disk and RAM together.
+    """
+    copied = ram_size + (disk_size or 0)
     by_mode: dict[str, list[RunResult]] = {}
     for result in results:
         by_mode.setdefault(result.mode, []).append(result)
@@ -598,12 +610,12 @@ def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
         good = [r for r in runs if r.error is None and r.seconds is not None]
         times = [r.seconds for r in good if r.seconds is not None]
         median = statistics.median(times) if times else None
+        disk_times = [r.disk_seconds for r in good if r.disk_seconds is not None]
+        ram_times = [r.ram_seconds for r in good if r.ram_seconds is not None]
         cpu: dict[str, float] = {}
         rss: dict[str, int] = {}
         for name in {name for r in good for name in r.relay_cpu_seconds}:
-            cpu[name] = statistics.median(r.relay_cpu_seconds[name] for r in good) / (
-                ram_size / GIB
-            )
+            cpu[name] = statistics.median(r.relay_cpu_seconds[name] for r in good) / (copied / GIB)
             rss[name] = max(r.relay_peak_rss_bytes[name] for r in good)
         downtimes = [r.downtime_ms for r in good if r.downtime_ms is not None]
         summaries.append(
@@ -612,12 +624,17 @@ def summarize(results: Sequence[RunResult], ram_size: int) -> list[ModeSummary]:
                 runs=len(runs),
                 failures=len(runs) - len(good),
                 median_seconds=median,
-                median_throughput_bytes_per_s=ram_size / median if median else None,
+                median_disk_seconds=statistics.median(disk_times) if disk_times else None,
+                median_ram_seconds=statistics.median(ram_times) if ram_times else None,
+                median_throughput_bytes_per_s=copied / median if median else None,
                 median_downtime_ms=statistics.median(downtimes) if downtimes else None,
                 ratio_to_tcp=median / tcp_median if median and tcp_median else None,
                 relay_cpu_seconds_per_gib=cpu,
                 relay_peak_rss_bytes=rss,
                 all_ram_matched=all(r.ram_matched is not False for r in runs),
+                all_disks_matched=(
+                    all(r.disk_matched is True for r in runs) if disk_size else None
+                ),
             )
         )
     return summaries
@@ -654,28 +671,39 @@ async def run_bench(
     link_rate: str | None = None,
     on_start: Callable[[Mode, int], None] | None = None,
     given_qmp: tuple[Path, Path] | None = None,
+    disk_size: int | None = None,
 ) -> dict[str, object]:
     """Run ``runs`` interleaved rounds of every mode; return the JSON-ready report.
 
     With ``link_rate`` the two sides run in network namespaces joined by a veth pair
     shaped to that rate (``"none"``: unshaped). With ``given_qmp`` (source, destination
-    QMP sockets) the user's own VMs are migrated once, in the one mode given.
+    QMP sockets) the user's own VMs are migrated once, in the one mode given. With
+    ``disk_size`` each test VM has a disk of that size, copied before RAM (`Bench`);
+    the work directory made here is then on tmpfs (``/dev/shm`` when ``/tmp`` is not):
+    test disks live there (DESIGN §7), so that the destination's writes are not timed
+    against the host's own disk.
 
     Raises:
-        ValueError: ``given_qmp`` with more than one mode or run, or with ``link_rate``.
+        ValueError: ``given_qmp`` with more than one mode or run, or with ``link_rate``
+            or ``disk_size``.
     """
     if given_qmp is not None and (len(modes) != 1 or runs != 1 or link_rate is not None):
         raise ValueError(
             "given QMP sockets allow exactly one migration: one mode, --runs 1, no --link"
         )
+    if given_qmp is not None and disk_size:
+        raise ValueError("a disk is for test VMs; the user's own VMs keep theirs")
     own_dir = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="migrelay-bench-", dir="/tmp")) if own_dir else workdir
+    base = "/tmp"
+    if disk_size and not _on_tmpfs(Path(base)) and _on_tmpfs(Path("/dev/shm")):
+        base = "/dev/shm"
+    work = Path(tempfile.mkdtemp(prefix="migrelay-bench-", dir=base)) if own_dir else workdir
     assert work is not None
     link = None
     if link_rate is not None:
         link = LinkedNamespaces(None if link_rate == "none" else link_rate)
         link.create()
-    bench = Bench(ram_size, work, link=link)
+    bench = Bench(ram_size, work, link=link, disk_size=disk_size)
     results: list[RunResult] = []
     try:
         for run in range(1, runs + 1):
@@ -698,22 +726,53 @@ async def run_bench(
         "machine": machine_info(),
         "link": link_rate or "loopback",
         "ram_bytes": ram_size,
+        "disk_bytes": disk_size or None,
         "runs": runs,
         "modes": [m.name for m in modes],
         "results": [asdict(r) for r in results],
-        "summary": [asdict(s) for s in summarize(results, ram_size)],
+        "summary": [asdict(s) for s in summarize(results, ram_size, disk_size)],
     }
 
 
+def _on_tmpfs(path: Path) -> bool:
+    """Whether ``path`` is on a tmpfs (its mount: the longest mount point above it)."""
+    path = path.resolve()
+    mount_point, fstype = "", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            # ID PARENT DEV ROOT MOUNT-POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE ...
+            left, _, right = line.partition(" - ")
+            point = left.split()[4]
+            above = path == Path(point) or Path(point) in path.parents
+            if above and len(point) >= len(mount_point):  # the last of equals wins
+                mount_point, fstype = point, right.split()[0]
+    return fstype == "tmpfs"
+
+
 def format_table(report: dict[str, object]) -> str:
-    """The summary as a plain-text table."""
+    """The summary as a plain-text table.
+
+    With a disk, ``median s`` is disk and RAM together, ``disk s`` and ``ram s`` its
+    phases (medians of each), and ``x tcp`` the ratio of the totals.
+    """
+    with_disk = bool(report.get("disk_bytes"))
+    phases = f"{'disk s':>8}{'ram s':>8}" if with_disk else ""
     lines = [
-        f"{'mode':<14}{'median s':>10}{'MiB/s':>9}{'x tcp':>8}{'downtime':>10}"
-        f"  {'relay CPU s/GiB':<38}{'peak RSS MiB':<14}ram",
+        f"{'mode':<14}{'median s':>10}{phases}{'MiB/s':>9}{'x tcp':>8}{'downtime':>10}"
+        f"  {'relay CPU s/GiB':<38}{'peak RSS MiB':<14}ram" + ("   disk" if with_disk else ""),
     ]
     summary = report["summary"]
     assert isinstance(summary, list)
     for row in summary:
+        if with_disk:
+            disk_s, ram_s = row["median_disk_seconds"], row["median_ram_seconds"]
+            phases = (
+                f"{f'{disk_s:.2f}' if disk_s is not None else '-':>8}"
+                f"{f'{ram_s:.2f}' if ram_s is not None else '-':>8}"
+            )
+            disk_ok = "   " + ("ok" if row["all_disks_matched"] else "MISMATCH")
+        else:
+            disk_ok = ""
         secs = row["median_seconds"]
         rate = row["median_throughput_bytes_per_s"]
         ratio = row["ratio_to_tcp"]
@@ -723,21 +782,25 @@ def format_table(report: dict[str, object]) -> str:
         lines.append(
             f"{row['mode']:<14}"
             f"{f'{secs:.2f}' if secs else 'failed':>10}"
+            f"{phases}"
             f"{f'{rate / MIB:.0f}' if rate else '-':>9}"
             f"{f'{ratio:.2f}' if ratio else '-':>8}"
             f"{f'{down:.0f} ms' if down is not None else '-':>10}"
             f"  {cpu or '-':<38}{rss or '-':<14}"
-            f"{'ok' if row['all_ram_matched'] else 'MISMATCH'}"
+            f"{'ok' if row['all_ram_matched'] else 'MISMATCH'}{disk_ok}"
             + (f" ({row['failures']} failed)" if row["failures"] else "")
         )
     return "\n".join(lines)
 
 
 def any_failed(report: dict[str, object]) -> bool:
-    """Whether a run of ``report`` failed or migrated RAM that differs."""
+    """Whether a run of ``report`` failed or migrated RAM or a disk that differs."""
     summary = report["summary"]
     assert isinstance(summary, list)
-    return any(row["failures"] or not row["all_ram_matched"] for row in summary)
+    return any(
+        row["failures"] or not row["all_ram_matched"] or row.get("all_disks_matched") is False
+        for row in summary
+    )
 
 
 def require_matplotlib() -> None:
@@ -769,9 +832,13 @@ def plot_report(report: dict[str, object], path: Path) -> None:
                       ha="center", va="bottom")  # fmt: skip
     ram = report["ram_bytes"]
     assert isinstance(ram, int)
+    disk = report.get("disk_bytes")
+    what = f"{ram // MIB} MiB" + (
+        f" RAM + {disk // MIB} MiB disk" if isinstance(disk, int) and disk else ""
+    )
     axes.set_ylabel("median throughput (MiB/s)")
     axes.set_title(
-        f"migration of {ram // MIB} MiB, {report['runs']} runs, link {report['link']} "
+        f"migration of {what}, {report['runs']} runs, link {report['link']} "
         "(label: time vs direct TCP)"
     )
     figure.tight_layout()
