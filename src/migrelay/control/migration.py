@@ -460,6 +460,7 @@ async def follow_migration(
         TimeoutError: ``stop`` was set and QEMU was still cancelling 10 s later.
     """
     postcopy_requested = False
+    continued = False
     stall = _StallWatch(stall_timeout)
     while True:
         if stop is not None and stop.is_set():
@@ -480,7 +481,13 @@ async def follow_migration(
         if on_progress is not None:
             on_progress(info)
         if info.status is MigrationStatus.PRE_SWITCHOVER:
-            await _switch_over(qmp, storage)
+            if not continued:
+                await _switch_over(qmp, storage)
+                continued = True
+            else:
+                # QEMU leaves pre-switchover only when its migration thread wakes: a
+                # second migrate-continue would be refused (or land on a later state).
+                await _next_event_or_stop(qmp, min(interval, _SETTLE_POLL_S * 5), stop)
             continue
         if info.status is MigrationStatus.COMPLETED:
             result = MigrationResult.from_info(info)
