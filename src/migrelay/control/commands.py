@@ -64,6 +64,7 @@ from migrelay.core.headers import (
 )
 from migrelay.errors import (
     ConnectError,
+    HandshakeRefused,
     MigrationCancelledError,
     MigrationError,
     MigrationFailed,
@@ -505,9 +506,11 @@ async def _migrate_reporting(
         error = message = str(exc)
         if relay is not None and relay.first_error is not None:
             url = relay.config.url
-            error = message = (
-                f"cannot open websocket to {url}: {relay.first_error} (qemu: {error})"
-            )
+            error = message = f"cannot open websocket to {url}: {relay.first_error}"
+            if not isinstance(relay.first_error, HandshakeRefused):
+                # A refusal says why; QEMU's side of it (a channel it could not open,
+                # which may be another disk's than the one refused) would only confuse.
+                error = message = f"{message} (qemu: {exc})"
         elif isinstance(exc, MigrationCancelledError) and not stopped:
             message = (
                 "migration cancelled by another qmp client (migrelay cancel?);"
