@@ -485,6 +485,48 @@ def test_destination_closing_mid_stream_closes_source_peer_promptly(
     run_async(main())
 
 
+def test_destination_that_stopped_reading_then_closes_fails_the_channel_promptly(
+    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    # The server's writes to QEMU are queued (QEMU stopped reading), so the server no
+    # longer reads the WebSocket; then QEMU dies. The WebSocket must be read again at
+    # once: the source's next data fails the channel (4000), rather than the unread
+    # Pongs ending it by liveness timeout (the defaults: 30 s and more).
+    stop_reading = asyncio.Event()
+    closed_at: list[float] = []
+
+    async def destination(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1 << 20)
+        await stop_reading.wait()
+        writer.transport.abort()  # QEMU killed, with bytes unread
+        closed_at.append(time.monotonic())
+
+    async def main() -> None:
+        async with relays(sock_dir) as r:
+            dest = UnixPeerServer(destination)
+            await dest.start(r.dest)
+            reader, writer = await asyncio.open_unix_connection(str(r.src))
+            pump = asyncio.create_task(write_until_closed(writer))
+            await wait_until(
+                lambda: any(channel.unix_write_busy for channel in r.server.channels),
+                TRANSFER_SECONDS,
+                "the server's writes to the destination to back up",
+            )
+            stop_reading.set()
+            await asyncio.wait_for(read_until_closed(reader), PROMPT_SECONDS)
+            seen_at = time.monotonic()
+            await asyncio.wait_for(pump, PROMPT_SECONDS)
+            writer.close()
+            await r.wait_all_closed()
+            await dest.close()
+            assert seen_at - closed_at[0] < PROMPT_SECONDS
+            lines = channel_close_lines(logs)
+            assert not any("liveness" in line for line in lines), lines
+            assert any("4000 destination closed" in line for line in lines), lines
+
+    run_async(main())
+
+
 def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_closes(
     run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:

@@ -408,6 +408,11 @@ class Channel:
             self.log.debug("x %s: unix side closed: %s", self.name, exc)
         if loss is not LocalLoss.NOTHING:
             self._flush_control()
+        if self.unix_write_busy:
+            # What waited for QEMU will never drain now: read the WebSocket again, so
+            # that the peer's next data fails the channel at once (4000, undeliverable)
+            # and its Pongs are seen, instead of a liveness timeout seconds later.
+            self.resume_ws_reading()
         self._maybe_finish()
 
     def pause_unix_reading(self) -> None:
