@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -345,22 +346,30 @@ class Fault:
     serve_survives: bool = True
     dest_survives: bool = True
     interrupted: bool = False
+    #: What the error line must say about the cause (the in-process relay's view), a regex.
+    cause: str = ""
 
 
 def make_fault(
     name: str, hosts: Hosts, serve: MigrelayProcess, dst: DisposableVM, migrate: Command
 ) -> Fault:
     if name == "link-cut":
-        return Fault(name, lambda: hosts.ns.set_link(False))
+        return Fault(name, lambda: hosts.ns.set_link(False), cause=r"\(liveness timeout\)")
     if name == "serve-killed":
-        return Fault(name, lambda: os.kill(serve.pid, signal.SIGKILL), serve_survives=False)
+        return Fault(
+            name,
+            lambda: os.kill(serve.pid, signal.SIGKILL),
+            serve_survives=False,
+            # A reset or a FIN, as the kill lands: either way the WebSocket just ended.
+            cause="websocket (closed without a close frame|connection lost)",
+        )
     if name == "dest-qemu-killed":
 
         def kill_dest() -> None:
             assert dst.pid is not None
             os.kill(dst.pid, signal.SIGKILL)
 
-        return Fault(name, kill_dest, dest_survives=False)
+        return Fault(name, kill_dest, dest_survives=False, cause="4000 destination closed")
     assert name == "ctrl-c"
     return Fault(name, migrate.interrupt, interrupted=True)
 
@@ -395,6 +404,8 @@ def run_fault(hosts: Hosts, fault_name: str, phase: Phase) -> str:
                 # In the disk phase, the line names the disk copy that failed.
                 fragment = "disk" if phase is DISK_PHASE else ""
                 line = assert_one_line_error(migrate, "migration failed: ", fragment)
+                # ... and why, as the relay saw its channel end.
+                assert re.search(rf"\(relay: channel \w+/\S+: .*{fault.cause}", line), line
 
             # The source: running as before, nothing of migrelay's left.
             assert await sq.query_status() is RunState.RUNNING

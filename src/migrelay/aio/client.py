@@ -374,6 +374,9 @@ class SourceRelay:
         #: The first error that kept a channel from opening (a refusal, an unreachable
         #: server), for a caller that reports why QEMU's migration failed.
         self.first_error: RelayError | OSError | None = None
+        #: How the first channel that ended badly ended (``channel ID/0: peer silent
+        #: for 3 s (liveness timeout)``), for a caller that says why a migration failed.
+        self.first_failure: str | None = None
         self._session: _SourceSession | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -521,6 +524,10 @@ class SourceRelay:
             self._channels.discard(channel)
             if not channel.clean:
                 session.failed = True
+                if self.first_failure is None:
+                    self.first_failure = (
+                        f"channel {channel.name}: {channel.session.outcome().description}"
+                    )
         session.open_channels -= 1
         if session.open_channels == 0:
             if session.failed:

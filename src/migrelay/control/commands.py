@@ -518,7 +518,27 @@ async def _migrate_reporting(
             )
         elif not stopped:
             message = f"migration failed: {error}"
+            if relay is not None:
+                await _settle(relay)
+            if relay is not None and relay.first_failure is not None:
+                # QEMU says what broke on its side ("Broken pipe", "Input/output
+                # error"); the relay knows why (liveness timeout, destination closed).
+                error = f"{error} (relay: {relay.first_failure})"
+                message = f"migration failed: {error}"
         raise MigrationFailed(message, error) from exc
+
+
+#: How long a failed ``migrate --to`` waits for its relay's channels to end, so that
+#: the error line can say how they ended (QEMU may notice a failure first).
+RELAY_SETTLE_TIMEOUT_S = 2.0
+
+
+async def _settle(relay: SourceRelay) -> None:
+    try:
+        async with asyncio.timeout(RELAY_SETTLE_TIMEOUT_S):
+            await relay.finished.wait()
+    except TimeoutError:
+        pass
 
 
 async def _reporting(step: Awaitable[T]) -> T:
