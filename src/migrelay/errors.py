@@ -19,6 +19,7 @@
      ├─ VMError                         a disposable lab VM failed to start or stop
      └─ MigrationError                  QEMU refused a command or a migration failed;
          │                              keeps QEMU's text whole
+         ├─ StorageError                a disk cannot be copied, or its copy failed
          ├─ MigrationCancelledError     cancelled here or by another QMP client
          ├─ PostcopyPausedError         stayed postcopy-paused: resume, do not cancel
          └─ MigrationFailed             ``migrate`` did not complete: the operator's line
