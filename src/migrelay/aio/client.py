@@ -371,8 +371,9 @@ class SourceRelay:
         self.finished = asyncio.Event()
         #: Whether every channel of every finished session ended cleanly.
         self.all_clean = True
-        #: The first error that kept a channel from opening (a refusal, an unreachable
-        #: server), for a caller that reports why QEMU's migration failed.
+        #: The error that kept a channel from opening (a refusal, an unreachable
+        #: server), if that was the first problem, for a caller that reports why
+        #: QEMU's migration failed.
         self.first_error: RelayError | OSError | None = None
         #: How the first channel that ended badly ended (``channel ID/0: peer silent
         #: for 3 s (liveness timeout)``), for a caller that says why a migration failed.
@@ -497,7 +498,10 @@ class SourceRelay:
             raise
         except (RelayError, OSError) as exc:
             logger.error("channel %s: cannot open websocket to %s: %s", name, self.config.url, exc)
-            if self.first_error is None:
+            self._note_failing_channels()
+            if self.first_error is None and self.first_failure is None:
+                # Only as the first problem: after a channel failed, QEMU's NBD client
+                # reconnects once (QEMU 7.2), and that attempt failing too is no cause.
                 self.first_error = exc
             session.failed = True
             if leg.transport is not None:
@@ -518,6 +522,19 @@ class SourceRelay:
         where = self.storage_path if label.storage else self.listen_path
         logger.info("channel %s opened: %s -> %s", name, where, self.config.url)
         channel.start(trailing)
+
+    def _note_failing_channels(self) -> None:
+        """Record, as `first_failure`, a channel that failed but has not ended yet.
+
+        A channel ends only after its close handshake, seconds after it failed (a dead
+        peer never answers): what QEMU does meanwhile must not pass for the cause.
+        """
+        if self.first_failure is not None:
+            return
+        for channel in self._channels:
+            if channel.end_reason is not None:
+                self.first_failure = f"channel {channel.name}: {channel.end_reason}"
+                return
 
     def _channel_ended(self, session: _SourceSession, channel: Channel | None) -> None:
         if channel is not None:
