@@ -83,8 +83,10 @@ SWITCHOVER_CANCEL_TIMEOUT_S: Final = 30.0
 CLEANUP_TIMEOUT_S: Final = 10.0
 _JOB_POLL_S: Final = 0.05
 
-#: Job statuses after which a job does nothing more (``query-jobs``).
+#: Job statuses of a job that has ended or is ending (``query-jobs``): its copy is over.
 _ENDED_JOB_STATUSES: Final = frozenset({"concluded", "null", "aborting"})
+#: Of those, the ones a job rests in once it has ended (``aborting`` still works).
+_FINAL_JOB_STATUSES: Final = frozenset({"concluded", "null"})
 
 
 def default_disk_timeout(total_bytes: int, max_bandwidth: int | None = None) -> float:
@@ -337,7 +339,7 @@ class SourceMirrors:
                 qmp.name,
                 ", ".join([*stale_jobs, *stale_nodes]),
             )
-        await self._end_jobs(qmp, stale_jobs)
+        await self._cancel_jobs(qmp, stale_jobs, force=True, timeout_s=CLEANUP_TIMEOUT_S)
         for node in stale_nodes:
             await qmp.delete_node(node)
 
@@ -495,22 +497,20 @@ class SourceMirrors:
         behind = [disk.disk for disk in disks if disk.status != "ready"]
         if behind:
             raise StorageError(f"disk {behind[0]} not in sync at switchover")
-        for disk in self.disks:
-            await qmp.cancel_job(self.jobs[disk.id])
-        deadline = self.clock() + timeout_s
-        while True:
-            jobs = {job.job_id: job for job in await qmp.query_jobs()}
-            ours = [jobs.get(job_id) for job_id in self.jobs.values()]
-            failed = [job for job in ours if job is not None and job.error is not None]
-            if failed:
-                raise StorageError(
-                    f"copy job {failed[0].job_id} failed at switchover: {failed[0].error}"
-                )
-            if all(job is None or job.status in _ENDED_JOB_STATUSES for job in ours):
-                break
-            if self.clock() >= deadline:
-                raise StorageError(f"disk copies did not end within {timeout_s:g} s at switchover")
-            await asyncio.sleep(_JOB_POLL_S)
+        try:
+            ended = await self._cancel_jobs(
+                qmp, list(self.jobs.values()), force=False, timeout_s=timeout_s
+            )
+        except TimeoutError:
+            raise StorageError(
+                f"disk copies did not end within {timeout_s:g} s at switchover"
+            ) from None
+        self.jobs.clear()  # dismissed
+        failed = [job for job in ended if job.error is not None]
+        if failed:
+            raise StorageError(
+                f"copy job {failed[0].job_id} failed at switchover: {failed[0].error}"
+            )
         for disk in self.disks:
             last = self._last.get(disk.id)
             if last is not None:
@@ -521,10 +521,6 @@ class SourceMirrors:
                     last.total,
                     last.rate_bytes_per_s,
                 )
-        for job_id in list(self.jobs.values()):
-            if job_id in jobs:
-                await qmp.dismiss_job(job_id)
-        self.jobs.clear()
         self.switched_over = True
 
     async def remove(self, qmp: QMP) -> list[str]:
@@ -535,7 +531,9 @@ class SourceMirrors:
         """
         problems: list[str] = []
         try:
-            await self._end_jobs(qmp, list(self.jobs.values()))
+            await self._cancel_jobs(
+                qmp, list(self.jobs.values()), force=True, timeout_s=CLEANUP_TIMEOUT_S
+            )
             self.jobs.clear()
         except (MigrationError, TimeoutError) as exc:
             problems.append(f"copy jobs: {exc}")
@@ -549,30 +547,42 @@ class SourceMirrors:
             logger.warning("%s: could not clean up %s", qmp.name, problem)
         return problems
 
-    async def _end_jobs(self, qmp: QMP, job_ids: Sequence[str]) -> None:
-        """Force-cancel these jobs, wait until they have ended, and dismiss them."""
+    async def _cancel_jobs(
+        self, qmp: QMP, job_ids: Sequence[str], *, force: bool, timeout_s: float
+    ) -> list[BlockJob]:
+        """Cancel these jobs (`QMP.cancel_job`), wait until each has ended, dismiss them.
+
+        Returns:
+            The jobs as they ended (``error`` set for one that failed); a job QEMU no
+            longer lists is left out.
+
+        Raises:
+            TimeoutError: one had not ended within ``timeout_s``; nothing was dismissed.
+            MigrationError, ConnectError: from QMP.
+        """
         if not job_ids:
-            return
+            return []
         jobs = {job.job_id: job for job in await qmp.query_jobs()}
         for job_id in job_ids:
             job = jobs.get(job_id)
             if job is not None and job.status not in _ENDED_JOB_STATUSES:
                 try:
-                    await qmp.cancel_job(job_id, force=True)
+                    await qmp.cancel_job(job_id, force=force)
                 except MigrationError:
-                    pass  # it ended meanwhile
-        deadline = self.clock() + CLEANUP_TIMEOUT_S
+                    pass  # it ended meanwhile: how, the wait below reads
+        deadline = self.clock() + timeout_s
         while True:
             jobs = {job.job_id: job for job in await qmp.query_jobs()}
             left = [jobs[job_id] for job_id in job_ids if job_id in jobs]
-            if all(job.status in ("concluded", "null") for job in left):
+            if all(job.status in _FINAL_JOB_STATUSES for job in left):
                 break
             if self.clock() >= deadline:
                 raise TimeoutError(
                     f"copy jobs {', '.join(job.job_id for job in left)} still running"
-                    f" {CLEANUP_TIMEOUT_S:g} s after cancel"
+                    f" {timeout_s:g} s after cancel"
                 )
             await asyncio.sleep(_JOB_POLL_S)
         for job in left:
             if job.status == "concluded":
                 await qmp.dismiss_job(job.job_id)
+        return left
