@@ -457,14 +457,10 @@ async def run_migration(
         result = await _migrate_reporting(
             request, f"unix:{relay.listen_path}", relay, on_progress, interval, stop, disks
         )
-        if result is not None:
-            try:
-                async with asyncio.timeout(RELAY_DRAIN_TIMEOUT_S):
-                    await relay.finished.wait()
-            except TimeoutError:
-                logger.warning(
-                    "relay channels still open %g s after completion", RELAY_DRAIN_TIMEOUT_S
-                )
+        if result is not None and not await _relay_finished(relay, RELAY_DRAIN_TIMEOUT_S):
+            logger.warning(
+                "relay channels still open %g s after completion", RELAY_DRAIN_TIMEOUT_S
+            )
         return result
 
 
@@ -519,7 +515,7 @@ async def _migrate_reporting(
         elif not stopped:
             message = f"migration failed: {error}"
             if relay is not None:
-                await _settle(relay)
+                await _relay_finished(relay, RELAY_SETTLE_TIMEOUT_S)
             if relay is not None and relay.first_failure is not None:
                 # QEMU says what broke on its side ("Broken pipe", "Input/output
                 # error"); the relay knows why (liveness timeout, destination closed).
@@ -533,12 +529,14 @@ async def _migrate_reporting(
 RELAY_SETTLE_TIMEOUT_S = 2.0
 
 
-async def _settle(relay: SourceRelay) -> None:
+async def _relay_finished(relay: SourceRelay, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for the relay's channels to end; whether they did."""
     try:
-        async with asyncio.timeout(RELAY_SETTLE_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             await relay.finished.wait()
     except TimeoutError:
-        pass
+        return False
+    return True
 
 
 async def _reporting(step: Awaitable[T]) -> T:
