@@ -21,7 +21,6 @@ from migrelay.core.headers import (
     parse_migration_header,
     parse_session_id,
     parse_storage_header,
-    storage_channel_headers,
 )
 
 
@@ -170,7 +169,7 @@ def test_a_storage_channel_label_is_not_a_channel_number() -> None:
     # A server from before storage refuses it (400) instead of sending NBD to QEMU's
     # migration socket: the label must fail the old, strict number parser.
     assert STORAGE_HEADER == "Migrelay-Storage"
-    headers = dict(storage_channel_headers("s1", 3))
+    headers = dict(channel_headers("s1", ChannelLabel(3, storage=True)))
     assert headers == {SESSION_HEADER: "s1", CHANNEL_HEADER: "storage-3"}
     with pytest.raises(ValueError):
         parse_channel(headers[CHANNEL_HEADER])

@@ -33,7 +33,7 @@ from migrelay.aio.local import SocketOwners, peer_credentials, storage_socket
 from migrelay.aio.proxy import ProxyURL, open_tunnel
 from migrelay.aio.tls import check_peer_fingerprint
 from migrelay.core.handshake import Accepted, ClientHandshake
-from migrelay.core.headers import ChannelLabel, channel_headers, storage_channel_headers
+from migrelay.core.headers import ChannelLabel, channel_headers
 from migrelay.core.session import RelaySession, Role
 from migrelay.errors import ConnectError, HandshakeRefused, RelayError, RemoteProtocolError
 from migrelay.limits import Limits
@@ -463,10 +463,7 @@ class SourceRelay:
         self, leg: _SourceUnixLeg, session: _SourceSession, label: ChannelLabel
     ) -> None:
         name = f"{session.id}/{label}"
-        if label.storage:
-            headers = storage_channel_headers(session.id, label.number)
-        else:
-            headers = channel_headers(session.id, label.number)
+        headers = channel_headers(session.id, label)
         deadline = time.monotonic() + self.config.open_retry
         retrying = False
         try:

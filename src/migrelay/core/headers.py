@@ -59,8 +59,10 @@ _CHANNEL_RE: Final = re.compile(r"0|[1-9][0-9]*")
 _ASCII_DIGITS_RE: Final = re.compile(r"[0-9]+")
 
 
-def channel_headers(session_id: str, channel: int) -> list[tuple[str, str]]:
+def channel_headers(session_id: str, channel: int | ChannelLabel) -> list[tuple[str, str]]:
     """The headers the source relay sends to open channel ``channel`` of a session.
+
+    ``channel`` is a migration channel's number or a `ChannelLabel` (``storage-N``).
 
     Not checked here: a channel number the server does not accept (``MAX_CHANNEL`` and
     above, or above its ``--max-channels``) is its refusal to give, as a 400 or 429 the
@@ -78,11 +80,6 @@ class ChannelLabel:
 
     def __str__(self) -> str:
         return f"{STORAGE_CHANNEL_PREFIX}{self.number}" if self.storage else str(self.number)
-
-
-def storage_channel_headers(session_id: str, number: int) -> list[tuple[str, str]]:
-    """The headers the source relay sends to open storage channel ``number`` (NBD)."""
-    return [(SESSION_HEADER, session_id), (CHANNEL_HEADER, f"{STORAGE_CHANNEL_PREFIX}{number}")]
 
 
 def parse_channel_label(value: str) -> ChannelLabel:
