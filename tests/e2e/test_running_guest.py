@@ -1,10 +1,11 @@
 """A running guest that keeps dirtying its RAM, migrated through the relays.
 
-The guest is a 118-byte boot sector built here (no download, no toolchain): it enables
-A20, switches to 32-bit protected mode with a flat GDT, and then loops forever writing
-its pass counter into every 4 KiB page from 1 MiB to 5 MiB (1024 pages per pass), and
-the counter itself at guest-physical 0x500. Precopy therefore has to send those pages
-again and again until the dirty set fits the downtime: more than the RAM's size is sent.
+The guest is `migrelay.lab.guest`'s boot sector with its defaults (no download, no
+toolchain): it enables A20, switches to 32-bit protected mode with a flat GDT, and then
+loops forever writing its pass counter into every 4 KiB page from 1 MiB to 5 MiB (1024
+pages per pass, as fast as TCG goes), and the counter itself at guest-physical 0x500.
+Precopy therefore has to send those pages again and again until the dirty set fits the
+downtime: more than the RAM's size is sent.
 
 The source runs (``cont``); the destination starts paused (``-S -incoming defer``) and
 stays paused, and the source is ``postmigrate`` after completion, so both RAM files are
@@ -14,7 +15,6 @@ final and must be equal byte for byte.
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from migrelay.control.migration import (
     wait_destination_completed,
 )
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
+from migrelay.lab.guest import BOOT_CODE, FLOPPY_BYTES, floppy_args, floppy_image, guest_counter
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
 from tests.loops import AsyncRunner
@@ -36,51 +37,10 @@ from tests.processes import MigrelayProcesses
 pytestmark = pytest.mark.e2e
 
 RAM_BYTES = 64 * MIB
-#: Guest-physical address of the pass counter (free low memory after the BIOS data area).
-COUNTER_ADDRESS = 0x500
 MIGRATION_TIMEOUT_S = 120.0
 #: A quarter of what the guest writes on each of its passes (1024 pages, 1 to 5 MiB):
 #: far above what a VM that writes nothing sends beyond its RAM size (~130 KiB here).
 RESENT_AT_LEAST_BYTES = 1 * MIB
-
-#: The boot sector's code, assembled with GNU as (``as --32``; ``ld -Ttext=0x7c00
-#: --oformat binary``) from::
-#:
-#:     .code16
-#:         cli; xor %ax,%ax; mov %ax,%ds; mov %ax,%ss; mov $0x7c00,%sp
-#:         in $0x92,%al; or $2,%al; out %al,$0x92        # fast A20
-#:         lgdtl gdtr
-#:         mov %cr0,%eax; or $1,%eax; mov %eax,%cr0       # protected mode
-#:         ljmpl $0x08,$pm
-#:     .code32
-#:     pm: mov $0x10,%ax; mov %ax,%ds; mov %ax,%es; mov %ax,%ss
-#:         xor %ecx,%ecx
-#:     outer: inc %ecx; mov %ecx,0x500; mov $0x100000,%edi
-#:     inner: mov %ecx,(%edi); add $4096,%edi; cmp $0x500000,%edi; jb inner
-#:         jmp outer
-#:     .p2align 3
-#:     gdt: .quad 0, 0x00cf9a000000ffff, 0x00cf92000000ffff   # null, code, data (flat 4 GiB)
-#:     gdtr: .word 23; .long gdt
-BOOT_CODE = bytes.fromhex(
-    "fa31c08ed88ed0bc007ce4920c02e692660f0116707c0f20c06683c8010f22c066ea287c0000080066"
-    "b810008ed88ec08ed031c941890d00050000bf00001000890f81c70010000081ff0000500072f0ebe2"
-    "8db6000000000000000000000000ffff0000009acf00ffff00000092cf001700587c0000"
-)
-FLOPPY_BYTES = 1_474_560
-
-
-def floppy_image(path: Path) -> Path:
-    """Write a 1.44 MB floppy whose boot sector is :data:`BOOT_CODE`."""
-    sector = BOOT_CODE.ljust(510, b"\x00") + b"\x55\xaa"
-    path.write_bytes(sector.ljust(FLOPPY_BYTES, b"\x00"))
-    return path
-
-
-def guest_counter(ram: Path) -> int:
-    with ram.open("rb") as file:
-        file.seek(COUNTER_ADDRESS)
-        value: int = struct.unpack("<I", file.read(4))[0]
-        return value
 
 
 def test_boot_sector_builds_a_bootable_floppy(sock_dir: Path) -> None:
@@ -97,7 +57,7 @@ def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
     server = migrelay_procs.serve("--target", str(sock_dir / "dest.sock"))
     migrelay_procs.connect(f"{server.url}/", sock_dir / "source.sock")
     image = floppy_image(sock_dir / "guest.img")
-    drive = ("-drive", f"file={image},format=raw,if=floppy,readonly=on")
+    drive = floppy_args(image)
     src = DisposableVM(sock_dir, "guest-src", RAM_BYTES, extra_args=drive)
     dst = DisposableVM(sock_dir, "guest-dst", RAM_BYTES, incoming=True, extra_args=drive)
     options = MigrationOptions()

@@ -4,7 +4,16 @@ A test VM has no guest (DESIGN §7): it is stopped from the start (``-S``), has 
 devices (``-nodefaults``), and its RAM is a shared file (``memory-backend-file``,
 ``share=on``). The source's file holds random bytes, the destination's starts sparse, and
 after a successful migration the two files are equal byte for byte: that is the integrity
-check of every end-to-end test (`first_difference`).
+check of every end-to-end test (`first_difference`). (A guest that dirties RAM can be
+booted from a floppy: `migrelay.lab.guest`.)
+
+The source's RAM may also be text-like, which compresses as a guest's RAM full of logs
+and code does (``ram_content="text"``), or mostly zero pages (``"zero"``), as a freshly
+booted guest's is: what multifd compression and XBZRLE gain depends on it (`RAM_CONTENTS`).
+Where the RAM file lives matters to a benchmark: on a disk file system QEMU's reads and
+writes of guest RAM go through it (measured here, 1 GiB over direct TCP: 4.37 s with the
+RAM files under an ext4 ``/tmp``, 3.03 s on tmpfs), so the bench puts them on tmpfs
+(``ram_dir``).
 
 A test VM may also have disks (`migrelay.lab.disks.DiskSpec`), for storage migration
 (DESIGN §9): image files in the work directory, of random bytes on a source and empty on
@@ -22,9 +31,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,8 +53,10 @@ from migrelay.units import MIB
 
 __all__ = [
     "QEMU_BINARY",
+    "RAM_CONTENTS",
     "DisposableVM",
     "first_difference",
+    "write_ram_content",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +74,20 @@ _TERM_GRACE_S = 5.0
 
 #: Bytes of QEMU's stderr kept for error messages.
 _STDERR_TAIL_BYTES = 2000
+
+#: What a source VM's RAM file may hold:
+#:
+#: ``random``: random bytes, which nothing compresses (the bench's default, and the worst
+#: case for compression and XBZRLE).
+#: ``text``: text-like bytes (log lines of words and numbers from a fixed vocabulary, no
+#: zero bytes), which zstd and zlib at level 1 both compress about 4x; no two
+#: 4 KiB pages are equal below 4 GiB (`write_ram_content`).
+#: ``zero``: mostly zero pages, as in a guest that has touched little of its RAM: a
+#: sparse file where one page in 64 is random. QEMU sends a zero page as a page header.
+RAM_CONTENTS = ("random", "text", "zero")
+#: One page in this many is random in ``zero`` RAM.
+ZERO_RAM_RANDOM_PAGE_EVERY = 64
+_PAGE_BYTES = 4096
 
 
 def first_difference(
@@ -114,11 +141,13 @@ class DisposableVM:
         name: the VM's name; also the file name stem.
         ram_size: guest RAM in bytes; a multiple of 2 MiB keeps QEMU's alignment happy.
         incoming: start as a migration destination (``-incoming defer``, sparse RAM file)
-            instead of a source (RAM file of random bytes).
+            instead of a source (RAM file of ``ram_content``).
         qemu_binary: the emulator to run.
         extra_args: more QEMU arguments, appended last.
-        reuse_ram: a source keeps an existing RAM file of the right size instead of
-            writing new random bytes (benchmarks migrate the same RAM run after run).
+        reuse_ram: a source keeps an existing RAM file of the right size and content
+            instead of writing it again (benchmarks migrate the same RAM run after run).
+            The content is recorded next to the file (``NAME.ram.content``); a file
+            without that record is written again.
         command_prefix: run QEMU under this command (``ip netns exec NAME``).
         disks: the VM's disks, attached in this order. A source's images get random
             bytes; a destination's (``incoming``) are empty, except a CD-ROM, which gets
@@ -128,10 +157,13 @@ class DisposableVM:
         reuse_disks: keep an existing image of random bytes instead of writing a new one
             (a source's disks, a destination's CD-ROM): a raw image of the right size,
             a qcow2 image that exists.
+        ram_dir: where the RAM file lives (default: ``workdir``). Benchmarks want a
+            tmpfs here (see the module docstring); tests do not care.
+        ram_content: what a source's RAM holds: one of `RAM_CONTENTS`.
 
     Raises:
-        ValueError: a bad RAM size, two disks with one id, or more IDE devices than the
-            machine has slots (`migrelay.lab.disks.IDE_SLOTS`).
+        ValueError: a bad RAM size or content, two disks with one id, or more IDE
+            devices than the machine has slots (`migrelay.lab.disks.IDE_SLOTS`).
     """
 
     def __init__(
@@ -147,9 +179,15 @@ class DisposableVM:
         command_prefix: tuple[str, ...] = (),
         disks: Sequence[DiskSpec] = (),
         reuse_disks: bool = False,
+        ram_dir: str | os.PathLike[str] | None = None,
+        ram_content: str = "random",
     ) -> None:
         if ram_size <= 0 or ram_size % MIB:
             raise ValueError(f"ram size must be a positive multiple of 1 MiB, got {ram_size}")
+        if ram_content not in RAM_CONTENTS:
+            raise ValueError(
+                f"unknown ram content {ram_content!r} (one of {', '.join(RAM_CONTENTS)})"
+            )
         ids = [spec.id for spec in disks]
         if duplicates := sorted({id_ for id_ in ids if ids.count(id_) > 1}):
             raise ValueError(f"disk ids must be unique: {', '.join(duplicates)} repeated")
@@ -165,8 +203,11 @@ class DisposableVM:
         self.command_prefix = command_prefix
         self.disks = tuple(disks)
         self.reuse_disks = reuse_disks
+        self.ram_content = ram_content
         self.qmp_path = self.workdir / f"{name}.qmp"
-        self.ram_path = self.workdir / f"{name}.ram"
+        self.ram_path = Path(ram_dir if ram_dir is not None else workdir) / f"{name}.ram"
+        #: Records what a source's RAM file holds, for ``reuse_ram``.
+        self.ram_content_path = self.ram_path.with_name(f"{name}.ram.content")
         self.log_path = self.workdir / f"{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -255,8 +296,8 @@ class DisposableVM:
         deadline = time.monotonic() + timeout_s
         if self.incoming:
             self._create_sparse_ram()
-        elif not (self.reuse_ram and self._ram_file_size() == self.ram_size):
-            await self._fill_random(deadline)
+        elif not (self.reuse_ram and self._ram_file_reusable()):
+            await self._fill_ram(deadline)
         for spec in self.disks:
             await self._create_disk(spec, deadline)
         process = self._spawn()
@@ -283,11 +324,13 @@ class DisposableVM:
     # The three helpers below block only for a file open or a fork+exec (well under a
     # millisecond each), so they stay synchronous rather than go through a thread.
 
-    def _ram_file_size(self) -> int | None:
+    def _ram_file_reusable(self) -> bool:
         try:
-            return self.ram_path.stat().st_size
+            size = self.ram_path.stat().st_size
+            content = self.ram_content_path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
-            return None
+            return False
+        return size == self.ram_size and content == self.ram_content
 
     def _create_sparse_ram(self) -> None:
         # Sparse: the destination's pages are all written by the migration.
@@ -306,34 +349,47 @@ class DisposableVM:
         return self._process
 
     def _spawn_filler(self) -> subprocess.Popen[bytes]:
-        # A short-lived child writes the random bytes, never this process: a 1 GiB file
+        # A short-lived child writes the RAM file, never this process: a 1 GiB file
         # written by the long-lived test process made QEMU migrate it 2-3x slower
-        # (DESIGN §7, measured; cause unknown).
-        with open(self.ram_path, "wb") as ram:
-            return subprocess.Popen(
-                ["head", "-c", str(self.ram_size), "/dev/urandom"],
-                stdin=subprocess.DEVNULL,
-                stdout=ram,
-                stderr=subprocess.DEVNULL,
-            )
+        # (DESIGN §7, measured; cause unknown). Random bytes come from head, the other
+        # contents from a child interpreter running write_ram_content.
+        if self.ram_content == "random":
+            with open(self.ram_path, "wb") as ram:
+                return subprocess.Popen(
+                    ["head", "-c", str(self.ram_size), "/dev/urandom"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=ram,
+                    stderr=subprocess.DEVNULL,
+                )
+        return subprocess.Popen(
+            [sys.executable, "-c", _FILLER_SCRIPT, str(self.ram_path), str(self.ram_size),
+             self.ram_content],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
-    async def _fill_random(self, deadline: float) -> None:
+    async def _fill_ram(self, deadline: float) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.ram_content_path.unlink()  # until the new content is complete
         filler = self._spawn_filler()
         try:
             returncode = await _wait_process(filler, deadline - time.monotonic())
         except BaseException:
             _kill_and_reap(filler)
             raise
+        what = f"{self.ram_size} bytes of {self.ram_content} ram"
         if returncode is None:
             _kill_and_reap(filler)
-            raise VMError(f"writing {self.ram_size} random bytes to {self.ram_path} timed out")
+            raise VMError(f"writing {what} to {self.ram_path} timed out")
         size = self.ram_path.stat().st_size
         if returncode != 0 or size != self.ram_size:
             raise VMError(
-                f"writing random ram for {self.name} failed: head exited {returncode},"
-                f" wrote {size} of {self.ram_size} bytes",
+                f"writing {what} for {self.name} failed: the filler exited {returncode},"
+                f" wrote {size} bytes",
                 returncode,
             )
+        self.ram_content_path.write_text(self.ram_content + "\n", encoding="ascii")
 
     async def _create_disk(self, spec: DiskSpec, deadline: float) -> None:
         path = self.disk_path(spec)
@@ -394,6 +450,96 @@ class DisposableVM:
         if self._process is None:
             return None
         return _kill_and_reap(self._process)
+
+
+#: What the filler child runs: `write_ram_content` PATH SIZE CONTENT.
+_FILLER_SCRIPT = (
+    "import sys; from migrelay.lab.vm import write_ram_content; "
+    "write_ram_content(sys.argv[1], int(sys.argv[2]), sys.argv[3])"
+)
+
+#: Words of the text RAM: log-line vocabulary, so that the text compresses as logs do.
+_VOCABULARY = (
+    "the of and to in is for on with that by this from at as are be was or an it not "
+    "request response handled failed retry timeout connection session worker thread "
+    "queue cache hit miss read write open close flush sync commit rollback begin end "
+    "user admin service client server proxy backend frontend database table index row "
+    "column query insert update delete select where order group limit offset join "
+    "error warning info debug trace notice critical alert started stopped ready done "
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+    "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee "
+    "zulu kernel memory page frame buffer socket packet stream channel header payload "
+    "status code path method GET POST PUT HEAD /api/v1/items /api/v2/users /static/js "
+    "/var/lib/data /usr/share/doc #include static const struct return unsigned int "
+    "char void if else while for switch case break continue default goto sizeof"
+)
+_WORDS = tuple(_VOCABULARY.split())
+_LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
+
+
+def _text_block(size: int, seed: int = 2026) -> bytes:
+    """``size`` bytes of log-like text: words and numbers, never a zero byte.
+
+    Times go up line by line and a few processes write, as in a real log: random
+    numbers everywhere would compress less than logs do.
+    """
+    rng = random.Random(seed)  # fixed: the same RAM, run after run and host to host
+    pids = [rng.randrange(1, 32768) for _ in range(8)]
+    lines: list[str] = []
+    length, millis, request = 0, 0, 100_000
+    while length < size:
+        millis += rng.randrange(40)
+        request += rng.randrange(3)
+        seconds, ms = divmod(millis, 1000)
+        minutes, s = divmod(seconds, 60)
+        words = " ".join(rng.choices(_WORDS, k=rng.randint(3, 10)))
+        line = (
+            f"2026-12-01T{minutes // 60 % 24:02}:{minutes % 60:02}:{s:02}.{ms:03}Z"
+            f" {rng.choice(_LEVELS)} pid={rng.choice(pids)} {words} request={request}"
+            f" took={rng.randrange(200)}ms\n"
+        )
+        lines.append(line)
+        length += len(line)
+    return "".join(lines).encode("ascii")[:size]
+
+
+def write_ram_content(path: str | os.PathLike[str], size: int, content: str) -> None:
+    """Write a RAM file of ``size`` bytes (a multiple of 1 MiB) holding ``content``.
+
+    Blocking, and meant for a short-lived child process (`DisposableVM` runs it so). For
+    ``random`` it reads ``/dev/urandom``; `DisposableVM` uses ``head`` instead.
+
+    ``text``: one 1 MiB block of log-like text, written once per MiB, each time rotated
+    by ``i * 4099`` bytes and after a line naming the MiB; 4099 is prime to 4096, so no
+    two pages are equal in the first 4 GiB (QEMU does not look for equal pages, but a
+    guest's RAM has few). ``zero``: a sparse file with a random page every
+    `ZERO_RAM_RANDOM_PAGE_EVERY` pages.
+
+    Raises:
+        ValueError: an unknown content, or a size that is not a multiple of 1 MiB.
+    """
+    if content not in RAM_CONTENTS:
+        raise ValueError(f"unknown ram content {content!r} (one of {', '.join(RAM_CONTENTS)})")
+    if size < 0 or size % MIB:
+        raise ValueError(f"ram size must be a multiple of 1 MiB, got {size}")
+    with open(path, "wb") as ram:
+        if content == "zero":
+            ram.truncate(size)
+            step = ZERO_RAM_RANDOM_PAGE_EVERY * _PAGE_BYTES
+            for offset in range(0, size, step):
+                ram.seek(offset)
+                ram.write(os.urandom(_PAGE_BYTES))
+            return
+        block = _text_block(MIB) if content == "text" else b""
+        doubled = memoryview(block + block)
+        for index in range(size // MIB):
+            if content == "random":
+                ram.write(os.urandom(MIB))
+                continue
+            header = f"# ram block {index}\n".encode("ascii")
+            start = index * 4099 % MIB
+            ram.write(header)
+            ram.write(doubled[start : start + MIB - len(header)])
 
 
 def _has_random_image(path: Path, spec: DiskSpec) -> bool:
