@@ -22,7 +22,9 @@
          ├─ StorageError                a disk cannot be copied, or its copy failed
          ├─ MigrationCancelledError     cancelled here or by another QMP client
          ├─ PostcopyPausedError         stayed postcopy-paused: resume, do not cancel
-         └─ MigrationFailed             ``migrate`` did not complete: the operator's line
+         ├─ MigrationFailed             ``migrate`` did not complete: the operator's line
+         └─ CompatibilityError          the destination vm differs from the source in
+                                        what both must share (qemu, machine, ram, devices)
 """
 
 from __future__ import annotations
@@ -246,3 +248,14 @@ class MigrationFailed(MigrationError):
         super().__init__(message)
         self.error = error
         self.interrupted = interrupted
+
+
+class CompatibilityError(MigrationError):
+    """The destination VM does not match the source in what both QEMUs must share.
+
+    ``str()`` is one line naming every difference and both sides' values: ``machine type
+    differs: source pc-i440fx-7.2, destination pc-q35-7.2; ram size differs: source
+    64 MiB, destination 128 MiB``. The source announced its own side, so the line tells
+    its client nothing of the host it did not know. Raised before a byte moves: QEMU's
+    own error for these comes only once the stream reaches the device that differs.
+    """

@@ -8,19 +8,25 @@ from migrelay.core.headers import (
     CHANNEL_HEADER,
     MAX_CHANNEL,
     MAX_DISKS,
+    MAX_VM_DEVICES,
+    MAX_VM_HEADER_CHARS,
     MIGRATION_HEADER,
     SESSION_HEADER,
     STORAGE_HEADER,
+    VM_HEADER,
     ChannelLabel,
     MigrationAnnouncement,
+    VmAnnouncement,
     channel_headers,
     format_migration_header,
     format_storage_header,
+    format_vm_header,
     parse_channel,
     parse_channel_label,
     parse_migration_header,
     parse_session_id,
     parse_storage_header,
+    parse_vm_header,
 )
 
 
@@ -242,3 +248,119 @@ def test_a_bad_storage_header_is_refused_with_the_reason(value: str, message: st
 def test_formatting_an_impossible_storage_header_is_refused(disks: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         format_storage_header(disks)
+
+
+# -- Migrelay-Vm: what the destination VM must match --------------------------------------
+
+#: A VM as QEMU 7.2 describes it: -machine pc, 64 MiB, a disk and a CD-ROM with ids.
+VM_DEVICES = (("disk0", "virtio-blk-pci"), ("cd0", "ide-cd"))
+VM_VALUE = (
+    "qemu=7.2.22; machine=pc-i440fx-7.2; ram=67108864; devices=cd0:ide-cd disk0:virtio-blk-pci"
+)
+
+
+def test_vm_header_lists_devices_sorted_and_round_trips() -> None:
+    assert VM_HEADER == "Migrelay-Vm"
+    value = format_vm_header("7.2.22", "pc-i440fx-7.2", 64 << 20, VM_DEVICES)
+    assert value == VM_VALUE
+    assert parse_vm_header(value) == VmAnnouncement(
+        "7.2.22", "pc-i440fx-7.2", 64 << 20, (("cd0", "ide-cd"), ("disk0", "virtio-blk-pci"))
+    )
+    # No device with an id: an empty list, which is not "omitted".
+    empty = format_vm_header("8.1.0", "pc-q35-8.1", 1 << 30, ())
+    assert empty == "qemu=8.1.0; machine=pc-q35-8.1; ram=1073741824; devices="
+    assert parse_vm_header(empty).devices == ()
+    # Spaces around items, keys and values; keys in any order.
+    spaced = " devices = cd0:ide-cd ;ram=5 ; machine = pc ; qemu=7.2.0 "
+    assert parse_vm_header(spaced) == VmAnnouncement("7.2.0", "pc", 5, (("cd0", "ide-cd"),))
+
+
+@pytest.mark.parametrize(
+    "devices",
+    [
+        None,
+        [(f"d{n}", "virtio-blk-pci") for n in range(MAX_VM_DEVICES + 1)],
+        # Names the header cannot carry: all are left out, never some of them.
+        [("disk0", "virtio-blk-pci"), ("0bad", "ide-cd")],
+        [("disk0", "virtio blk")],
+        [("disk0", "a:b")],
+        [("disk0", "ide-cd"), ("disk0", "ide-hd")],
+        # Within the count, but past the length bound.
+        [(f"d{n}" + "x" * 60, "t" * 64) for n in range(MAX_VM_DEVICES)],
+    ],
+    ids=["unknown", "too-many", "bad-id", "space-in-type", "colon-in-type", "twice", "too-long"],
+)
+def test_devices_the_header_cannot_carry_are_all_omitted(
+    devices: list[tuple[str, str]] | None,
+) -> None:
+    value = format_vm_header("7.2.22", "pc-i440fx-7.2", 64 << 20, devices)
+    assert value.endswith("; devices=omitted")
+    assert len(value) <= MAX_VM_HEADER_CHARS
+    assert parse_vm_header(value).devices is None
+
+
+def test_the_most_devices_that_fit_are_all_listed() -> None:
+    devices = [(f"d{n:02}", "virtio-blk-pci") for n in range(MAX_VM_DEVICES)]
+    parsed = parse_vm_header(format_vm_header("7.2.22", "pc", 1 << 20, devices))
+    assert parsed.devices == tuple(devices)
+
+
+@pytest.mark.parametrize(
+    ("qemu", "machine", "ram"),
+    [
+        ("7.2", "pc", 1),
+        ("7.2.22-rc1", "pc", 1),
+        ("7.2.22", "", 1),
+        ("7.2.22", "pc q35", 1),
+        ("7.2.22", "pc;ram=1", 1),
+        ("7.2.22", "m" * 65, 1),
+        ("7.2.22", "pc", 0),
+        ("7.2.22", "pc", 1 << 63),
+    ],
+)
+def test_formatting_an_impossible_vm_header_is_refused(qemu: str, machine: str, ram: int) -> None:
+    with pytest.raises(ValueError):
+        format_vm_header(qemu, machine, ram, ())
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "'' is not key=value"),
+        (VM_VALUE + ";", "'' is not key=value"),
+        (VM_VALUE.replace("ram=", "ram"), "'ram67108864' is not key=value"),
+        (VM_VALUE + "; cpu=host", "unknown key 'cpu'"),
+        (VM_VALUE.replace("qemu=", "QEMU="), "unknown key 'QEMU'"),
+        (VM_VALUE + "; ram=1", "names ram twice"),
+        ("qemu=7.2.22; machine=pc; ram=1", "lacks devices"),
+        ("devices=", "lacks qemu, machine, ram"),
+        (VM_VALUE.replace("7.2.22", "7.2"), "qemu '7.2' is not MAJOR.MINOR.MICRO"),
+        (VM_VALUE.replace("7.2.22", "7.\u0662.22"), "is not MAJOR.MINOR.MICRO"),
+        (VM_VALUE.replace("7.2.22", "1234567.2.22"), "is not MAJOR.MINOR.MICRO"),
+        (VM_VALUE.replace("pc-i440fx-7.2", "pc/i440fx"), "machine 'pc/i440fx' is not a type"),
+        (VM_VALUE.replace("67108864", "64M"), "ram '64M' is not a number of bytes"),
+        (VM_VALUE.replace("67108864", "-1"), "ram '-1' is not a number of bytes"),
+        (VM_VALUE.replace("67108864", "\xb2"), "is not a number of bytes"),
+        (VM_VALUE.replace("67108864", "9" * 20), "is not a number of bytes"),
+        (VM_VALUE.replace("67108864", "0"), "ram 0 out of range"),
+        (VM_VALUE.replace("67108864", str(1 << 63)), "out of range"),
+        (VM_VALUE.replace("cd0:ide-cd ", "cd0:ide-cd  "), "device '' is not id:type"),
+        (VM_VALUE.replace("cd0:ide-cd", "cd0"), "device 'cd0' is not id:type"),
+        (VM_VALUE.replace("cd0:ide-cd", "cd0:"), "device 'cd0:' is not id:type"),
+        (VM_VALUE.replace("cd0:ide-cd", "0cd:ide-cd"), "device '0cd:ide-cd' is not id:type"),
+        (VM_VALUE.replace("cd0:ide-cd", "/machine/cd0:ide-cd"), "is not id:type"),
+        (VM_VALUE.replace("cd0:ide-cd", "cd0:ide<cd>"), "is not id:type"),
+        (VM_VALUE.replace("cd0:ide-cd", "cd0:\u0435de-cd"), "is not id:type"),
+        (VM_VALUE.replace("cd0:ide-cd", "disk0:ide-cd"), "names device disk0 twice"),
+        (
+            VM_VALUE.replace("devices=", "devices=" + "d:t " * MAX_VM_DEVICES),
+            f"more than {MAX_VM_DEVICES} devices",
+        ),
+        ("x" * (MAX_VM_HEADER_CHARS + 1), f"longer than {MAX_VM_HEADER_CHARS} characters"),
+    ],
+)
+def test_a_bad_vm_header_is_refused_with_the_reason(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        parse_vm_header(value)
+    assert str(info.value).startswith(VM_HEADER)  # how serve names the header it refuses
+    assert len(str(info.value)) < 200  # never the whole hostile value

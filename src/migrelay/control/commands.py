@@ -31,6 +31,7 @@ from migrelay.aio import local
 from migrelay.aio.client import SourceRelay
 from migrelay.aio.local import SocketOwners
 from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, private_relay
+from migrelay.control.compat import source_vm_header
 from migrelay.control.migration import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_RECOVER_TIMEOUT_S,
@@ -58,6 +59,7 @@ from migrelay.control.storage import (
 from migrelay.core.headers import (
     MIGRATION_HEADER,
     STORAGE_HEADER,
+    VM_HEADER,
     format_migration_header,
     format_storage_header,
     parse_migration_header,
@@ -441,6 +443,11 @@ async def run_migration(
         )
     options = request.options
     headers = [*request.relay.extra_headers, (MIGRATION_HEADER, announcement(options))]
+    # What the destination VM must match, so that serve refuses a mismatch before a byte
+    # moves (`migrelay.control.compat`).
+    qmp_path = str(request.qmp_path)
+    if (vm := await source_vm_header(qmp_path, vm_name(qmp_path))) is not None:
+        headers.append((VM_HEADER, vm))
     disks = None
     if request.storage is not None:
         disks = await _reporting(plan_storage(str(request.qmp_path), request.storage))

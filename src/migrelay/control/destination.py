@@ -7,7 +7,10 @@ handshake (or ``migrate-recover`` for a paused postcopy migration). When the sou
 announces disks (``Migrelay-Storage``, ``migrate --copy-storage``), it first checks them
 against the destination's (same device ids, same sizes) and exports them on the storage
 socket (`migrelay.control.storage.export_disks`); `finish_hook` removes the exports once
-the session has ended, whichever way.
+the session has ended, whichever way. Before either, when the source announces its VM
+(``Migrelay-Vm``), the destination VM is checked against it (same machine type, RAM size
+and devices, a QEMU as new: `migrelay.control.compat`), so a mismatch is refused before a
+byte moves.
 
 A failure becomes a `Refusal` with a fixed reason for the peer (an authenticated client
 of one target must not learn paths, versions or QEMU's messages from the host); the
@@ -28,12 +31,14 @@ from migrelay.control.commands import (
     recover_incoming,
     vm_name,
 )
+from migrelay.control.compat import VmFacts, check_destination
 from migrelay.control.migration import check_prepared_for, prepare_incoming
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus
 from migrelay.control.storage import export_disks, unexport_disks
-from migrelay.core.headers import STORAGE_HEADER, parse_storage_header
+from migrelay.core.headers import STORAGE_HEADER, VM_HEADER, parse_storage_header
 from migrelay.errors import (
     CapabilityMismatchError,
+    CompatibilityError,
     ConnectError,
     MigrationError,
     Refusal,
@@ -59,23 +64,34 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
     link failed) gets ``migrate-recover`` instead, since this session is the source
     resuming; anything else already set up is an error.
 
+    A destination not yet prepared is first checked against the VM the source announced
+    (`VM_HEADER`, `check_destination`); a mismatch changes nothing on it.
+
     Args:
         qmp_path: the destination's QMP socket.
         target: the unix socket the server will connect the channels to.
         headers: the handshake's request headers, names in lower case.
 
     Raises:
-        ValueError: the `MIGRATION_HEADER` is malformed.
+        ValueError: the `MIGRATION_HEADER`, `STORAGE_HEADER` or `VM_HEADER` is malformed.
+        CompatibilityError: the destination VM does not match the source's.
         ConnectError, StateError, MigrationError: as `incoming`.
     """
     announced = headers.get(MIGRATION_HEADER.lower())
     options = parse_announcement(announced)
     storage = headers.get(STORAGE_HEADER.lower())
     disks = parse_storage_header(storage) if storage is not None else None
+    vm = headers.get(VM_HEADER.lower())
+    source_vm = VmFacts.from_header(vm) if vm is not None else None
     uri = f"unix:{target}"
     async with QMP(vm_name(qmp_path)) as qmp:
         await qmp.connect(qmp_path)
         current = await qmp.query_migrate()
+        fresh = current.status is MigrationStatus.NONE and uri not in current.socket_addresses
+        if source_vm is not None and fresh:
+            # Not for a postcopy resume (compared when it started) nor a destination
+            # already listening (an operator's `incoming`: check_prepared_for).
+            await check_destination(qmp, source_vm, disks or ())
         if disks is not None and current.status is MigrationStatus.NONE:
             # Before the migration starts only: a resumed postcopy migration (which
             # announces its disks again) copied them long ago.
@@ -102,12 +118,18 @@ def refusal_for(error: Exception) -> Refusal:
     The reason is fixed text per kind of failure; ``str(error)`` goes only to the log.
     """
     detail = str(error) or type(error).__name__
+    if isinstance(error, CompatibilityError):
+        # Like a disk's: the source announced its side itself, so naming both sides'
+        # versions, machine types, sizes and device ids tells it nothing else of the host.
+        return Refusal(409, f"destination vm does not match the source: {error}")
     if isinstance(error, StorageError):
         # The client announced these disks itself: naming them and both sizes tells
         # it nothing about the host it did not know, and is what the operator needs.
         return Refusal(409, f"destination vm not ready: {error}")
     if isinstance(error, ValueError):
-        return Refusal(400, f"invalid {MIGRATION_HEADER} header", detail=detail)
+        # The parsers' messages start with the header's name.
+        header = VM_HEADER if detail.startswith(VM_HEADER) else MIGRATION_HEADER
+        return Refusal(400, f"invalid {header} header", detail=detail)
     if isinstance(error, CapabilityMismatchError):
         return Refusal(
             409,

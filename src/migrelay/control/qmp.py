@@ -655,6 +655,56 @@ class QMP:
         reply = await self.execute("human-monitor-command", {"command-line": command_line})
         return reply if isinstance(reply, str) else ""
 
+    # -- VM: what both sides of a migration must share (`migrelay.control.compat`) ------
+
+    async def qom_get(self, path: str, prop: str) -> object:
+        """Return a QOM property's value as QEMU sends it (``qom-get``).
+
+        ``qom_get("/machine", "type")`` is the machine type QEMU resolved
+        (``pc-i440fx-7.2-machine`` for ``-machine pc``).
+
+        Raises:
+            MigrationError: QEMU refused (no such object or property).
+            ConnectError: the connection is gone.
+        """
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
+    async def qom_list(self, path: str) -> list[tuple[str, str]]:
+        """Return a QOM object's properties as ``(name, type)`` pairs (``qom-list``).
+
+        A child object's type is ``child<TYPE>``: ``qom_list("/machine/peripheral")``
+        gives ``("net0", "child<virtio-net-pci>")`` for ``-device virtio-net-pci,id=net0``.
+
+        Raises:
+            MigrationError: QEMU refused (no such object: ``DeviceNotFound``).
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("qom-list", {"path": path})
+        if not isinstance(reply, list):
+            return []
+        return [
+            (str(entry.get("name")), str(entry.get("type")))
+            for entry in reply
+            if isinstance(entry, Mapping)
+        ]
+
+    async def query_memory_size(self) -> int | None:
+        """Return the guest's RAM in bytes (``query-memory-size-summary``).
+
+        The base memory plus any hot-plugged (``plugged-memory``, absent without it);
+        ``None`` when QEMU reports no base memory.
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        reply = await self.execute("query-memory-size-summary")
+        summary = reply if isinstance(reply, Mapping) else {}
+        base = _int(summary.get("base-memory"))
+        if base is None:
+            return None
+        return base + (_int(summary.get("plugged-memory")) or 0)
+
     # -- migration: capabilities and parameters ----------------------------------------
 
     async def query_version(self) -> str:

@@ -8,6 +8,8 @@ the control plane that announces a migration::
     Migrelay-Channel: storage-0              (a disk's NBD connection: no order)
     Migrelay-Migration: multifd=4,postcopy=0
     Migrelay-Storage: disk0=1073741824,disk1=68719476736   (disks to copy, by device id)
+    Migrelay-Vm: qemu=7.2.22; machine=pc-i440fx-7.2; ram=67108864; devices=disk0:virtio-blk-pci
+                                             (what the destination VM must match)
 
 A storage channel's label is not a number on purpose: a server that predates storage
 refuses it (400 invalid Migrelay-Channel) instead of connecting disk traffic to QEMU's
@@ -21,6 +23,7 @@ log; header values come from the network, so they are checked character by chara
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -235,3 +238,153 @@ def parse_migration_header(value: str | None) -> MigrationAnnouncement:
         else:
             raise ValueError(f"{MIGRATION_HEADER} names unknown capability {key!r}")
     return MigrationAnnouncement(multifd_channels=multifd, postcopy=postcopy)
+
+
+# -- Migrelay-Vm: what the destination VM must match -------------------------------------
+
+#: What the source VM is (QEMU version, machine type, RAM size, devices), for a server
+#: that checks the destination VM against it before a byte moves.
+VM_HEADER: Final = "Migrelay-Vm"
+#: The longest `VM_HEADER` value accepted. Far below the handshake's 16 KiB head limit;
+#: a VM with a dozen devices announces about 400 characters. A source whose device list
+#: would not fit sends none of it (`VM_DEVICES_OMITTED`).
+MAX_VM_HEADER_CHARS: Final = 4096
+#: Most devices a `VM_HEADER` value lists.
+MAX_VM_DEVICES: Final = 64
+#: The ``devices`` value of a source that lists none of its devices (more than
+#: `MAX_VM_DEVICES`, a longer value than `MAX_VM_HEADER_CHARS`, a name the header cannot
+#: carry): the destination then does not compare devices. It has no ``:``, so no device
+#: item can be mistaken for it.
+VM_DEVICES_OMITTED: Final = "omitted"
+#: A device's id: QEMU's own rule for ids (``id_wellformed``: a letter, then letters,
+#: digits, ``-``, ``.``, ``_``), at most 64 characters here.
+DEVICE_ID_RE: Final = DISK_ID_RE
+#: A QOM type name, a machine's (``pc-i440fx-7.2``) or a device's (``virtio-net-pci``):
+#: the characters QEMU's type names use, at most 64 of them.
+TYPE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.,+-]{1,64}")
+#: QEMU's version as ``query-version`` gives it: ``MAJOR.MINOR.MICRO``.
+QEMU_VERSION_RE: Final = re.compile(r"[0-9]{1,6}\.[0-9]{1,6}\.[0-9]{1,6}")
+#: The keys of a `VM_HEADER` value, each exactly once, in the order the source sends them.
+_VM_KEYS: Final = ("qemu", "machine", "ram", "devices")
+
+
+@dataclass(frozen=True, slots=True)
+class VmAnnouncement:
+    """What a `VM_HEADER` announces: the facts of the source VM the destination must share.
+
+    Attributes:
+        qemu: QEMU's version, ``MAJOR.MINOR.MICRO``.
+        machine: the machine type QEMU resolved (``pc-i440fx-7.2`` for ``-machine pc``).
+        ram_bytes: the guest's RAM in bytes.
+        devices: ``(id, type)`` of every device given an id, sorted; ``None`` when the
+            source omitted them (`VM_DEVICES_OMITTED`).
+    """
+
+    qemu: str
+    machine: str
+    ram_bytes: int
+    devices: tuple[tuple[str, str], ...] | None
+
+
+def format_vm_header(
+    qemu: str, machine: str, ram_bytes: int, devices: Iterable[tuple[str, str]] | None
+) -> str:
+    """The `VM_HEADER` value: ``qemu=7.2.22; machine=pc-i440fx-7.2; ram=67108864;
+    devices=disk0:virtio-blk-pci net0:virtio-net-pci`` (all four keys always).
+
+    ``;`` and spaces separate, as neither occurs in a version, a type name or a device
+    id. Devices that cannot all be listed (more than `MAX_VM_DEVICES`, a name outside
+    `DEVICE_ID_RE` / `TYPE_NAME_RE`, a value longer than `MAX_VM_HEADER_CHARS`) are all
+    left out: ``devices=omitted``. A partial list would make the destination refuse a
+    VM that matches.
+
+    Raises:
+        ValueError: the version, the machine type or the RAM size cannot be sent.
+    """
+    if QEMU_VERSION_RE.fullmatch(qemu) is None:
+        raise ValueError(f"qemu version {qemu[:40]!r} is not MAJOR.MINOR.MICRO")
+    if TYPE_NAME_RE.fullmatch(machine) is None:
+        raise ValueError(f"machine type {machine[:80]!r} is not a type name")
+    if not 0 < ram_bytes < 2**63:
+        raise ValueError(f"ram size {ram_bytes} out of range")
+    head = f"qemu={qemu}; machine={machine}; ram={ram_bytes}; devices="
+    listed = _format_devices(devices)
+    if listed is None or len(head) + len(listed) > MAX_VM_HEADER_CHARS:
+        listed = VM_DEVICES_OMITTED
+    return head + listed
+
+
+def _format_devices(devices: Iterable[tuple[str, str]] | None) -> str | None:
+    """``id:type id:type …`` sorted, or None when they cannot all be listed."""
+    if devices is None:
+        return None
+    items = sorted(devices)
+    if len(items) > MAX_VM_DEVICES or len({device for device, _ in items}) != len(items):
+        return None
+    for device, kind in items:
+        if DEVICE_ID_RE.fullmatch(device) is None or TYPE_NAME_RE.fullmatch(kind) is None:
+            return None
+    return " ".join(f"{device}:{kind}" for device, kind in items)
+
+
+def parse_vm_header(value: str) -> VmAnnouncement:
+    """Parse a `VM_HEADER` value (`format_vm_header`'s form).
+
+    Spaces around items, keys and values are accepted; between devices exactly one
+    space. An unknown key is refused rather than ignored, as in `parse_migration_header`:
+    a fact this version cannot compare must not pass for one it compared.
+
+    Raises:
+        ValueError: malformed, a key unknown, missing or repeated, a device repeated or
+            more than `MAX_VM_DEVICES`; the message never repeats more than a short
+            piece of the value.
+    """
+    if len(value) > MAX_VM_HEADER_CHARS:
+        raise ValueError(f"{VM_HEADER} longer than {MAX_VM_HEADER_CHARS} characters")
+    fields: dict[str, str] = {}
+    for item in value.split(";"):
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise ValueError(f"{VM_HEADER} item {item.strip()[:80]!r} is not key=value")
+        if key not in _VM_KEYS:
+            raise ValueError(f"{VM_HEADER} names unknown key {key[:40]!r}")
+        if key in fields:
+            raise ValueError(f"{VM_HEADER} names {key} twice")
+        fields[key] = text
+    if missing := [key for key in _VM_KEYS if key not in fields]:
+        raise ValueError(f"{VM_HEADER} lacks {', '.join(missing)}")
+    qemu, machine, ram = fields["qemu"], fields["machine"], fields["ram"]
+    if QEMU_VERSION_RE.fullmatch(qemu) is None:
+        raise ValueError(f"{VM_HEADER} qemu {qemu[:40]!r} is not MAJOR.MINOR.MICRO")
+    if TYPE_NAME_RE.fullmatch(machine) is None:
+        raise ValueError(f"{VM_HEADER} machine {machine[:80]!r} is not a type name")
+    # The length check comes first: int() of a 10 000-digit string is slow, then refused.
+    if len(ram) > _MAX_SIZE_DIGITS or _ASCII_DIGITS_RE.fullmatch(ram) is None:
+        raise ValueError(f"{VM_HEADER} ram {ram[:40]!r} is not a number of bytes")
+    ram_bytes = int(ram)
+    if not 0 < ram_bytes < 2**63:
+        raise ValueError(f"{VM_HEADER} ram {ram_bytes} out of range")
+    return VmAnnouncement(qemu, machine, ram_bytes, _parse_devices(fields["devices"]))
+
+
+def _parse_devices(text: str) -> tuple[tuple[str, str], ...] | None:
+    if text == VM_DEVICES_OMITTED:
+        return None
+    if not text:
+        return ()
+    items = text.split(" ")
+    if len(items) > MAX_VM_DEVICES:
+        raise ValueError(f"{VM_HEADER} names more than {MAX_VM_DEVICES} devices")
+    devices: dict[str, str] = {}
+    for item in items:
+        device, sep, kind = item.partition(":")
+        if (
+            not sep
+            or DEVICE_ID_RE.fullmatch(device) is None
+            or TYPE_NAME_RE.fullmatch(kind) is None
+        ):
+            raise ValueError(f"{VM_HEADER} device {item[:80]!r} is not id:type")
+        if device in devices:
+            raise ValueError(f"{VM_HEADER} names device {device} twice")
+        devices[device] = kind
+    return tuple(sorted(devices.items()))
