@@ -3,8 +3,11 @@
 A migration carries a VM's state, not its configuration: the destination QEMU must be
 started with the same machine type, the same RAM size and the same devices, and be able
 to read the source's stream (the same QEMU version or a newer one). QEMU itself notices
-a difference only once the stream reaches it (a RAM block of another size, a device
-section without its device), fails the migration there, and names neither side's value.
+a difference only once the stream reaches it, and then the destination QEMU exits. Seen
+with QEMU 7.2 (64 MiB to 128 MiB; ``pc`` to ``q35``): the destination QEMU exited with
+"Size mismatch: ram0: 0x4000000 != 0x8000000" / "Machine type received is
+'pc-i440fx-7.2' and local is 'pc-q35-7.2'" on its stderr, and the source's migration
+failed with only "Unable to write to socket: Broken pipe".
 
 So ``migrate --to`` gathers the source's facts (`vm_facts`) and announces them in the
 handshake (``Migrelay-Vm``, `migrelay.core.headers.VM_HEADER`); ``serve --qmp-dir``
