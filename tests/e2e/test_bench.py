@@ -7,10 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from migrelay.control.qmp import QMP, MigrationStatus
+from migrelay.errors import RelayError
 from migrelay.lab import bench as lab_bench
 from migrelay.lab.vm import first_difference
 from tests.e2e.vms import VMPairFactory
@@ -42,17 +44,34 @@ def _bench_with_table(tmp_path: Path, *args: str) -> tuple[dict[str, object], st
     return report, result.stdout
 
 
+def _only(report: dict[str, object], key: str) -> dict[str, Any]:
+    """The one run (``results``) or mode (``summary``) of a report."""
+    items = report[key]
+    assert isinstance(items, list) and len(items) == 1, items
+    item = items[0]
+    assert isinstance(item, dict)
+    return item
+
+
 def test_bench_reports_every_mode_with_matching_ram_and_ratios(tmp_path: Path) -> None:
     plot = tmp_path / "plot.png"
     report = _bench(tmp_path, "--runs", "2", "--modes", ",".join(MODES), "--plot", str(plot))
     assert report["modes"] == MODES
     assert report["ram_bytes"] == 32 << 20
+    assert report["ram_on"] == "tmpfs" and report["ram_content"] == "random"
     results = report["results"]
     assert isinstance(results, list)
     assert [(r["run"], r["mode"]) for r in results] == [
         (run, mode) for run in (1, 2) for mode in MODES
     ]  # interleaved: every mode once per round
     assert all(r["ram_matched"] and r["error"] is None for r in results)
+    for r in results:
+        # Unshaped: the destination relay counts the tunnel's bytes, nothing counts the
+        # direct modes' but QEMU. Random RAM: the relay carries QEMU's bytes as they are.
+        assert r["wire_source"] == ("relay" if r["mode"].startswith("ws") else "qemu"), r
+        assert r["outcome"] == "completed" and r["passes"] >= 2, r
+        assert r["transferred_bytes"] >= 32 << 20, r
+        assert r["wire_bytes"] == pytest.approx(r["transferred_bytes"], rel=0.01), r
     summary = {row["mode"]: row for row in report["summary"]}  # type: ignore[attr-defined]
     assert set(summary) == set(MODES)
     for mode, row in summary.items():
@@ -90,6 +109,128 @@ def test_bench_across_a_shaped_link_between_two_namespaces(tmp_path: Path) -> No
         # Under the link's rate (the tbf bucket lets 256 KiB through at once at first),
         # and not far under it: the migration filled the link.
         assert 0.5 * link_bytes_per_s < rate < 1.1 * link_bytes_per_s, row
+
+
+def test_bench_counts_compressed_text_ram_on_the_wire_of_a_shaped_link(tmp_path: Path) -> None:
+    report, table = _bench_with_table(
+        tmp_path, "--runs", "1", "--modes", "ws-multifd2,ws-multifd2-zstd",
+        "--content", "text", "--link", "200mbit",
+    )  # fmt: skip
+    assert report["ram_content"] == "text"
+    rows = {row["mode"]: row for row in report["summary"]}  # type: ignore[attr-defined]
+    assert all(row["wire_source"] == "link" and not row["failures"] for row in rows.values())
+    plain, zstd = rows["ws-multifd2"], rows["ws-multifd2-zstd"]
+    # QEMU 7.2 counts multifd pages before compressing them: its transferred is the
+    # same either way; the veth sees zstd's ~4x.
+    assert plain["median_wire_bytes"] >= plain["median_transferred_bytes"]
+    assert zstd["median_transferred_bytes"] >= 32 << 20
+    assert zstd["median_wire_bytes"] < zstd["median_transferred_bytes"] / 2.5
+    assert zstd["median_seconds"] < plain["median_seconds"]
+    assert "link" in table.splitlines()[1]
+
+
+def test_bench_with_a_dirtying_guest_sends_more_than_the_ram_in_more_passes(
+    tmp_path: Path,
+) -> None:
+    # 12 MiB/s dirtied against a 25 MB/s link: each pass sends about half the one
+    # before, until what is left fits QEMU's 300 ms downtime.
+    report = _bench(
+        tmp_path, "--runs", "1", "--modes", "ws", "--workload", "dirty:16M@12M",
+        "--link", "200mbit", "--timeout", "60",
+    )  # fmt: skip
+    assert report["workload"] == "dirty:16M@12M"
+    result = _only(report, "results")
+    assert result["outcome"] == "completed" and result["ram_matched"], result
+    assert result["passes"] > 3, result  # a paused VM takes 3
+    assert result["transferred_bytes"] > (32 << 20) + (8 << 20), result
+    assert result["max_throttle_percent"] == 0  # no auto-converge asked
+
+
+def test_bench_reports_a_guest_that_outruns_the_link_as_not_converged(tmp_path: Path) -> None:
+    # The guest rewrites 16 MiB as fast as TCG goes: each pass needs 0.7 s of a 25 MB/s
+    # link, above QEMU's 300 ms downtime, however much auto-converge throttles it.
+    report, table = _bench_with_table(
+        tmp_path, "--runs", "1", "--modes", "ws-ac", "--workload", "dirty:16M",
+        "--content", "zero", "--link", "200mbit", "--timeout", "8",
+    )  # fmt: skip
+    assert report["ram_content"] == "zero"
+    result = _only(report, "results")
+    assert result["outcome"] == "not converged" and result["error"] is None, result
+    assert result["ram_matched"] is None and result["seconds"] is None
+    assert result["passes"] > 3 and result["max_throttle_percent"] > 0, result
+    row = _only(report, "summary")
+    assert row["not_converged"] == 1 and row["failures"] == 0
+    assert "no conv." in table and "(1 not converged)" in table
+
+
+def test_bench_refuses_a_workload_larger_than_the_ram(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "migrelay", "bench", "--ram", "32M", "--modes", "ws",
+         "--workload", "dirty:32M"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "more than the 33554432 bytes of RAM" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("ws", lab_bench.Mode("ws", "ws")),
+        ("tcp-multifd4", lab_bench.Mode("tcp-multifd4", "tcp", 4)),
+        ("ws-multifd2-zstd", lab_bench.Mode("ws-multifd2-zstd", "ws", 2, "zstd")),
+        ("tcp-multifd2-zlib", lab_bench.Mode("tcp-multifd2-zlib", "tcp", 2, "zlib")),
+        ("ws-xbzrle", lab_bench.Mode("ws-xbzrle", "ws", xbzrle=True)),
+        ("wss-xbzrle-ac", lab_bench.Mode("wss-xbzrle-ac", "wss", xbzrle=True, auto_converge=True)),
+    ],
+)
+def test_mode_names_parse_into_transport_and_qemu_options(
+    name: str, expected: lab_bench.Mode
+) -> None:
+    assert lab_bench.Mode.parse(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("ws-zstd", "needs multifd"),
+        ("ws-multifd2-xbzrle", "xbzrle"),
+        ("ws-multifd2-lz4", "unknown or repeated option"),
+        ("ws-ac-ac", "unknown or repeated option"),
+        ("quic", "unknown mode"),
+    ],
+)
+def test_mode_names_qemu_refuses_are_refused(name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        lab_bench.Mode.parse(name)
+
+
+def test_mode_options_carry_compression_and_xbzrle_cache() -> None:
+    options = lab_bench.Mode.parse("ws-multifd2-zstd").options()
+    assert (options.multifd_channels, options.compress) == (2, "zstd")
+    xbzrle = lab_bench.Mode.parse("tcp-xbzrle-ac").options(256 << 20)
+    assert (xbzrle.xbzrle_cache, xbzrle.auto_converge) == (256 << 20, True)
+
+
+def test_workloads_parse_with_an_optional_rate() -> None:
+    assert lab_bench.Workload.parse("idle") == lab_bench.Workload("idle")
+    busy = lab_bench.Workload.parse("dirty:64M@20M")
+    assert (busy.dirty_bytes, busy.rate_bytes_per_s) == (64 << 20, 20 << 20)
+    assert busy.pages_per_tick == 281  # 20 MiB/s over 4 KiB pages at 18.2 ticks/s
+    assert lab_bench.Workload.parse("dirty:8M").pages_per_tick is None
+    for bad in ("busy", "dirty:", "dirty:1000", "dirty:8M@0"):
+        with pytest.raises(ValueError):
+            lab_bench.Workload.parse(bad)
+
+
+def test_ram_dir_must_be_a_tmpfs_with_room(tmp_path: Path) -> None:
+    if lab_bench._on_tmpfs(tmp_path):
+        pytest.skip("the test's temporary directory is itself on a tmpfs")
+    with pytest.raises(RelayError, match="is not a tmpfs"):
+        lab_bench.tmpfs_ram_dir(1 << 20, tmp_path)
+    with pytest.raises(RelayError, match="MiB free"):
+        lab_bench.tmpfs_ram_dir(1 << 60)
+    assert lab_bench.tmpfs_ram_dir(1 << 20) == lab_bench.TMPFS_DIR
 
 
 def test_bench_with_a_disk_copies_disk_then_ram_and_compares_the_disks(tmp_path: Path) -> None:

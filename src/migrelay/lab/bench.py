@@ -19,6 +19,30 @@ RAM phase apart, and checks the destination's disk against the source's
 
 The relays run as real ``migrelay serve`` / ``migrelay connect`` processes (and socat,
 for the reference a WebSocket-free relay reaches).
+
+Where the test VMs' RAM lives: on tmpfs (``/dev/shm``), always. With the RAM files under
+an ext4 ``/tmp`` a direct TCP migration of 1 GiB took 4.37 s here, against 3.03 s on
+tmpfs: QEMU reads and writes guest RAM through the file, both sides were slowed, and the
+tunnel's overhead looked smaller than it is. Nobody migrates guest RAM that lives on
+ext4. Without a usable ``/dev/shm`` the bench refuses to run (`tmpfs_ram_dir`).
+
+What is migrated (`Workload`, `RAM_CONTENTS`): the RAM holds random bytes, text-like
+bytes or mostly zero pages, and the source VM either stays paused (``idle``) or boots a
+guest that rewrites N MiB, optionally at a set rate (``dirty:64M@20M``,
+`migrelay.lab.guest`). A busy guest may never converge: each run is bounded
+(``run_timeout``) and a run that did not complete in time is cancelled and reported as
+``not converged``, with its passes and the CPU throttle QEMU applied.
+
+Modes may add QEMU's multifd compression (``ws-multifd2-zstd``, ``tcp-multifd2-zlib``),
+XBZRLE (``ws-xbzrle``) or auto-converge (``…-ac``), see `Mode`. Then QEMU's own
+``transferred`` says little: QEMU 7.2 counts multifd pages *before* compression (and
+applies ``max-bandwidth`` to them; measured here: 128 MiB of text-like RAM, multifd 2,
+20 MiB/s limit: 6.3 s and "transferred 128 MiB" both with and without zstd). So each
+run also counts the bytes on the wire, where they can be seen: with ``--link``, the
+source veth's ``tx_bytes`` (every mode alike, direct TCP included, with TCP/IP, TLS and
+WebSocket overheads); without, the destination relay's payload count from its
+``/metrics`` (tunnel modes), or else QEMU's ``transferred`` (direct modes, socat),
+marked as such (`WIRE_SOURCES`).
 """
 
 from __future__ import annotations
@@ -29,6 +53,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import shlex
 import shutil
 import socket
 import ssl
@@ -37,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,16 +78,40 @@ from migrelay.control.migration import (
     start_migration,
     wait_destination_completed,
 )
-from migrelay.control.qmp import QMP
+from migrelay.control.qmp import QMP, MigrationInfo
 from migrelay.control.storage import SourceMirrors, export_disks, select_disks, unexport_disks
 from migrelay.errors import RelayError
 from migrelay.lab.disks import DiskSpec, compare_images
+from migrelay.lab.guest import (
+    MIN_START as GUEST_DIRTY_START,
+    dirty_rate_pages_per_tick,
+    dirtying_guest,
+    floppy_args,
+    guest_counter,
+)
 from migrelay.lab.netns import LinkedNamespaces
-from migrelay.lab.vm import DisposableVM, first_difference
-from migrelay.units import GIB, MIB
+from migrelay.lab.vm import RAM_CONTENTS, DisposableVM, first_difference
+from migrelay.units import GIB, MIB, parse_size
 
-#: Seconds one migration may take before the run counts as failed.
+#: Seconds one migration may take before the run counts as failed (idle workload).
 RUN_TIMEOUT_S = 600.0
+#: With a dirtying guest: a run not completed by then is cancelled as not converging.
+#: A 256 MiB guest on a 100 Mbit link needs about 25 s for its first pass.
+DIRTY_RUN_TIMEOUT_S = 120.0
+#: How often the source's ``query-migrate`` is sampled during a run (passes, throttle).
+SOURCE_POLL_S = 0.2
+#: Seconds a dirtying guest may take to boot (SeaBIOS under TCG) and start its loop.
+GUEST_BOOT_TIMEOUT_S = 60.0
+#: Where the test VMs' RAM files go: tmpfs (see the module docstring).
+TMPFS_DIR = Path("/dev/shm")
+#: Free space kept on the tmpfs beyond the two RAM files (and disks, when there).
+TMPFS_MARGIN_BYTES = 256 * MIB
+#: XBZRLE cache when the workload does not ask more: QEMU's own default (64 MiB).
+XBZRLE_CACHE_MIN_BYTES = 64 * MIB
+#: How ``wire_bytes`` was counted: at the source veth (``--link``), by the destination
+#: relay (its ``/metrics``: WebSocket payload, what QEMU wrote), or taken from QEMU's
+#: ``transferred`` (direct modes without ``--link``: nothing else sees their bytes).
+WIRE_SOURCES = ("link", "relay", "qemu")
 #: Seconds to wait for a relay to listen.
 RELAY_START_TIMEOUT_S = 20.0
 #: How often the disk phase polls the mirror: its end is timed to this.
@@ -70,26 +121,138 @@ DISK_COMPARE_TIMEOUT_S = 300.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+#: The transports a mode name starts with.
+TRANSPORTS = ("tcp", "unix", "ws", "wss", "socat")
+#: QEMU's multifd compression methods (``multifd-compression``).
+COMPRESSIONS = ("zstd", "zlib")
+
+
 @dataclass(frozen=True)
 class Mode:
-    """One way to migrate: ``tcp``, ``unix``, ``ws``, ``wss``, ``socat``, ``ws-multifd4``."""
+    """One way to migrate: a transport and QEMU's options.
+
+    Names are ``TRANSPORT[-multifdN[-zstd|-zlib]][-xbzrle][-ac]``: ``tcp``, ``ws``,
+    ``ws-multifd4``, ``ws-multifd2-zstd`` (multifd with zstd, QEMU's level 1),
+    ``tcp-xbzrle`` (pages dirtied again sent as XBZRLE differences; not with multifd),
+    ``ws-ac`` (auto-converge: QEMU throttles a guest that dirties faster than the link).
+    """
 
     name: str
     transport: str
     multifd: int | None = None
+    compress: str | None = None
+    xbzrle: bool = False
+    auto_converge: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Mode:
-        """Parse a mode name; ``X-multifdN`` adds N multifd channels to transport X."""
-        transport, _, rest = text.partition("-multifd")
-        if transport not in ("tcp", "unix", "ws", "wss", "socat"):
-            raise ValueError(f"unknown mode {text!r} (tcp, unix, ws, wss, socat, X-multifdN)")
+        """Parse a mode name (see the class docstring).
+
+        Raises:
+            ValueError: an unknown transport or option, or options QEMU refuses
+                together (compression without multifd, XBZRLE with multifd).
+        """
+        transport, *options = text.split("-")
+        if transport not in TRANSPORTS:
+            raise ValueError(
+                f"unknown mode {text!r} ({', '.join(TRANSPORTS)}, then -multifdN, -zstd,"
+                " -zlib, -xbzrle, -ac)"
+            )
         multifd = None
-        if _:
-            if not rest.isdigit() or not 1 <= int(rest) <= 255:
-                raise ValueError(f"bad channel count in mode {text!r}")
-            multifd = int(rest)
-        return cls(text, transport, multifd)
+        compress = None
+        flags: set[str] = set()
+        for option in options:
+            if option.startswith("multifd") and multifd is None:
+                count = option.removeprefix("multifd")
+                if not count.isdigit() or not 1 <= int(count) <= 255:
+                    raise ValueError(f"bad channel count in mode {text!r}")
+                multifd = int(count)
+            elif option in COMPRESSIONS and compress is None:
+                compress = option
+            elif option in ("xbzrle", "ac") and option not in flags:
+                flags.add(option)
+            else:
+                raise ValueError(f"unknown or repeated option {option!r} in mode {text!r}")
+        mode = cls(text, transport, multifd, compress, "xbzrle" in flags, "ac" in flags)
+        mode.options()  # QEMU's rules on what goes together, said now
+        return mode
+
+    def options(self, xbzrle_cache: int = XBZRLE_CACHE_MIN_BYTES) -> MigrationOptions:
+        """The migration options of this mode.
+
+        Args:
+            xbzrle_cache: the XBZRLE cache in bytes, for an ``-xbzrle`` mode.
+
+        Raises:
+            ValueError: options that do not go together (`MigrationOptions`).
+        """
+        return MigrationOptions(
+            multifd_channels=self.multifd,
+            compress=self.compress,
+            xbzrle_cache=xbzrle_cache if self.xbzrle else None,
+            auto_converge=self.auto_converge,
+        )
+
+    @property
+    def direct(self) -> bool:
+        """Whether QEMU migrates without migrelay's relays (tcp, unix, socat)."""
+        return self.transport not in ("ws", "wss")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the source VM does while it migrates.
+
+    ``idle``: nothing (paused from the start, as every test VM was before).
+    ``dirty:SIZE[@RATE]``: it boots `migrelay.lab.guest`'s guest, which rewrites SIZE
+    bytes of its RAM (from 1 MiB up) over and over, at RATE bytes a second if given
+    (``dirty:64M@20M``), else as fast as TCG runs it.
+    """
+
+    name: str
+    dirty_bytes: int = 0
+    rate_bytes_per_s: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """Parse ``idle`` or ``dirty:SIZE[@RATE]`` (sizes as ``--ram``'s, rate per second).
+
+        Raises:
+            ValueError: anything else, a size that is not a multiple of 4 KiB.
+        """
+        if text == "idle":
+            return cls("idle")
+        kind, _, spec = text.partition(":")
+        if kind != "dirty" or not spec:
+            raise ValueError(f"unknown workload {text!r} (idle, dirty:SIZE[@RATE])")
+        size_text, _, rate_text = spec.partition("@")
+        size = parse_size(size_text)
+        if size <= 0 or size % 4096:
+            raise ValueError(f"dirty size must be a positive multiple of 4 KiB, got {size}")
+        rate = parse_size(rate_text) if rate_text else None
+        if rate is not None and rate <= 0:
+            raise ValueError(f"dirty rate must be positive, got {rate_text!r}")
+        return cls(text, size, rate)
+
+    @property
+    def dirties(self) -> bool:
+        """Whether a guest runs and dirties RAM."""
+        return self.dirty_bytes > 0
+
+    @property
+    def pages_per_tick(self) -> int | None:
+        """The guest's rate limit (`migrelay.lab.guest.dirtying_guest`); None: none."""
+        if self.rate_bytes_per_s is None:
+            return None
+        return dirty_rate_pages_per_tick(self.rate_bytes_per_s)
+
+    def check_ram(self, ram_size: int) -> None:
+        """Raise ValueError unless the guest's range fits in ``ram_size`` bytes of RAM."""
+        if self.dirties and GUEST_DIRTY_START + self.dirty_bytes > ram_size:
+            raise ValueError(
+                f"workload {self.name} dirties up to {GUEST_DIRTY_START + self.dirty_bytes}"
+                f" bytes (from 1 MiB), more than the {ram_size} bytes of RAM"
+            )
 
 
 def available_modes(names: Sequence[str]) -> list[Mode]:
@@ -107,6 +270,9 @@ class RunResult:
 
     mode: str
     run: int
+    #: ``completed``, ``not converged`` (still running at the run's timeout: cancelled),
+    #: or ``failed`` (see ``error``).
+    outcome: str = "failed"
     #: From the start of the copy (the disk's, else RAM's) until the destination says
     #: ``completed``.
     seconds: float | None = None
@@ -119,7 +285,17 @@ class RunResult:
     throughput_bytes_per_s: float | None = None
     relay_cpu_seconds: dict[str, float] = field(default_factory=dict)
     relay_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
-    #: None when not checked (the user's own VMs).
+    #: Bytes on the wire from source to destination, counted as ``wire_source`` says
+    #: (one of `WIRE_SOURCES`).
+    wire_bytes: int | None = None
+    wire_source: str | None = None
+    #: QEMU's ``ram.transferred`` at the end (multifd: counted before compression).
+    transferred_bytes: int | None = None
+    #: Dirty-bitmap syncs (``dirty-sync-count``): 2-3 for a paused VM.
+    passes: int | None = None
+    #: The largest ``cpu-throttle-percentage`` seen (auto-converge); 0: none.
+    max_throttle_percent: int = 0
+    #: None when not checked (the user's own VMs, a run that did not converge).
     ram_matched: bool | None = False
     #: Whether the destination's disk equals the source's; None: no disk.
     disk_matched: bool | None = None
@@ -141,13 +317,23 @@ class ModeSummary:
     #: RAM and disk bytes over the median time.
     median_throughput_bytes_per_s: float | None
     median_downtime_ms: float | None
-    #: Median time over direct TCP's with the same multifd channel count.
+    #: Median time over direct TCP's with the same options (else the same multifd
+    #: channel count, else plain TCP's).
     ratio_to_tcp: float | None
     relay_cpu_seconds_per_gib: dict[str, float]
     relay_peak_rss_bytes: dict[str, int]
     all_ram_matched: bool
     #: None: no disk.
     all_disks_matched: bool | None
+    #: Runs cancelled at their timeout (a guest dirtying faster than the link).
+    not_converged: int = 0
+    #: Medians over the completed runs; how the wire bytes were counted.
+    median_wire_bytes: float | None = None
+    wire_source: str | None = None
+    median_transferred_bytes: float | None = None
+    median_passes: float | None = None
+    #: Over every run, the non-converged included.
+    max_throttle_percent: int = 0
 
 
 class _Process:
@@ -269,16 +455,51 @@ def check_disk_size(size: int) -> None:
         raise ValueError(f"disk size must be a positive multiple of 1 MiB, got {size} bytes")
 
 
+def tmpfs_ram_dir(needed_bytes: int, base: Path = TMPFS_DIR) -> Path:
+    """Check that ``base`` is a tmpfs with room for ``needed_bytes`` (and a margin).
+
+    Returns:
+        ``base``.
+
+    Raises:
+        RelayError: ``base`` is missing, not a tmpfs, or too small; the bench never falls
+            back to a disk, whose figures would mislead (see the module docstring).
+    """
+    if not base.is_dir() or not _on_tmpfs(base):
+        raise RelayError(
+            f"{base} is not a tmpfs: the bench keeps test-VM RAM on tmpfs (a disk slows"
+            " QEMU's RAM reads and writes); mount one there (mount -t tmpfs tmpfs /dev/shm)"
+        )
+    stat = os.statvfs(base)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed_bytes + TMPFS_MARGIN_BYTES:
+        raise RelayError(
+            f"{base} has {free // MIB} MiB free; the test VMs need {needed_bytes // MIB} MiB"
+            f" there (and {TMPFS_MARGIN_BYTES // MIB} MiB to spare): use less --ram, or"
+            f" grow it (mount -o remount,size=…  {base})"
+        )
+    return base
+
+
 class Bench:
     """Runs migrations of one RAM size (and disk size) in the chosen modes.
 
     Args:
-        ram_size: guest RAM in bytes (random, written once and reused by every run).
+        ram_size: guest RAM in bytes (written once and reused by every run).
         workdir: where VMs, sockets and logs live.
         migrelay: the command that runs migrelay (default: this interpreter's module).
         disk_size: give each test VM a disk of this many bytes (random on the source,
             written once and reused; empty on the destination, new every run), copied
             before RAM; ``None``: no disk.
+        workload: what the source does while it migrates (default: idle).
+        ram_content: what its RAM holds (`migrelay.lab.vm.RAM_CONTENTS`).
+        ram_dir: where the RAM files go (`run_bench` passes a tmpfs); default: workdir.
+        run_timeout: seconds a migration may take; past it, a dirtying guest's run is
+            cancelled as not converged, any other run fails. Default: `RUN_TIMEOUT_S`,
+            `DIRTY_RUN_TIMEOUT_S` with a dirtying workload.
+
+    Raises:
+        ValueError: a workload that does not fit in the RAM, an unknown RAM content.
     """
 
     def __init__(
@@ -288,7 +509,21 @@ class Bench:
         migrelay: Sequence[str] | None = None,
         link: LinkedNamespaces | None = None,
         disk_size: int | None = None,
+        *,
+        workload: Workload | None = None,
+        ram_content: str = "random",
+        ram_dir: Path | None = None,
+        run_timeout: float | None = None,
     ) -> None:
+        self.workload = workload or Workload("idle")
+        self.workload.check_ram(ram_size)
+        if ram_content not in RAM_CONTENTS:
+            raise ValueError(f"unknown ram content {ram_content!r} ({', '.join(RAM_CONTENTS)})")
+        self.ram_content = ram_content
+        self.ram_dir = ram_dir
+        if run_timeout is None:
+            run_timeout = DIRTY_RUN_TIMEOUT_S if self.workload.dirties else RUN_TIMEOUT_S
+        self.run_timeout = run_timeout
         self.ram_size = ram_size
         self.disk = DiskSpec("disk0", disk_size) if disk_size else None
         self.workdir = workdir
@@ -300,12 +535,25 @@ class Bench:
         self.dst_prefix: tuple[str, ...] = link.prefix(link.dest_ns) if link else ()
         self.dest_host = link.dest_addr if link else "127.0.0.1"
 
+    def _guest_args(self) -> tuple[str, ...]:
+        """QEMU arguments of the workload: the dirtying guest's floppy, or none."""
+        workload = self.workload
+        if not workload.dirties:
+            return ()
+        image = self.workdir / "guest.img"
+        if not image.exists():
+            dirtying_guest(
+                image, size=workload.dirty_bytes, pages_per_tick=workload.pages_per_tick
+            )
+        return floppy_args(image)
+
     async def run(self, mode: Mode, run: int) -> RunResult:
         """Migrate once in ``mode``; failures are reported in the result, not raised."""
         result = RunResult(mode.name, run)
         disks = [self.disk] if self.disk is not None else []
         if self.disk is not None:
             result.disk_matched = False  # until compared
+        guest = self._guest_args()
         src = DisposableVM(
             self.workdir,
             "src",
@@ -314,6 +562,9 @@ class Bench:
             command_prefix=self.src_prefix,
             disks=disks,
             reuse_disks=True,
+            ram_dir=self.ram_dir,
+            ram_content=self.ram_content,
+            extra_args=guest,
         )
         dst = DisposableVM(
             self.workdir,
@@ -322,6 +573,8 @@ class Bench:
             incoming=True,
             command_prefix=self.dst_prefix,
             disks=disks,
+            ram_dir=self.ram_dir,
+            extra_args=guest,
         )
         relays: list[_Process] = []
         keep = os.environ.get("MIGRELAY_BENCH_KEEP")
@@ -331,7 +584,16 @@ class Bench:
             async with QMP("bench-src") as src_qmp, QMP("bench-dst") as dst_qmp:
                 await src_qmp.connect(str(src.qmp_path))
                 await dst_qmp.connect(str(dst.qmp_path))
+                if self.workload.dirties:
+                    await _start_guest(src_qmp, src)
                 await self._migrate(mode, src_qmp, dst_qmp, relays, result)
+                if result.outcome != "completed":
+                    # Cancelled: the source runs on, the destination has ended its
+                    # incoming migration (QEMU exits then); nothing to compare.
+                    result.ram_matched = None
+                    if self.disk is not None:
+                        result.disk_matched = None
+                    return result
                 await src_qmp.quit()
                 await dst_qmp.quit()
             await src.wait(30)
@@ -395,31 +657,49 @@ class Bench:
         relays: list[_Process],
         result: RunResult,
     ) -> None:
-        """Plumb, migrate, and time until the destination says completed."""
-        options = MigrationOptions(multifd_channels=mode.multifd)
-        out_uri, nbd_server = await self._plumb(mode, dst_qmp, options, relays)
+        """Plumb, migrate, and time until the destination says completed.
+
+        A migration still running at ``run_timeout`` is cancelled; with a dirtying
+        guest that is a result (``not converged``), else the run fails.
+        """
+        options = mode.options(self._xbzrle_cache())
+        out_uri, nbd_server, metrics = await self._plumb(mode, dst_qmp, options, relays)
         mirrors = None
         if nbd_server is not None:
             mirrors = SourceMirrors(select_disks(await src_qmp.query_block(), None), nbd_server)
             await mirrors.clear_leftovers(src_qmp)
         # Start-up CPU (the interpreter, imports) is not the migration's.
         idle_cpu = {relay.name: relay.cpu_seconds() for relay in relays}
+        wire_before = await self._link_tx_bytes()
         sampler = asyncio.ensure_future(_sample_rss(relays))
+        watcher = asyncio.ensure_future(_watch_source(src_qmp, result))
         started = time.monotonic()
         try:
-            if mirrors is None:
-                await start_migration(src_qmp, out_uri, options)
-            else:
-                await self._copy_disks(src_qmp, mirrors)
-                result.disk_seconds = time.monotonic() - started
-                await self._migrate_ram_after_disks(src_qmp, out_uri, options, mirrors)
-            await wait_destination_completed(dst_qmp, RUN_TIMEOUT_S)
+            async with asyncio.timeout(self.run_timeout):
+                if mirrors is None:
+                    await start_migration(src_qmp, out_uri, options)
+                else:
+                    await self._copy_disks(src_qmp, mirrors)
+                    result.disk_seconds = time.monotonic() - started
+                    await self._migrate_ram_after_disks(src_qmp, out_uri, options, mirrors)
+                await wait_destination_completed(dst_qmp, self.run_timeout)
             result.seconds = time.monotonic() - started
             if result.disk_seconds is not None:
                 result.ram_seconds = result.seconds - result.disk_seconds
+        except TimeoutError:
+            final = await _cancel_quietly(src_qmp)
+            if final is not None:
+                _note_source(result, final)
+            if not self.workload.dirties:
+                raise
+            result.outcome = "not converged"
+            result.error = None
+            return
         finally:
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+            for task in (sampler, watcher):
+                task.cancel()
+            await asyncio.gather(sampler, watcher, return_exceptions=True)
+        result.outcome = "completed"
         if mirrors is not None:
             if left := await mirrors.remove(src_qmp):
                 raise RelayError(f"the disk copy left behind: {'; '.join(left)}")
@@ -428,8 +708,10 @@ class Bench:
         # reaped, so that their CPU time shows in the parent's cutime.
         await _children_reaped(relays)
         info = await src_qmp.query_migrate()
+        _note_source(result, info)
         result.source_total_time_ms = info.total_time_ms
         result.downtime_ms = info.downtime_ms
+        await self._count_wire_bytes(mode, result, wire_before, metrics)
         disk_bytes = self.disk.size if self.disk is not None else 0
         result.throughput_bytes_per_s = (
             (info.total or self.ram_size) + disk_bytes
@@ -438,6 +720,31 @@ class Bench:
             used = relay.cpu_seconds() - idle_cpu[relay.name]
             result.relay_cpu_seconds[relay.name] = used
             result.relay_peak_rss_bytes[relay.name] = relay.peak_rss()
+
+    def _xbzrle_cache(self) -> int:
+        """The XBZRLE cache: QEMU's 64 MiB, or the guest's dirty range (a power of 2:
+        QEMU 7.2 rounds the cache down to one), at most the RAM."""
+        wanted = 1 << max(self.workload.dirty_bytes - 1, 0).bit_length()
+        return min(max(XBZRLE_CACHE_MIN_BYTES, wanted), self.ram_size)
+
+    async def _link_tx_bytes(self) -> int | None:
+        """The source veth's ``tx_bytes`` (with ``--link``), else None."""
+        if self.link is None:
+            return None
+        return await asyncio.to_thread(_tx_bytes, self.link.source_ns, self.link.source_dev)
+
+    async def _count_wire_bytes(
+        self, mode: Mode, result: RunResult, wire_before: int | None, metrics: _Metrics | None
+    ) -> None:
+        """Fill ``wire_bytes`` after a completed run, from the best source there is."""
+        wire_after = await self._link_tx_bytes()
+        if wire_before is not None and wire_after is not None:
+            result.wire_bytes, result.wire_source = wire_after - wire_before, "link"
+        elif metrics is not None:
+            result.wire_bytes = await asyncio.to_thread(metrics.bytes_to_destination)
+            result.wire_source = "relay"
+        else:
+            result.wire_bytes, result.wire_source = result.transferred_bytes, "qemu"
 
     async def _copy_disks(self, src_qmp: QMP, mirrors: SourceMirrors) -> None:
         """The disk phase, as ``migrate --copy-storage`` runs it: mirror until in sync."""
@@ -455,7 +762,7 @@ class Bench:
         """RAM with the mirrors in sync: they end at switchover (`follow_migration`)."""
         await start_migration(src_qmp, uri, options, pause_before_switchover=True)
         try:
-            async with asyncio.timeout(RUN_TIMEOUT_S):
+            async with asyncio.timeout(self.run_timeout):
                 await follow_migration(
                     src_qmp, storage=mirrors, stall_timeout=DEFAULT_STALL_TIMEOUT_S
                 )
@@ -468,12 +775,14 @@ class Bench:
 
     async def _plumb(
         self, mode: Mode, dst_qmp: QMP, options: MigrationOptions, relays: list[_Process]
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, _Metrics | None]:
         """Start the destination listening (and the relays).
 
         Returns:
-            The source's migration URI, and with a disk the address source QEMU
-            reaches the destination's NBD export at (``None`` without).
+            The source's migration URI; with a disk the address source QEMU reaches
+            the destination's NBD export at (``None`` without); and where the
+            destination relay's ``/metrics`` can be read from here (``None``: no
+            migrelay relay, or it runs in a namespace).
         """
         work = self.workdir
         if mode.transport == "tcp":
@@ -482,7 +791,7 @@ class Bench:
                 nbd_server = f"tcp:{self.dest_host}:{_free_port()}"
                 await export_disks(dst_qmp, nbd_server, None)
             info = await prepare_incoming(dst_qmp, f"tcp:{self.dest_host}:0", options)
-            return info.socket_addresses[0], nbd_server
+            return info.socket_addresses[0], nbd_server, None
         dest_sock, source_sock = work / "dest.sock", work / "source.sock"
         dest_nbd, source_nbd = storage_socket(dest_sock), storage_socket(source_sock)
         for path in (dest_sock, source_sock, dest_nbd, source_nbd):
@@ -496,7 +805,8 @@ class Bench:
         if mode.transport == "unix":
             if self.link is not None:
                 raise RelayError("mode unix needs both QEMUs on one host; drop it with --link")
-            return f"unix:{dest_sock}", f"unix:{dest_nbd}" if self.disk is not None else None
+            nbd = f"unix:{dest_nbd}" if self.disk is not None else None
+            return f"unix:{dest_sock}", nbd, None
         if mode.transport == "socat":
             # The WebSocket-free reference: two plain copying relays (a pair more for
             # the disk's NBD connection).
@@ -505,7 +815,7 @@ class Bench:
                 pairs.append(("socat-nbd", dest_nbd, source_nbd))
             for name, dest_path, source_path in pairs:
                 await self._start_socat_pair(name, dest_path, source_path, relays)
-            return f"unix:{source_sock}", nbd_server
+            return f"unix:{source_sock}", nbd_server, None
         port = _free_port()
         serve_tls: list[str] = []
         connect_tls: list[str] = []
@@ -532,7 +842,13 @@ class Bench:
                           *connect_tls], work / "connect.log")  # fmt: skip
         relays.append(client)
         await _wait_listening(lambda: source_sock.exists() and source_nbd.exists(), client)
-        return f"unix:{source_sock}", nbd_server
+        metrics = None
+        if self.link is None:  # else the veth counts the bytes
+            metrics = _Metrics(
+                f"{'https' if scheme == 'wss' else 'http'}://localhost:{port}/metrics",
+                work / "cert.pem" if scheme == "wss" else None,
+            )
+        return f"unix:{source_sock}", nbd_server, metrics
 
     async def _start_socat_pair(
         self, name: str, dest_path: Path, source_path: Path, relays: list[_Process]
@@ -559,6 +875,83 @@ class Bench:
                           work / f"{name}-client.log")  # fmt: skip
         relays.append(client)
         await _wait_listening(source_path.exists, client)
+
+
+async def _start_guest(qmp: QMP, vm: DisposableVM) -> None:
+    """Run the source's dirtying guest and wait until its pass counter climbs.
+
+    Raises:
+        RelayError: the guest did not start its loop within `GUEST_BOOT_TIMEOUT_S`.
+    """
+    await qmp.execute("cont")
+    deadline = time.monotonic() + GUEST_BOOT_TIMEOUT_S
+    # The counter's address holds RAM content until the guest's first pass: wait for
+    # a small value, then for it to grow.
+    first = guest_counter(vm.ram_path)
+    while not 1 <= first < 1 << 16 or guest_counter(vm.ram_path) <= first:
+        if time.monotonic() > deadline:
+            raise RelayError(f"the dirtying guest did not start within {GUEST_BOOT_TIMEOUT_S} s")
+        await asyncio.sleep(0.05)
+        if not 1 <= first < 1 << 16:
+            first = guest_counter(vm.ram_path)
+
+
+def _note_source(result: RunResult, info: MigrationInfo) -> None:
+    """Keep the source's passes, transferred and the largest throttle seen so far."""
+    if info.dirty_sync_count is not None:
+        result.passes = info.dirty_sync_count
+    if info.transferred is not None:
+        result.transferred_bytes = info.transferred
+    result.max_throttle_percent = max(result.max_throttle_percent, info.throttle_percent or 0)
+
+
+async def _watch_source(qmp: QMP, result: RunResult) -> None:
+    """Sample the source's ``query-migrate`` until cancelled (throttle comes and goes)."""
+    while True:
+        with contextlib.suppress(RelayError):  # a poll that failed: the next may not
+            _note_source(result, await qmp.query_migrate())
+        await asyncio.sleep(SOURCE_POLL_S)
+
+
+async def _cancel_quietly(qmp: QMP) -> MigrationInfo | None:
+    """Cancel the source's migration; return its final snapshot, None if that failed."""
+    try:
+        return await cancel_outgoing(qmp)
+    except (RelayError, TimeoutError) as exc:
+        print(f"bench: cancelling the migration failed: {exc}", file=sys.stderr)
+        return None
+
+
+def _tx_bytes(namespace: str, device: str) -> int:
+    """``tx_bytes`` of ``device`` in ``namespace`` (``ip -s -j link``, iproute2)."""
+    output = subprocess.run(
+        ["ip", "-n", namespace, "-s", "-j", "link", "show", "dev", device],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    count: int = json.loads(output)[0]["stats64"]["tx"]["bytes"]
+    return count
+
+
+#: ``migrelay_bytes_total{...direction="to_destination"...} VALUE`` in the exposition.
+_BYTES_TO_DESTINATION = re.compile(
+    r'^migrelay_bytes_total\{[^}]*direction="to_destination"[^}]*\}\s+(\S+)$', re.MULTILINE
+)
+
+
+@dataclass(frozen=True)
+class _Metrics:
+    """The destination relay's ``/metrics`` (`migrelay.aio.metrics`), read from here."""
+
+    url: str
+    #: The certificate to trust for ``https``.
+    cafile: Path | None
+
+    def bytes_to_destination(self) -> int:
+        """Payload bytes the relay carried towards destination QEMU, every channel."""
+        context = ssl.create_default_context(cafile=self.cafile) if self.cafile else None
+        with urllib.request.urlopen(self.url, timeout=10, context=context) as response:
+            text = response.read().decode()
+        return round(sum(float(value) for value in _BYTES_TO_DESTINATION.findall(text)))
 
 
 #: How often the relays' memory is sampled during a run.
@@ -595,19 +988,31 @@ def summarize(
         by_mode.setdefault(result.mode, []).append(result)
 
     def tcp_median_for(mode: str) -> float | None:
-        # Compare like with like: a multifd mode against direct TCP with as many
-        # channels when that was measured, else against plain direct TCP.
-        multifd = Mode.parse(mode).multifd
-        reference = (
-            f"tcp-multifd{multifd}" if multifd and f"tcp-multifd{multifd}" in by_mode else "tcp"
-        )
+        # Compare like with like: against direct TCP with the same options when that
+        # was measured (ws-multifd2-zstd: tcp-multifd2-zstd), else with as many multifd
+        # channels, else against plain direct TCP.
+        parsed = Mode.parse(mode)
+        candidates = ["tcp" + mode[len(parsed.transport) :]]
+        if parsed.multifd:
+            candidates.append(f"tcp-multifd{parsed.multifd}")
+        reference = next((name for name in candidates if name in by_mode), "tcp")
         times = [r.seconds for r in by_mode.get(reference, []) if r.seconds and not r.error]
         return statistics.median(times) if times else None
+
+    def median_of(values: Sequence[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return statistics.median(known) if known else None
 
     summaries = []
     for mode, runs in by_mode.items():
         tcp_median = tcp_median_for(mode)
-        good = [r for r in runs if r.error is None and r.seconds is not None]
+        good = [
+            r
+            for r in runs
+            if r.error is None and r.seconds is not None and r.outcome == "completed"
+        ]
+        not_converged = sum(r.outcome == "not converged" for r in runs)
+        wire_sources = {r.wire_source for r in good if r.wire_source is not None}
         times = [r.seconds for r in good if r.seconds is not None]
         median = statistics.median(times) if times else None
         disk_times = [r.disk_seconds for r in good if r.disk_seconds is not None]
@@ -622,7 +1027,7 @@ def summarize(
             ModeSummary(
                 mode=mode,
                 runs=len(runs),
-                failures=len(runs) - len(good),
+                failures=len(runs) - len(good) - not_converged,
                 median_seconds=median,
                 median_disk_seconds=statistics.median(disk_times) if disk_times else None,
                 median_ram_seconds=statistics.median(ram_times) if ram_times else None,
@@ -633,8 +1038,14 @@ def summarize(
                 relay_peak_rss_bytes=rss,
                 all_ram_matched=all(r.ram_matched is not False for r in runs),
                 all_disks_matched=(
-                    all(r.disk_matched is True for r in runs) if disk_size else None
+                    all(r.disk_matched is not False for r in runs) if disk_size else None
                 ),
+                not_converged=not_converged,
+                median_wire_bytes=median_of([r.wire_bytes for r in good]),
+                wire_source="+".join(sorted(wire_sources)) or None,
+                median_transferred_bytes=median_of([r.transferred_bytes for r in good]),
+                median_passes=median_of([r.passes for r in good]),
+                max_throttle_percent=max((r.max_throttle_percent for r in runs), default=0),
             )
         )
     return summaries
@@ -672,20 +1083,28 @@ async def run_bench(
     on_start: Callable[[Mode, int], None] | None = None,
     given_qmp: tuple[Path, Path] | None = None,
     disk_size: int | None = None,
+    *,
+    workload: Workload | None = None,
+    ram_content: str = "random",
+    run_timeout: float | None = None,
 ) -> dict[str, object]:
     """Run ``runs`` interleaved rounds of every mode; return the JSON-ready report.
 
-    With ``link_rate`` the two sides run in network namespaces joined by a veth pair
-    shaped to that rate (``"none"``: unshaped). With ``given_qmp`` (source, destination
-    QMP sockets) the user's own VMs are migrated once, in the one mode given. With
-    ``disk_size`` each test VM has a disk of that size, copied before RAM (`Bench`);
-    the work directory made here is then on tmpfs (``/dev/shm`` when ``/tmp`` is not):
-    test disks live there (DESIGN §7), so that the destination's writes are not timed
-    against the host's own disk.
+    The test VMs' RAM files live on tmpfs (`tmpfs_ram_dir`, in a directory made and
+    removed here). With ``link_rate`` the two sides run in network namespaces joined by
+    a veth pair shaped to that rate (``"none"``: unshaped). With ``given_qmp`` (source,
+    destination QMP sockets) the user's own VMs are migrated once, in the one mode
+    given. With ``disk_size`` each test VM has a disk of that size, copied before RAM
+    (`Bench`); the work directory made here is then on tmpfs (``/dev/shm`` when
+    ``/tmp`` is not): test disks live there (DESIGN §7), so that the destination's
+    writes are not timed against the host's own disk. ``workload``, ``ram_content``
+    and ``run_timeout`` are `Bench`'s.
 
     Raises:
-        ValueError: ``given_qmp`` with more than one mode or run, or with ``link_rate``
-            or ``disk_size``.
+        ValueError: ``given_qmp`` with more than one mode or run, or with ``link_rate``,
+            ``disk_size``, a workload or a RAM content; a workload that does not fit
+            in the RAM.
+        RelayError: no tmpfs with room for the RAM files (`tmpfs_ram_dir`).
     """
     if given_qmp is not None and (len(modes) != 1 or runs != 1 or link_rate is not None):
         raise ValueError(
@@ -693,19 +1112,38 @@ async def run_bench(
         )
     if given_qmp is not None and disk_size:
         raise ValueError("a disk is for test VMs; the user's own VMs keep theirs")
+    workload = workload or Workload("idle")
+    if given_qmp is not None and (workload.dirties or ram_content != "random"):
+        raise ValueError("a workload and a RAM content are for test VMs")
+    workload.check_ram(ram_size)
+    ram_dir = None
+    if given_qmp is None:
+        # Both RAM files, and with a disk both images too (they go there as well when
+        # /tmp is no tmpfs; see below).
+        needed = 2 * (ram_size + (disk_size or 0))
+        ram_dir = Path(tempfile.mkdtemp(prefix="migrelay-bench-ram-", dir=tmpfs_ram_dir(needed)))
     own_dir = workdir is None
     base = "/tmp"
-    if disk_size and not _on_tmpfs(Path(base)) and _on_tmpfs(Path("/dev/shm")):
-        base = "/dev/shm"
+    if disk_size and not _on_tmpfs(Path(base)) and _on_tmpfs(TMPFS_DIR):
+        base = str(TMPFS_DIR)
     work = Path(tempfile.mkdtemp(prefix="migrelay-bench-", dir=base)) if own_dir else workdir
     assert work is not None
     link = None
-    if link_rate is not None:
-        link = LinkedNamespaces(None if link_rate == "none" else link_rate)
-        link.create()
-    bench = Bench(ram_size, work, link=link, disk_size=disk_size)
     results: list[RunResult] = []
     try:
+        if link_rate is not None:
+            link = LinkedNamespaces(None if link_rate == "none" else link_rate)
+            link.create()
+        bench = Bench(
+            ram_size,
+            work,
+            link=link,
+            disk_size=disk_size,
+            workload=workload,
+            ram_content=ram_content,
+            ram_dir=ram_dir,
+            run_timeout=run_timeout,
+        )
         for run in range(1, runs + 1):
             for mode in modes:
                 if on_start is not None:
@@ -722,10 +1160,17 @@ async def run_bench(
             link.destroy()
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
+        if ram_dir is not None:
+            shutil.rmtree(ram_dir, ignore_errors=True)
     return {
         "machine": machine_info(),
+        "command": shlex.join(sys.argv),
         "link": link_rate or "loopback",
         "ram_bytes": ram_size,
+        "ram_content": ram_content,
+        "ram_on": "tmpfs" if ram_dir is not None else "the user's VMs",
+        "workload": workload.name,
+        "run_timeout_s": bench.run_timeout,
         "disk_bytes": disk_size or None,
         "runs": runs,
         "modes": [m.name for m in modes],
@@ -749,28 +1194,43 @@ def _on_tmpfs(path: Path) -> bool:
     return fstype == "tmpfs"
 
 
+#: What the ``by`` column of `format_table` means; printed under the table.
+WIRE_LEGEND = (
+    "wire MiB: bytes sent towards the destination, medians, counted by: link = the source"
+    " veth's tx_bytes (TCP/IP, TLS and WebSocket overheads included); relay = the"
+    " destination relay's payload bytes (what QEMU wrote, after its compression); qemu ="
+    " QEMU's own transferred (direct modes without --link; multifd counts pages before"
+    " compressing them). qemu MiB: QEMU's transferred. passes: dirty-sync-count. thr%:"
+    " the largest auto-converge CPU throttle seen."
+)
+
+
 def format_table(report: dict[str, object]) -> str:
-    """The summary as a plain-text table.
+    """The summary as a plain-text table (see `WIRE_LEGEND` for the columns).
 
     With a disk, ``median s`` is disk and RAM together, ``disk s`` and ``ram s`` its
     phases (medians of each), and ``x tcp`` the ratio of the totals.
     """
     with_disk = bool(report.get("disk_bytes"))
-    phases = f"{'disk s':>8}{'ram s':>8}" if with_disk else ""
-    lines = [
-        f"{'mode':<14}{'median s':>10}{phases}{'MiB/s':>9}{'x tcp':>8}{'downtime':>10}"
-        f"  {'relay CPU s/GiB':<38}{'peak RSS MiB':<14}ram" + ("   disk" if with_disk else ""),
-    ]
     summary = report["summary"]
     assert isinstance(summary, list)
+    width = max([14, *(len(row["mode"]) + 2 for row in summary)])
+    phases = f"{'disk s':>8}{'ram s':>8}" if with_disk else ""
+    lines = [
+        f"{'mode':<{width}}{'median s':>10}{phases}{'MiB/s':>9}{'x tcp':>8}{'downtime':>10}"
+        f"{'wire MiB':>10} {'by':<6}{'qemu MiB':>9}{'passes':>8}{'thr%':>6}"
+        f"  {'relay CPU s/GiB':<38}{'peak RSS MiB':<14}ram" + ("   disk" if with_disk else ""),
+    ]
+
+    def number(value: float | None, spec: str, width: int, scale: float = 1) -> str:
+        return f"{format(value / scale, spec) if value is not None else '-':>{width}}"
+
     for row in summary:
         if with_disk:
-            disk_s, ram_s = row["median_disk_seconds"], row["median_ram_seconds"]
-            phases = (
-                f"{f'{disk_s:.2f}' if disk_s is not None else '-':>8}"
-                f"{f'{ram_s:.2f}' if ram_s is not None else '-':>8}"
+            phases = number(row["median_disk_seconds"], ".2f", 8) + number(
+                row["median_ram_seconds"], ".2f", 8
             )
-            disk_ok = "   " + ("ok" if row["all_disks_matched"] else "MISMATCH")
+            disk_ok = "   " + ("ok" if row["all_disks_matched"] is not False else "MISMATCH")
         else:
             disk_ok = ""
         secs = row["median_seconds"]
@@ -779,16 +1239,26 @@ def format_table(report: dict[str, object]) -> str:
         down = row["median_downtime_ms"]
         cpu = " ".join(f"{k}={v:.2f}" for k, v in sorted(row["relay_cpu_seconds_per_gib"].items()))
         rss = " ".join(f"{v / MIB:.0f}" for _, v in sorted(row["relay_peak_rss_bytes"].items()))
+        took = "no conv." if row.get("not_converged") else "failed"
+        took = f"{secs:.2f}" if secs else took
+        notes = [f"{row['failures']} failed"] if row["failures"] else []
+        if row.get("not_converged"):
+            notes.append(f"{row['not_converged']} not converged")
         lines.append(
-            f"{row['mode']:<14}"
-            f"{f'{secs:.2f}' if secs else 'failed':>10}"
+            f"{row['mode']:<{width}}"
+            f"{took:>10}"
             f"{phases}"
             f"{f'{rate / MIB:.0f}' if rate else '-':>9}"
             f"{f'{ratio:.2f}' if ratio else '-':>8}"
             f"{f'{down:.0f} ms' if down is not None else '-':>10}"
+            f"{number(row.get('median_wire_bytes'), '.1f', 10, MIB)} "
+            f"{row.get('wire_source') or '-':<6}"
+            f"{number(row.get('median_transferred_bytes'), '.1f', 9, MIB)}"
+            f"{number(row.get('median_passes'), '.0f', 8)}"
+            f"{row.get('max_throttle_percent', 0):>6}"
             f"  {cpu or '-':<38}{rss or '-':<14}"
             f"{'ok' if row['all_ram_matched'] else 'MISMATCH'}{disk_ok}"
-            + (f" ({row['failures']} failed)" if row["failures"] else "")
+            + (f" ({', '.join(notes)})" if notes else "")
         )
     return "\n".join(lines)
 
