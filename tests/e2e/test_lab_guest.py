@@ -31,6 +31,7 @@ from migrelay.lab.guest import (
     dirtying_guest,
     floppy_args,
     guest_counter,
+    reset_guest_counter,
 )
 from migrelay.lab.vm import ZERO_RAM_RANDOM_PAGE_EVERY, DisposableVM
 from migrelay.units import MIB
@@ -92,6 +93,16 @@ def test_dirty_rate_pages_per_tick_inverts_the_tick_rate() -> None:
     assert dirty_rate_pages_per_tick(1) == 1
     with pytest.raises(ValueError, match="positive"):
         dirty_rate_pages_per_tick(0)
+
+
+def test_reset_guest_counter_zeroes_only_the_counter(tmp_path: Path) -> None:
+    ram = tmp_path / "src.ram"
+    ram.write_bytes(b"\xff" * (2 * PAGE_BYTES))
+    reset_guest_counter(ram)
+    assert guest_counter(ram) == 0
+    data = ram.read_bytes()
+    assert len(data) == 2 * PAGE_BYTES
+    assert data.count(0) == 4 and data[COUNTER_ADDRESS : COUNTER_ADDRESS + 4] == bytes(4)
 
 
 async def _running_guest(vm: DisposableVM) -> tuple[QMP, int]:

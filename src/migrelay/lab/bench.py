@@ -88,6 +88,7 @@ from migrelay.lab.guest import (
     dirtying_guest,
     floppy_args,
     guest_counter,
+    reset_guest_counter,
 )
 from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import RAM_CONTENTS, DisposableVM, first_difference
@@ -883,17 +884,15 @@ async def _start_guest(qmp: QMP, vm: DisposableVM) -> None:
     Raises:
         RelayError: the guest did not start its loop within `GUEST_BOOT_TIMEOUT_S`.
     """
+    # Zeroed first: a reused RAM file holds the counter of the last run's guest.
+    reset_guest_counter(vm.ram_path)
     await qmp.execute("cont")
     deadline = time.monotonic() + GUEST_BOOT_TIMEOUT_S
-    # The counter's address holds RAM content until the guest's first pass: wait for
-    # a small value, then for it to grow.
-    first = guest_counter(vm.ram_path)
-    while not 1 <= first < 1 << 16 or guest_counter(vm.ram_path) <= first:
+    # Its first pass writes 1 (a slow guest's pass may take longer than booting).
+    while guest_counter(vm.ram_path) == 0:
         if time.monotonic() > deadline:
             raise RelayError(f"the dirtying guest did not start within {GUEST_BOOT_TIMEOUT_S} s")
         await asyncio.sleep(0.05)
-        if not 1 <= first < 1 << 16:
-            first = guest_counter(vm.ram_path)
 
 
 def _note_source(result: RunResult, info: MigrationInfo) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "floppy_args",
     "floppy_image",
     "guest_counter",
+    "reset_guest_counter",
 ]
 
 #: Guest-physical address of the pass counter (free low memory after the BIOS data area).
@@ -199,3 +200,15 @@ def guest_counter(ram_path: Path) -> int:
         file.seek(COUNTER_ADDRESS)
         value: int = struct.unpack("<I", file.read(4))[0]
         return value
+
+
+def reset_guest_counter(ram_path: Path) -> None:
+    """Zero the pass counter in a RAM file, before the guest runs.
+
+    A reused RAM file holds the counter of the guest's last run: zeroed, the counter's
+    first small value is this run's (QEMU maps the file shared, so the write reaches a
+    paused guest's RAM).
+    """
+    with ram_path.open("r+b") as file:
+        file.seek(COUNTER_ADDRESS)
+        file.write(bytes(4))
