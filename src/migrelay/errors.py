@@ -22,6 +22,7 @@
          ├─ StorageError                a disk cannot be copied, or its copy failed
          ├─ MigrationCancelledError     cancelled here or by another QMP client
          ├─ PostcopyPausedError         stayed postcopy-paused: resume, do not cancel
+         ├─ NotConvergingError          precopy cancelled at its deadline; names the cause
          ├─ MigrationFailed             ``migrate`` did not complete: the operator's line
          └─ CompatibilityError          the destination vm differs from the source in
                                         what both must share (qemu, machine, ram, devices)
@@ -232,6 +233,13 @@ class PostcopyPausedError(MigrationError):
 
     The VM's state is split between both hosts; resuming (``migrate --postcopy`` again)
     is the way out, so callers must not report it as a cancelled or failed migration.
+    """
+
+
+class NotConvergingError(MigrationError):
+    """Precopy did not complete by its deadline and was cancelled; the source runs on.
+
+    ``str()`` names the cause (the guest's dirty rate against the link's rate).
     """
 
 

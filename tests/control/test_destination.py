@@ -41,7 +41,8 @@ SECRET = "/srv/tenant-b/vm7.qmp qemu 7.2.19"
             CapabilityMismatchError(f"listening with {SECRET}", "multifd 2 channels"),
             409,
             "destination vm not ready: it was prepared with other capabilities than the"
-            " source announced; prepare it with the same --multifd and --postcopy as migrate",
+            " source announced; prepare it with the same --multifd, --compress and --postcopy"
+            " as migrate",
             None,
         ),
         (

@@ -21,7 +21,7 @@ from migrelay.control.migration import (
 )
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
 from migrelay.errors import MigrationError, StateError, UnsupportedError
-from tests.control.fake_qmp import QEMU_7_2_CAPABILITIES, FakeQMP, Reply, against
+from tests.control.fake_qmp import QEMU_7_2_CAPABILITIES, FakeQMP, QMPFail, Reply, against
 from tests.loops import AsyncRunner
 
 
@@ -101,6 +101,8 @@ def test_prepare_incoming_sets_the_source_capabilities_then_listens(
             },
         ),
         ("migrate-set-parameters", {"multifd-channels": 4}),
+        # A QEMU that reports no multifd-compression (this fake) compresses nothing.
+        ("query-migrate-parameters", {}),
         ("migrate-incoming", {"uri": "unix:/tmp/x.sock"}),
         ("query-migrate", {}),
     ]
@@ -124,13 +126,19 @@ def test_start_migration_lifts_the_default_bandwidth_limit(
                     {"capability": "events", "state": True},
                     {"capability": "multifd", "state": False},
                     {"capability": "postcopy-ram", "state": False},
-                    # Off on purpose: a VM that kept it on from an earlier storage
-                    # migration would wait in pre-switchover for good.
+                    # Off on purpose: a reused VM keeps what an earlier run set.
+                    {"capability": "xbzrle", "state": False},
+                    {"capability": "auto-converge", "state": False},
+                    {"capability": "return-path", "state": False},
+                    # A VM that kept this on from an earlier storage migration would
+                    # wait in pre-switchover for good.
                     {"capability": "pause-before-switchover", "state": False},
                 ]
             },
         ),
-        ("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}),
+        # The downtime limit explicitly QEMU's default: the convergence policy may
+        # have raised it in an earlier migration of this VM.
+        ("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": 300}),
         ("migrate", {"uri": "tcp:10.0.0.2:4444"}),
     ]
 
@@ -186,6 +194,9 @@ def test_a_capability_the_qemu_lacks_is_left_out_when_it_is_off(
             "capabilities": [
                 {"capability": "events", "state": True},
                 {"capability": "postcopy-ram", "state": False},
+                {"capability": "xbzrle", "state": False},
+                {"capability": "auto-converge", "state": False},
+                {"capability": "return-path", "state": False},
                 {"capability": "pause-before-switchover", "state": False},
             ]
         },
@@ -247,7 +258,8 @@ def test_a_destination_prepared_otherwise_than_announced_is_refused_in_one_sente
             await check_prepared_for(qmp, announced)
         assert str(info.value) == (
             f"{message} is required:"
-            " prepare the destination with the same --multifd and --postcopy as migrate"
+            " prepare the destination with the same --multifd, --compress and --postcopy"
+            " as migrate"
         )
 
     run_async(against(fake, sock_dir, body))
@@ -475,3 +487,105 @@ def test_migration_options_reject_values_qemu_would_refuse(
 ) -> None:
     with pytest.raises(ValueError, match=f"^{message}$"):
         MigrationOptions(**kwargs)
+
+
+# -- multifd compression and XBZRLE (only QEMU 7.2 installs here: older QEMUs and a
+# QEMU built without zstd are played by the fake) -----------------------------------------
+
+QEMU_4_2_VERSION = {"qemu": {"major": 4, "minor": 2, "micro": 1}, "package": ""}
+
+
+def test_compression_on_a_qemu_without_it_is_refused_naming_its_version(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
+    # QEMU 4.2 has multifd but no multifd-compression parameter (it came in 5.0).
+    fake = FakeQMP(
+        replies={
+            "query-status": status("running"),
+            "query-migrate": {},
+            "query-migrate-parameters": {"multifd-channels": 2, "downtime-limit": 300},
+            "query-version": QEMU_4_2_VERSION,
+        }
+    )
+    options = MigrationOptions(multifd_channels=2, compress="zstd")
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(UnsupportedError) as info:
+            await start_migration(qmp, "unix:/tmp/s.sock", options)
+        assert str(info.value) == (
+            "qemu 4.2.1 of vm cannot compress multifd pages (qemu 5.0 or later)"
+        )
+
+    run_async(against(fake, sock_dir, body))
+    assert "migrate" not in fake.commands
+
+
+def test_a_qemu_built_without_zstd_is_refused_with_its_own_words(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
+    refusal = QMPFail("Parameter 'multifd-compression' does not accept value 'zstd'")
+    fake = FakeQMP(
+        replies={
+            "query-status": status("running"),
+            "query-migrate": {},
+            "query-migrate-parameters": {"multifd-compression": "none"},
+            "migrate-set-parameters": [{}, refusal],
+        }
+    )
+    options = MigrationOptions(multifd_channels=2, compress="zstd", compress_level=3)
+
+    async def body(qmp: QMP) -> None:
+        with pytest.raises(UnsupportedError) as info:
+            await start_migration(qmp, "unix:/tmp/s.sock", options)
+        assert str(info.value) == (
+            "qemu 7.2.22 of vm cannot compress with zstd:"
+            " Parameter 'multifd-compression' does not accept value 'zstd'"
+        )
+
+    run_async(against(fake, sock_dir, body))
+    assert (
+        "migrate-set-parameters",
+        {"multifd-compression": "zstd", "multifd-zstd-level": 3},
+    ) in (fake.received)
+    assert "migrate" not in fake.commands
+
+
+def test_compression_is_set_on_both_sides_and_xbzrle_on_the_source(
+    run_async: AsyncRunner, sock_dir: Path
+) -> None:
+    fake = FakeQMP(
+        replies={
+            "query-status": status("running"),
+            "query-migrate": {},
+            "query-migrate-parameters": {"multifd-compression": "none"},
+        }
+    )
+
+    async def body(qmp: QMP) -> None:
+        await start_migration(
+            qmp, "unix:/tmp/s.sock", MigrationOptions(multifd_channels=2, compress="zlib")
+        )
+
+    run_async(against(fake, sock_dir, body))
+    assert ("migrate-set-parameters", {"multifd-compression": "zlib"}) in fake.received
+    assert fake.commands[-1] == "migrate"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compress": "zstd"}, "compression needs multifd"),
+        ({"multifd_channels": 2, "compress": "lz4"}, "compression must be one of zlib, zstd"),
+        (
+            {"multifd_channels": 2, "compress": "zlib", "compress_level": 10},
+            "zlib level must be 0..9",
+        ),
+        ({"compress_level": 3}, "a compression level needs a compression method"),
+        ({"multifd_channels": 2, "xbzrle_cache": 64 << 20}, "xbzrle does nothing with multifd"),
+    ],
+)
+def test_impossible_compression_options_are_refused_before_qemu_is_asked(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        MigrationOptions(**options)

@@ -47,7 +47,7 @@ def test_spaces_around_items_are_accepted() -> None:
     [
         ("multifd", "'multifd' is not key=number"),
         ("multifd=four", "'multifd=four' is not key=number"),
-        ("multifd=4,compress=1", "unknown capability 'compress'"),
+        ("multifd=4,xbzrle=1", "unknown capability 'xbzrle'"),
         ("postcopy=2", "postcopy must be 0 or 1, not 2"),
         ("multifd=256", "multifd channels must be 1..255, got 256"),
         ("multifd=1," * 40, "longer than 200 characters"),

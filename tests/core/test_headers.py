@@ -150,7 +150,11 @@ def test_a_repeated_key_takes_the_last_value() -> None:
         ("multifd=\xb2", "'multifd=\xb2' is not key=number"),
         ("multifd=\u0663", "'multifd=\u0663' is not key=number"),
         ("multifd=4,", "'' is not key=number"),
-        ("multifd=4,compress=1", "unknown capability 'compress'"),
+        ("multifd=4,compress=1", "unknown compression '1'"),
+        ("multifd=4,compress=lz4", "unknown compression 'lz4'"),
+        ("multifd=4,compress", "'compress' is not key=number"),
+        ("multifd=4,xbzrle=1", "unknown capability 'xbzrle'"),
+        ("resume=2", "resume must be 0 or 1, not 2"),
         ("MULTIFD=4", "unknown capability 'MULTIFD'"),
         ("postcopy=2", "postcopy must be 0 or 1, not 2"),
         ("multifd=256", "multifd channels must be 1..255, got 256"),
@@ -160,6 +164,27 @@ def test_a_repeated_key_takes_the_last_value() -> None:
 def test_a_bad_migration_header_is_refused_with_the_reason(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_migration_header(value)
+
+
+@pytest.mark.parametrize(
+    ("compress", "resume", "value"),
+    [
+        (None, None, "multifd=2,postcopy=0"),
+        ("zstd", None, "multifd=2,postcopy=0,compress=zstd"),
+        ("zlib", True, "multifd=2,postcopy=0,compress=zlib,resume=1"),
+        (None, False, "multifd=2,postcopy=0,resume=0"),
+    ],
+)
+def test_compression_and_resume_are_announced_only_when_set(
+    compress: str | None, resume: bool | None, value: str
+) -> None:
+    # Only when set: a source that uses neither must still be understood by a server
+    # from before they existed.
+    assert format_migration_header(2, False, compress=compress, resume=resume) == value
+    assert parse_migration_header(value) == MigrationAnnouncement(2, False, compress, resume)
+    assert parse_migration_header(" compress = zstd , multifd=3 ") == MigrationAnnouncement(
+        3, False, "zstd"
+    )
 
 
 @pytest.mark.parametrize("multifd", [-1, 256])

@@ -37,11 +37,14 @@ from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, run_sourc
 from migrelay.cli.options import (
     CaOpt,
     ClientCertOpt,
+    CompressLevelOpt,
+    CompressOpt,
     ConfigOpt,
     CopyStorageOpt,
     FingerprintOpt,
     HeaderOpt,
     JsonOpt,
+    KeepPausedOpt,
     LogFormatOpt,
     MaxMessageOpt,
     MigrateDisksOpt,
@@ -66,7 +69,14 @@ from migrelay.cli.running import (
     run_command,
 )
 from migrelay.control import commands, destination
+from migrelay.control.convergence import (
+    DEFAULT_MAX_DOWNTIME_MS,
+    ConvergencePolicy,
+    DowntimeSteps,
+    OnTimeout,
+)
 from migrelay.control.migration import (
+    DEFAULT_DOWNTIME_LIMIT_MS,
     DEFAULT_RECOVER_TIMEOUT_S,
     DEFAULT_STALL_TIMEOUT_S,
     MigrationOptions,
@@ -444,6 +454,12 @@ def _options(
     postcopy: bool,
     max_bandwidth: str | None = None,
     downtime_limit: int | None = None,
+    *,
+    compress: str | None = None,
+    compress_level: int | None = None,
+    xbzrle_cache: str | None = None,
+    auto_converge: bool = False,
+    return_path: bool = False,
 ) -> MigrationOptions:
     try:
         return MigrationOptions(
@@ -451,6 +467,46 @@ def _options(
             postcopy=postcopy,
             max_bandwidth=parse_size(max_bandwidth) if max_bandwidth is not None else None,
             downtime_limit_ms=downtime_limit,
+            compress=compress,
+            compress_level=compress_level,
+            xbzrle_cache=parse_size(xbzrle_cache) if xbzrle_cache is not None else None,
+            auto_converge=auto_converge,
+            return_path=return_path,
+        )
+    except ValueError as exc:
+        exit_with(str(exc))
+
+
+def _convergence(
+    options: MigrationOptions,
+    timeout: float | None,
+    on_timeout: str,
+    max_downtime: int,
+    postcopy_after: int | None,
+) -> ConvergencePolicy | None:
+    """The deadline (None: derived from the VM's sizes once known) and the policy."""
+    try:
+        action = OnTimeout(on_timeout)
+    except ValueError:
+        exit_with(f"--on-timeout must be cancel, pause or postcopy, not {on_timeout}")
+    if action is OnTimeout.POSTCOPY and not options.postcopy:
+        exit_with("--on-timeout postcopy needs --postcopy (set on both sides)")
+    if postcopy_after is not None and not options.postcopy:
+        exit_with("--postcopy-after needs --postcopy")
+    try:
+        return ConvergencePolicy(
+            timeout_s=timeout,
+            downtime=DowntimeSteps(
+                start_ms=(
+                    options.downtime_limit_ms
+                    if options.downtime_limit_ms is not None
+                    else DEFAULT_DOWNTIME_LIMIT_MS
+                ),
+                ceiling_ms=max_downtime,
+            ),
+            postcopy=options.postcopy,
+            postcopy_after_passes=postcopy_after,
+            on_timeout=action,
         )
     except ValueError as exc:
         exit_with(str(exc))
@@ -506,6 +562,8 @@ def incoming(
     ] = DEFAULT_DEST_SOCKET,
     multifd: MultifdOpt = None,
     postcopy: PostcopyOpt = False,
+    compress: CompressOpt = None,
+    keep_paused: KeepPausedOpt = False,
     recover: Annotated[
         bool,
         typer.Option(
@@ -537,14 +595,19 @@ def incoming(
 ) -> None:
     """Destination: make QEMU (started with -incoming defer) listen for the migration."""
     configure_logging(verbose, log_format, quiet=True)
-    options = _options(multifd, postcopy)
+    options = _options(multifd, postcopy, compress=compress)
     storage = _storage_options(copy_storage, migrate_disks)
     if storage is not None and recover:
         exit_with("--copy-storage and --recover exclude each other: the disks were copied")
 
     async def main(stop: asyncio.Event) -> int:
         info = await commands.incoming(
-            str(qmp), f"unix:{socket}", options, recover=recover, storage=storage
+            str(qmp),
+            f"unix:{socket}",
+            options,
+            recover=recover,
+            storage=storage,
+            resume=None if recover else not keep_paused,
         )
         where = ", ".join(info.socket_addresses) or f"unix:{socket}"
         what = "the paused postcopy migration to resume" if recover else "an incoming migration"
@@ -597,13 +660,69 @@ def migrate(
         typer.Option("--downtime-limit", min=0, help="Longest pause in ms [QEMU: 300]."),
     ] = None,
     postcopy_after: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--postcopy-after",
             min=1,
-            help="With --postcopy: switch to postcopy in this pass over RAM (1: at once).",
+            help="With --postcopy: switch to postcopy in this pass over RAM (1: at once)"
+            " [default: once precopy is found not converging, or at the deadline].",
         ),
-    ] = commands.POSTCOPY_AFTER_PASSES,
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=1,
+            help="Seconds precopy may take, disk copy included, before --on-timeout"
+            " [default: 60 s + 128 s per GiB of RAM and disks; more under"
+            " --max-bandwidth below 16 MiB/s].",
+        ),
+    ] = None,
+    on_timeout: Annotated[
+        str,
+        typer.Option(
+            "--on-timeout",
+            help="At the deadline: cancel (the source runs on), pause (stop the guest"
+            " and send the rest), or postcopy (with --postcopy, which also switches"
+            " as soon as precopy stalls).",
+        ),
+    ] = "cancel",
+    max_downtime: Annotated[
+        int,
+        typer.Option(
+            "--max-downtime",
+            min=0,
+            help="Ceiling in ms up to which the downtime limit is raised, in steps,"
+            " while precopy does not converge.",
+        ),
+    ] = DEFAULT_MAX_DOWNTIME_MS,
+    auto_converge: Annotated[
+        bool,
+        typer.Option(
+            "--auto-converge",
+            help="Let QEMU throttle the guest's vCPUs while it dirties memory faster"
+            " than the link carries it (the throttle is shown).",
+        ),
+    ] = False,
+    compress: CompressOpt = None,
+    compress_level: CompressLevelOpt = None,
+    xbzrle_cache: Annotated[
+        str | None,
+        typer.Option(
+            "--xbzrle-cache",
+            help="Send pages dirtied again as differences (XBZRLE), with a cache of this"
+            " size (64M, 1G); not with --multifd, whose pages skip it in QEMU 7.2.",
+        ),
+    ] = None,
+    keep_paused: KeepPausedOpt = False,
+    quit_source: Annotated[
+        bool,
+        typer.Option(
+            "--quit-source",
+            help="Quit the source QEMU once the destination acknowledged the whole"
+            " stream (default: it stays, stopped, in postmigrate).",
+        ),
+    ] = False,
     recover_timeout: Annotated[
         float,
         typer.Option(
@@ -702,17 +821,38 @@ def migrate(
             # The in-process relay's failures reach the operator through this command's
             # own error line; its log would say the same thing a second time.
             logging.getLogger("migrelay.aio").setLevel(logging.CRITICAL)
+    if keep_paused and to is None:
+        exit_with(
+            "--keep-paused needs --to; in the four-step form give it to incoming,"
+            " on the destination"
+        )
+    options = _options(
+        multifd,
+        postcopy,
+        max_bandwidth,
+        downtime_limit,
+        compress=compress,
+        compress_level=compress_level,
+        xbzrle_cache=xbzrle_cache,
+        auto_converge=auto_converge,
+        return_path=quit_source,
+    )
+    if quit_source and no_wait:
+        exit_with("--quit-source cannot be used with --no-wait: this command quits it")
     request = commands.MigrateRequest(
         socket_owners=owners,
         qmp_path=qmp,
-        options=_options(multifd, postcopy, max_bandwidth, downtime_limit),
+        options=options,
         socket=socket,
         relay=relay,
         wait=not no_wait,
         recover_timeout=recover_timeout,
-        postcopy_after_passes=postcopy_after,
+        postcopy_after_passes=postcopy_after or commands.POSTCOPY_AFTER_PASSES,
         stall_timeout=stall_timeout,
         storage=storage,
+        convergence=_convergence(options, timeout, on_timeout, max_downtime, postcopy_after),
+        keep_paused=keep_paused,
+        quit_source=quit_source,
     )
     renderer = _renderer(json_output)
 
@@ -801,14 +941,41 @@ def cancel(
 
 @app.command()
 def bench(
-    ram: Annotated[str, typer.Option(help="Guest RAM of each test VM (random bytes).")] = "1G",
+    ram: Annotated[
+        str, typer.Option(help="Guest RAM of each test VM (on tmpfs: /dev/shm).")
+    ] = "1G",
     runs: Annotated[int, typer.Option(min=1, help="Interleaved rounds of every mode.")] = 3,
     modes: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: tcp, unix, ws, wss, socat, and X-multifdN (ws-multifd4)."
+            help="Comma-separated: tcp, unix, ws, wss, socat, each with options:"
+            " -multifdN (ws-multifd4), then -zstd or -zlib (ws-multifd2-zstd); -xbzrle"
+            " (not with multifd); -ac (auto-converge)."
         ),
     ] = "tcp,ws,wss,tcp-multifd4,ws-multifd4,socat",
+    workload: Annotated[
+        str,
+        typer.Option(
+            help="What the source VM does: idle (paused), or dirty:SIZE[@RATE], a guest"
+            " rewriting SIZE of its RAM at RATE per second (dirty:64M@20M; no @RATE: as"
+            " fast as it can)."
+        ),
+    ] = "idle",
+    content: Annotated[
+        str,
+        typer.Option(
+            help="What the source's RAM holds: random, text (compresses ~4x) or zero"
+            " (mostly zero pages)."
+        ),
+    ] = "random",
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=1,
+            help="Seconds a run may take; a dirtying guest's run still going then is"
+            " cancelled and reported as not converged [default: 600; 120 with dirty:].",
+        ),
+    ] = None,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the full report (JSON) here.")
     ] = None,
@@ -845,10 +1012,16 @@ def bench(
     """
     # The lab is imported only here: the relay commands never load it.
     from migrelay.lab import bench as lab_bench
+    from migrelay.lab.vm import RAM_CONTENTS
+    from migrelay.units import format_bytes
 
     try:
         mode_list = lab_bench.available_modes([m.strip() for m in modes.split(",") if m])
+        work = lab_bench.Workload.parse(workload)
+        if content not in RAM_CONTENTS:
+            raise ValueError(f"unknown --content {content!r} (one of {', '.join(RAM_CONTENTS)})")
         ram_bytes = parse_size(ram)
+        work.check_ram(ram_bytes)
         disk_bytes = parse_size(disk) if disk is not None else None
         if disk_bytes is not None:
             lab_bench.check_disk_size(disk_bytes)
@@ -863,6 +1036,8 @@ def bench(
         exit_with("your own VMs can be migrated once: give one --modes, --runs 1, no --link")
     if given is not None and disk_bytes is not None:
         exit_with("--disk is for test VMs; your own VMs keep their disks")
+    if given is not None and (work.dirties or content != "random"):
+        exit_with("--workload and --content are for test VMs; your own VMs run as they are")
     if plot is not None:
         lab_bench.require_matplotlib()
     total = runs * len(mode_list)
@@ -874,10 +1049,20 @@ def bench(
     def on_result(result: lab_bench.RunResult) -> None:
         nonlocal done
         done += 1
-        took = f"{result.seconds:.2f} s" if result.seconds else "failed"
+        took = f"{result.seconds:.2f} s" if result.seconds else result.outcome
         ram_ok = {True: "RAM identical", False: "RAM MISMATCH", None: "RAM not compared"}[
             result.ram_matched
         ]
+        if result.wire_bytes is not None:
+            # QEMU counts multifd pages before compressing them; wire bytes are real.
+            took += (
+                f", {format_bytes(result.wire_bytes)} on the wire ({result.wire_source})"
+                f" for {format_bytes(result.transferred_bytes)} by QEMU's count"
+            )
+        if result.passes is not None:
+            took += f", {result.passes} passes"
+        if result.max_throttle_percent:
+            took += f", throttle up to {result.max_throttle_percent} %"
         error = f" ({result.error})" if result.error else ""
         disk_ok = ""
         if result.disk_matched is not None:
@@ -897,6 +1082,9 @@ def bench(
                 link_rate=link,
                 given_qmp=given,
                 disk_size=disk_bytes,
+                workload=work,
+                ram_content=content,
+                run_timeout=timeout,
             )
         )
         if running not in await runner.wait_first(running, stop.wait()):
@@ -904,6 +1092,7 @@ def bench(
             return EXIT_INTERRUPTED
         report = running.result()
         typer.echo(lab_bench.format_table(report))
+        typer.echo(lab_bench.WIRE_LEGEND, err=True)
         if json_file is not None:
             lab_bench.write_json(report, json_file)
         if plot is not None:

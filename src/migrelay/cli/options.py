@@ -18,10 +18,13 @@ from migrelay.errors import ConfigError
 __all__ = [
     "CaOpt",
     "ClientCertOpt",
+    "CompressLevelOpt",
+    "CompressOpt",
     "ConfigOpt",
     "FingerprintOpt",
     "HeaderOpt",
     "JsonOpt",
+    "KeepPausedOpt",
     "LogFormatOpt",
     "MaxMessageOpt",
     "MultifdOpt",
@@ -174,6 +177,31 @@ MultifdOpt = Annotated[
 ]
 PostcopyOpt = Annotated[
     bool, typer.Option("--postcopy", help="Enable postcopy-ram (set the same on both sides).")
+]
+CompressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compress",
+        help="Compress multifd pages with zstd or zlib (needs --multifd; set the same on"
+        " both sides). The relays count the compressed bytes; QEMU counts them before.",
+    ),
+]
+CompressLevelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--compress-level",
+        min=0,
+        max=20,
+        help="Level of --compress: zlib 0-9, zstd 0-20 [QEMU: 1].",
+    ),
+]
+KeepPausedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-paused",
+        help="The destination keeps the guest paused once it has arrived (default: it"
+        " resumes if the guest ran on the source).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document at the end.")]
 CopyStorageOpt = Annotated[

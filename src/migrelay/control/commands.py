@@ -32,6 +32,7 @@ from migrelay.aio.client import SourceRelay
 from migrelay.aio.local import SocketOwners
 from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, private_relay
 from migrelay.control.compat import source_vm_header
+from migrelay.control.convergence import ConvergencePolicy, ConvergenceWatch
 from migrelay.control.migration import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_RECOVER_TIMEOUT_S,
@@ -70,6 +71,7 @@ from migrelay.errors import (
     MigrationCancelledError,
     MigrationError,
     MigrationFailed,
+    NotConvergingError,
     PostcopyPausedError,
     StateError,
 )
@@ -104,9 +106,15 @@ T = TypeVar("T")
 POSTCOPY_AFTER_PASSES = 4
 
 
-def announcement(options: MigrationOptions) -> str:
-    """The `MIGRATION_HEADER` value that announces ``options``: ``multifd=4,postcopy=0``."""
-    return format_migration_header(options.multifd_channels, options.postcopy)
+def announcement(options: MigrationOptions, resume: bool | None = None) -> str:
+    """The `MIGRATION_HEADER` value that announces ``options``: ``multifd=4,postcopy=0``.
+
+    ``resume`` says whether the destination resumes the guest once it has arrived
+    (``None``: leave that to the destination's own command line).
+    """
+    return format_migration_header(
+        options.multifd_channels, options.postcopy, compress=options.compress, resume=resume
+    )
 
 
 def parse_announcement(value: str | None) -> MigrationOptions:
@@ -117,7 +125,9 @@ def parse_announcement(value: str | None) -> MigrationOptions:
     """
     announced = parse_migration_header(value)
     return MigrationOptions(
-        multifd_channels=announced.multifd_channels, postcopy=announced.postcopy
+        multifd_channels=announced.multifd_channels,
+        postcopy=announced.postcopy,
+        compress=announced.compress,
     )
 
 
@@ -128,6 +138,7 @@ async def incoming(
     *,
     recover: bool = False,
     storage: StorageOptions | None = None,
+    resume: bool | None = None,
 ) -> MigrationInfo:
     """Prepare a destination QEMU (``-incoming defer``) to receive on ``uri``.
 
@@ -140,6 +151,9 @@ async def incoming(
         storage: also export the disks (every writable one, or ``storage.disks``) on
             the storage socket beside ``uri`` (``PATH.nbd``), for ``migrate
             --copy-storage``; remove them with `export_until_done`.
+        resume: ``True``: the guest resumes here once it has arrived, if it was running
+            on the source (even if this QEMU was started with ``-S``); ``False``: it
+            stays paused (`set_autostart`); ``None``: as this QEMU's command line says.
 
     Returns:
         The destination's ``query-migrate`` once it listens.
@@ -165,11 +179,34 @@ async def incoming(
             socket = local.storage_socket(Path(uri.removeprefix("unix:")))
             await export_disks(qmp, f"unix:{socket}", wanted)
         try:
-            return await prepare_incoming(qmp, uri, options)
+            info = await prepare_incoming(qmp, uri, options)
+            await set_autostart(qmp, resume)
+            return info
         except BaseException:
             if storage is not None:
                 await unexport_disks(qmp)
             raise
+
+
+async def set_autostart(qmp: QMP, resume: bool | None) -> None:
+    """Decide whether an incoming VM resumes the guest once the migration completes.
+
+    QEMU resumes it only if it ran on the source and this QEMU's ``autostart`` is on
+    (off under ``-S``); ``cont`` and ``stop`` on an ``inmigrate`` VM set that flag
+    without running anything. So the destination resumes if the source was running, and
+    never runs while the source does.
+    """
+    if resume is None:
+        return
+    if resume:
+        await qmp.cont()
+    else:
+        await qmp.stop()
+    logger.info(
+        "%s: the guest %s once the migration completes",
+        qmp.name,
+        "resumes here (if it ran on the source)" if resume else "stays paused here",
+    )
 
 
 #: How long ``incoming --copy-storage`` keeps the disks exported at most: an hour covers
@@ -241,6 +278,8 @@ async def migrate(
     storage: StorageOptions | None = None,
     storage_socket: Path | None = None,
     disks: Sequence[Disk] | None = None,
+    convergence: ConvergencePolicy | None = None,
+    quit_source: bool = False,
 ) -> MigrationResult | None:
     """Start migrating the VM behind ``qmp_path`` to ``uri`` and follow it to the end.
 
@@ -270,6 +309,11 @@ async def migrate(
             nodes it added are gone when this returns.
         storage_socket: the relay's storage socket (``SOCKET.nbd``).
         disks: the disks to copy, if already chosen (`plan_storage`).
+        convergence: the deadline and what to do when precopy does not converge
+            (`migrelay.control.convergence`); the deadline counts from now, disk copy
+            included. ``None``: ``postcopy_after_passes`` alone, no deadline.
+        quit_source: once the migration completed (with ``options.return_path``, so
+            the destination acknowledged it), quit the source QEMU.
 
     Returns:
         The result of the completed migration, or ``None`` when not waiting.
@@ -285,6 +329,8 @@ async def migrate(
     # `status` and `cancel` work from another terminal meanwhile. Not with disks: the
     # guest is paused in pre-switchover until this command ends the mirrors, and a
     # released monitor would hear of it only at the next poll, adding to the downtime.
+    started = time.monotonic()
+    watch: ConvergenceWatch | None = None
     async with QMP(vm_name(qmp_path), share_monitor=storage is None) as qmp:
         await qmp.connect(qmp_path)
         paused = options.postcopy and (
@@ -309,6 +355,16 @@ async def migrate(
                 write_blocking=storage.write_blocking,
                 speed=options.max_bandwidth,
             )
+        if convergence is not None:
+            policy = convergence
+            if policy.timeout_s is None:
+                policy = policy.with_default_timeout(
+                    await qmp.query_memory_size() or 0,
+                    mirrors.total_bytes if mirrors is not None else 0,
+                    options.max_bandwidth,
+                )
+            logger.info("%s: precopy deadline %g s (--timeout)", qmp.name, policy.deadline_s)
+            watch = ConvergenceWatch(policy, started)
         try:
             if mirrors is not None:
                 assert storage is not None
@@ -317,6 +373,9 @@ async def migrate(
                 timeout = storage.timeout_s or default_disk_timeout(
                     mirrors.total_bytes, options.max_bandwidth
                 )
+                if watch is not None:
+                    # The deadline bounds the whole precopy, the disks' copy included.
+                    timeout = max(min(timeout, watch.deadline - time.monotonic()), 1.0)
                 await mirrors.wait_ready(
                     qmp,
                     timeout_s=timeout,
@@ -335,7 +394,10 @@ async def migrate(
                 qmp,
                 on_progress,
                 interval,
-                postcopy_after_passes=postcopy_after_passes if options.postcopy else None,
+                postcopy_after_passes=(
+                    postcopy_after_passes if options.postcopy and watch is None else None
+                ),
+                convergence=watch,
                 stop=stop,
                 resume_uri=uri if options.postcopy else None,
                 recover_timeout=recover_timeout,
@@ -348,6 +410,9 @@ async def migrate(
             raise
         if mirrors is not None:
             await mirrors.remove(qmp)
+        if quit_source:
+            logger.info("%s: the destination has the vm; quitting the source qemu", qmp.name)
+            await qmp.quit()
         return result
 
 
@@ -407,6 +472,13 @@ class MigrateRequest:
     socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
     #: ``--copy-storage``: copy the VM's disks too.
     storage: StorageOptions | None = None
+    #: The deadline and the policy for a precopy that does not converge.
+    convergence: ConvergencePolicy | None = None
+    #: ``--keep-paused``: the destination does not resume the guest (``--to`` only: in
+    #: the four-step form ``incoming --keep-paused`` says it).
+    keep_paused: bool = False
+    #: ``--quit-source``: quit the source QEMU once the destination acknowledged.
+    quit_source: bool = False
 
 
 async def run_migration(
@@ -442,7 +514,14 @@ async def run_migration(
             request, f"unix:{socket}", None, on_progress, interval, stop
         )
     options = request.options
-    headers = [*request.relay.extra_headers, (MIGRATION_HEADER, announcement(options))]
+    # The destination resumes the guest only if it ran here (QEMU's own rule, which a
+    # destination started with -S would not follow) and the operator did not say no.
+    runstate, _ = await query(str(request.qmp_path))
+    resume = runstate is RunState.RUNNING and not request.keep_paused
+    headers = [
+        *request.relay.extra_headers,
+        (MIGRATION_HEADER, announcement(options, resume=resume)),
+    ]
     # What the destination VM must match, so that serve refuses a mismatch before a byte
     # moves (`migrelay.control.compat`).
     qmp_path = str(request.qmp_path)
@@ -484,12 +563,18 @@ async def _migrate_reporting(
     storage_socket = None
     if request.storage is not None:
         storage_socket = local.storage_socket(Path(uri.removeprefix("unix:")))
+    report = on_progress
+    if relay is not None and on_progress is not None:
+        # The bytes that really left the host: QEMU counts multifd pages uncompressed.
+        def report(info: MigrationInfo) -> None:
+            on_progress(dataclasses.replace(info, wire_bytes=relay.bytes_sent))
+
     try:
         return await migrate(
             str(request.qmp_path),
             uri,
             request.options,
-            on_progress=on_progress,
+            on_progress=report,
             interval=interval,
             stop=stop,
             wait=request.wait,
@@ -499,7 +584,12 @@ async def _migrate_reporting(
             storage=request.storage,
             storage_socket=storage_socket,
             disks=disks,
+            convergence=request.convergence,
+            quit_source=request.quit_source,
         )
+    except NotConvergingError as exc:
+        text = f"migration cancelled: {exc}"
+        raise MigrationFailed(text, str(exc)) from exc
     except MigrationError as exc:
         stopped = stop is not None and stop.is_set()
         # A paused postcopy migration was not cancelled: its own text says so.

@@ -29,13 +29,19 @@ from migrelay.control.commands import (
     MIGRATION_HEADER,
     parse_announcement,
     recover_incoming,
+    set_autostart,
     vm_name,
 )
 from migrelay.control.compat import VmFacts, check_destination
 from migrelay.control.migration import check_prepared_for, prepare_incoming
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus
 from migrelay.control.storage import export_disks, unexport_disks
-from migrelay.core.headers import STORAGE_HEADER, VM_HEADER, parse_storage_header
+from migrelay.core.headers import (
+    STORAGE_HEADER,
+    VM_HEADER,
+    parse_migration_header,
+    parse_storage_header,
+)
 from migrelay.errors import (
     CapabilityMismatchError,
     CompatibilityError,
@@ -109,7 +115,11 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
             raise MigrationError(
                 f"incoming migration still {current.status}; not yet paused to recover"
             )
-        return await prepare_incoming(qmp, uri, options)
+        info = await prepare_incoming(qmp, uri, options)
+        # The source says whether the guest resumes here (it ran there, and the operator
+        # did not ask to keep it paused), whatever -S this QEMU was started with.
+        await set_autostart(qmp, parse_migration_header(announced).resume)
+        return info
 
 
 def refusal_for(error: Exception) -> Refusal:
@@ -134,7 +144,8 @@ def refusal_for(error: Exception) -> Refusal:
         return Refusal(
             409,
             "destination vm not ready: it was prepared with other capabilities than the"
-            " source announced; prepare it with the same --multifd and --postcopy as migrate",
+            " source announced; prepare it with the same --multifd, --compress and --postcopy"
+            " as migrate",
             detail=detail,
         )
     if isinstance(error, StateError):

@@ -21,6 +21,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from migrelay.aio.runner import wait_first
+from migrelay.control.convergence import (
+    Action,
+    Cancel,
+    ConvergenceWatch,
+    SetDowntime,
+    StartPostcopy,
+)
 from migrelay.control.qmp import (
     QMP,
     UNLIMITED_BANDWIDTH,
@@ -33,6 +40,7 @@ from migrelay.errors import (
     CapabilityMismatchError,
     MigrationCancelledError,
     MigrationError,
+    NotConvergingError,
     PostcopyPausedError,
     StateError,
     StorageError,
@@ -66,6 +74,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: QEMU's own default downtime limit. migrelay sets it explicitly when none is given:
+#: the convergence policy raises it during a migration, and a VM reused afterwards must
+#: not keep the raised value.
+DEFAULT_DOWNTIME_LIMIT_MS = 300
 
 #: How often `follow_migration` polls ``query-migrate``; once a second is what an operator
 #: reads, and a status change wakes the loop early through the ``MIGRATION`` event.
@@ -104,6 +117,11 @@ _SOURCE_STATES = frozenset(
 )
 
 
+#: The multifd compression methods QEMU offers (``multifd-compression``), with the
+#: range of each one's level (QEMU's ``multifd-zlib-level``, ``multifd-zstd-level``).
+COMPRESSION_LEVELS: dict[str, range] = {"zlib": range(0, 10), "zstd": range(0, 21)}
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationOptions:
     """What both sides of a migration agree on, and the source's limits.
@@ -115,22 +133,60 @@ class MigrationOptions:
         max_bandwidth: source rate limit in bytes/s; ``None`` lifts QEMU's 128 MiB/s
             default to unlimited.
         downtime_limit_ms: the longest pause QEMU aims for; ``None`` keeps its 300 ms.
+        compress: multifd compression (``zstd``, ``zlib``), set on both sides; needs
+            ``multifd_channels``. ``None``: none.
+        compress_level: its level (QEMU's default: 1); source only.
+        xbzrle_cache: source only: send pages dirtied again as differences, with a cache
+            of this many bytes. Refused with multifd: QEMU 7.2 sends multifd pages
+            without XBZRLE, so the cache would cost memory and do nothing.
+        auto_converge: source only: let QEMU throttle the guest's vCPUs while it dirties
+            memory faster than the link carries it.
+        return_path: source only: open QEMU's return path, on which the destination
+            acknowledges the end of the stream: ``completed`` then means the destination
+            read it all (``migrate --quit-source`` relies on it). Postcopy opens it anyway.
     """
 
     multifd_channels: int | None = None
     postcopy: bool = False
     max_bandwidth: int | None = None
     downtime_limit_ms: int | None = None
+    compress: str | None = None
+    compress_level: int | None = None
+    xbzrle_cache: int | None = None
+    auto_converge: bool = False
+    return_path: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, not only by QEMU, so that the operator hears it before either VM
-        # is touched. The range is QEMU's (migration.c, migrate_params_check).
+        # is touched. The ranges are QEMU's (migration.c, migrate_params_check).
         if self.multifd_channels is not None and not 1 <= self.multifd_channels <= 255:
             raise ValueError(f"multifd channels must be 1..255, got {self.multifd_channels}")
         if self.max_bandwidth is not None and self.max_bandwidth <= 0:
             raise ValueError(f"max bandwidth must be positive, got {self.max_bandwidth}")
         if self.downtime_limit_ms is not None and self.downtime_limit_ms < 0:
             raise ValueError(f"downtime limit must be >= 0, got {self.downtime_limit_ms}")
+        if self.compress is not None:
+            levels = COMPRESSION_LEVELS.get(self.compress)
+            if levels is None:
+                known = ", ".join(COMPRESSION_LEVELS)
+                raise ValueError(f"compression must be one of {known}, got {self.compress!r}")
+            if self.multifd_channels is None:
+                raise ValueError("compression needs multifd (QEMU compresses multifd pages)")
+            if self.compress_level is not None and self.compress_level not in levels:
+                raise ValueError(
+                    f"{self.compress} level must be {levels.start}..{levels.stop - 1},"
+                    f" got {self.compress_level}"
+                )
+        elif self.compress_level is not None:
+            raise ValueError("a compression level needs a compression method")
+        if self.xbzrle_cache is not None:
+            if self.xbzrle_cache <= 0:
+                raise ValueError(f"xbzrle cache must be positive, got {self.xbzrle_cache}")
+            if self.multifd_channels is not None:
+                raise ValueError(
+                    "xbzrle does nothing with multifd: qemu 7.2 sends multifd pages"
+                    " without it; use compression with multifd, or xbzrle without"
+                )
 
     def capabilities(self) -> dict[Capability | str, bool]:
         """Return the capabilities both sides must set, every one explicitly on or off.
@@ -144,6 +200,15 @@ class MigrationOptions:
             Capability.POSTCOPY_RAM: self.postcopy,
         }
 
+    def source_capabilities(self) -> dict[Capability | str, bool]:
+        """`capabilities` and those only the source uses (XBZRLE, auto-converge)."""
+        return {
+            **self.capabilities(),
+            Capability.XBZRLE: self.xbzrle_cache is not None,
+            Capability.AUTO_CONVERGE: self.auto_converge,
+            Capability.RETURN_PATH: self.return_path,
+        }
+
     def describe(self) -> str:
         """``multifd 4 channels, postcopy`` / ``no multifd, no postcopy``: for messages."""
         multifd = (
@@ -151,6 +216,8 @@ class MigrationOptions:
             if self.multifd_channels is not None
             else "no multifd"
         )
+        if self.compress is not None:
+            multifd += f" with {self.compress}"
         return f"{multifd}, {'postcopy' if self.postcopy else 'no postcopy'}"
 
 
@@ -161,13 +228,24 @@ _FIRST_RELEASE: dict[str, str] = {
     Capability.MULTIFD: "4.0",
     Capability.POSTCOPY_RAM: "2.5",
     Capability.PAUSE_BEFORE_SWITCHOVER: "2.11",
+    Capability.XBZRLE: "1.6",
+    Capability.AUTO_CONVERGE: "2.0",
+    Capability.RETURN_PATH: "2.5",
 }
+
+#: The first QEMU release with multifd compression (``multifd-compression``).
+_FIRST_COMPRESSION_RELEASE = "5.0"
 
 
 async def _set_capabilities(
-    qmp: QMP, options: MigrationOptions, *, pause_before_switchover: bool | None = None
+    qmp: QMP,
+    options: MigrationOptions,
+    *,
+    pause_before_switchover: bool | None = None,
+    source: bool = False,
 ) -> None:
-    """Set ``options.capabilities()`` after checking that this QEMU has them all.
+    """Set ``options.capabilities()`` (``source_capabilities()`` on the source) after
+    checking that this QEMU has them all.
 
     Raises:
         UnsupportedError: a capability to turn on is unknown to this QEMU; its version
@@ -175,7 +253,7 @@ async def _set_capabilities(
         MigrationError, ConnectError: from QMP.
     """
     supported = await qmp.query_capabilities()
-    wanted = options.capabilities()
+    wanted = options.source_capabilities() if source else options.capabilities()
     if pause_before_switchover is not None:
         # Explicitly off without disks: a VM that kept it from an earlier storage
         # migration would otherwise wait in pre-switchover for a migrate-continue.
@@ -189,6 +267,40 @@ async def _set_capabilities(
         raise UnsupportedError(f"qemu {version} of {qmp.name} cannot migrate with {needs}")
     # A capability this QEMU does not know is off in it already: leave it out.
     await qmp.set_capabilities({name: on for name, on in wanted.items() if str(name) in supported})
+
+
+async def _set_compression(qmp: QMP, options: MigrationOptions) -> None:
+    """Set ``multifd-compression`` to ``options.compress``, explicitly ``none`` without it.
+
+    Raises:
+        UnsupportedError: compression was asked of a QEMU that cannot do it (too old, or
+            built without that method); its version is named. Nothing was changed.
+        MigrationError, ConnectError: from QMP.
+    """
+    if options.multifd_channels is None:
+        return
+    parameters = await qmp.query_parameters()
+    if parameters.multifd_compression is None:
+        if options.compress is None:
+            return  # a QEMU before 5.0 compresses nothing: "none" is all it does
+        version = await qmp.query_version()
+        raise UnsupportedError(
+            f"qemu {version} of {qmp.name} cannot compress multifd pages"
+            f" (qemu {_FIRST_COMPRESSION_RELEASE} or later)"
+        )
+    try:
+        await qmp.set_parameters(
+            multifd_compression=options.compress or "none",
+            compress_level=options.compress_level,
+        )
+    except MigrationError as exc:
+        if options.compress is None:
+            raise
+        # A QEMU built without the library knows the method's name only in its schema.
+        version = await qmp.query_version()
+        raise UnsupportedError(
+            f"qemu {version} of {qmp.name} cannot compress with {options.compress}: {exc}"
+        ) from exc
 
 
 async def check_prepared_for(qmp: QMP, options: MigrationOptions) -> None:
@@ -205,19 +317,27 @@ async def check_prepared_for(qmp: QMP, options: MigrationOptions) -> None:
     """
     capabilities = await qmp.query_capabilities()
     channels = None
+    compress = None
     if capabilities.get(Capability.MULTIFD):
-        channels = (await qmp.query_parameters()).multifd_channels
+        parameters = await qmp.query_parameters()
+        channels = parameters.multifd_channels
+        if parameters.multifd_compression not in (None, "none"):
+            compress = parameters.multifd_compression
     prepared = MigrationOptions(
-        multifd_channels=channels, postcopy=capabilities.get(Capability.POSTCOPY_RAM, False)
+        multifd_channels=channels,
+        postcopy=capabilities.get(Capability.POSTCOPY_RAM, False),
+        compress=compress,
     )
-    if (prepared.multifd_channels, prepared.postcopy) != (
+    if (prepared.multifd_channels, prepared.postcopy, prepared.compress) != (
         options.multifd_channels,
         options.postcopy,
+        options.compress,
     ):
         raise CapabilityMismatchError(
             f"listening with {prepared.describe()}",
             f"{options.describe()} (as the source announced)",
-            "prepare the destination with the same --multifd and --postcopy as migrate",
+            "prepare the destination with the same --multifd, --compress and --postcopy"
+            " as migrate",
         )
 
 
@@ -336,6 +456,7 @@ async def prepare_incoming(qmp: QMP, uri: str, options: MigrationOptions) -> Mig
     await _set_capabilities(qmp, options)
     if options.multifd_channels is not None:
         await qmp.set_parameters(multifd_channels=options.multifd_channels)
+    await _set_compression(qmp, options)
     await qmp.migrate_incoming(uri)
     info = await qmp.query_migrate()
     logger.info("%s: listening for an incoming migration on %s", qmp.name, _where(info, uri))
@@ -389,14 +510,22 @@ async def start_migration(
         ConnectError: the connection is gone.
     """
     await check_can_start(qmp)
-    await _set_capabilities(qmp, options, pause_before_switchover=pause_before_switchover)
+    await _set_capabilities(
+        qmp, options, pause_before_switchover=pause_before_switchover, source=True
+    )
     await qmp.set_parameters(
         multifd_channels=options.multifd_channels,
         max_bandwidth=(
             options.max_bandwidth if options.max_bandwidth is not None else UNLIMITED_BANDWIDTH
         ),
-        downtime_limit_ms=options.downtime_limit_ms,
+        downtime_limit_ms=(
+            options.downtime_limit_ms
+            if options.downtime_limit_ms is not None
+            else DEFAULT_DOWNTIME_LIMIT_MS
+        ),
+        xbzrle_cache_size=options.xbzrle_cache,
     )
+    await _set_compression(qmp, options)
     await qmp.migrate(uri)
     logger.info("%s: migration to %s started", qmp.name, uri)
 
@@ -412,6 +541,7 @@ async def follow_migration(
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
     stall_timeout: float | None = None,
     storage: SourceMirrors | None = None,
+    convergence: ConvergenceWatch | None = None,
 ) -> MigrationResult:
     """Poll the source's ``query-migrate`` until the migration ends.
 
@@ -445,6 +575,10 @@ async def follow_migration(
             ``pause_before_switchover``): their progress joins each snapshot, a failed
             mirror cancels the migration, and in ``pre-switchover`` they are ended in
             sync before ``migrate-continue`` (`SourceMirrors.cancel_in_sync`).
+        convergence: the policy for a precopy that does not converge
+            (`migrelay.control.convergence`): it sees every snapshot, raises the
+            downtime limit, switches to postcopy or cancels at the deadline; its verdict
+            joins each snapshot (``MigrationInfo.convergence``).
 
     Returns:
         The result of a ``completed`` migration.
@@ -456,6 +590,8 @@ async def follow_migration(
             ``stop``): it stays paused and may still be resumed later.
         StorageError: a disk mirror failed or could not end in sync; the migration
             was cancelled (the mirrors are the caller's to remove).
+        NotConvergingError: ``convergence`` cancelled the migration at its deadline;
+            the source runs on.
         ConnectError: the connection is gone (the source QEMU died).
         TimeoutError: ``stop`` was set and QEMU was still cancelling 10 s later.
     """
@@ -478,6 +614,14 @@ async def follow_migration(
             info = await _settled(qmp, info)
         if storage is not None:
             info = await _with_disks(qmp, info, storage)
+        if convergence is not None:
+            for action in convergence.observe(info, time.monotonic()):
+                await _carry_out(qmp, action, on_progress, info)
+            info = replace(
+                info,
+                convergence=convergence.describe(),
+                downtime_limit_ms=convergence.downtime_limit_ms if convergence.raised else None,
+            )
         if on_progress is not None:
             on_progress(info)
         if info.status is MigrationStatus.PRE_SWITCHOVER:
@@ -526,6 +670,36 @@ async def follow_migration(
             await qmp.migrate_start_postcopy()
             postcopy_requested = True
         await _next_event_or_stop(qmp, interval, stop)
+
+
+async def _carry_out(
+    qmp: QMP,
+    action: Action,
+    on_progress: Callable[[Progress], object] | None,
+    info: MigrationInfo,
+) -> None:
+    """Do what the convergence policy decided (`follow_migration`).
+
+    Logged at info level: the progress shows each step as it happens, and a cancel
+    becomes the command's one error line.
+
+    Raises:
+        NotConvergingError: the action was to cancel, and the migration ended cancelled.
+    """
+    if isinstance(action, SetDowntime):
+        logger.info("%s: %s; downtime limit now %d ms", qmp.name, action.reason, action.limit_ms)
+        await qmp.set_parameters(downtime_limit_ms=action.limit_ms)
+    elif isinstance(action, StartPostcopy):
+        logger.info("%s: switching to postcopy: %s", qmp.name, action.reason)
+        await qmp.migrate_start_postcopy()
+    elif isinstance(action, Cancel):
+        logger.info("%s: %s", qmp.name, action.reason)
+        final = await cancel_outgoing(qmp)
+        if final.status is MigrationStatus.COMPLETED:
+            return  # it completed before the cancel arrived: the next poll sees it
+        if on_progress is not None:
+            on_progress(replace(final, convergence="not converging", disks=info.disks))
+        raise NotConvergingError(action.reason)
 
 
 async def _with_disks(qmp: QMP, info: MigrationInfo, storage: SourceMirrors) -> MigrationInfo:

@@ -92,9 +92,25 @@ def dirty_rate_text(info: MigrationInfo) -> str:
     return f"{info.dirty_pages_rate} pages/s"
 
 
+def policy_text(info: MigrationInfo) -> str:
+    """What the convergence policy adds to a line: ``, not converging, throttle 40%``.
+
+    Empty while there is nothing to say, so that a migration that converges on its own
+    is shown as before.
+    """
+    parts = []
+    if info.convergence is not None:
+        parts.append(info.convergence)
+    if info.throttle_percent:
+        parts.append(f"throttle {info.throttle_percent}%")
+    if info.downtime_limit_ms is not None:
+        parts.append(f"downtime limit {info.downtime_limit_ms} ms")
+    return "".join(f", {part}" for part in parts)
+
+
 def progress_line(info: MigrationInfo) -> str:
     """One plain line for a snapshot (the `LineProgress` form, no bar, no escapes)."""
-    parts = [str(info.status)]
+    parts = [f"{info.status}{policy_text(info)}"]
     fraction = fraction_done(info)
     if fraction is not None:
         parts.append(f"{fraction * 100:3.0f}%")
@@ -110,6 +126,8 @@ def progress_line(info: MigrationInfo) -> str:
         parts.append(f"dirty {dirty_rate_text(info)}")
     if info.dirty_sync_count is not None:
         parts.append(f"pass {info.dirty_sync_count}")
+    if info.wire_bytes is not None:
+        parts.append(f"wire {format_bytes(info.wire_bytes)}")
     return " ".join(parts)
 
 
@@ -120,13 +138,14 @@ def bar_line(info: MigrationInfo, cells: int = BAR_CELLS) -> str:
     bar = "#" * filled + "-" * (cells - filled)
     percent = f"{fraction * 100:3.0f}%" if fraction is not None else "  ?%"
     return (
-        f"[{bar}] {percent} {info.status}"
+        f"[{bar}] {percent} {info.status}{policy_text(info)}"
         f"  {format_bytes(info.transferred)} sent"
         f"  {format_bytes(info.remaining)} left"
         f"  {format_rate(info.rate_bytes_per_s)}"
         f"  eta {format_duration(eta_seconds(info))}"
         f"  dirty {dirty_rate_text(info)}"
         f"  pass {info.dirty_sync_count if info.dirty_sync_count is not None else '?'}"
+        + (f"  wire {format_bytes(info.wire_bytes)}" if info.wire_bytes is not None else "")
     )
 
 
@@ -217,6 +236,8 @@ def snapshot_document(info: MigrationInfo, runstate: str | None = None) -> dict[
         "listening": list(info.socket_addresses),
         "error": info.error_desc,
     }
+    if info.throttle_percent is not None:
+        document["throttle_percent"] = info.throttle_percent
     # Only with disks: a migration without them keeps the document it always had.
     if info.disks:
         document["disks"] = [
@@ -320,6 +341,10 @@ class Summary:
         passes: dirty-bitmap syncs (passes over RAM).
         error: why it did not complete (QEMU's own text when QEMU gave one), else ``None``.
         disks: the disks copied first (``--copy-storage``), empty without them.
+        wire_bytes: bytes the in-process relay sent (``migrate --to``), else ``None``:
+            with multifd compression, fewer than ``transferred_bytes``.
+        max_throttle_percent: the most ``auto-converge`` slowed the guest, if it did.
+        convergence: the policy's last word (``not converging``, ``postcopy``), if any.
     """
 
     status: str
@@ -333,6 +358,9 @@ class Summary:
     passes: int | None
     error: str | None
     disks: tuple[DiskSummary, ...] = ()
+    wire_bytes: int | None = None
+    max_throttle_percent: int | None = None
+    convergence: str | None = None
 
     @classmethod
     def build(
@@ -342,6 +370,10 @@ class Summary:
         error: str | None = None,
         progress: MigrationInfo | None = None,
         disks: tuple[DiskSummary, ...] = (),
+        *,
+        wire_bytes: int | None = None,
+        max_throttle_percent: int | None = None,
+        convergence: str | None = None,
     ) -> Summary:
         """Summarise from the last snapshot; ``progress`` is the last one with RAM figures.
 
@@ -368,13 +400,17 @@ class Summary:
             passes=figures.dirty_sync_count if figures is not None else None,
             error=error,
             disks=disks,
+            wire_bytes=wire_bytes,
+            max_throttle_percent=max_throttle_percent,
+            convergence=convergence,
         )
 
     def to_json(self) -> str:
         """The document ``migrate --json`` prints: one object, keys in a fixed order.
 
-        ``disks`` comes last and only when there were disks, so that the document of a
-        migration without them keeps its keys.
+        ``disks``, ``wire_bytes``, ``max_throttle_percent`` and ``convergence`` come
+        last and only when there is something to say, so that the document of a plain
+        migration keeps its keys.
         """
         document: dict[str, object] = {
             "status": self.status,
@@ -390,6 +426,12 @@ class Summary:
         }
         if self.disks:
             document["disks"] = [disk.to_document() for disk in self.disks]
+        if self.wire_bytes is not None:
+            document["wire_bytes"] = self.wire_bytes
+        if self.max_throttle_percent:
+            document["max_throttle_percent"] = self.max_throttle_percent
+        if self.convergence is not None:
+            document["convergence"] = self.convergence
         return json.dumps(document)
 
     def text(self) -> str:
@@ -407,6 +449,14 @@ class Summary:
             line += f", downtime {self.downtime_ms} ms"
         if self.passes is not None:
             line += f", {self.passes} pass{'es' if self.passes != 1 else ''}"
+        if self.wire_bytes is not None:
+            line += f", {format_bytes(self.wire_bytes)} on the wire"
+        if self.max_throttle_percent:
+            line += f", guest throttled up to {self.max_throttle_percent}%"
+        if self.convergence is not None and (
+            self.status != MigrationStatus.COMPLETED or self.convergence == "postcopy"
+        ):
+            line += f" ({self.convergence})"
         if self.disks:
             line += f"; disks: {', '.join(disk.text() for disk in self.disks)} copied"
         return line
@@ -431,12 +481,21 @@ class ProgressRenderer:
         #: Every disk seen, by id, in the order they first appeared: a later snapshot
         #: (a failed one) may no longer list them.
         self._disks: dict[str, _DiskWatch] = {}
+        self._wire_bytes: int | None = None
+        self._max_throttle: int | None = None
+        self._convergence: str | None = None
 
     def update(self, info: MigrationInfo) -> None:
         """Take a snapshot (call it for every ``query-migrate``, the final one included)."""
         self.last = info
         if info.transferred is not None:
             self.last_progress = info
+        if info.wire_bytes is not None:
+            self._wire_bytes = info.wire_bytes
+        if info.throttle_percent:
+            self._max_throttle = max(self._max_throttle or 0, info.throttle_percent)
+        if info.convergence is not None:
+            self._convergence = info.convergence
         if info.disks:
             now = self.clock()
             for disk in info.disks:
@@ -455,6 +514,9 @@ class ProgressRenderer:
             error,
             self.last_progress,
             tuple(watch.summary() for watch in self._disks.values()),
+            wire_bytes=self._wire_bytes,
+            max_throttle_percent=self._max_throttle,
+            convergence=self._convergence,
         )
 
     def finish(self, error: str | None = None) -> Summary:

@@ -149,6 +149,12 @@ class Capability(enum.StrEnum):
     #: Source only: stop in ``pre-switchover`` (guest paused) until ``migrate-continue``,
     #: so that the disk mirrors can be cancelled in sync before the destination runs.
     PAUSE_BEFORE_SWITCHOVER = "pause-before-switchover"
+    #: Source only: send a page dirtied again as its difference to the copy sent before
+    #: (a cache of ``xbzrle-cache-size`` bytes). QEMU 7.2's multifd pages skip it.
+    XBZRLE = "xbzrle"
+    #: Source only: throttle the guest's vCPUs while it dirties memory faster than
+    #: the migration sends it (``cpu-throttle-percentage`` in ``query-migrate``).
+    AUTO_CONVERGE = "auto-converge"
 
 
 #: Prefix of the QOM path of a device given an ``id`` (``-device ...,id=ID``).
@@ -303,6 +309,10 @@ class MigrationInfo:
         downtime_ms: the real downtime, once completed.
         setup_time_ms: time spent in ``setup``.
         error_desc: QEMU's own text on failure.
+        throttle_percent: how much ``auto-converge`` slows the guest's vCPUs (0..99);
+            QEMU reports it only once it throttles.
+        xbzrle_cache_miss_rate: share of pages XBZRLE found no earlier copy of, with
+            ``xbzrle``.
         socket_addresses: where the destination listens after ``migrate-incoming``, as
             migration URIs (``tcp:HOST:PORT``, ``unix:PATH``); QEMU resolves port 0 here.
         raw: the reply as QEMU sent it.
@@ -321,11 +331,22 @@ class MigrationInfo:
     downtime_ms: int | None = None
     setup_time_ms: int | None = None
     error_desc: str | None = None
+    throttle_percent: int | None = None
+    xbzrle_cache_miss_rate: float | None = None
     socket_addresses: tuple[str, ...] = ()
     raw: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
     #: The disks ``migrate --copy-storage`` copies, as the source's mirror jobs report
     #: them (filled in by `migrelay.control.storage`, never by ``query-migrate``).
     disks: tuple[DiskProgress, ...] = ()
+    #: Bytes the source relay has sent on the wire so far, when the relay runs in this
+    #: process (``migrate --to``): with multifd compression QEMU counts its bytes before
+    #: compressing, the relay counts what really leaves the host.
+    wire_bytes: int | None = None
+    #: What the convergence watch makes of the migration (`migrelay.control.convergence`):
+    #: ``None`` while it has no verdict, else a short phrase (``not converging: …``).
+    convergence: str | None = None
+    #: The downtime limit in force, when migrelay changed it during the migration.
+    downtime_limit_ms: int | None = None
 
     @classmethod
     def from_reply(cls, reply: Mapping[str, object]) -> MigrationInfo:
@@ -339,6 +360,9 @@ class MigrationInfo:
         """
         ram = reply.get("ram")
         ram = ram if isinstance(ram, Mapping) else {}
+        xbzrle = reply.get("xbzrle-cache")
+        xbzrle = xbzrle if isinstance(xbzrle, Mapping) else {}
+        miss_rate = xbzrle.get("cache-miss-rate")
         mbps = ram.get("mbps")
         return cls(
             status=_parse_migration_status(reply.get("status")),
@@ -360,6 +384,12 @@ class MigrationInfo:
             downtime_ms=_int(reply.get("downtime")),
             setup_time_ms=_int(reply.get("setup-time")),
             error_desc=_str(reply.get("error-desc")),
+            throttle_percent=_int(reply.get("cpu-throttle-percentage")),
+            xbzrle_cache_miss_rate=(
+                float(miss_rate)
+                if isinstance(miss_rate, int | float) and not isinstance(miss_rate, bool)
+                else None
+            ),
             socket_addresses=_parse_socket_addresses(reply.get("socket-address")),
             raw=dict(reply),
         )
@@ -373,12 +403,15 @@ class MigrationParameters:
         multifd_channels: number of multifd channels (used only with ``multifd``).
         max_bandwidth: source rate limit in bytes/s (QEMU's default is 128 MiB/s).
         downtime_limit_ms: the longest stop-and-copy phase QEMU aims for.
+        multifd_compression: ``none``, ``zlib`` or ``zstd``; ``None`` from a QEMU
+            without multifd compression (before 5.0).
         raw: the reply as QEMU sent it.
     """
 
     multifd_channels: int | None
     max_bandwidth: int | None
     downtime_limit_ms: int | None
+    multifd_compression: str | None = None
     raw: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -627,6 +660,27 @@ class QMP:
             logger.warning("! %s: unknown runstate %r", self.name, status)
             return RunState.UNKNOWN
 
+    async def stop(self) -> None:
+        """``stop``: pause the guest; on a VM still waiting for an incoming migration,
+        have it stay paused once the migration completes (QEMU's ``autostart`` off).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        """``cont``: resume the guest; on a VM still waiting for an incoming migration,
+        have it resume once the migration completes, if the source was running (QEMU's
+        ``autostart`` on, even under ``-S``).
+
+        Raises:
+            MigrationError: QEMU refused the command.
+            ConnectError: the connection is gone.
+        """
+        await self.execute("cont")
+
     async def quit(self) -> None:
         """Ask QEMU to exit (``quit``) and disconnect.
 
@@ -771,6 +825,7 @@ class QMP:
             multifd_channels=_int(params.get("multifd-channels")),
             max_bandwidth=_int(params.get("max-bandwidth")),
             downtime_limit_ms=_int(params.get("downtime-limit")),
+            multifd_compression=_str(params.get("multifd-compression")),
             raw=dict(params),
         )
 
@@ -780,6 +835,9 @@ class QMP:
         multifd_channels: int | None = None,
         max_bandwidth: int | None = None,
         downtime_limit_ms: int | None = None,
+        multifd_compression: str | None = None,
+        compress_level: int | None = None,
+        xbzrle_cache_size: int | None = None,
     ) -> None:
         """Set migration parameters (``migrate-set-parameters``); ``None`` leaves one as is.
 
@@ -789,6 +847,10 @@ class QMP:
             multifd_channels: 1..255 (QEMU's default is 2).
             max_bandwidth: bytes/s; `UNLIMITED_BANDWIDTH` for no limit.
             downtime_limit_ms: 0..2000000 ms (QEMU's default is 300).
+            multifd_compression: ``none``, ``zlib`` or ``zstd`` (both sides must agree).
+            compress_level: the level of ``multifd_compression`` (zlib 0..9, zstd 0..20);
+                ignored with ``none``.
+            xbzrle_cache_size: bytes of XBZRLE cache.
 
         Raises:
             MigrationError: QEMU refused a value (its text names the range).
@@ -801,6 +863,12 @@ class QMP:
             arguments["max-bandwidth"] = max_bandwidth
         if downtime_limit_ms is not None:
             arguments["downtime-limit"] = downtime_limit_ms
+        if multifd_compression is not None:
+            arguments["multifd-compression"] = multifd_compression
+            if compress_level is not None and multifd_compression != "none":
+                arguments[f"multifd-{multifd_compression}-level"] = compress_level
+        if xbzrle_cache_size is not None:
+            arguments["xbzrle-cache-size"] = xbzrle_cache_size
         if arguments:
             await self.execute("migrate-set-parameters", arguments)
 

@@ -174,6 +174,10 @@ def parse_channel(value: str) -> int:
     return number
 
 
+#: The multifd compression methods a `MIGRATION_HEADER` may name.
+COMPRESSION_METHODS: Final = ("zlib", "zstd")
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationAnnouncement:
     """What a ``Migrelay-Migration`` header announces.
@@ -182,37 +186,61 @@ class MigrationAnnouncement:
         multifd_channels: multifd with this many channels; ``None`` when multifd is off
             (``multifd=0``).
         postcopy: whether the source may switch to postcopy.
+        compress: the multifd compression both sides set (``compress=zstd``); ``None``
+            when the key is absent (no compression).
+        resume: whether the destination resumes the guest after the migration
+            (``resume=1``: the source was running and the operator did not ask to keep
+            it paused); ``None`` when the key is absent: the destination is left as
+            its own command line says (``-S`` or not).
     """
 
     multifd_channels: int | None = None
     postcopy: bool = False
+    compress: str | None = None
+    resume: bool | None = None
 
     def __post_init__(self) -> None:
         # The range is QEMU's: a header outside it would only fail once QEMU is asked.
         channels = self.multifd_channels
         if channels is not None and not 1 <= channels <= MAX_MULTIFD_CHANNELS:
             raise ValueError(f"multifd channels must be 1..{MAX_MULTIFD_CHANNELS}, got {channels}")
+        if self.compress is not None and self.compress not in COMPRESSION_METHODS:
+            raise ValueError(f"unknown compression {self.compress!r}")
 
 
-def format_migration_header(multifd_channels: int | None, postcopy: bool) -> str:
-    """The ``Migrelay-Migration`` value: ``multifd=4,postcopy=0``; both keys always.
+def format_migration_header(
+    multifd_channels: int | None,
+    postcopy: bool,
+    *,
+    compress: str | None = None,
+    resume: bool | None = None,
+) -> str:
+    """The ``Migrelay-Migration`` value: ``multifd=4,postcopy=0``, then the optional keys.
 
-    ``multifd_channels`` None or 0 means multifd off (``multifd=0``).
+    ``multifd_channels`` None or 0 means multifd off (``multifd=0``). ``compress`` and
+    ``resume`` are sent only when set, so that a source that uses neither is understood
+    by a server that predates them; one that does use them is refused by such a server
+    (unknown key), which is what should happen.
 
     Raises:
-        ValueError: ``multifd_channels`` is outside 0..255.
+        ValueError: ``multifd_channels`` is outside 0..255, or ``compress`` is unknown.
     """
-    announced = MigrationAnnouncement(multifd_channels or None, postcopy)
-    return f"multifd={announced.multifd_channels or 0},postcopy={int(announced.postcopy)}"
+    announced = MigrationAnnouncement(multifd_channels or None, postcopy, compress, resume)
+    value = f"multifd={announced.multifd_channels or 0},postcopy={int(announced.postcopy)}"
+    if announced.compress is not None:
+        value += f",compress={announced.compress}"
+    if announced.resume is not None:
+        value += f",resume={int(announced.resume)}"
+    return value
 
 
 def parse_migration_header(value: str | None) -> MigrationAnnouncement:
     """Parse a ``Migrelay-Migration`` value; ``None`` (no header) gives the defaults.
 
-    Spaces around items, keys and numbers are accepted (``" multifd = 2 , postcopy=1 "``);
-    numbers are ASCII digits. An unknown key is refused rather than ignored: a
-    capability the destination did not set makes QEMU hang or fail mid-migration, long
-    after the handshake.
+    Spaces around items, keys and values are accepted (``" multifd = 2 , postcopy=1 "``);
+    numbers are ASCII digits, ``compress`` is one of `COMPRESSION_METHODS`. An unknown
+    key is refused rather than ignored: a capability the destination did not set makes
+    QEMU hang or fail mid-migration, long after the handshake.
 
     Raises:
         ValueError: the value is malformed, or names a key or value this version does
@@ -223,21 +251,32 @@ def parse_migration_header(value: str | None) -> MigrationAnnouncement:
     if len(value) > MAX_MIGRATION_HEADER_CHARS:
         raise ValueError(f"{MIGRATION_HEADER} longer than {MAX_MIGRATION_HEADER_CHARS} characters")
     multifd: int | None = None
-    postcopy = False
+    flags: dict[str, bool] = {}
+    compress: str | None = None
     for item in value.split(","):
         key, sep, text = (part.strip() for part in item.partition("="))
+        if key == "compress" and sep:
+            if text not in COMPRESSION_METHODS:
+                raise ValueError(f"{MIGRATION_HEADER} names unknown compression {text!r}")
+            compress = text
+            continue
         if not sep or _ASCII_DIGITS_RE.fullmatch(text) is None:
             raise ValueError(f"{MIGRATION_HEADER} item {item.strip()!r} is not key=number")
         number = int(text)
         if key == "multifd":
             multifd = number or None
-        elif key == "postcopy" and number in (0, 1):
-            postcopy = bool(number)
-        elif key == "postcopy":
-            raise ValueError(f"{MIGRATION_HEADER} postcopy must be 0 or 1, not {number}")
+        elif key in ("postcopy", "resume") and number in (0, 1):
+            flags[key] = bool(number)
+        elif key in ("postcopy", "resume"):
+            raise ValueError(f"{MIGRATION_HEADER} {key} must be 0 or 1, not {number}")
         else:
             raise ValueError(f"{MIGRATION_HEADER} names unknown capability {key!r}")
-    return MigrationAnnouncement(multifd_channels=multifd, postcopy=postcopy)
+    return MigrationAnnouncement(
+        multifd_channels=multifd,
+        postcopy=flags.get("postcopy", False),
+        compress=compress,
+        resume=flags.get("resume"),
+    )
 
 
 # -- Migrelay-Vm: what the destination VM must match -------------------------------------
