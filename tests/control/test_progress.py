@@ -664,3 +664,52 @@ def test_snapshot_document_lists_the_disks_when_there_are_some() -> None:
         },
     ]
     json.dumps(document)
+
+
+# -- the convergence policy, the throttle and the bytes on the wire ----------------------
+
+
+def busy(throttle: int | None = 40) -> MigrationInfo:
+    return dataclasses.replace(
+        active(200 * MIB, 20 * MIB, passes=9),
+        convergence="not converging",
+        throttle_percent=throttle,
+        downtime_limit_ms=775,
+        wire_bytes=150 * MIB,
+    )
+
+
+def test_the_lines_and_the_bar_say_what_the_policy_does_and_the_bytes_on_the_wire() -> None:
+    line = progress_line(busy())
+    assert line.startswith("active, not converging, throttle 40%, downtime limit 775 ms ")
+    assert line.endswith("pass 9 wire 150.0 MiB")
+    bar = bar_line(busy(throttle=None))
+    assert "active, not converging, downtime limit 775 ms  " in bar
+    assert bar.endswith("pass 9  wire 150.0 MiB")
+    # A migration the policy has nothing to say about looks as before.
+    assert progress_line(active(1 * MIB, 63 * MIB)).startswith("active  ")
+    assert snapshot_document(busy())["throttle_percent"] == 40
+
+
+def test_the_summary_keeps_the_wire_bytes_the_most_throttle_and_the_policy_word() -> None:
+    clock = FakeClock()
+    renderer = JsonProgress(io.StringIO(), clock)
+    renderer.update(busy(throttle=60))
+    renderer.update(busy(throttle=30))
+    cancelled = MigrationInfo(status=MigrationStatus.CANCELLED, convergence="not converging")
+    renderer.update(cancelled)
+    summary = renderer.finish("not converging: …")
+    document = json.loads(summary.to_json())
+    assert document["wire_bytes"] == 150 * MIB
+    assert document["max_throttle_percent"] == 60
+    assert document["convergence"] == "not converging"
+    assert summary.text().endswith(
+        ", 150.0 MiB on the wire, guest throttled up to 60% (not converging)"
+    )
+    # A plain migration's document keeps exactly its keys.
+    plain = JsonProgress(io.StringIO(), clock)
+    plain.update(COMPLETED)
+    assert set(json.loads(plain.finish().to_json())) == {
+        "status", "elapsed_s", "total_time_ms", "setup_time_ms", "downtime_ms",
+        "transferred_bytes", "total_bytes", "average_rate_bytes_per_s", "passes", "error",
+    }  # fmt: skip

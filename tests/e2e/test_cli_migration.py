@@ -229,13 +229,13 @@ def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
         # dirty-page rate and pass.
         full = re.compile(
             r"\[#*-*\]\s+\d+% active  [\d.]+ \S+ sent  [\d.]+ \S+ left  [\d.]+ \S+/s"
-            r"  eta .+?  dirty \S+ \S+  pass \d+\x1b\[K$"
+            r"  eta .+?  dirty \S+ \S+  pass \d+  wire [\d.]+ \S+\x1b\[K$"
         )
         assert any(full.match(redraw) for redraw in redraws), redraws
         # The summary: total time, size, average rate, downtime and passes.
         assert re.search(
             r"\r\x1b\[Kcompleted in [\d.]+ s: [\d.]+ MiB at [\d.]+ MiB/s, downtime \d+ ms,"
-            r" \d+ pass(es)?\r\n$",
+            r" \d+ pass(es)?, [\d.]+ MiB on the wire\r\n$",
             screen,
         ), repr(screen)
 
@@ -347,8 +347,8 @@ def test_capabilities_that_differ_from_the_destination_are_refused_before_a_byte
             assert stderr.startswith(
                 f"migrelay: error: cannot open websocket to {url}: server refused the upgrade"
                 " with 409: destination vm not ready: it was prepared with other capabilities"
-                " than the source announced; prepare it with the same --multifd and"
-                " --postcopy as migrate"
+                " than the source announced; prepare it with the same --multifd,"
+                " --compress and --postcopy as migrate"
             ), stderr
             # What exactly differs is for serve's log (the peer gets fixed text only).
             assert (

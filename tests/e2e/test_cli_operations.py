@@ -58,10 +58,14 @@ async def _start_guest(vm: DisposableVM) -> None:
 async def _migrate_again(
     commands: Commands, serve: MigrelayProcess, sock_dir: Path, src: DisposableVM, name: str
 ) -> None:
-    """Migrate ``src`` once more, to a fresh destination VM, and check its RAM."""
+    """Migrate ``src`` once more, to a fresh destination VM, and check its RAM.
+
+    ``--keep-paused``: a guest that ran on the source would resume on the destination
+    and change its RAM before the comparison.
+    """
     again = DisposableVM(sock_dir, name, src.ram_size, incoming=True)
     async with again:
-        second = commands.migrate(src, "--to", f"{serve.url}/{again.name}")
+        second = commands.migrate(src, "--to", f"{serve.url}/{again.name}", "--keep-paused")
         assert await second.wait() == 0, second.describe()
         await check_migrated(src, again)
 

@@ -244,7 +244,9 @@ def test_disks_written_while_mirrored_arrive_whole_with_the_ram(
                 assert await io.query_status() is RunState.RUNNING
                 migrate = commands.migrate(
                     src,
-                    *("--to", url, *trust, "--copy-storage", "--json"),
+                    # Kept paused (the guest ran here and would resume there): both
+                    # RAM files must be final to be compared.
+                    *("--to", url, *trust, "--copy-storage", "--json", "--keep-paused"),
                     *("--max-bandwidth", SLOW_BANDWIDTH),
                 )
                 used: dict[str, set[int]] = {spec.id: set() for spec in writable}

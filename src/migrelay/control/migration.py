@@ -690,7 +690,13 @@ async def _carry_out(
         logger.info("%s: %s; downtime limit now %d ms", qmp.name, action.reason, action.limit_ms)
         await qmp.set_parameters(downtime_limit_ms=action.limit_ms)
     elif isinstance(action, StartPostcopy):
-        logger.info("%s: switching to postcopy: %s", qmp.name, action.reason)
+        # Shown even without -v: from here the migration cannot go back to the source.
+        logger.warning(
+            "%s: switching to postcopy (%s): from now on it can only complete, or pause"
+            " for recovery if the link fails; the deadline no longer applies",
+            qmp.name,
+            action.reason,
+        )
         await qmp.migrate_start_postcopy()
     elif isinstance(action, Cancel):
         logger.info("%s: %s", qmp.name, action.reason)
