@@ -397,3 +397,63 @@ def test_ctrl_c_cancels_and_the_source_then_migrates_again(
                 await check_migrated(src, again)
 
     run_e2e(main())
+
+
+def _sent_bytes(log: str) -> float:
+    """What a relay's channels sent, from its ``channel … closed: …; sent X, …`` lines."""
+    units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+    return sum(
+        float(number) * units[unit]
+        for number, unit in re.findall(r"channel \S+ closed: .*?; sent ([\d.]+) (\S+),", log)
+    )
+
+
+@pytest.mark.parametrize("keep_paused", [False, True], ids=["resumes", "keep-paused"])
+def test_four_steps_with_zlib_compress_and_the_destination_resumes_unless_kept_paused(
+    run_e2e: AsyncRunner,
+    sock_dir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+    keep_paused: bool,
+) -> None:
+    """The four-step form: ``--compress`` given to both sides, nothing carries it over.
+
+    The source runs; the destination QEMU has ``-S``, yet resumes once the guest has
+    arrived (``incoming`` set its autostart), unless ``incoming --keep-paused``: then
+    both RAM files are final and equal. The relay sent far fewer bytes than the RAM's
+    size: the pages were compressed before they reached it.
+    """
+    procs = migrelay_procs
+    source_sock, dest_sock = sock_dir / "source.sock", sock_dir / "dest.sock"
+    ram = 64 * 1024 * 1024
+    src = DisposableVM(sock_dir, "src", ram, ram_content="text")
+    dst = DisposableVM(sock_dir, "dst", ram, incoming=True)
+    compression = ("--multifd", "2", "--compress", "zlib")
+
+    async def main() -> None:
+        async with src, dst:
+            async with QMP(src.name) as qmp:
+                await qmp.connect(str(src.qmp_path))
+                await qmp.cont()
+            serve = procs.serve("--target", str(dest_sock))
+            connect = procs.connect(f"{serve.url}/", source_sock)
+            incoming = await commands.run(
+                "incoming", "--qmp", str(dst.qmp_path), "--socket", str(dest_sock),
+                *compression, *(("--keep-paused",) if keep_paused else ()),
+            )  # fmt: skip
+            assert incoming.popen.returncode == 0, incoming.describe()
+            migrate = commands.migrate(src, "--socket", str(source_sock), *compression)
+            assert await migrate.wait() == 0, migrate.describe()
+            if keep_paused:
+                await check_migrated(src, dst)
+            else:
+                async with QMP(dst.name) as qmp:
+                    await qmp.connect(str(dst.qmp_path))
+                    info = await qmp.query_migrate()
+                    assert info.status is MigrationStatus.COMPLETED
+                    assert await qmp.query_status() is RunState.RUNNING
+                assert (await source_state(src))[0] is RunState.POSTMIGRATE
+            procs.stop_all()
+            assert 0 < _sent_bytes(connect.log()) < ram / 2, connect.log()
+
+    run_e2e(main())
