@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from migrelay.control.migration import wait_destination_completed
@@ -115,6 +115,26 @@ class Command:
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait()
+
+
+class NetnsCommand(Command):
+    """A `Command` run under a prefix (``ip netns exec NS``, which execs it)."""
+
+    def __init__(
+        self, directory: Path, label: str, args: tuple[str, ...], prefix: Sequence[str]
+    ) -> None:
+        self.args = args
+        self.stdout_path = directory / f"{label}.out"
+        self.stderr_path = directory / f"{label}.err"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.popen = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "migrelay", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+            )
 
 
 class Commands:

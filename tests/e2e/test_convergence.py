@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +42,13 @@ from migrelay.lab.guest import dirtying_guest, floppy_args, guest_counter
 from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
-from tests.conftest import short_temp_dir
-from tests.e2e.cli_helpers import Command, assert_one_line_error, summary_line
-from tests.helpers import FACTOR
+from tests.e2e.cli_helpers import (
+    NetnsCommand,
+    assert_one_line_error,
+    check_migrated,
+    summary_line,
+)
+from tests.helpers import FACTOR, short_temp_dir
 from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
@@ -65,26 +66,6 @@ DEADLINE_S = 25.0
 #: How long past its deadline a cancelled migration may take to end (a poll, the cancel).
 DEADLINE_SLACK_S = 10.0 * FACTOR
 MIGRATION_TIMEOUT_S = 120.0 * FACTOR
-
-
-class NetnsCommand(Command):
-    """A `Command` run under ``ip netns exec NS``."""
-
-    def __init__(
-        self, directory: Path, label: str, args: tuple[str, ...], prefix: Sequence[str]
-    ) -> None:
-        self.args = args
-        self.stdout_path = directory / f"{label}.out"
-        self.stderr_path = directory / f"{label}.err"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.popen = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "migrelay", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-            )
 
 
 @dataclass
@@ -153,6 +134,21 @@ def busy_guest(link: Link) -> tuple[str, ...]:
     return floppy_args(image)
 
 
+def busy_pair(link: Link) -> tuple[DisposableVM, DisposableVM]:
+    """A source and a destination that boot the busy guest, and ``serve`` started."""
+    guest = busy_guest(link)
+    src = link.vm("src", incoming=False, extra=guest)
+    dst = link.vm("dst", incoming=True, extra=guest)
+    link.start_serve()
+    return src, dst
+
+
+async def start_both(src: DisposableVM, dst: DisposableVM) -> None:
+    """Start both QEMUs, the source's guest running."""
+    await start_running(src)
+    await dst.start()
+
+
 async def start_running(vm: DisposableVM) -> None:
     """Start ``vm`` (created with -S) and let the guest run until it counts."""
     await vm.start()
@@ -176,14 +172,10 @@ async def vm_state(vm: DisposableVM) -> tuple[RunState, MigrationStatus]:
 def test_a_guest_dirtying_faster_than_the_link_is_cancelled_at_the_deadline_and_runs_on(
     link: Link, extra: tuple[str, ...]
 ) -> None:
-    guest = busy_guest(link)
-    src = link.vm("src", incoming=False, extra=guest)
-    dst = link.vm("dst", incoming=True, extra=guest)
-    link.start_serve()
+    src, dst = busy_pair(link)
 
     async def body() -> None:
-        await start_running(src)
-        await dst.start()
+        await start_both(src, dst)
         started = time.monotonic()
         migrate = link.migrate(
             src, dst, "--timeout", str(DEADLINE_S), "--max-downtime", str(MAX_DOWNTIME_MS),
@@ -222,14 +214,10 @@ def test_a_guest_dirtying_faster_than_the_link_is_cancelled_at_the_deadline_and_
 
 
 def test_with_postcopy_a_busy_guest_completes_and_both_ram_files_are_equal(link: Link) -> None:
-    guest = busy_guest(link)
-    src = link.vm("src", incoming=False, extra=guest)
-    dst = link.vm("dst", incoming=True, extra=guest)
-    link.start_serve()
+    src, dst = busy_pair(link)
 
     async def body() -> None:
-        await start_running(src)
-        await dst.start()
+        await start_both(src, dst)
         migrate = link.migrate(
             src, dst, "--postcopy", "--keep-paused", "--timeout", "60",
             "--max-downtime", str(MAX_DOWNTIME_MS), "--json",
@@ -239,18 +227,8 @@ def test_with_postcopy_a_busy_guest_completes_and_both_ram_files_are_equal(link:
         assert document["status"] == "completed"
         assert document["convergence"] == "postcopy"
         # Kept paused: the destination's RAM is final, as the source's (postmigrate).
-        async with QMP(dst.name) as qmp:
-            await qmp.connect(str(dst.qmp_path))
-            await wait_destination_completed(qmp, MIGRATION_TIMEOUT_S)
-            assert await qmp.query_status() is RunState.PAUSED
-            await qmp.quit()
-        async with QMP(src.name) as qmp:
-            await qmp.connect(str(src.qmp_path))
-            assert await qmp.query_status() is RunState.POSTMIGRATE
-            await qmp.quit()
-        assert await dst.wait(30) == 0
-        assert await src.wait(30) == 0
-        assert first_difference(src.ram_path, dst.ram_path) is None
+        assert (await vm_state(dst))[0] is RunState.PAUSED
+        await check_migrated(src, dst)
         print(
             f"\nPOSTCOPY: completed in {document['elapsed_s']} s, downtime"
             f" {document['downtime_ms']} ms, {document['passes']} passes"
@@ -262,14 +240,10 @@ def test_with_postcopy_a_busy_guest_completes_and_both_ram_files_are_equal(link:
 def test_with_postcopy_the_destination_resumes_and_the_guest_keeps_counting(
     link: Link,
 ) -> None:
-    guest = busy_guest(link)
-    src = link.vm("src", incoming=False, extra=guest)
-    dst = link.vm("dst", incoming=True, extra=guest)  # -S: migrelay decides, not -S
-    link.start_serve()
+    src, dst = busy_pair(link)  # the destination has -S: migrelay decides, not -S
 
     async def body() -> None:
-        await start_running(src)
-        await dst.start()
+        await start_both(src, dst)
         migrate = link.migrate(src, dst, "--postcopy", "--timeout", "60")
         assert await migrate.wait(MIGRATION_TIMEOUT_S) == 0, migrate.describe()
         assert "(postcopy)" in summary_line(migrate.stdout())
@@ -304,18 +278,12 @@ def migrate_json(
         migrate = link.migrate(src, dst, "--json", "--timeout", "90", *args)
         assert await migrate.wait(MIGRATION_TIMEOUT_S) == 0, migrate.describe()
         document: dict[str, object] = json.loads(migrate.stdout())
-        async with QMP(dst.name) as qmp:
-            await qmp.connect(str(dst.qmp_path))
-            await wait_destination_completed(qmp, MIGRATION_TIMEOUT_S)
-            if not extra:
-                await qmp.quit()
-        if not extra:
-            async with QMP(src.name) as qmp:
-                await qmp.connect(str(src.qmp_path))
-                await qmp.quit()
-            assert await dst.wait(30) == 0
-            assert await src.wait(30) == 0
-            assert first_difference(src.ram_path, dst.ram_path) is None
+        if extra:  # a running guest resumes on the destination: its RAM moves on
+            async with QMP(dst.name) as qmp:
+                await qmp.connect(str(dst.qmp_path))
+                await wait_destination_completed(qmp, MIGRATION_TIMEOUT_S)
+        else:
+            await check_migrated(src, dst)
         return document
 
     return link.run(body())
@@ -356,14 +324,10 @@ def test_xbzrle_sends_pages_dirtied_again_as_small_differences(link: Link) -> No
 
 
 def test_on_timeout_pause_stops_the_guest_at_the_deadline_and_completes(link: Link) -> None:
-    guest = busy_guest(link)
-    src = link.vm("src", incoming=False, extra=guest)
-    dst = link.vm("dst", incoming=True, extra=guest)
-    link.start_serve()
+    src, dst = busy_pair(link)
 
     async def body() -> None:
-        await start_running(src)
-        await dst.start()
+        await start_both(src, dst)
         deadline_s = 12.0
         migrate = link.migrate(
             src, dst, "--timeout", str(deadline_s), "--on-timeout", "pause",
@@ -376,17 +340,7 @@ def test_on_timeout_pause_stops_the_guest_at_the_deadline_and_completes(link: Li
         # The guest was paused to send a whole dirty set (~24 MiB at ~12 MiB/s): a
         # downtime far over the 300 ms limit the migration started with.
         assert int(document["downtime_ms"]) > 1000, document
-        async with QMP(dst.name) as qmp:
-            await qmp.connect(str(dst.qmp_path))
-            await wait_destination_completed(qmp, MIGRATION_TIMEOUT_S)
-            await qmp.quit()
-        async with QMP(src.name) as qmp:
-            await qmp.connect(str(src.qmp_path))
-            assert await qmp.query_status() is RunState.POSTMIGRATE
-            await qmp.quit()
-        assert await dst.wait(30) == 0
-        assert await src.wait(30) == 0
-        assert first_difference(src.ram_path, dst.ram_path) is None
+        await check_migrated(src, dst)
         print(
             f"\nPAUSE: completed in {document['elapsed_s']} s,"
             f" downtime {document['downtime_ms']} ms"

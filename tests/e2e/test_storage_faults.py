@@ -39,10 +39,8 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +53,7 @@ from migrelay.lab.disks import DiskSpec, compare_images
 from migrelay.lab.netns import LinkedNamespaces
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
-from tests.e2e.cli_helpers import Command, assert_one_line_error
+from tests.e2e.cli_helpers import Command, NetnsCommand, assert_one_line_error
 from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
@@ -109,26 +107,6 @@ RAM_PHASE = Phase(
 )
 
 
-class NetnsCommand(Command):
-    """A `Command` run under a prefix (``ip netns exec NS``, which execs it)."""
-
-    def __init__(
-        self, directory: Path, label: str, args: tuple[str, ...], prefix: Sequence[str]
-    ) -> None:
-        self.args = args
-        self.stdout_path = directory / f"{label}.out"
-        self.stderr_path = directory / f"{label}.err"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.popen = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "migrelay", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-            )
-
-
 @dataclass
 class Hosts:
     """Two namespaces, ``serve`` and the VMs in them; everything is cleaned up."""
@@ -156,7 +134,9 @@ class Hosts:
             self.sock_dir,
             f"migrate-{len(self.commands)}",
             ("migrate", "--qmp", str(src.qmp_path), "--to", f"ws://{self.ns.dest_addr}:{PORT}/vm",
-             "--copy-storage", "--token-file", str(self.token_file), *LIVENESS_ARGS, *args),
+             "--copy-storage", "--token-file", str(self.token_file), *LIVENESS_ARGS,
+             # The guest runs here: kept paused there, both RAM files are final.
+             "--keep-paused", *args),
             self.ns.prefix(self.ns.source_ns),
         )  # fmt: skip
         self.commands.append(command)

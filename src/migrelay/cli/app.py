@@ -483,7 +483,7 @@ def _convergence(
     on_timeout: str,
     max_downtime: int,
     postcopy_after: int | None,
-) -> ConvergencePolicy | None:
+) -> ConvergencePolicy:
     """The deadline (None: derived from the VM's sizes once known) and the policy."""
     try:
         action = OnTimeout(on_timeout)
