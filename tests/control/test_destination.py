@@ -191,3 +191,25 @@ def test_a_mismatch_names_both_sides_to_the_client_and_in_the_log() -> None:
         " pc-i440fx-7.2, destination pc-q35-7.2",
     )
     assert refusal.detail is None  # the reason already says it all (serve logs it)
+
+
+@pytest.mark.parametrize(
+    ("announced", "command"),
+    [
+        # Nothing said: the guest resumes here if it ran at the source (autostart on,
+        # whatever -S the destination QEMU has); QEMU applies the source's runstate.
+        ("multifd=0,postcopy=0", "cont"),
+        (None, "cont"),
+        # migrate --keep-paused.
+        ("multifd=0,postcopy=0,resume=0", "stop"),
+    ],
+)
+def test_the_destination_resumes_unless_the_source_says_keep_paused(
+    run_async: AsyncRunner, sock_dir: Path, announced: str | None, command: str
+) -> None:
+    listening = {"socket-address": [{"type": "unix", "path": str(sock_dir / "vm.sock")}]}
+    fake = _destination(64 * MIB, **{"query-migrate": [{}, {}, listening]})
+    headers = {"migrelay-migration": announced} if announced is not None else {}
+    run_async(_prepare(fake, sock_dir, headers))
+    # Set once it listens, on the inmigrate VM: it changes only QEMU's autostart flag.
+    assert fake.commands[-2:] == ["query-migrate", command], fake.commands

@@ -106,14 +106,19 @@ T = TypeVar("T")
 POSTCOPY_AFTER_PASSES = 4
 
 
-def announcement(options: MigrationOptions, resume: bool | None = None) -> str:
+def announcement(options: MigrationOptions, keep_paused: bool = False) -> str:
     """The `MIGRATION_HEADER` value that announces ``options``: ``multifd=4,postcopy=0``.
 
-    ``resume`` says whether the destination resumes the guest once it has arrived
-    (``None``: leave that to the destination's own command line).
+    ``keep_paused`` adds ``resume=0``: the destination keeps the guest paused. Without
+    it nothing is added, and the destination resumes the guest if it ran on the source
+    (`set_autostart`): a server from before ``resume`` understands that header, and
+    refuses one with ``resume=0``, which it could not honour.
     """
     return format_migration_header(
-        options.multifd_channels, options.postcopy, compress=options.compress, resume=resume
+        options.multifd_channels,
+        options.postcopy,
+        compress=options.compress,
+        resume=False if keep_paused else None,
     )
 
 
@@ -514,13 +519,9 @@ async def run_migration(
             request, f"unix:{socket}", None, on_progress, interval, stop
         )
     options = request.options
-    # The destination resumes the guest only if it ran here (QEMU's own rule, which a
-    # destination started with -S would not follow) and the operator did not say no.
-    runstate, _ = await query(str(request.qmp_path))
-    resume = runstate is RunState.RUNNING and not request.keep_paused
     headers = [
         *request.relay.extra_headers,
-        (MIGRATION_HEADER, announcement(options, resume=resume)),
+        (MIGRATION_HEADER, announcement(options, keep_paused=request.keep_paused)),
     ]
     # What the destination VM must match, so that serve refuses a mismatch before a byte
     # moves (`migrelay.control.compat`).

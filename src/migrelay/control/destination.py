@@ -116,9 +116,9 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
                 f"incoming migration still {current.status}; not yet paused to recover"
             )
         info = await prepare_incoming(qmp, uri, options)
-        # The source says whether the guest resumes here (it ran there, and the operator
-        # did not ask to keep it paused), whatever -S this QEMU was started with.
-        await set_autostart(qmp, parse_migration_header(announced).resume)
+        # The guest resumes here if it ran at the source (QEMU's rule once autostart is
+        # on, whatever -S this QEMU was started with), unless the source said resume=0.
+        await set_autostart(qmp, parse_migration_header(announced).resume is not False)
         return info
 
 

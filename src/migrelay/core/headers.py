@@ -188,10 +188,9 @@ class MigrationAnnouncement:
         postcopy: whether the source may switch to postcopy.
         compress: the multifd compression both sides set (``compress=zstd``); ``None``
             when the key is absent (no compression).
-        resume: whether the destination resumes the guest after the migration
-            (``resume=1``: the source was running and the operator did not ask to keep
-            it paused); ``None`` when the key is absent: the destination is left as
-            its own command line says (``-S`` or not).
+        resume: ``False`` (``resume=0``): the destination keeps the guest paused after
+            the migration; ``None`` (absent) or ``True``: it resumes the guest if it ran
+            on the source.
     """
 
     multifd_channels: int | None = None
