@@ -149,20 +149,29 @@ def test_bench_with_a_dirtying_guest_sends_more_than_the_ram_in_more_passes(
         assert result["max_throttle_percent"] == 0  # no auto-converge asked
 
 
-def test_bench_reports_a_guest_that_outruns_the_link_as_not_converged(tmp_path: Path) -> None:
+def test_bench_reports_a_guest_that_outruns_the_link_as_not_converged_unless_the_policy_steps_in(
+    tmp_path: Path,
+) -> None:
     # The guest rewrites 16 MiB as fast as TCG goes: each pass needs 0.7 s of a 25 MB/s
     # link, above QEMU's 300 ms downtime, however much auto-converge throttles it.
+    # migrelay's policy raises the downtime limit (300, 482, 775 ms…) until it fits.
     report, table = _bench_with_table(
-        tmp_path, "--runs", "1", "--modes", "ws-ac", "--workload", "dirty:16M",
-        "--content", "zero", "--link", "200mbit", "--timeout", "8",
+        tmp_path, "--runs", "1", "--modes", "ws-ac,ws-steps", "--workload", "dirty:16M",
+        "--content", "zero", "--link", "200mbit", "--timeout", "10",
     )  # fmt: skip
     assert report["ram_content"] == "zero"
-    result = _only(report, "results")
-    assert result["outcome"] == "not converged" and result["error"] is None, result
-    assert result["ram_matched"] is None and result["seconds"] is None
-    assert result["passes"] > 3 and result["max_throttle_percent"] > 0, result
-    row = _only(report, "summary")
-    assert row["not_converged"] == 1 and row["failures"] == 0
+    results = {r["mode"]: r for r in report["results"]}  # type: ignore[attr-defined]
+    alone, policy = results["ws-ac"], results["ws-steps"]
+    assert alone["outcome"] == "not converged" and alone["error"] is None, alone
+    assert alone["ram_matched"] is None and alone["seconds"] is None
+    assert alone["passes"] > 3 and alone["max_throttle_percent"] > 0, alone
+    assert alone["downtime_limit_ms"] is None  # no policy
+    assert policy["outcome"] == "completed" and policy["ram_matched"], policy
+    assert policy["downtime_limit_ms"] > 300, policy
+    assert policy["downtime_ms"] > 300, policy
+    rows = {row["mode"]: row for row in report["summary"]}  # type: ignore[attr-defined]
+    assert rows["ws-ac"]["not_converged"] == 1 and rows["ws-ac"]["failures"] == 0
+    assert rows["ws-steps"]["not_converged"] == 0 and rows["ws-steps"]["failures"] == 0
     assert "no conv." in table and "(1 not converged)" in table
 
 
@@ -185,6 +194,11 @@ def test_bench_refuses_a_workload_larger_than_the_ram(tmp_path: Path) -> None:
         ("tcp-multifd2-zlib", lab_bench.Mode("tcp-multifd2-zlib", "tcp", 2, "zlib")),
         ("ws-xbzrle", lab_bench.Mode("ws-xbzrle", "ws", xbzrle=True)),
         ("wss-xbzrle-ac", lab_bench.Mode("wss-xbzrle-ac", "wss", xbzrle=True, auto_converge=True)),
+        ("ws-steps", lab_bench.Mode("ws-steps", "ws", policy="steps")),
+        (
+            "tcp-ac-pause",
+            lab_bench.Mode("tcp-ac-pause", "tcp", auto_converge=True, policy="pause"),
+        ),
     ],
 )
 def test_mode_names_parse_into_transport_and_qemu_options(
@@ -200,6 +214,7 @@ def test_mode_names_parse_into_transport_and_qemu_options(
         ("ws-multifd2-xbzrle", "xbzrle"),
         ("ws-multifd2-lz4", "unknown or repeated option"),
         ("ws-ac-ac", "unknown or repeated option"),
+        ("ws-steps-pause", "unknown or repeated option"),
         ("quic", "unknown mode"),
     ],
 )

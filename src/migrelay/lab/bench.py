@@ -34,7 +34,8 @@ guest that rewrites N MiB, optionally at a set rate (``dirty:64M@20M``,
 ``not converged``, with its passes and the CPU throttle QEMU applied.
 
 Modes may add QEMU's multifd compression (``ws-multifd2-zstd``, ``tcp-multifd2-zlib``),
-XBZRLE (``ws-xbzrle``) or auto-converge (``…-ac``), see `Mode`. Then QEMU's own
+XBZRLE (``ws-xbzrle``), auto-converge (``…-ac``) or migrelay's convergence policy with
+the run's timeout as its deadline (``…-steps``, ``…-pause``), see `Mode`. Then QEMU's own
 ``transferred`` says little: QEMU 7.2 counts multifd pages *before* compression (and
 applies ``max-bandwidth`` to them; measured here: 128 MiB of text-like RAM, multifd 2,
 20 MiB/s limit: 6.3 s and "transferred 128 MiB" both with and without zstd). So each
@@ -69,6 +70,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from migrelay.aio.local import storage_socket
+from migrelay.control.convergence import ConvergencePolicy, ConvergenceWatch, OnTimeout
 from migrelay.control.migration import (
     DEFAULT_STALL_TIMEOUT_S,
     MigrationOptions,
@@ -80,7 +82,7 @@ from migrelay.control.migration import (
 )
 from migrelay.control.qmp import QMP, MigrationInfo
 from migrelay.control.storage import SourceMirrors, export_disks, select_disks, unexport_disks
-from migrelay.errors import RelayError
+from migrelay.errors import NotConvergingError, RelayError
 from migrelay.lab.disks import DiskSpec, compare_images
 from migrelay.lab.guest import (
     MIN_START as GUEST_DIRTY_START,
@@ -126,16 +128,26 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 TRANSPORTS = ("tcp", "unix", "ws", "wss", "socat")
 #: QEMU's multifd compression methods (``multifd-compression``).
 COMPRESSIONS = ("zstd", "zlib")
+#: migrelay's convergence policies (`migrelay.control.convergence`), by mode suffix:
+#: ``steps`` is ``migrate``'s default (raise the downtime limit while precopy does not
+#: converge, cancel at the deadline), ``pause`` the same but at the deadline QEMU
+#: pauses the guest and sends the rest (``--on-timeout pause``).
+POLICIES = ("steps", "pause")
+#: Seconds the bench waits beyond a policy's deadline before it cancels the run itself.
+POLICY_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
 class Mode:
     """One way to migrate: a transport and QEMU's options.
 
-    Names are ``TRANSPORT[-multifdN[-zstd|-zlib]][-xbzrle][-ac]``: ``tcp``, ``ws``,
-    ``ws-multifd4``, ``ws-multifd2-zstd`` (multifd with zstd, QEMU's level 1),
-    ``tcp-xbzrle`` (pages dirtied again sent as XBZRLE differences; not with multifd),
-    ``ws-ac`` (auto-converge: QEMU throttles a guest that dirties faster than the link).
+    Names are ``TRANSPORT[-multifdN[-zstd|-zlib]][-xbzrle][-ac][-steps|-pause]``:
+    ``tcp``, ``ws``, ``ws-multifd4``, ``ws-multifd2-zstd`` (multifd with zstd, QEMU's
+    level 1), ``tcp-xbzrle`` (pages dirtied again sent as XBZRLE differences; not with
+    multifd), ``ws-ac`` (auto-converge: QEMU throttles a guest that dirties faster than
+    the link), ``ws-steps`` and ``ws-pause`` (migrelay's convergence policy, `POLICIES`,
+    with the run's timeout as its deadline). Without a policy a run is QEMU's precopy
+    alone, cancelled by the bench at the timeout.
     """
 
     name: str
@@ -144,6 +156,7 @@ class Mode:
     compress: str | None = None
     xbzrle: bool = False
     auto_converge: bool = False
+    policy: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Mode:
@@ -157,10 +170,11 @@ class Mode:
         if transport not in TRANSPORTS:
             raise ValueError(
                 f"unknown mode {text!r} ({', '.join(TRANSPORTS)}, then -multifdN, -zstd,"
-                " -zlib, -xbzrle, -ac)"
+                " -zlib, -xbzrle, -ac, -steps, -pause)"
             )
         multifd = None
         compress = None
+        policy = None
         flags: set[str] = set()
         for option in options:
             if option.startswith("multifd") and multifd is None:
@@ -172,9 +186,11 @@ class Mode:
                 compress = option
             elif option in ("xbzrle", "ac") and option not in flags:
                 flags.add(option)
+            elif option in POLICIES and policy is None:
+                policy = option
             else:
                 raise ValueError(f"unknown or repeated option {option!r} in mode {text!r}")
-        mode = cls(text, transport, multifd, compress, "xbzrle" in flags, "ac" in flags)
+        mode = cls(text, transport, multifd, compress, "xbzrle" in flags, "ac" in flags, policy)
         mode.options()  # QEMU's rules on what goes together, said now
         return mode
 
@@ -193,6 +209,13 @@ class Mode:
             xbzrle_cache=xbzrle_cache if self.xbzrle else None,
             auto_converge=self.auto_converge,
         )
+
+    def convergence(self, deadline_s: float) -> ConvergencePolicy | None:
+        """The mode's convergence policy with this deadline; None: QEMU alone."""
+        if self.policy is None:
+            return None
+        on_timeout = OnTimeout.PAUSE if self.policy == "pause" else OnTimeout.CANCEL
+        return ConvergencePolicy(timeout_s=deadline_s, on_timeout=on_timeout)
 
     @property
     def direct(self) -> bool:
@@ -296,6 +319,10 @@ class RunResult:
     passes: int | None = None
     #: The largest ``cpu-throttle-percentage`` seen (auto-converge); 0: none.
     max_throttle_percent: int = 0
+    #: With a convergence policy: the downtime limit it ended with (ms), and its
+    #: verdict when it cancelled (``not converging: …``).
+    downtime_limit_ms: int | None = None
+    policy_verdict: str | None = None
     #: None when not checked (the user's own VMs, a run that did not converge).
     ram_matched: bool | None = False
     #: Whether the destination's disk equals the source's; None: no disk.
@@ -674,19 +701,37 @@ class Bench:
         wire_before = await self._link_tx_bytes()
         sampler = asyncio.ensure_future(_sample_rss(relays))
         watcher = asyncio.ensure_future(_watch_source(src_qmp, result))
+        policy = mode.convergence(self.run_timeout)
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.run_timeout):
+            # With a policy its deadline ends the run; the bench's own is a safety net.
+            async with asyncio.timeout(self.run_timeout + (POLICY_GRACE_S if policy else 0)):
                 if mirrors is None:
                     await start_migration(src_qmp, out_uri, options)
+                    if policy is not None:
+                        watch = ConvergenceWatch(policy, started)
+                        try:
+                            await follow_migration(
+                                src_qmp, interval=SOURCE_POLL_S, convergence=watch
+                            )
+                        finally:
+                            result.downtime_limit_ms = watch.downtime_limit_ms
+                            result.policy_verdict = watch.stall
                 else:
                     await self._copy_disks(src_qmp, mirrors)
                     result.disk_seconds = time.monotonic() - started
                     await self._migrate_ram_after_disks(src_qmp, out_uri, options, mirrors)
-                await wait_destination_completed(dst_qmp, self.run_timeout)
+                await wait_destination_completed(
+                    dst_qmp, self.run_timeout + (POLICY_GRACE_S if policy else 0)
+                )
             result.seconds = time.monotonic() - started
             if result.disk_seconds is not None:
                 result.ram_seconds = result.seconds - result.disk_seconds
+        except NotConvergingError as exc:  # the policy cancelled it at its deadline
+            _note_source(result, await src_qmp.query_migrate())
+            result.outcome = "not converged"
+            result.policy_verdict = str(exc)
+            return
         except TimeoutError:
             final = await _cancel_quietly(src_qmp)
             if final is not None:
