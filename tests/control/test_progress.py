@@ -713,3 +713,17 @@ def test_the_summary_keeps_the_wire_bytes_the_most_throttle_and_the_policy_word(
         "status", "elapsed_s", "total_time_ms", "setup_time_ms", "downtime_ms",
         "transferred_bytes", "total_bytes", "average_rate_bytes_per_s", "passes", "error",
     }  # fmt: skip
+
+
+def test_a_completed_summary_says_who_does_what_and_a_failed_one_does_not() -> None:
+    clock = FakeClock()
+    renderer = LineProgress(io.StringIO(), clock)
+    renderer.aftermath = "source stopped (postmigrate)"
+    renderer.update(COMPLETED)
+    summary = renderer.finish()
+    assert summary.text().endswith("3 passes; source stopped (postmigrate)")
+    assert json.loads(summary.to_json())["aftermath"] == "source stopped (postmigrate)"
+    failed = LineProgress(io.StringIO(), clock)
+    failed.aftermath = "source stopped (postmigrate)"
+    failed.update(FAILED)
+    assert "source stopped" not in failed.finish().text()

@@ -52,7 +52,9 @@ def _check_line_output(stdout: str) -> None:
     for word in ("transferred", "remaining", "rate", "eta", "dirty", "pass"):
         assert word in active[-1], active[-1]
     assert re.fullmatch(
-        r"completed in [0-9.]+ s: [0-9.]+ MiB at [0-9.]+ MiB/s, downtime \d+ ms, \d+ pass(es)?",
+        r"completed in [0-9.]+ s: [0-9.]+ MiB at [0-9.]+ MiB/s, downtime \d+ ms, \d+ pass(es)?"
+        # --socket: only the source's side is this command's to say.
+        r"; source stopped \(postmigrate\)",
         summary,
     ), summary
 
@@ -235,7 +237,8 @@ def test_multifd_4_through_the_tunnel_shows_a_bar_on_a_terminal(
         # The summary: total time, size, average rate, downtime and passes.
         assert re.search(
             r"\r\x1b\[Kcompleted in [\d.]+ s: [\d.]+ MiB at [\d.]+ MiB/s, downtime \d+ ms,"
-            r" \d+ pass(es)?, [\d.]+ MiB on the wire\r\n$",
+            r" \d+ pass(es)?, [\d.]+ MiB on the wire; source stopped \(postmigrate\),"
+            r" destination resumes the guest if it ran here\r\n$",
             screen,
         ), repr(screen)
 

@@ -512,6 +512,17 @@ def _convergence(
         exit_with(str(exc))
 
 
+def _aftermath(quit_source: bool, keep_paused: bool | None) -> str:
+    """Who does what after a completed migration, for the summary (README: "After a
+    migration, who does what"); ``keep_paused`` None: the destination's side is
+    ``incoming``'s to say (the four-step form)."""
+    source = "source quit" if quit_source else "source stopped (postmigrate)"
+    if keep_paused is None:
+        return source
+    destination = "keeps the guest paused" if keep_paused else "resumes the guest if it ran here"
+    return f"{source}, destination {destination}"
+
+
 def _storage_options(
     copy_storage: bool,
     migrate_disks: str | None,
@@ -855,6 +866,7 @@ def migrate(
         quit_source=quit_source,
     )
     renderer = _renderer(json_output)
+    renderer.aftermath = _aftermath(quit_source, keep_paused if to is not None else None)
 
     async def main(stop: asyncio.Event) -> int:
         try:
@@ -1063,6 +1075,10 @@ def bench(
             took += f", {result.passes} passes"
         if result.max_throttle_percent:
             took += f", throttle up to {result.max_throttle_percent} %"
+        if result.downtime_limit_ms is not None:
+            took += f", downtime limit {result.downtime_limit_ms} ms"
+        if result.policy_verdict and result.outcome != "completed":
+            took += f" ({result.policy_verdict})"
         error = f" ({result.error})" if result.error else ""
         disk_ok = ""
         if result.disk_matched is not None:

@@ -345,6 +345,8 @@ class Summary:
             with multifd compression, fewer than ``transferred_bytes``.
         max_throttle_percent: the most ``auto-converge`` slowed the guest, if it did.
         convergence: the policy's last word (``not converging``, ``postcopy``), if any.
+        aftermath: who does what now that it has completed (``source stopped
+            (postmigrate), destination resumes the guest if it ran here``), if said.
     """
 
     status: str
@@ -361,6 +363,7 @@ class Summary:
     wire_bytes: int | None = None
     max_throttle_percent: int | None = None
     convergence: str | None = None
+    aftermath: str | None = None
 
     @classmethod
     def build(
@@ -374,6 +377,7 @@ class Summary:
         wire_bytes: int | None = None,
         max_throttle_percent: int | None = None,
         convergence: str | None = None,
+        aftermath: str | None = None,
     ) -> Summary:
         """Summarise from the last snapshot; ``progress`` is the last one with RAM figures.
 
@@ -403,6 +407,7 @@ class Summary:
             wire_bytes=wire_bytes,
             max_throttle_percent=max_throttle_percent,
             convergence=convergence,
+            aftermath=aftermath if status == str(MigrationStatus.COMPLETED) else None,
         )
 
     def to_json(self) -> str:
@@ -432,6 +437,8 @@ class Summary:
             document["max_throttle_percent"] = self.max_throttle_percent
         if self.convergence is not None:
             document["convergence"] = self.convergence
+        if self.aftermath is not None:
+            document["aftermath"] = self.aftermath
         return json.dumps(document)
 
     def text(self) -> str:
@@ -459,6 +466,8 @@ class Summary:
             line += f" ({self.convergence})"
         if self.disks:
             line += f"; disks: {', '.join(disk.text() for disk in self.disks)} copied"
+        if self.aftermath is not None:
+            line += f"; {self.aftermath}"
         return line
 
 
@@ -484,6 +493,9 @@ class ProgressRenderer:
         self._wire_bytes: int | None = None
         self._max_throttle: int | None = None
         self._convergence: str | None = None
+        #: Who does what once the migration has completed, for the summary (set by
+        #: the command, which knows its options); said only if it completed.
+        self.aftermath: str | None = None
 
     def update(self, info: MigrationInfo) -> None:
         """Take a snapshot (call it for every ``query-migrate``, the final one included)."""
@@ -517,6 +529,7 @@ class ProgressRenderer:
             wire_bytes=self._wire_bytes,
             max_throttle_percent=self._max_throttle,
             convergence=self._convergence,
+            aftermath=self.aftermath,
         )
 
     def finish(self, error: str | None = None) -> Summary:
