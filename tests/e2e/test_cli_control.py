@@ -202,5 +202,17 @@ def test_bad_flags_are_refused_before_any_vm_is_touched(
         multifd = await commands.run("incoming", "--qmp", qmp, "--multifd", "0")
         assert multifd.popen.returncode == 2  # typer's usage error
         assert "Traceback" not in multifd.stderr()
+        # The convergence and compression options (issue: busy guests and slow links).
+        for args, message in (
+            (("--compress", "zstd"), "compression needs multifd"),
+            (("--multifd", "2", "--compress", "lz4"), "compression must be one of zlib, zstd"),
+            (("--multifd", "2", "--xbzrle-cache", "64M"), "xbzrle does nothing with multifd"),
+            (("--on-timeout", "postcopy"), "--on-timeout postcopy needs --postcopy"),
+            (("--on-timeout", "later"), "--on-timeout must be cancel, pause or postcopy"),
+            (("--keep-paused",), "--keep-paused needs --to"),
+            (("--no-wait", "--timeout", "60"), "--timeout and --on-timeout need the command"),
+        ):
+            refused = await commands.run("migrate", "--qmp", qmp, *args)
+            assert_one_line_error(refused, message)
 
     run_async(main())

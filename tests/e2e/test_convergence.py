@@ -194,7 +194,10 @@ def test_a_guest_dirtying_faster_than_the_link_is_cancelled_at_the_deadline_and_
         stdout = migrate.stdout()
         # The policy's steps were shown as they happened, in the lines form.
         assert "active, not converging" in stdout, stdout
-        assert "downtime limit 1000 ms" in stdout, stdout
+        # The steps (their values are the unit tests'): at least one was taken.
+        assert re.search(r"not converging, (throttle \d+%, )?downtime limit \d+ ms", stdout), (
+            stdout
+        )
         throttles = [int(value) for value in re.findall(r"throttle (\d+)%", stdout)]
         if extra:
             assert throttles and max(throttles) >= 20, stdout  # QEMU's first step: 20 %

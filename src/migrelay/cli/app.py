@@ -850,6 +850,11 @@ def migrate(
     )
     if quit_source and no_wait:
         exit_with("--quit-source cannot be used with --no-wait: this command quits it")
+    if no_wait and (timeout is not None or on_timeout != OnTimeout.CANCEL):
+        # Nothing would watch the migration: the deadline is this command's to keep.
+        exit_with(
+            "--timeout and --on-timeout need the command to follow the migration, not --no-wait"
+        )
     request = commands.MigrateRequest(
         socket_owners=owners,
         qmp_path=qmp,
