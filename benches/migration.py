@@ -8,7 +8,8 @@ each timed until the destination's query-migrate says ``completed``; medians, th
 to direct TCP, and the relays' CPU seconds per GiB. With ``--disk`` the VM also has a
 disk of random bytes, copied first as ``migrate --copy-storage`` does (direct TCP:
 mirrored to an NBD export on TCP), and the disk and RAM phases are reported apart.
-``migrelay bench`` runs the same code.
+``migrelay bench`` runs the same code, and has the options this script lacks (``--workload``,
+``--content``, ``--link``, ``--timeout``).
 
 Conclusion (1 GiB, 2-core AMD EPYC, QEMU 7.2 TCG; see README and benches/results/):
 the ratio to direct TCP is printed per mode; direct TCP is bound by destination QEMU's

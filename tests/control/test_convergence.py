@@ -163,3 +163,14 @@ def test_on_timeout_postcopy_needs_postcopy() -> None:
         ConvergencePolicy(timeout_s=10, on_timeout=OnTimeout.POSTCOPY)
     with pytest.raises(ValueError, match="timeout must be positive"):
         ConvergencePolicy(timeout_s=0)
+
+
+def test_the_cause_names_the_last_finished_pass_and_the_last_measured_rate() -> None:
+    watch = ConvergenceWatch(ConvergencePolicy(timeout_s=1000), 0.0)
+    feed(watch, [256 * MIB] + [64 * MIB] * (WINDOW_PASSES + 2))
+    # A pass just begun, in which QEMU has measured no dirty rate yet.
+    watch.observe(snapshot(7, 1 * MIB, dirty_bytes_per_s=0), 7.0)
+    assert watch.cause() == (
+        "the guest dirties 60.0 MiB/s, the link carries 12.0 MiB/s; each pass resends"
+        " ~64.0 MiB, which would pause the guest ~5.33 s"
+    )

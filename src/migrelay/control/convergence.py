@@ -241,7 +241,8 @@ class ConvergenceWatch:
         passes = info.dirty_sync_count
         if passes is not None and info.remaining is not None:
             self._pass_sizes[passes] = max(self._pass_sizes.get(passes, 0), info.remaining)
-        if info.dirty_pages_rate is not None and info.page_size:
+        # Zero is no measurement (the last instants of a migration): keep the last one.
+        if info.dirty_pages_rate and info.page_size:
             self._dirty_rate = float(info.dirty_pages_rate * info.page_size)
         if info.rate_bytes_per_s:
             self._link_rate = info.rate_bytes_per_s
@@ -263,7 +264,11 @@ class ConvergenceWatch:
         dirty = format_rate(self._dirty_rate) if self._dirty_rate is not None else "?"
         link = format_rate(self._link_rate) if self._link_rate is not None else "?"
         text = f"the guest dirties {dirty}, the link carries {link}"
-        sizes = [size for number, size in self._pass_sizes.items() if number >= 2]
+        # The latest *finished* pass: the one under way has not shown its size yet.
+        current = max(self._pass_sizes, default=0)
+        sizes = [
+            size for number, size in sorted(self._pass_sizes.items()) if 2 <= number < current
+        ]
         if sizes and self._link_rate:
             last = sizes[-1]
             text += (
