@@ -675,8 +675,8 @@ def migrate(
         typer.Option(
             "--postcopy-after",
             min=1,
-            help="With --postcopy: switch to postcopy in this pass over RAM (1: at once)"
-            " [default: once precopy is found not converging, or at the deadline].",
+            help="With --postcopy: switch to postcopy in this pass over RAM (1: at once);"
+            " default: once precopy is found not converging, or at the deadline.",
         ),
     ] = None,
     timeout: Annotated[
@@ -685,8 +685,8 @@ def migrate(
             "--timeout",
             min=1,
             help="Seconds precopy may take, disk copy included, before --on-timeout"
-            " [default: 60 s + 128 s per GiB of RAM and disks; more under"
-            " --max-bandwidth below 16 MiB/s].",
+            " (default: 60 s + 128 s per GiB of RAM and disks; more under"
+            " --max-bandwidth below 16 MiB/s).",
         ),
     ] = None,
     on_timeout: Annotated[
