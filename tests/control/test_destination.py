@@ -196,20 +196,30 @@ def test_a_mismatch_names_both_sides_to_the_client_and_in_the_log() -> None:
 @pytest.mark.parametrize(
     ("announced", "command"),
     [
-        # Nothing said: the guest resumes here if it ran at the source (autostart on,
-        # whatever -S the destination QEMU has); QEMU applies the source's runstate.
+        # Precopy, nothing said: the guest resumes here if it ran at the source
+        # (autostart on, whatever -S the destination has; QEMU applies the source's
+        # runstate at the end).
         ("multifd=0,postcopy=0", "cont"),
         (None, "cont"),
         # migrate --keep-paused.
         ("multifd=0,postcopy=0,resume=0", "stop"),
+        # Postcopy sends no runstate: migrate --to says whether the source ran...
+        ("multifd=0,postcopy=1,resume=1", "cont"),
+        ("multifd=0,postcopy=1,resume=0", "stop"),
+        # ...and without it (a plain connect) this QEMU's own -S decides.
+        ("multifd=0,postcopy=1", None),
     ],
 )
 def test_the_destination_resumes_unless_the_source_says_keep_paused(
-    run_async: AsyncRunner, sock_dir: Path, announced: str | None, command: str
+    run_async: AsyncRunner, sock_dir: Path, announced: str | None, command: str | None
 ) -> None:
     listening = {"socket-address": [{"type": "unix", "path": str(sock_dir / "vm.sock")}]}
     fake = _destination(64 * MIB, **{"query-migrate": [{}, {}, listening]})
     headers = {"migrelay-migration": announced} if announced is not None else {}
     run_async(_prepare(fake, sock_dir, headers))
     # Set once it listens, on the inmigrate VM: it changes only QEMU's autostart flag.
-    assert fake.commands[-2:] == ["query-migrate", command], fake.commands
+    if command is None:
+        assert fake.commands[-1] == "query-migrate", fake.commands
+        assert "cont" not in fake.commands and "stop" not in fake.commands
+    else:
+        assert fake.commands[-2:] == ["query-migrate", command], fake.commands

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrelay.control.commands import announcement, parse_announcement
+from migrelay.control.commands import announcement, parse_announcement, resume_announcement
 from migrelay.control.migration import MigrationOptions
 
 
@@ -56,3 +56,21 @@ def test_spaces_around_items_are_accepted() -> None:
 def test_a_bad_announcement_is_refused_with_the_reason(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_announcement(value)
+
+
+@pytest.mark.parametrize(
+    ("postcopy", "running", "keep_paused", "resume"),
+    [
+        (False, True, False, None),  # precopy: QEMU carries the source's runstate
+        (False, False, False, None),
+        (False, True, True, False),
+        (True, True, False, True),  # postcopy carries none: say it
+        (True, False, False, False),
+        (True, True, True, False),
+    ],
+)
+def test_resume_is_announced_when_the_destination_cannot_know(
+    postcopy: bool, running: bool, keep_paused: bool, resume: bool | None
+) -> None:
+    options = MigrationOptions(postcopy=postcopy)
+    assert resume_announcement(options, running, keep_paused) is resume

@@ -301,7 +301,7 @@ def test_four_commands_copy_drive_style_disks_and_incoming_removes_its_exports(
             migrate = commands.migrate(src, "--socket", str(source_sock), "--copy-storage")
             assert await migrate.wait() == 0, migrate.describe()
             assert summary_line(migrate.stdout()).endswith(
-                "; disks: disk0 8.0 MiB, disk1 12.0 MiB copied"
+                "; disks: disk0 8.0 MiB, disk1 12.0 MiB copied; source stopped (postmigrate)"
             ), migrate.describe()
             # incoming stays until the migration has ended, then removes the exports.
             assert await incoming.wait() == 0, incoming.describe()

@@ -618,7 +618,9 @@ def incoming(
             options,
             recover=recover,
             storage=storage,
-            resume=None if recover else not keep_paused,
+            # Postcopy sends no runstate to apply: this form cannot know the source's,
+            # so the destination's own -S decides (README: who does what).
+            resume=None if recover or (postcopy and not keep_paused) else not keep_paused,
         )
         where = ", ".join(info.socket_addresses) or f"unix:{socket}"
         what = "the paused postcopy migration to resume" if recover else "an incoming migration"

@@ -106,20 +106,32 @@ T = TypeVar("T")
 POSTCOPY_AFTER_PASSES = 4
 
 
-def announcement(options: MigrationOptions, keep_paused: bool = False) -> str:
+def announcement(options: MigrationOptions, resume: bool | None = None) -> str:
     """The `MIGRATION_HEADER` value that announces ``options``: ``multifd=4,postcopy=0``.
 
-    ``keep_paused`` adds ``resume=0``: the destination keeps the guest paused. Without
-    it nothing is added, and the destination resumes the guest if it ran on the source
-    (`set_autostart`): a server from before ``resume`` understands that header, and
-    refuses one with ``resume=0``, which it could not honour.
+    ``resume`` adds ``resume=0|1`` (`resume_announcement` says when it is needed); a
+    server from before ``resume`` refuses it, as it could not honour it.
     """
     return format_migration_header(
-        options.multifd_channels,
-        options.postcopy,
-        compress=options.compress,
-        resume=False if keep_paused else None,
+        options.multifd_channels, options.postcopy, compress=options.compress, resume=resume
     )
+
+
+def resume_announcement(
+    options: MigrationOptions, source_running: bool, keep_paused: bool
+) -> bool | None:
+    """Whether the destination must be told to resume the guest (``resume=``), or None.
+
+    Precopy needs nothing but ``--keep-paused``: with autostart on, the destination
+    applies the runstate the source sends at the end. Postcopy does not send one: a
+    destination with autostart on runs the guest from the switch, so it must be told
+    whether the source was running.
+    """
+    if keep_paused:
+        return False
+    if options.postcopy:
+        return source_running
+    return None
 
 
 def parse_announcement(value: str | None) -> MigrationOptions:
@@ -521,7 +533,7 @@ async def run_migration(
     options = request.options
     headers = [
         *request.relay.extra_headers,
-        (MIGRATION_HEADER, announcement(options, keep_paused=request.keep_paused)),
+        (MIGRATION_HEADER, announcement(options, await _resume_for(request))),
     ]
     # What the destination VM must match, so that serve refuses a mismatch before a byte
     # moves (`migrelay.control.compat`).
@@ -549,6 +561,15 @@ async def run_migration(
                 "relay channels still open %g s after completion", RELAY_DRAIN_TIMEOUT_S
             )
         return result
+
+
+async def _resume_for(request: MigrateRequest) -> bool | None:
+    """`resume_announcement` for ``request``; asks the source's runstate only if needed."""
+    running = False
+    if request.options.postcopy and not request.keep_paused:
+        runstate, _ = await _reporting(query(str(request.qmp_path)))
+        running = runstate is RunState.RUNNING
+    return resume_announcement(request.options, running, request.keep_paused)
 
 
 async def _migrate_reporting(

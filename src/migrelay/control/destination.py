@@ -39,6 +39,7 @@ from migrelay.control.storage import export_disks, unexport_disks
 from migrelay.core.headers import (
     STORAGE_HEADER,
     VM_HEADER,
+    MigrationAnnouncement,
     parse_migration_header,
     parse_storage_header,
 )
@@ -53,7 +54,14 @@ from migrelay.errors import (
     UnsupportedError,
 )
 
-__all__ = ["finish_hook", "finish_target", "prepare_hook", "prepare_target", "refusal_for"]
+__all__ = [
+    "destination_resumes",
+    "finish_hook",
+    "finish_target",
+    "prepare_hook",
+    "prepare_target",
+    "refusal_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +124,23 @@ async def prepare_target(qmp_path: str, target: Path, headers: Mapping[str, str]
                 f"incoming migration still {current.status}; not yet paused to recover"
             )
         info = await prepare_incoming(qmp, uri, options)
-        # The guest resumes here if it ran at the source (QEMU's rule once autostart is
-        # on, whatever -S this QEMU was started with), unless the source said resume=0.
-        await set_autostart(qmp, parse_migration_header(announced).resume is not False)
+        await set_autostart(qmp, destination_resumes(parse_migration_header(announced)))
         return info
+
+
+def destination_resumes(announced: MigrationAnnouncement) -> bool | None:
+    """Whether the destination's autostart goes on (True), off (False), or stays as its
+    command line set it (None), from what the source announced.
+
+    ``resume=`` decides when given. Without it, precopy turns autostart on: QEMU then
+    applies the runstate the source sends, so the guest resumes here only if it ran
+    there, whatever ``-S`` says. Postcopy sends no runstate (a destination with
+    autostart runs the guest from the switch), so without ``resume=`` (a plain
+    ``connect``) this QEMU's own ``-S`` decides.
+    """
+    if announced.resume is not None:
+        return announced.resume
+    return None if announced.postcopy else True
 
 
 def refusal_for(error: Exception) -> Refusal:
