@@ -645,6 +645,19 @@ class QMP:
 
     # -- VM ----------------------------------------------------------------------------
 
+    async def _execute_list(
+        self, command: str, arguments: Mapping[str, object] | None = None
+    ) -> list[Mapping[str, object]]:
+        """`execute` a command whose reply is a list of objects; return those objects.
+
+        Anything else in the reply (not a list, an entry that is not an object) is left
+        out: the callers read fields of each entry and treat a missing one as unknown.
+        """
+        reply = await self.execute(command, arguments)
+        if not isinstance(reply, list):
+            return []
+        return [entry for entry in reply if isinstance(entry, Mapping)]
+
     async def query_status(self) -> RunState:
         """Return the VM's runstate (``query-status``).
 
@@ -733,14 +746,8 @@ class QMP:
             MigrationError: QEMU refused (no such object: ``DeviceNotFound``).
             ConnectError: the connection is gone.
         """
-        reply = await self.execute("qom-list", {"path": path})
-        if not isinstance(reply, list):
-            return []
-        return [
-            (str(entry.get("name")), str(entry.get("type")))
-            for entry in reply
-            if isinstance(entry, Mapping)
-        ]
+        entries = await self._execute_list("qom-list", {"path": path})
+        return [(str(entry.get("name")), str(entry.get("type"))) for entry in entries]
 
     async def query_memory_size(self) -> int | None:
         """Return the guest's RAM in bytes (``query-memory-size-summary``).
@@ -781,13 +788,8 @@ class QMP:
             MigrationError: QEMU refused the command.
             ConnectError: the connection is gone.
         """
-        reply = await self.execute("query-migrate-capabilities")
-        caps: dict[str, bool] = {}
-        if isinstance(reply, list):
-            for item in reply:
-                if isinstance(item, Mapping):
-                    caps[str(item.get("capability"))] = bool(item.get("state"))
-        return caps
+        entries = await self._execute_list("query-migrate-capabilities")
+        return {str(entry.get("capability")): bool(entry.get("state")) for entry in entries}
 
     async def set_capabilities(self, capabilities: Mapping[Capability | str, bool]) -> None:
         """Turn migration capabilities on or off (``migrate-set-capabilities``).
@@ -984,10 +986,7 @@ class QMP:
             MigrationError: QEMU refused the command.
             ConnectError: the connection is gone.
         """
-        reply = await self.execute("query-block")
-        if not isinstance(reply, list):
-            return []
-        return [BlockDevice.from_reply(entry) for entry in reply if isinstance(entry, Mapping)]
+        return [BlockDevice.from_reply(entry) for entry in await self._execute_list("query-block")]
 
     async def query_node_names(self) -> dict[str, int | None]:
         """Return every named block node and its virtual size (``query-named-block-nodes``).
@@ -996,14 +995,11 @@ class QMP:
             MigrationError: QEMU refused the command.
             ConnectError: the connection is gone.
         """
-        reply = await self.execute("query-named-block-nodes", {"flat": True})
         nodes: dict[str, int | None] = {}
-        if isinstance(reply, list):
-            for entry in reply:
-                if isinstance(entry, Mapping):
-                    image = entry.get("image")
-                    size = _int(image.get("virtual-size")) if isinstance(image, Mapping) else None
-                    nodes[str(entry.get("node-name"))] = size
+        for entry in await self._execute_list("query-named-block-nodes", {"flat": True}):
+            image = entry.get("image")
+            size = _int(image.get("virtual-size")) if isinstance(image, Mapping) else None
+            nodes[str(entry.get("node-name"))] = size
         return nodes
 
     async def add_nbd_node(self, node_name: str, server: str, export: str) -> None:
@@ -1087,10 +1083,7 @@ class QMP:
             MigrationError: QEMU refused the command.
             ConnectError: the connection is gone.
         """
-        reply = await self.execute("query-jobs")
-        if not isinstance(reply, list):
-            return []
-        return [BlockJob.from_reply(entry) for entry in reply if isinstance(entry, Mapping)]
+        return [BlockJob.from_reply(entry) for entry in await self._execute_list("query-jobs")]
 
     async def query_block_job_ids(self) -> list[str]:
         """Return the ids of the block jobs QEMU lists (``query-block-jobs``).
@@ -1099,10 +1092,7 @@ class QMP:
             MigrationError: QEMU refused the command.
             ConnectError: the connection is gone.
         """
-        reply = await self.execute("query-block-jobs")
-        if not isinstance(reply, list):
-            return []
-        return [str(entry.get("device")) for entry in reply if isinstance(entry, Mapping)]
+        return [str(entry.get("device")) for entry in await self._execute_list("query-block-jobs")]
 
     async def cancel_job(self, job_id: str, *, force: bool = False) -> None:
         """Cancel a block job (``block-job-cancel``).
@@ -1180,10 +1170,8 @@ class QMP:
             MigrationError: QEMU refused the command.
             ConnectError: the connection is gone.
         """
-        reply = await self.execute("query-block-exports")
-        if not isinstance(reply, list):
-            return []
-        return [str(entry.get("id")) for entry in reply if isinstance(entry, Mapping)]
+        entries = await self._execute_list("query-block-exports")
+        return [str(entry.get("id")) for entry in entries]
 
     async def delete_export(self, export_id: str) -> None:
         """Remove an export, closing its clients' connections (``block-export-del``, hard).
