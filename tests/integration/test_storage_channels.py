@@ -11,7 +11,8 @@ server's ``finish_target`` hook runs once a prepared session has ended.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from tests import helpers
@@ -27,11 +28,32 @@ from tests.integration.test_relay import (
 
 from migrelay.aio.client import ClientConfig, open_websocket
 from migrelay.aio.local import storage_socket
-from migrelay.aio.server import RelayServer, ServerConfig
+from migrelay.aio.server import FinishTarget, PrepareTarget, RelayServer, ServerConfig
 from migrelay.core.frames import Opcode, encode_frame
 from migrelay.errors import HandshakeRefused
 
 MASK = b"\x01\x02\x03\x04"
+
+
+@contextlib.asynccontextmanager
+async def hooked_server(
+    sock_dir: Path, prepare: PrepareTarget, finish: FinishTarget
+) -> AsyncIterator[tuple[RelayServer, str]]:
+    """A server of one target (a peer that reads until closed) with both hooks; its URL."""
+    dest = sock_dir / "dest.sock"
+    qemu = UnixPeerServer(read_until_closed_handler)
+    await qemu.start(dest)
+    server = RelayServer(
+        ServerConfig(
+            port=0, target=dest, wait_target=1.0, prepare_target=prepare, finish_target=finish
+        )
+    )
+    await server.start()
+    try:
+        yield server, f"ws://127.0.0.1:{server.port}/"
+    finally:
+        await asyncio.wait_for(server.close(), 3 * PROMPT_SECONDS)
+        await qemu.close()
 
 
 def test_storage_socket_is_the_migration_socket_plus_nbd() -> None:
@@ -143,38 +165,28 @@ def test_finish_hook_runs_once_after_the_last_channel_and_before_the_next_prepar
         events.append(f"finish {headers['migrelay-session']} end")
 
     async def main() -> None:
-        dest = sock_dir / "dest.sock"
-        qemu = UnixPeerServer(read_until_closed_handler)
-        await qemu.start(dest)
-        server = RelayServer(
-            ServerConfig(
-                port=0, target=dest, wait_target=1.0, prepare_target=prepare, finish_target=finish
-            )
-        )
-        await server.start()
-        url = f"ws://127.0.0.1:{server.port}/"
-        try:
-            first = await open_channel(url, "a", 0)
-            second = await open_channel(url, "a", 1)
-            await wait_until(lambda: len(server.channels) == 2, PROMPT_SECONDS, "2 channels")
-            first.abort()
-            await wait_until(lambda: len(server.channels) == 1, PROMPT_SECONDS, "1 channel")
-            assert events == ["prepare a"]  # the session still has a channel
-            second.abort()
-            await asyncio.wait_for(finish_started.wait(), PROMPT_SECONDS)
-            # A new session to the same target waits for the clean-up of the last.
-            third_task = asyncio.ensure_future(open_channel(url, "b", 0))
-            await asyncio.sleep(0.2 * helpers.FACTOR)
-            assert events == ["prepare a", "finish a start"]
-            release_finish.set()
-            third = await asyncio.wait_for(third_task, PROMPT_SECONDS)
-            assert events == ["prepare a", "finish a start", "finish a end", "prepare b"]
-            third.abort()
-            await wait_until(lambda: len(events) == 6, PROMPT_SECONDS, "the second finish")
-        finally:
-            release_finish.set()
-            await asyncio.wait_for(server.close(), 3 * PROMPT_SECONDS)
-            await qemu.close()
+        async with hooked_server(sock_dir, prepare, finish) as (server, url):
+            try:
+                first = await open_channel(url, "a", 0)
+                second = await open_channel(url, "a", 1)
+                await wait_until(lambda: len(server.channels) == 2, PROMPT_SECONDS, "2 channels")
+                first.abort()
+                await wait_until(lambda: len(server.channels) == 1, PROMPT_SECONDS, "1 channel")
+                assert events == ["prepare a"]  # the session still has a channel
+                second.abort()
+                await asyncio.wait_for(finish_started.wait(), PROMPT_SECONDS)
+                # A new session to the same target waits for the clean-up of the last.
+                third_task = asyncio.ensure_future(open_channel(url, "b", 0))
+                await asyncio.sleep(0.2 * helpers.FACTOR)
+                assert events == ["prepare a", "finish a start"]
+                release_finish.set()
+                third = await asyncio.wait_for(third_task, PROMPT_SECONDS)
+                assert events == ["prepare a", "finish a start", "finish a end", "prepare b"]
+                third.abort()
+                await wait_until(lambda: len(events) == 6, PROMPT_SECONDS, "the second finish")
+            finally:
+                # Unblocks the hook before the server closes, which would wait on it.
+                release_finish.set()
 
     run_async(main())
 
@@ -191,17 +203,7 @@ def test_finish_hook_waits_while_another_session_to_the_target_runs(
         finished.append(headers["migrelay-session"])
 
     async def main() -> None:
-        dest = sock_dir / "dest.sock"
-        qemu = UnixPeerServer(read_until_closed_handler)
-        await qemu.start(dest)
-        server = RelayServer(
-            ServerConfig(
-                port=0, target=dest, wait_target=1.0, prepare_target=prepare, finish_target=finish
-            )
-        )
-        await server.start()
-        url = f"ws://127.0.0.1:{server.port}/"
-        try:
+        async with hooked_server(sock_dir, prepare, finish) as (server, url):
             old = await open_channel(url, "old", 0)
             retry = await open_channel(url, "retry", 0)
             await wait_until(lambda: len(server.channels) == 2, PROMPT_SECONDS, "2 channels")
@@ -212,8 +214,5 @@ def test_finish_hook_waits_while_another_session_to_the_target_runs(
             assert finished == []
             retry.abort()
             await wait_until(lambda: finished == ["retry"], PROMPT_SECONDS, "the finish")
-        finally:
-            await asyncio.wait_for(server.close(), 3 * PROMPT_SECONDS)
-            await qemu.close()
 
     run_async(main())
