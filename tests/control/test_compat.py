@@ -25,7 +25,7 @@ from migrelay.control.compat import (
 from migrelay.control.qmp import QMP
 from migrelay.errors import CompatibilityError, UnsupportedError
 from migrelay.units import MIB
-from tests.control.fake_qmp import FakeQMP, QMPFail, against, serve
+from tests.control.fake_qmp import FakeQMP, QMPFail, against
 from tests.loops import AsyncRunner
 
 SOURCE = VmFacts(
@@ -253,14 +253,15 @@ def test_a_qemu_that_cannot_tell_a_fact_says_which(
 
 def test_the_source_announces_its_facts(run_async: AsyncRunner, sock_dir: Path) -> None:
     fake = qemu_7_2()
+    announced: list[str | None] = []
 
-    async def main() -> str | None:
-        async with serve(fake, sock_dir / "src.qmp") as path:
-            return await source_vm_header(path, "src")
+    async def body(qmp: QMP) -> None:
+        announced.append(await source_vm_header(qmp))
 
-    assert run_async(main()) == (
+    run_async(against(fake, sock_dir, body))
+    assert announced == [
         "qemu=7.2.22; machine=pc-i440fx-7.2; ram=67108864; devices=net0:virtio-net-pci"
-    )
+    ]
 
 
 def test_a_source_that_cannot_tell_announces_nothing(
@@ -268,13 +269,14 @@ def test_a_source_that_cannot_tell_announces_nothing(
 ) -> None:
     fake = qemu_7_2()
     fake.replies["qom-get"] = QMPFail("The command qom-get has not been found", "CommandNotFound")
+    announced: list[str | None] = []
 
-    async def main() -> str | None:
-        async with serve(fake, sock_dir / "src.qmp") as path:
-            return await source_vm_header(path, "src")
+    async def body(qmp: QMP) -> None:
+        announced.append(await source_vm_header(qmp))
 
     with caplog.at_level(logging.DEBUG, logger="migrelay.control.compat"):
-        assert run_async(main()) is None
+        run_async(against(fake, sock_dir, body))
+    assert announced == [None]
     [record] = [r for r in caplog.records if r.name == "migrelay.control.compat"]
     assert record.levelno == logging.DEBUG
     assert "announcing no vm facts" in record.getMessage()

@@ -88,7 +88,6 @@ __all__ = [
     "incoming",
     "migrate",
     "parse_announcement",
-    "plan_storage",
     "query",
     "recover_incoming",
     "run_migration",
@@ -325,7 +324,7 @@ async def migrate(
             (`migrelay.control.storage`). Needs ``wait``. Whatever happens, the jobs and
             nodes it added are gone when this returns.
         storage_socket: the relay's storage socket (``SOCKET.nbd``).
-        disks: the disks to copy, if already chosen (`plan_storage`).
+        disks: the disks to copy, if already chosen (``migrate --to`` announced them).
         convergence: the deadline and what to do when precopy does not converge
             (`migrelay.control.convergence`); the deadline counts from now, disk copy
             included. ``None``: ``postcopy_after_passes`` alone, no deadline.
@@ -437,18 +436,6 @@ async def _choose_disks(qmp: QMP, storage: StorageOptions) -> list[Disk]:
     return select_disks(await qmp.query_block(), storage.disks)
 
 
-async def plan_storage(qmp_path: str, storage: StorageOptions) -> list[Disk]:
-    """The disks ``migrate --copy-storage`` will copy (to announce them to the server).
-
-    Raises:
-        StorageError: a disk named does not exist or cannot be copied; none to copy.
-        ConnectError: the QMP socket cannot be reached.
-    """
-    async with QMP(vm_name(qmp_path)) as qmp:
-        await qmp.connect(qmp_path)
-        return await _choose_disks(qmp, storage)
-
-
 async def _abandon_storage(qmp: QMP, mirrors: SourceMirrors) -> None:
     """After a failure: cancel a migration still under way, remove the mirrors' traces.
 
@@ -531,24 +518,10 @@ async def run_migration(
             request, f"unix:{socket}", None, on_progress, interval, stop
         )
     options = request.options
-    headers = [
-        *request.relay.extra_headers,
-        (MIGRATION_HEADER, announcement(options, await _resume_for(request))),
-    ]
-    # What the destination VM must match, so that serve refuses a mismatch before a byte
-    # moves (`migrelay.control.compat`).
-    qmp_path = str(request.qmp_path)
-    if (vm := await source_vm_header(qmp_path, vm_name(qmp_path))) is not None:
-        headers.append((VM_HEADER, vm))
-    disks = None
-    if request.storage is not None:
-        disks = await _reporting(plan_storage(str(request.qmp_path), request.storage))
-        headers.append(
-            (STORAGE_HEADER, format_storage_header({disk.id: disk.size for disk in disks}))
-        )
+    headers, disks = await _reporting(_announce_source(request))
     settings = dataclasses.replace(
         request.relay,
-        extra_headers=headers,
+        extra_headers=[*request.relay.extra_headers, *headers],
         # A postcopy resume must not be dropped once QEMU connected (ClientConfig).
         open_retry=request.recover_timeout if options.postcopy else 0.0,
     )
@@ -563,13 +536,35 @@ async def run_migration(
         return result
 
 
-async def _resume_for(request: MigrateRequest) -> bool | None:
-    """`resume_announcement` for ``request``; asks the source's runstate only if needed."""
-    running = False
-    if request.options.postcopy and not request.keep_paused:
-        runstate, _ = await _reporting(query(str(request.qmp_path)))
-        running = runstate is RunState.RUNNING
-    return resume_announcement(request.options, running, request.keep_paused)
+async def _announce_source(
+    request: MigrateRequest,
+) -> tuple[list[tuple[str, str]], list[Disk] | None]:
+    """``migrate --to``'s handshake headers, and the disks it will copy, if any.
+
+    One QMP connection asks the source everything the server must know before a byte
+    moves: the capabilities (and, for postcopy, whether the guest runs: `resume_announcement`),
+    what the destination VM must match (`migrelay.control.compat`), the disks to copy.
+
+    Raises:
+        StorageError: a disk named does not exist or cannot be copied; none to copy.
+        ConnectError: the QMP socket cannot be reached.
+    """
+    qmp_path = str(request.qmp_path)
+    async with QMP(vm_name(qmp_path)) as qmp:
+        await qmp.connect(qmp_path)
+        running = False
+        if request.options.postcopy and not request.keep_paused:
+            running = await qmp.query_status() is RunState.RUNNING
+        resume = resume_announcement(request.options, running, request.keep_paused)
+        headers = [(MIGRATION_HEADER, announcement(request.options, resume))]
+        if (vm := await source_vm_header(qmp)) is not None:
+            headers.append((VM_HEADER, vm))
+        if request.storage is None:
+            return headers, None
+        disks = await _choose_disks(qmp, request.storage)
+        sizes = {disk.id: disk.size for disk in disks}
+        headers.append((STORAGE_HEADER, format_storage_header(sizes)))
+        return headers, disks
 
 
 async def _migrate_reporting(

@@ -239,26 +239,18 @@ async def check_destination(qmp: QMP, source: VmFacts, copied_disks: Collection[
     logger.debug("= %s: matches the source vm: %s", qmp.name, destination)
 
 
-async def source_vm_header(qmp_path: str, name: str) -> str | None:
-    """``migrate --to``: the ``Migrelay-Vm`` value announcing the source VM at ``qmp_path``.
-
-    One short QMP connection of its own (the monitor serves one client at a time).
-
-    Args:
-        qmp_path: the source's QMP socket.
-        name: the VM's name in messages.
+async def source_vm_header(qmp: QMP) -> str | None:
+    """``migrate --to``: the ``Migrelay-Vm`` value announcing the source VM behind ``qmp``.
 
     Returns:
         The header value; ``None`` when the source's QEMU cannot tell its facts (logged
         at debug level): the destination then compares nothing.
 
     Raises:
-        ConnectError: the QMP socket cannot be reached.
+        MigrationError, ConnectError: from QMP.
     """
-    async with QMP(name) as qmp:
-        await qmp.connect(qmp_path)
-        try:
-            return (await vm_facts(qmp)).header_value()
-        except (UnsupportedError, ValueError) as exc:
-            logger.debug("%s: announcing no vm facts, none compared: %s", name, exc)
-            return None
+    try:
+        return (await vm_facts(qmp)).header_value()
+    except (UnsupportedError, ValueError) as exc:
+        logger.debug("%s: announcing no vm facts, none compared: %s", qmp.name, exc)
+        return None
