@@ -139,16 +139,6 @@ def test_with_postcopy_the_deadline_switches_a_migration_that_has_not_stalled() 
     assert actions == [StartPostcopy("precopy reached the 30 s deadline (--timeout)")]
 
 
-def test_postcopy_after_switches_in_that_pass() -> None:
-    policy = ConvergencePolicy(timeout_s=1000, postcopy=True, postcopy_after_passes=2)
-    watch = ConvergenceWatch(policy, 0.0)
-    assert watch.observe(snapshot(1, 200 * MIB), 1.0) == []
-    assert watch.observe(snapshot(2, 64 * MIB), 2.0) == [
-        StartPostcopy("pass 2, as asked (--postcopy-after)")
-    ]
-    assert watch.observe(snapshot(3, 64 * MIB), 3.0) == []
-
-
 def test_on_timeout_pause_lifts_the_downtime_limit_once() -> None:
     policy = ConvergencePolicy(timeout_s=10, on_timeout=OnTimeout.PAUSE)
     watch = ConvergenceWatch(policy, 0.0)

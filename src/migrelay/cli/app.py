@@ -482,7 +482,6 @@ def _convergence(
     timeout: float | None,
     on_timeout: str,
     max_downtime: int,
-    postcopy_after: int | None,
 ) -> ConvergencePolicy:
     """The deadline (None: derived from the VM's sizes once known) and the policy."""
     try:
@@ -491,8 +490,6 @@ def _convergence(
         exit_with(f"--on-timeout must be cancel, pause or postcopy, not {on_timeout}")
     if action is OnTimeout.POSTCOPY and not options.postcopy:
         exit_with("--on-timeout postcopy needs --postcopy (set on both sides)")
-    if postcopy_after is not None and not options.postcopy:
-        exit_with("--postcopy-after needs --postcopy")
     try:
         return ConvergencePolicy(
             timeout_s=timeout,
@@ -505,7 +502,6 @@ def _convergence(
                 ceiling_ms=max_downtime,
             ),
             postcopy=options.postcopy,
-            postcopy_after_passes=postcopy_after,
             on_timeout=action,
         )
     except ValueError as exc:
@@ -850,6 +846,8 @@ def migrate(
         auto_converge=auto_converge,
         return_path=quit_source,
     )
+    if postcopy_after is not None and not options.postcopy:
+        exit_with("--postcopy-after needs --postcopy")
     if quit_source and no_wait:
         exit_with("--quit-source cannot be used with --no-wait: this command quits it")
     if no_wait and (timeout is not None or on_timeout != OnTimeout.CANCEL):
@@ -865,10 +863,10 @@ def migrate(
         relay=relay,
         wait=not no_wait,
         recover_timeout=recover_timeout,
-        postcopy_after_passes=postcopy_after or commands.POSTCOPY_AFTER_PASSES,
+        postcopy_after_passes=postcopy_after,
         stall_timeout=stall_timeout,
         storage=storage,
-        convergence=_convergence(options, timeout, on_timeout, max_downtime, postcopy_after),
+        convergence=_convergence(options, timeout, on_timeout, max_downtime),
         keep_paused=keep_paused,
         quit_source=quit_source,
     )

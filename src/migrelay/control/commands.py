@@ -289,7 +289,7 @@ async def migrate(
     stop: asyncio.Event | None = None,
     wait: bool = True,
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S,
-    postcopy_after_passes: int = POSTCOPY_AFTER_PASSES,
+    postcopy_after_passes: int | None = POSTCOPY_AFTER_PASSES,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
     storage: StorageOptions | None = None,
     storage_socket: Path | None = None,
@@ -315,7 +315,8 @@ async def migrate(
             the state it had.
         wait: ``False`` returns ``None`` as soon as QEMU has accepted ``migrate``.
         recover_timeout: seconds to wait for a failed link during postcopy.
-        postcopy_after_passes: with ``options.postcopy``, switch in this pass (1: at once).
+        postcopy_after_passes: with ``options.postcopy``, switch in this pass (1: at once)
+            whatever ``convergence`` says; ``None``: only when ``convergence`` does.
         stall_timeout: seconds without progress before a stuck stream is shut down
             (`follow_migration`); ``None``: never. It bounds the disk copy's stalls too.
         storage: copy the disks first (``--copy-storage``): each is mirrored to its
@@ -327,7 +328,7 @@ async def migrate(
         disks: the disks to copy, if already chosen (``migrate --to`` announced them).
         convergence: the deadline and what to do when precopy does not converge
             (`migrelay.control.convergence`); the deadline counts from now, disk copy
-            included. ``None``: ``postcopy_after_passes`` alone, no deadline.
+            included. ``None``: no deadline, no downtime steps.
         quit_source: once the migration completed (with ``options.return_path``, so
             the destination acknowledged it), quit the source QEMU.
 
@@ -410,9 +411,7 @@ async def migrate(
                 qmp,
                 on_progress,
                 interval,
-                postcopy_after_passes=(
-                    postcopy_after_passes if options.postcopy and watch is None else None
-                ),
+                postcopy_after_passes=postcopy_after_passes if options.postcopy else None,
                 convergence=watch,
                 stop=stop,
                 resume_uri=uri if options.postcopy else None,
@@ -469,7 +468,8 @@ class MigrateRequest:
     relay: ClientSettings | None = None
     wait: bool = True
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT_S
-    postcopy_after_passes: int = POSTCOPY_AFTER_PASSES
+    #: None: only the convergence policy switches to postcopy.
+    postcopy_after_passes: int | None = POSTCOPY_AFTER_PASSES
     #: None (or 0): never.
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S
     #: ``--socket-owner``: who may have bound ``socket`` (`local.check_relay_socket`).

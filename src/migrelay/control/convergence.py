@@ -150,15 +150,12 @@ class ConvergencePolicy:
         downtime: the steps of the downtime limit.
         postcopy: postcopy may be used: switch to it once precopy stalls, and at the
             deadline.
-        postcopy_after_passes: switch to postcopy in this pass regardless (an explicit
-            ``--postcopy-after``); ``None``: only on a stall or at the deadline.
         on_timeout: what the deadline does (with ``postcopy``, the switch comes first).
     """
 
     timeout_s: float | None = None
     downtime: DowntimeSteps = DowntimeSteps()
     postcopy: bool = False
-    postcopy_after_passes: int | None = None
     on_timeout: OnTimeout = OnTimeout.CANCEL
 
     def __post_init__(self) -> None:
@@ -302,13 +299,6 @@ class ConvergenceWatch:
         self._record(info)
         current = info.dirty_sync_count or 0
         policy = self.policy
-        if (
-            policy.postcopy
-            and policy.postcopy_after_passes is not None
-            and current >= policy.postcopy_after_passes
-        ):
-            self.postcopy_requested = True
-            return [StartPostcopy(f"pass {current}, as asked (--postcopy-after)")]
         # Re-judged every time: a throttled guest (auto-converge) may start converging
         # again; while stalled, the text follows the latest rates.
         stalled = self.passes_without_shrinking(current) >= WINDOW_PASSES
