@@ -111,6 +111,7 @@ def test_at_the_deadline_the_default_cancels_and_names_the_cause() -> None:
     assert len(actions) == 1 and isinstance(actions[0], Cancel)
     reason = actions[0].reason
     assert reason.startswith("not converging: the guest dirties 60.0 MiB/s, the link carries")
+    assert actions[0].verdict == "not converging"
     assert reason.endswith(
         "cancelled at the 30 s deadline (--timeout); the source vm runs on as it was"
     )
@@ -121,6 +122,7 @@ def test_a_slow_migration_that_converges_still_ends_at_its_deadline() -> None:
     actions = watch.observe(snapshot(1, 200 * MIB), 11.0)
     assert len(actions) == 1 and isinstance(actions[0], Cancel)
     assert actions[0].reason.startswith("not completed: 100.0 MiB sent in pass 1, 200.0 MiB left")
+    assert actions[0].verdict == "deadline"  # not "not converging": it never stalled
 
 
 def test_with_postcopy_a_stall_switches_at_once_and_the_deadline_no_longer_applies() -> None:

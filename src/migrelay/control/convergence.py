@@ -198,9 +198,14 @@ class StartPostcopy:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """Cancel the migration (``migrate_cancel``); ``reason`` is the operator's one line."""
+    """Cancel the migration (``migrate_cancel``); ``reason`` is the operator's one line.
+
+    ``verdict`` is the short phrase for the progress (``not converging``, or ``deadline``
+    for a migration that converged too slowly).
+    """
 
     reason: str
+    verdict: str = "not converging"
 
 
 Action = SetDowntime | StartPostcopy | Cancel
@@ -347,6 +352,7 @@ class ConvergenceWatch:
         return [
             Cancel(
                 f"{why}; cancelled at the {timeout} deadline (--timeout);"
-                " the source vm runs on as it was"
+                " the source vm runs on as it was",
+                "not converging" if self.stall is not None else "deadline",
             )
         ]

@@ -704,7 +704,7 @@ async def _carry_out(
         if final.status is MigrationStatus.COMPLETED:
             return  # it completed before the cancel arrived: the next poll sees it
         if on_progress is not None:
-            on_progress(replace(final, convergence="not converging", disks=info.disks))
+            on_progress(replace(final, convergence=action.verdict, disks=info.disks))
         raise NotConvergingError(action.reason)
 
 
