@@ -50,7 +50,7 @@ from migrelay.core.frames import (
     mask_payload,
     write_header,
 )
-from migrelay.core.mask import MASK_IMPLEMENTATION, MaskFunction, apply_mask, apply_mask_python
+from migrelay.core.mask import MASK_IMPLEMENTATION, apply_mask_python
 from migrelay.errors import LocalProtocolError
 
 KEY = bytes([0xA1, 0x5E, 0x00, 0x7F])
@@ -58,19 +58,21 @@ KEY = bytes([0xA1, 0x5E, 0x00, 0x7F])
 
 @pytest.fixture(autouse=True, scope="module", params=["c", "python"])
 def mask_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run every test of this module with the C mask and again with the Python fallback.
+    """Run every test of this module with the C speedups and again with the fallback.
 
     Module-scoped (Hypothesis refuses function-scoped fixtures around ``@given``): the
-    codec's module attribute is swapped for the whole module run and put back after.
+    codec's module attributes (the mask, and the data-frame fast path a parser takes
+    when it is made) are swapped for the whole module run and put back after.
     """
-    implementation: MaskFunction = apply_mask if request.param == "c" else apply_mask_python
-    namespace = vars(frames_module)  # the name the codec looks up at each call
-    saved = namespace["apply_mask"]
-    namespace["apply_mask"] = implementation
+    namespace = vars(frames_module)  # the names the codec looks up
+    saved = namespace["apply_mask"], namespace["scan_data_frames"]
+    if request.param == "python":
+        namespace["apply_mask"] = apply_mask_python
+        namespace["scan_data_frames"] = None
     try:
         yield str(request.param)
     finally:
-        namespace["apply_mask"] = saved
+        namespace["apply_mask"], namespace["scan_data_frames"] = saved
 
 
 def test_the_c_mask_is_what_the_codec_uses_by_default() -> None:

@@ -33,7 +33,7 @@ from migrelay.core.events import (
     PongReceived,
     ProtocolViolation,
 )
-from migrelay.core.mask import apply_mask
+from migrelay.core.mask import ScanFunction, apply_mask, scan_data_frames
 from migrelay.errors import LocalProtocolError
 
 
@@ -259,6 +259,11 @@ class FrameParser:
         self._control_payload = bytearray()
         # Current (possibly fragmented) data message: its length so far, or None.
         self._message_bytes: int | None = None
+        #: The C fast path for data frames (None: the Python path does everything);
+        #: an attribute so that tests can compare both paths on the same input.
+        self._scan: ScanFunction | None = scan_data_frames
+        #: Payload spans of the last fast-path call.
+        self._spans: list[tuple[int, int]] = []
 
     @property
     def failed(self) -> bool:
@@ -292,7 +297,16 @@ class FrameParser:
         position = 0
         length = len(data)
         frames = 0
+        scan = self._scan
         while position < length and self._state is not _State.FAILED:
+            if scan is not None and not self._header and self._opcode < Opcode.CLOSE:
+                # Data frames in C (scan_data_frames); it stops before anything else.
+                scanned, frames = self._scan_data_frames(scan, data, position, frames, max_frames)
+                if scanned != position:
+                    for start, stop in self._spans:
+                        events.append(Payload(data[start:stop]))
+                    position = scanned
+                    continue
             if self._state is _State.HEADER:
                 if frames == max_frames:
                     return events, position
@@ -301,6 +315,54 @@ class FrameParser:
             else:
                 position = self._parse_payload(data, position, events)
         return events, length
+
+    def _scan_data_frames(
+        self,
+        scan: ScanFunction,
+        data: memoryview,
+        position: int,
+        frames: int,
+        max_frames: int,
+    ) -> tuple[int, int]:
+        """Run the C fast path from ``position``; return where it stopped and the frames.
+
+        Its payload spans are left in ``self._spans``. The parser's state is carried
+        in and out, so the Python path takes over exactly where C stopped.
+        """
+        in_payload = self._state is _State.PAYLOAD
+        message = self._message_bytes
+        (
+            scanned,
+            remaining,
+            key,
+            phase,
+            fin,
+            message_bytes,
+            headers,
+            self._spans,
+        ) = scan(
+            data,
+            position,
+            self._remaining if in_payload else 0,
+            self._mask_key if in_payload else None,
+            self._mask_phase,
+            self._fin,
+            -1 if message is None else message,
+            self.expect_masked,
+            self.max_message_bytes,
+            max_frames - frames,
+        )
+        if scanned == position:
+            return position, frames
+        if headers:
+            self._opcode = Opcode.BINARY  # any data opcode: what follows tells only data
+        self._remaining = remaining
+        self._mask_key = key
+        self._mask_phase = phase
+        self._fin = fin
+        self._message_bytes = None if message_bytes < 0 else message_bytes
+        self._state = _State.PAYLOAD if remaining else _State.HEADER
+        return scanned, frames + headers
 
     def _fail(self, events: list[FrameEvent], code: CloseCode, reason: str) -> int:
         self._state = _State.FAILED

@@ -52,6 +52,25 @@ def apply_mask_python(data: WritableBuffer, key: bytes, phase: int = 0, /) -> in
     return (phase + length) & 3
 
 
+class ScanFunction(Protocol):
+    """``migrelay._speedups.scan_data_frames`` (see FrameParser.receive_frames)."""
+
+    def __call__(
+        self,
+        data: WritableBuffer,
+        position: int,
+        remaining: int,
+        key: bytes | None,
+        phase: int,
+        fin: bool,
+        message_bytes: int,
+        expect_masked: bool,
+        max_message_bytes: int,
+        max_headers: int,
+        /,
+    ) -> tuple[int, int, bytes | None, int, bool, int, int, list[tuple[int, int]]]: ...
+
+
 def _load() -> tuple[MaskFunction, str]:
     try:
         # Imported by name: the extension ships no stub, so a plain import fails
@@ -62,8 +81,20 @@ def _load() -> tuple[MaskFunction, str]:
     return native.apply_mask, "c"
 
 
+def _load_scan() -> ScanFunction | None:
+    try:
+        native = importlib.import_module("migrelay._speedups")
+    except ImportError:  # pragma: no cover - exercised only where the build had no compiler
+        return None
+    scan: ScanFunction = native.scan_data_frames
+    return scan
+
+
 _LOADED: Final = _load()
 apply_mask: Final[MaskFunction] = _LOADED[0]
+#: The receiving side's data-frame fast path, None without the C extension (the
+#: Python parser then does all of it, as it always does for everything unusual).
+scan_data_frames: Final[ScanFunction | None] = _load_scan()
 #: ``"c"`` when the native extension is in use, ``"python"`` for the fallback.
 MASK_IMPLEMENTATION: Final[str] = _LOADED[1]
 
