@@ -16,6 +16,13 @@ The data path (DESIGN.md §4):
   socket buffers absorb bursts, and the relay holds at most two buffers per direction
   (see :class:`~migrelay.limits.Limits`).
 * Masking and unmasking run in place (C speedup).
+* GIL: the copies are most of a relay's per-byte cost. The kernel's copies on reads
+  happen inside the event loop's own poll (uvloop runs it without the GIL); masking
+  releases it; and a write to a plain socket whose transport has nothing queued goes
+  straight to the socket through ``send_nogil`` (:func:`send_direct`), what the
+  transport does itself but without the GIL, so that channels on other worker threads
+  (``--workers``) run meanwhile. Whatever the socket does not take at once goes
+  through the transport, as before, and the transport reports errors.
 * A peer's cost is bounded per event-loop callback and in queued replies. One callback
   parses at most :attr:`~migrelay.limits.Limits.frames_per_callback` frames; the rest of
   the read stays in its buffer (held, like a buffer queued in a transport) and is parsed
@@ -36,13 +43,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
-from typing import Final, cast
+from typing import Final, Protocol, cast
 
 from migrelay.core.events import EndOfStream, Payload
 from migrelay.core.frames import MAX_HEADER_BYTES
@@ -59,7 +67,10 @@ __all__ = [
     "WebSocketLeg",
     "WsPause",
     "describe_close",
+    "direct_fd",
     "pause_on_any_queued_byte",
+    "send_direct",
+    "send_nogil",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,6 +79,52 @@ logger = logging.getLogger(__name__)
 HEADROOM: Final = MAX_HEADER_BYTES
 #: SO_SNDBUF asked for on unix legs (Linux doubles it, capped by net.core.wmem_max).
 UNIX_SNDBUF_BYTES: Final = 2 << 20
+
+
+class _SendFunction(Protocol):
+    def __call__(self, fd: int, data: memoryview, /) -> int: ...
+
+
+def _load_send() -> _SendFunction | None:
+    try:
+        native = importlib.import_module("migrelay._speedups")
+    except ImportError:  # pragma: no cover - exercised only where the build had no compiler
+        return None
+    send: _SendFunction = native.send_nogil
+    return send
+
+
+#: ``migrelay._speedups.send_nogil``, None without the C extension.
+send_nogil: Final = _load_send()
+
+
+def direct_fd(transport: asyncio.BaseTransport) -> int:
+    """The socket :func:`send_direct` may write to for ``transport``, or -1.
+
+    -1 for TLS transports (what they send is not what they are given) and without the
+    C extension.
+    """
+    if send_nogil is None or transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return -1 if sock is None else int(sock.fileno())
+
+
+def send_direct(transport: asyncio.WriteTransport, fd: int, data: memoryview) -> None:
+    """``transport.write(data)``, the part the socket takes at once sent without the GIL.
+
+    Only while the transport has nothing queued (else the bytes would overtake it) and
+    is not closing (its descriptor may be gone, or soon reused).
+    """
+    if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+        assert send_nogil is not None  # direct_fd gives -1 without it
+        sent = send_nogil(fd, data)
+        if sent == len(data):
+            return
+        if sent > 0:
+            data = data[sent:]
+    transport.write(data)
+
 
 #: Why a read buffer may not be refilled (bits of ReadBuffers._held): its bytes are
 #: queued in the opposite transport, or some of them wait to be parsed.
@@ -353,6 +410,9 @@ class Channel:
         self._close_timer: asyncio.TimerHandle | None = None
         self.debug = self.log.isEnabledFor(logging.DEBUG)
 
+        #: Where send_direct may write for each leg (-1: through its transport only).
+        self._ws_fd = direct_fd(ws_transport)
+        self._unix_fd = -1 if unix.transport is None else direct_fd(unix.transport)
         self._ws_leg = WebSocketLeg(self, limits.read_bytes)
         pause_on_any_queued_byte(ws_transport)
         ws_transport.set_protocol(self._ws_leg)
@@ -393,7 +453,7 @@ class Channel:
             return  # QEMU's late bytes after our end: nowhere to go (accepts_local_data)
         start = session.frame_data(view, HEADROOM, nbytes)
         self.bytes_sent += nbytes
-        self.ws_transport.write(view[start : HEADROOM + nbytes])
+        send_direct(self.ws_transport, self._ws_fd, view[start : HEADROOM + nbytes])
 
     def unix_eof(self) -> None:
         if self.debug:
@@ -495,7 +555,7 @@ class Channel:
                     session.local_undeliverable()
                     break
                 self.bytes_rcvd += len(event.data)
-                unix_transport.write(event.data)
+                send_direct(unix_transport, self._unix_fd, event.data)
             elif isinstance(event, EndOfStream):
                 if self.debug:
                     self.log.debug("< %s: end of stream", self.name)
