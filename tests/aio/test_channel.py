@@ -20,7 +20,16 @@ from typing import Any, cast
 import pytest
 from tests.helpers import FACTOR, wait_until
 
-from migrelay.aio.channel import HEADROOM, Channel, ReadBuffers, UnixLeg, WsPause
+from migrelay.aio.channel import (
+    HEADROOM,
+    Channel,
+    ReadBuffers,
+    UnixLeg,
+    WsPause,
+    direct_fd,
+    send_direct,
+    send_nogil,
+)
 from migrelay.core.events import (
     CloseReceived,
     EndOfStream,
@@ -561,5 +570,79 @@ def test_frames_beyond_the_budget_in_the_handshake_leftovers_keep_the_websocket_
             await wait_until(channel.ws_transport.is_reading, PROMPT_SECONDS, "reading again")
         finally:
             rig.close_all()
+
+    run_async(main())
+
+
+# -- writes without the GIL (send_direct) -----------------------------------------------
+
+
+class _Sink(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)
+        self.transport.set_write_buffer_limits(high=0)
+
+
+def test_send_direct_keeps_the_order_behind_what_the_transport_queued(run_async: Run) -> None:
+    """A full socket: the rest goes through the transport, and nothing overtakes it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        transport, _ = await loop.create_unix_connection(_Sink, sock=ours)
+        fd = direct_fd(transport)
+        assert fd == ours.fileno() and send_nogil is not None
+        chunks = [os.urandom(size) for size in (3 << 20, 100, 1 << 20, 7)]
+        for chunk in chunks:
+            send_direct(transport, fd, memoryview(chunk))
+        # The socket took only part of the first chunk: the transport queued the rest,
+        # and the later chunks went behind it, not straight to the socket.
+        assert transport.get_write_buffer_size() > 0
+        theirs.setblocking(False)
+        received = bytearray()
+        expected = b"".join(chunks)
+        deadline = loop.time() + PROMPT_SECONDS
+        while len(received) < len(expected) and loop.time() < deadline:
+            try:
+                received += theirs.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        assert bytes(received) == expected
+        transport.close()
+        theirs.close()
+
+    run_async(main())
+
+
+def test_send_direct_leaves_errors_and_closing_transports_to_the_transport(
+    run_async: Run,
+) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.create_unix_connection(_Sink, sock=ours)
+        fd = direct_fd(transport)
+        transport.close()
+        # Closing, its descriptor still open until the loop runs: nothing goes straight
+        # to it (the transport itself drops writes once closing).
+        send_direct(transport, fd, memoryview(b"late"))
+        theirs.setblocking(False)
+        assert await asyncio.wait_for(loop.sock_recv(theirs, 100), PROMPT_SECONDS) == b""
+        theirs.close()
+
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.create_unix_connection(_Sink, sock=ours)
+        fd = direct_fd(transport)
+        theirs.close()
+        # The peer is gone: the direct send fails, and the transport reports it its way
+        # (asyncio and uvloop both drop the write and close the transport).
+        send_direct(transport, fd, memoryview(b"lost"))
+        await wait_until(transport.is_closing, PROMPT_SECONDS, "the transport to close")
+        await asyncio.sleep(0)  # connection_lost
+        ours.close()  # uvloop works on a duplicate of the descriptor
 
     run_async(main())
