@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from migrelay.cli.app import app
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.errors import RelayError
 from migrelay.lab import bench as lab_bench
@@ -199,6 +201,7 @@ def test_bench_refuses_a_workload_larger_than_the_ram(tmp_path: Path) -> None:
             "tcp-ac-pause",
             lab_bench.Mode("tcp-ac-pause", "tcp", auto_converge=True, policy="pause"),
         ),
+        ("base:wss-multifd2", lab_bench.Mode("base:wss-multifd2", "wss", 2, baseline=True)),
     ],
 )
 def test_mode_names_parse_into_transport_and_qemu_options(
@@ -216,6 +219,8 @@ def test_mode_names_parse_into_transport_and_qemu_options(
         ("ws-ac-ac", "unknown or repeated option"),
         ("ws-steps-pause", "unknown or repeated option"),
         ("quic", "unknown mode"),
+        ("base:tcp", "only ws and wss"),
+        ("base:socat", "only ws and wss"),
     ],
 )
 def test_mode_names_qemu_refuses_are_refused(name: str, message: str) -> None:
@@ -273,6 +278,75 @@ def test_bench_with_a_disk_copies_disk_then_ram_and_compares_the_disks(tmp_path:
     assert "disk s" in header and "ram s" in header and header.endswith("disk")
     assert [row.split()[0] for row in rows] == ["tcp", "ws"]
     assert all(row.split()[-2:] == ["ok", "ok"] for row in rows)
+
+
+def test_bench_with_a_baseline_runs_each_tunnel_mode_again_with_its_relays(
+    tmp_path: Path,
+) -> None:
+    # A baseline "checkout" whose .venv/bin/python is this interpreter, noting each
+    # command it runs: the base: mode's two relays, and nothing else.
+    calls = tmp_path / "baseline-calls"
+    python = tmp_path / "base" / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    report, table = _bench_with_table(
+        tmp_path, "--runs", "1", "--modes", "tcp,ws", "--baseline", str(tmp_path / "base"),
+        "--relay-args", "--max-message 2M", "--baseline-relay-args", "--max-message 512K",
+    )  # fmt: skip
+    assert report["modes"] == ["tcp", "ws", "base:ws"]
+    assert report["baseline"] == str(tmp_path / "base")
+    assert report["relay_args"] == ["--max-message", "2M"]
+    assert report["baseline_relay_args"] == ["--max-message", "512K"]
+    results = report["results"]
+    assert isinstance(results, list)
+    assert [r["mode"] for r in results] == ["tcp", "ws", "base:ws"]  # tcp once, paired
+    ws_run, base_run = results[1], results[2]
+    assert all(r["outcome"] == "completed" and r["ram_matched"] for r in results), results
+    assert sorted(line.split()[2] for line in calls.read_text().splitlines()) == [
+        "connect",
+        "serve",
+    ]  # -m migrelay serve ...
+    assert all(line.endswith("--max-message 512K") for line in calls.read_text().splitlines())
+    rows = {row["mode"]: row for row in report["summary"]}  # type: ignore[attr-defined]
+    assert set(rows) == {"tcp", "ws", "base:ws"}
+    ws, base = rows["ws"], rows["base:ws"]
+    assert base["ratio_to_tcp"] == pytest.approx(
+        base["median_seconds"] / rows["tcp"]["median_seconds"]
+    )
+    assert set(base["relay_cpu_seconds_per_gib"]) == {"serve", "connect"}
+    assert ws["baseline_time_ratio"] == pytest.approx(
+        ws["median_seconds"] / base["median_seconds"]
+    )
+    assert ws["paired_rounds"] == 1 and ws["paired_seconds_diff_stderr"] is None
+    assert ws["paired_seconds_diff"] == pytest.approx(ws_run["seconds"] - base_run["seconds"])
+    assert ws["rounds_faster_than_baseline"] == (ws["paired_seconds_diff"] < 0)
+    assert rows["tcp"]["paired_rounds"] == 0 and base["paired_rounds"] == 0
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["tcp", "ws", "base:ws"]
+    assert lines[4].startswith("ws against base:ws: time ")
+    assert "paired difference" in lines[4] and lines[4].endswith("of 1 rounds")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("--modes tcp,base:ws", "base: modes need a baseline checkout"),
+        ("--baseline {missing}", "has no .venv/bin/python"),
+        ("--relay-only --baseline {missing}", "has no .venv/bin/python"),
+        (
+            "--src-qmp s.qmp --dst-qmp d.qmp --modes ws --baseline {checkout}",
+            "--baseline is for test VMs",
+        ),
+    ],
+)
+def test_bench_refuses_a_baseline_it_cannot_use(tmp_path: Path, args: str, message: str) -> None:
+    (tmp_path / "checkout" / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / "checkout" / ".venv" / "bin" / "python").touch()
+    paths = {"missing": tmp_path / "missing", "checkout": tmp_path / "checkout"}
+    result = CliRunner().invoke(app, ["bench", *args.format_map(paths).split()])
+    assert result.exit_code == 1
+    assert message in result.output
 
 
 def test_bench_counts_a_disk_that_differs_as_a_failure(

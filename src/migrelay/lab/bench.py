@@ -44,6 +44,15 @@ source veth's ``tx_bytes`` (every mode alike, direct TCP included, with TCP/IP, 
 WebSocket overheads); without, the destination relay's payload count from its
 ``/metrics`` (tunnel modes), or else QEMU's ``transferred`` (direct modes, socat),
 marked as such (`WIRE_SOURCES`).
+
+Before and after (``run_bench(baseline=...)``, ``migrelay bench --baseline DIR``): every
+mode migrelay's relays carry (``ws``, ``wss``, with any options) runs a second time in
+each round, right after the first, with another checkout's relays (`baseline_command`),
+labelled ``base:ws-multifd4`` (`BASELINE_PREFIX`); direct TCP, unix and socat run once.
+Each pair is then compared round by round (`Paired`): the two runs of a round share
+the machine's load of the moment, so their difference cancels most of the drift that
+separate benches, run one after the other, would both carry. `migrelay.lab.relaybench`
+does the same for the relays alone.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,6 +144,9 @@ COMPRESSIONS = ("zstd", "zlib")
 POLICIES = ("steps", "pause")
 #: Seconds the bench waits beyond a policy's deadline before it cancels the run itself.
 POLICY_GRACE_S = 60.0
+#: The label of a mode run with the baseline checkout's relays: ``base:ws-multifd4``
+#: (here and in `migrelay.lab.relaybench`).
+BASELINE_PREFIX = "base:"
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,8 @@ class Mode:
     multifd), ``ws-ac`` (auto-converge: QEMU throttles a guest that dirties faster than
     the link), ``ws-steps`` and ``ws-pause`` (migrelay's convergence policy, `POLICIES`,
     with the run's timeout as its deadline). Without a policy a run is QEMU's precopy
-    alone, cancelled by the bench at the timeout.
+    alone, cancelled by the bench at the timeout. ``base:`` before a ws or wss mode
+    (``base:ws-multifd4``): the same, through the baseline checkout's relays.
     """
 
     name: str
@@ -157,21 +170,28 @@ class Mode:
     xbzrle: bool = False
     auto_converge: bool = False
     policy: str | None = None
+    #: Run with the baseline checkout's relays (`BASELINE_PREFIX`).
+    baseline: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Mode:
         """Parse a mode name (see the class docstring).
 
         Raises:
-            ValueError: an unknown transport or option, or options QEMU refuses
-                together (compression without multifd, XBZRLE with multifd).
+            ValueError: an unknown transport or option, options QEMU refuses
+                together (compression without multifd, XBZRLE with multifd), ``base:``
+                before a mode migrelay's relays do not carry.
         """
-        transport, *options = text.split("-")
+        bare = text.removeprefix(BASELINE_PREFIX)
+        baseline = bare != text
+        transport, *options = bare.split("-")
         if transport not in TRANSPORTS:
             raise ValueError(
                 f"unknown mode {text!r} ({', '.join(TRANSPORTS)}, then -multifdN, -zstd,"
                 " -zlib, -xbzrle, -ac, -steps, -pause)"
             )
+        if baseline and transport not in ("ws", "wss"):
+            raise ValueError(f"{text}: only ws and wss modes run with the baseline's relays")
         multifd = None
         compress = None
         policy = None
@@ -190,7 +210,9 @@ class Mode:
                 policy = option
             else:
                 raise ValueError(f"unknown or repeated option {option!r} in mode {text!r}")
-        mode = cls(text, transport, multifd, compress, "xbzrle" in flags, "ac" in flags, policy)
+        mode = cls(
+            text, transport, multifd, compress, "xbzrle" in flags, "ac" in flags, policy, baseline
+        )
         mode.options()  # QEMU's rules on what goes together, said now
         return mode
 
@@ -279,13 +301,37 @@ class Workload:
             )
 
 
-def available_modes(names: Sequence[str]) -> list[Mode]:
-    """Parse mode names, dropping socat when it is not installed (said on stderr)."""
+def available_modes(names: Sequence[str], *, baseline: bool = False) -> list[Mode]:
+    """Parse mode names, dropping socat when it is not installed (said on stderr).
+
+    With ``baseline``, ``base:MODE`` right after each mode migrelay's relays carry (ws,
+    wss, with any options): the two run back to back in every round.
+
+    Raises:
+        ValueError: an unknown mode, a ``base:`` mode without ``baseline``, with
+            ``baseline`` a mode given twice (its runs are paired by round).
+    """
     modes = [Mode.parse(name) for name in names]
     if shutil.which("socat") is None and any(m.transport == "socat" for m in modes):
         print("bench: socat is not installed; skipping the socat mode", file=sys.stderr)
         modes = [m for m in modes if m.transport != "socat"]
-    return modes
+    if not baseline:
+        for mode in modes:
+            if mode.baseline:
+                raise ValueError(
+                    f"{mode.name}: base: modes need a baseline checkout (--baseline DIR)"
+                )
+        return modes
+    paired: list[Mode] = []
+    for mode in modes:
+        wanted = [mode]
+        if not mode.direct and not mode.baseline:
+            wanted.append(Mode.parse(BASELINE_PREFIX + mode.name))
+        for each in wanted:
+            if any(each.name == known.name for known in paired):
+                raise ValueError(f"mode {each.name} given twice")
+            paired.append(each)
+    return paired
 
 
 @dataclass
@@ -362,6 +408,67 @@ class ModeSummary:
     median_passes: float | None = None
     #: Over every run, the non-converged included.
     max_throttle_percent: int = 0
+    #: ws/wss rows with a baseline (the ``base:`` row of the same mode): the median
+    #: time over the baseline's, and the per-round differences of ``seconds`` (this
+    #: checkout's minus the baseline's, rounds where both completed, `Paired`): their
+    #: mean, its standard error, how many rounds this checkout was faster in.
+    baseline_time_ratio: float | None = None
+    paired_seconds_diff: float | None = None
+    paired_seconds_diff_stderr: float | None = None
+    paired_rounds: int = 0
+    rounds_faster_than_baseline: int = 0
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A figure of this checkout against the baseline's, paired by round.
+
+    The differences (this checkout's minus the baseline's, rounds where both have the
+    figure): two runs of one round share the machine's load of the moment, so their
+    difference cancels most of the drift a shared machine adds to both.
+    """
+
+    rounds: int
+    #: Rounds where this checkout's figure was the lower.
+    lower: int
+    mean: float | None
+    #: The standard error of ``mean`` (from two rounds on).
+    stderr: float | None
+
+    @classmethod
+    def by_round(
+        cls, mine: Mapping[int, float | None], baseline: Mapping[int, float | None]
+    ) -> Paired:
+        """Pair the two checkouts' figures, each by its round number."""
+        diffs = [
+            value - theirs
+            for run, value in mine.items()
+            if value is not None and (theirs := baseline.get(run)) is not None
+        ]
+        return cls(
+            rounds=len(diffs),
+            lower=sum(diff < 0 for diff in diffs),
+            mean=statistics.mean(diffs) if diffs else None,
+            stderr=statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None,
+        )
+
+
+def format_paired(mean: float | None, stderr: float | None) -> str:
+    """A `Paired` mean as the tables print it: ``+0.123 ± 0.045``, ``-`` without one."""
+    text = f"{mean:+.3f}" if mean is not None else "-"
+    return text + (f" ± {stderr:.3f}" if stderr is not None else "")
+
+
+def baseline_command(checkout: Path) -> list[str]:
+    """How to run another checkout's migrelay: its own ``.venv``'s interpreter.
+
+    Raises:
+        ValueError: ``checkout`` has no ``.venv/bin/python``.
+    """
+    python = checkout / ".venv" / "bin" / "python"
+    if not python.exists():
+        raise ValueError(f"baseline {checkout} has no .venv/bin/python (run its tools/setup)")
+    return [str(python), "-m", "migrelay"]
 
 
 class _Process:
@@ -525,6 +632,10 @@ class Bench:
         run_timeout: seconds a migration may take; past it, a dirtying guest's run is
             cancelled as not converged, any other run fails. Default: `RUN_TIMEOUT_S`,
             `DIRTY_RUN_TIMEOUT_S` with a dirtying workload.
+        baseline: the command of the baseline checkout's migrelay (`baseline_command`),
+            for ``base:`` modes.
+        relay_args, baseline_relay_args: extra arguments for both relays of this
+            checkout, of the baseline (``--max-message 4M``).
 
     Raises:
         ValueError: a workload that does not fit in the RAM, an unknown RAM content.
@@ -542,6 +653,9 @@ class Bench:
         ram_content: str = "random",
         ram_dir: Path | None = None,
         run_timeout: float | None = None,
+        baseline: Sequence[str] | None = None,
+        relay_args: Sequence[str] = (),
+        baseline_relay_args: Sequence[str] = (),
     ) -> None:
         self.workload = workload or Workload("idle")
         self.workload.check_ram(ram_size)
@@ -556,6 +670,9 @@ class Bench:
         self.disk = DiskSpec("disk0", disk_size) if disk_size else None
         self.workdir = workdir
         self.migrelay = list(migrelay or [sys.executable, "-m", "migrelay"])
+        self.baseline = list(baseline) if baseline is not None else None
+        self.relay_args = list(relay_args)
+        self.baseline_relay_args = list(baseline_relay_args)
         self.link = link
         #: Source-side and destination-side command prefixes, and the address the
         #: destination host listens on.
@@ -878,14 +995,19 @@ class Bench:
             pem = (work / "cert.pem").read_text(encoding="ascii")
             pin = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
             connect_tls = ["--fingerprint", pin]
-        server = _Process("serve", [*self.dst_prefix, *self.migrelay, "serve", "--listen",
+        command, extra = self.migrelay, self.relay_args
+        if mode.baseline:
+            if self.baseline is None:
+                raise RelayError(f"mode {mode.name} needs a baseline checkout")
+            command, extra = self.baseline, self.baseline_relay_args
+        server = _Process("serve", [*self.dst_prefix, *command, "serve", "--listen",
                           f"{self.dest_host}:{port}", "--target", str(dest_sock), "--insecure",
-                          *serve_tls], work / "serve.log")  # fmt: skip
+                          *serve_tls, *extra], work / "serve.log")  # fmt: skip
         relays.append(server)
         await _wait_listening(lambda: _port_open(port, server), server)
-        client = _Process("connect", [*self.src_prefix, *self.migrelay, "connect",
+        client = _Process("connect", [*self.src_prefix, *command, "connect",
                           f"{scheme}://{host}:{port}/", "--listen-unix", str(source_sock),
-                          *connect_tls], work / "connect.log")  # fmt: skip
+                          *connect_tls, *extra], work / "connect.log")  # fmt: skip
         relays.append(client)
         await _wait_listening(lambda: source_sock.exists() and source_nbd.exists(), client)
         metrics = None
@@ -1022,7 +1144,8 @@ async def _children_reaped(relays: Sequence[_Process]) -> None:
 def summarize(
     results: Sequence[RunResult], ram_size: int, disk_size: int | None = None
 ) -> list[ModeSummary]:
-    """Medians per mode, and each mode's median time over direct TCP's.
+    """Medians per mode, and each mode's median time over direct TCP's; each mode
+    with a ``base:`` twin, compared with it round by round (`Paired`).
 
     With ``disk_size`` the times, rates and CPU per GiB are of disk and RAM together.
     """
@@ -1036,7 +1159,7 @@ def summarize(
         # was measured (ws-multifd2-zstd: tcp-multifd2-zstd), else with as many multifd
         # channels, else against plain direct TCP.
         parsed = Mode.parse(mode)
-        candidates = ["tcp" + mode[len(parsed.transport) :]]
+        candidates = ["tcp" + mode.removeprefix(BASELINE_PREFIX)[len(parsed.transport) :]]
         if parsed.multifd:
             candidates.append(f"tcp-multifd{parsed.multifd}")
         reference = next((name for name in candidates if name in by_mode), "tcp")
@@ -1046,6 +1169,11 @@ def summarize(
     def median_of(values: Sequence[float | None]) -> float | None:
         known = [value for value in values if value is not None]
         return statistics.median(known) if known else None
+
+    def seconds_by_round(mode: str) -> dict[int, float | None]:
+        return {
+            r.run: r.seconds for r in by_mode[mode] if r.error is None and r.outcome == "completed"
+        }
 
     summaries = []
     for mode, runs in by_mode.items():
@@ -1092,6 +1220,16 @@ def summarize(
                 max_throttle_percent=max((r.max_throttle_percent for r in runs), default=0),
             )
         )
+    by_name = {row.mode: row for row in summaries}
+    for row in summaries:
+        base = by_name.get(BASELINE_PREFIX + row.mode)
+        if base is None:
+            continue
+        if row.median_seconds and base.median_seconds:
+            row.baseline_time_ratio = row.median_seconds / base.median_seconds
+        paired = Paired.by_round(seconds_by_round(row.mode), seconds_by_round(base.mode))
+        row.paired_seconds_diff, row.paired_seconds_diff_stderr = paired.mean, paired.stderr
+        row.paired_rounds, row.rounds_faster_than_baseline = paired.rounds, paired.lower
     return summaries
 
 
@@ -1131,6 +1269,9 @@ async def run_bench(
     workload: Workload | None = None,
     ram_content: str = "random",
     run_timeout: float | None = None,
+    baseline: Path | None = None,
+    relay_args: Sequence[str] = (),
+    baseline_relay_args: Sequence[str] = (),
 ) -> dict[str, object]:
     """Run ``runs`` interleaved rounds of every mode; return the JSON-ready report.
 
@@ -1142,12 +1283,16 @@ async def run_bench(
     (`Bench`); the work directory made here is then on tmpfs (``/dev/shm`` when
     ``/tmp`` is not): test disks live there (DESIGN §7), so that the destination's
     writes are not timed against the host's own disk. ``workload``, ``ram_content``
-    and ``run_timeout`` are `Bench`'s.
+    and ``run_timeout`` are `Bench`'s. ``baseline``, another checkout, runs the
+    ``base:`` modes (`available_modes`) with its relays (`baseline_command`);
+    ``relay_args`` and ``baseline_relay_args`` go to this checkout's relays and to
+    the baseline's.
 
     Raises:
         ValueError: ``given_qmp`` with more than one mode or run, or with ``link_rate``,
             ``disk_size``, a workload or a RAM content; a workload that does not fit
-            in the RAM.
+            in the RAM; ``base:`` modes without a baseline, a baseline without its
+            ``.venv``.
         RelayError: no tmpfs with room for the RAM files (`tmpfs_ram_dir`).
     """
     if given_qmp is not None and (len(modes) != 1 or runs != 1 or link_rate is not None):
@@ -1160,6 +1305,9 @@ async def run_bench(
     if given_qmp is not None and (workload.dirties or ram_content != "random"):
         raise ValueError("a workload and a RAM content are for test VMs")
     workload.check_ram(ram_size)
+    if any(mode.baseline for mode in modes) and baseline is None:
+        raise ValueError("base: modes need a baseline checkout (--baseline DIR)")
+    baseline_argv = baseline_command(baseline) if baseline is not None else None
     ram_dir = None
     if given_qmp is None:
         # Both RAM files, and with a disk both images too (they go there as well when
@@ -1187,6 +1335,9 @@ async def run_bench(
             ram_content=ram_content,
             ram_dir=ram_dir,
             run_timeout=run_timeout,
+            baseline=baseline_argv,
+            relay_args=relay_args,
+            baseline_relay_args=baseline_relay_args,
         )
         for run in range(1, runs + 1):
             for mode in modes:
@@ -1218,6 +1369,9 @@ async def run_bench(
         "disk_bytes": disk_size or None,
         "runs": runs,
         "modes": [m.name for m in modes],
+        "relay_args": list(relay_args),
+        "baseline": str(baseline) if baseline is not None else None,
+        "baseline_relay_args": list(baseline_relay_args),
         "results": [asdict(r) for r in results],
         "summary": [asdict(s) for s in summarize(results, ram_size, disk_size)],
     }
@@ -1253,7 +1407,8 @@ def format_table(report: dict[str, object]) -> str:
     """The summary as a plain-text table (see `WIRE_LEGEND` for the columns).
 
     With a disk, ``median s`` is disk and RAM together, ``disk s`` and ``ram s`` its
-    phases (medians of each), and ``x tcp`` the ratio of the totals.
+    phases (medians of each), and ``x tcp`` the ratio of the totals. Under the table,
+    each mode run with the baseline too (``base:`` rows) against it, round by round.
     """
     with_disk = bool(report.get("disk_bytes"))
     summary = report["summary"]
@@ -1303,6 +1458,17 @@ def format_table(report: dict[str, object]) -> str:
             f"  {cpu or '-':<38}{rss or '-':<14}"
             f"{'ok' if row['all_ram_matched'] else 'MISMATCH'}{disk_ok}"
             + (f" ({', '.join(notes)})" if notes else "")
+        )
+    names = {row["mode"] for row in summary}
+    for row in summary:
+        if BASELINE_PREFIX + row["mode"] not in names:
+            continue
+        ratio = row["baseline_time_ratio"]
+        paired = format_paired(row["paired_seconds_diff"], row["paired_seconds_diff_stderr"])
+        lines.append(
+            f"{row['mode']} against {BASELINE_PREFIX}{row['mode']}: time"
+            f" {f'{ratio:.2f}x' if ratio else '-'}, paired difference {paired} s, faster in"
+            f" {row['rounds_faster_than_baseline']} of {row['paired_rounds']} rounds"
         )
     return "\n".join(lines)
 
