@@ -20,17 +20,21 @@ from tests.loops import run
 from typer.testing import CliRunner
 
 from migrelay.cli.app import app
+from migrelay.core.events import EndOfStream, Payload
+from migrelay.core.frames import FrameParser
 from migrelay.lab import relaybench
 from migrelay.lab.relaybench import Sampling, SourceFile, StreamDigest
+from migrelay.lab.splicerelay import frame_header
 from migrelay.units import MIB
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("socat") is None or shutil.which("openssl") is None,
-    reason="the relay bench needs socat and openssl (tools/setup installs them)",
-)
+
+def test_the_tools_the_bench_runs_are_installed() -> None:
+    # Not a skip: tools/setup installs them, and a bench without them compares nothing.
+    assert shutil.which("socat") and shutil.which("openssl") and shutil.which("taskset")
+
 
 SIZE = 32 * MIB
-MODES = ["direct", "socat", "ws", "wss"]
+MODES = ["direct", "socat", "splice", "ws", "wss"]
 CHANNELS = [1, 2]
 BENCH = Path(__file__).resolve().parent.parent.parent / "benches" / "relay.py"
 
@@ -81,6 +85,7 @@ def test_every_byte_arrives_on_its_channel_and_rows_have_their_references() -> N
         socat = rows["socat", channels]["cpu_s_per_gib"]["both"]
         ws, wss = rows["ws", channels], rows["wss", channels]
         assert ws["reference"] == "socat" and ws["reference_cpu_s_per_gib"] == socat
+        assert rows["splice", channels]["reference"] == "socat"
         floor = socat + 2 * cipher["cpu_s_per_gib"]
         assert wss["reference"] == "tls floor"
         assert wss["tls_floor_cpu_s_per_gib"] == pytest.approx(floor)
@@ -170,3 +175,14 @@ def test_bench_refuses_options_of_the_other_bench(args: list[str], message: str)
     result = CliRunner().invoke(app, ["bench", *args])
     assert result.exit_code == 1
     assert message in result.output
+
+
+def test_the_splice_prototype_frames_what_it_carries() -> None:
+    # Unmasked binary frames (a server's), in the shortest length form, then an empty
+    # one: what migrelay's relays take as end of stream.
+    payloads = [b"a" * 100, b"b" * 126, b"c" * 70_000]
+    stream = bytearray(b"".join(frame_header(len(p)) + p for p in payloads) + frame_header(0))
+    events, used = FrameParser(expect_masked=False).receive_frames(memoryview(stream), 16)
+    assert used == len(stream)
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, Payload)) == b"".join(payloads)
+    assert isinstance(events[-1], EndOfStream)

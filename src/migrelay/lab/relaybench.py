@@ -24,7 +24,10 @@ Modes (`TRANSPORTS`): ``direct`` (no relay: the pushers write into the sink's so
 the harness's own ceiling, which shows it is not what limits the relays), ``socat``
 (two socat processes with 1 MiB buffers, unix to TCP to unix: the same copies through
 user space as the relays, without WebSocket; the anchor the ``ws`` rows are compared
-with), ``ws`` and ``wss`` (the relays, plain and over TLS). With a baseline checkout
+with), ``splice`` (`migrelay.lab.splicerelay`: a prototype of the data path alone for
+frames that need no mask, spliced from socket to socket with no copy into user space;
+not a relay, compared with socat too), ``ws`` and ``wss`` (the relays, plain and over
+TLS). With a baseline checkout
 (``baseline``) every ``ws``/``wss`` mode runs again with that checkout's interpreter,
 labelled ``base:ws``, in the same rounds, for before/after figures.
 
@@ -92,7 +95,7 @@ from migrelay.lab.bench import (
 from migrelay.units import GIB, MIB
 
 #: How bytes travel from the pushers to the sink (see the module docstring).
-TRANSPORTS = ("direct", "socat", "ws", "wss")
+TRANSPORTS = ("direct", "socat", "splice", "ws", "wss")
 #: Defaults of `migrelay bench --relay-only` and ``benches/relay.py``.
 DEFAULT_MODES = ("direct", "socat", "ws", "wss")
 DEFAULT_CHANNELS = (1, 2, 4)
@@ -146,7 +149,7 @@ class RelayMode:
 
     @classmethod
     def parse(cls, text: str) -> RelayMode:
-        """Parse ``direct``, ``socat``, ``ws``, ``wss``, ``base:ws`` or ``base:wss``.
+        """Parse ``direct``, ``socat``, ``splice``, ``ws``, ``wss``, ``base:ws`` or ``base:wss``.
 
         Raises:
             ValueError: anything else.
@@ -839,7 +842,13 @@ class RelayBench:
         )
         port = _free_port()
         tag = f"{mode.name.replace(':', '-')}-{combination.channels}"
-        if mode.transport == "socat":
+        if mode.transport == "splice":
+            prototype = [sys.executable, "-m", "migrelay.lab.splicerelay"]
+            destination = _Process("destination", [*pin, *prototype, "destination",
+                                   f"127.0.0.1:{port}", str(sink_sock)],
+                                   self.workdir / f"{tag}-destination.log")  # fmt: skip
+            source_argv = [*pin, *prototype, "source", str(source_sock), f"127.0.0.1:{port}"]
+        elif mode.transport == "socat":
             destination = _Process("destination", [*pin, "socat", "-b", str(SOCAT_BUFFER_BYTES),
                                    f"TCP-LISTEN:{port},reuseaddr,fork,bind=127.0.0.1",
                                    f"UNIX-CONNECT:{sink_sock}"],
@@ -938,7 +947,7 @@ def summarize(
         socat_rates = speeds(socat_runs)
         socat_both = medians(socat_runs).get("both")
         reference = floor = reference_cpu = None
-        if mode.transport == "ws" and socat_both is not None:
+        if mode.transport in ("ws", "splice") and socat_both is not None:
             reference, reference_cpu = "socat", socat_both
         elif mode.transport == "wss" and socat_both is not None and cipher is not None:
             floor = socat_both + 2 * cipher.cpu_s_per_gib
