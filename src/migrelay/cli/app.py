@@ -21,10 +21,11 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -958,6 +959,7 @@ def cancel(
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     ram: Annotated[
         str, typer.Option(help="Guest RAM of each test VM (on tmpfs: /dev/shm).")
     ] = "1G",
@@ -973,7 +975,7 @@ def bench(
     workload: Annotated[
         str,
         typer.Option(
-            help="What the source VM does: idle (paused), or dirty:SIZE[@RATE], a guest"
+            help="What the source VM does: idle (paused), or dirty:SIZE(@RATE), a guest"
             " rewriting SIZE of its RAM at RATE per second (dirty:64M@20M; no @RATE: as"
             " fast as it can)."
         ),
@@ -990,7 +992,7 @@ def bench(
         typer.Option(
             min=1,
             help="Seconds a run may take; a dirtying guest's run still going then is"
-            " cancelled and reported as not converged [default: 600; 120 with dirty:].",
+            " cancelled and reported as not converged (default: 600; 120 with dirty:).",
         ),
     ] = None,
     json_file: Annotated[
@@ -1021,19 +1023,96 @@ def bench(
             "as migrate --copy-storage does; direct TCP mirrors to an NBD export on TCP."
         ),
     ] = None,
+    relay_only: Annotated[
+        bool,
+        typer.Option(
+            help="Measure the relays alone, without QEMU: a random file on /dev/shm pushed"
+            " through connect and serve into a sink (benches/README.md). Takes --runs"
+            " (default 5 here), --modes (direct, socat, ws, wss; default all four), --json"
+            " and the options below."
+        ),
+    ] = False,
+    size: Annotated[
+        str, typer.Option(help="With --relay-only: bytes pushed per run (on /dev/shm).")
+    ] = "4G",
+    channels: Annotated[
+        str,
+        typer.Option(help="With --relay-only: comma-separated channel counts (connections)."),
+    ] = "1,2,4",
+    cores: Annotated[
+        str,
+        typer.Option(
+            help="With --relay-only: comma-separated core counts to pin both relays to"
+            " (1: taskset -c 0, 2: taskset -c 0,1); all: unpinned."
+        ),
+    ] = "all",
+    relay_args: Annotated[
+        str,
+        typer.Option(
+            help="Extra arguments for both migrelay relays of this checkout, quoted"
+            " (--relay-args '--max-message 4M')."
+        ),
+    ] = "",
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Another checkout of migrelay: every mode through migrelay's relays (ws,"
+            " wss, with any options) also runs with its relays (DIR/.venv/bin/python -m"
+            " migrelay), labelled base:ws-multifd4 etc., right after it in every round;"
+            " under the table, each pair's per-round time difference (CPU with"
+            " --relay-only), for before/after figures."
+        ),
+    ] = None,
+    baseline_relay_args: Annotated[
+        str,
+        typer.Option(
+            help="With --baseline: extra arguments for its relays (it may not know this"
+            " checkout's new flags)."
+        ),
+    ] = "",
 ) -> None:
     """Benchmark migrations: the tunnel against a direct TCP migration, same VMs.
 
     With --src-qmp and --dst-qmp it migrates your own two VMs once, in one mode, and
-    leaves them as QEMU does (their RAM is not compared).
+    leaves them as QEMU does (their RAM is not compared). With --relay-only it measures
+    the relays alone, against socat, without QEMU.
     """
+    # Named on the command line (not defaulted): which bench the options belong to.
+    named = {name for name in ctx.params if _named(ctx, name)}
+    relay_options = {"size", "channels", "cores"}
+    both_benches = {"runs", "modes", "json_file", "relay_args", "baseline", "baseline_relay_args"}
+    if relay_only:
+        qemu_options = named - relay_options - both_benches - {"relay_only"}
+        if qemu_options:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(qemu_options))
+            exit_with(f"{flags}: not with --relay-only, which runs no QEMU")
+        _bench_relays(
+            runs if "runs" in named else None,
+            modes if "modes" in named else None,
+            json_file,
+            size=size,
+            channels=channels,
+            cores=cores,
+            relay_args=relay_args,
+            baseline=baseline,
+            baseline_relay_args=baseline_relay_args,
+        )
+    if named & relay_options:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(named & relay_options))
+        exit_with(f"{flags}: only with --relay-only")
     # The lab is imported only here: the relay commands never load it.
     from migrelay.lab import bench as lab_bench
     from migrelay.lab.vm import RAM_CONTENTS
     from migrelay.units import format_bytes
 
     try:
-        mode_list = lab_bench.available_modes([m.strip() for m in modes.split(",") if m])
+        mode_list = lab_bench.available_modes(
+            [m.strip() for m in modes.split(",") if m], baseline=baseline is not None
+        )
+        if baseline is not None:
+            lab_bench.baseline_command(baseline)
+        extra = shlex.split(relay_args)
+        baseline_extra = shlex.split(baseline_relay_args)
         work = lab_bench.Workload.parse(workload)
         if content not in RAM_CONTENTS:
             raise ValueError(f"unknown --content {content!r} (one of {', '.join(RAM_CONTENTS)})")
@@ -1049,6 +1128,8 @@ def bench(
     if (src_qmp is None) != (dst_qmp is None):
         exit_with("--src-qmp and --dst-qmp go together")
     given = (src_qmp, dst_qmp) if src_qmp is not None and dst_qmp is not None else None
+    if given is not None and baseline is not None:
+        exit_with("--baseline is for test VMs: your own VMs can be migrated once")
     if given is not None and (len(mode_list) != 1 or runs != 1 or link is not None):
         exit_with("your own VMs can be migrated once: give one --modes, --runs 1, no --link")
     if given is not None and disk_bytes is not None:
@@ -1106,6 +1187,9 @@ def bench(
                 workload=work,
                 ram_content=content,
                 run_timeout=timeout,
+                baseline=baseline,
+                relay_args=extra,
+                baseline_relay_args=baseline_extra,
             )
         )
         if running not in await runner.wait_first(running, stop.wait()):
@@ -1121,6 +1205,90 @@ def bench(
         return EXIT_FAILURE if lab_bench.any_failed(report) else EXIT_OK
 
     # asyncio: the bench measures the relays as subprocesses; its own loop is not timed.
+    run_command(main, loop="asyncio")
+
+
+def _named(ctx: typer.Context, name: str) -> bool:
+    """Whether parameter ``name`` was given rather than defaulted (click's
+    ``ParameterSource``, compared by name: typer vendors click in recent versions)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _bench_relays(
+    runs: int | None,
+    modes: str | None,
+    json_file: Path | None,
+    *,
+    size: str,
+    channels: str,
+    cores: str,
+    relay_args: str,
+    baseline: Path | None,
+    baseline_relay_args: str,
+) -> NoReturn:
+    """``bench --relay-only``: `migrelay.lab.relaybench.run_relay_bench`; ``runs`` and
+    ``modes`` None: the relay bench's own defaults, not the migration bench's."""
+    from migrelay.lab import relaybench
+    from migrelay.lab.bench import write_json
+
+    try:
+        size_bytes = parse_size(size)
+        mode_names = modes.split(",") if modes is not None else relaybench.DEFAULT_MODES
+        mode_list = relaybench.relay_modes(
+            [m.strip() for m in mode_names if m.strip()], baseline=baseline is not None
+        )
+        channel_counts = relaybench.parse_channels(channels)
+        core_counts = relaybench.parse_cores(cores)
+        relaybench.check_size(size_bytes, channel_counts)
+        if baseline is not None:
+            relaybench.baseline_command(baseline)
+        extra = shlex.split(relay_args)
+        baseline_extra = shlex.split(baseline_relay_args)
+    except ValueError as exc:
+        exit_with(str(exc))
+    rounds = runs if runs is not None else relaybench.DEFAULT_RUNS
+    total = rounds * len(mode_list) * len(channel_counts) * len(core_counts)
+    done = 0
+
+    def on_start(combination: relaybench.Combination, run: int) -> None:
+        typer.echo(
+            f"[{done + 1}/{total}] run {run}: {combination.mode.name}"
+            f" x{combination.channels} cores {relaybench.cores_label(combination.cores)} ...",
+            err=True,
+        )
+
+    def on_result(result: relaybench.RelayRun) -> None:
+        nonlocal done
+        done += 1
+        typer.echo(relaybench.describe_run(result, size_bytes), err=True)
+
+    async def main(stop: asyncio.Event) -> int:
+        running = asyncio.ensure_future(
+            relaybench.run_relay_bench(
+                mode_list,
+                channel_counts,
+                core_counts,
+                size_bytes,
+                rounds,
+                baseline=baseline,
+                relay_args=extra,
+                baseline_relay_args=baseline_extra,
+                on_start=on_start,
+                on_result=on_result,
+            )
+        )
+        if running not in await runner.wait_first(running, stop.wait()):
+            # Ctrl-C: the relays, the sink and the file on /dev/shm went on the way out.
+            return EXIT_INTERRUPTED
+        report = running.result()
+        typer.echo(relaybench.format_table(report))
+        typer.echo(relaybench.LEGEND, err=True)
+        if json_file is not None:
+            write_json(report, json_file)
+        return EXIT_FAILURE if relaybench.any_failed(report) else EXIT_OK
+
+    # asyncio: the relays run as subprocesses; the bench's own loop is not timed.
     run_command(main, loop="asyncio")
 
 
