@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import socket
 import time
@@ -54,6 +53,7 @@ from typing import Final, Protocol, cast
 
 from migrelay.core.events import EndOfStream, Payload
 from migrelay.core.frames import MAX_HEADER_BYTES
+from migrelay.core.mask import NATIVE
 from migrelay.core.session import Liveness, LocalLoss, RelaySession, describe_close
 from migrelay.limits import Limits
 from migrelay.units import format_bytes
@@ -85,17 +85,8 @@ class _SendFunction(Protocol):
     def __call__(self, fd: int, data: memoryview, /) -> int: ...
 
 
-def _load_send() -> _SendFunction | None:
-    try:
-        native = importlib.import_module("migrelay._speedups")
-    except ImportError:  # pragma: no cover - exercised only where the build had no compiler
-        return None
-    send: _SendFunction = native.send_nogil
-    return send
-
-
 #: ``migrelay._speedups.send_nogil``, None without the C extension.
-send_nogil: Final = _load_send()
+send_nogil: Final[_SendFunction | None] = None if NATIVE is None else NATIVE.send_nogil
 
 
 def direct_fd(transport: asyncio.BaseTransport) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from types import ModuleType
 from typing import Final, Protocol
 
 from migrelay._types import WritableBuffer
@@ -71,32 +72,24 @@ class ScanFunction(Protocol):
     ) -> tuple[int, int, bytes | None, int, bool, int, int, list[tuple[int, int]]]: ...
 
 
-def _load() -> tuple[MaskFunction, str]:
+def _import_native() -> ModuleType | None:
     try:
         # Imported by name: the extension ships no stub, so a plain import fails
-        # mypy --strict (import-not-found); the Protocol above is its signature.
-        native = importlib.import_module("migrelay._speedups")
-    except ImportError:  # pragma: no cover - exercised only where the build had no compiler
-        return apply_mask_python, "python"
-    return native.apply_mask, "c"
-
-
-def _load_scan() -> ScanFunction | None:
-    try:
-        native = importlib.import_module("migrelay._speedups")
+        # mypy --strict (import-not-found); the Protocols above are its signatures.
+        return importlib.import_module("migrelay._speedups")
     except ImportError:  # pragma: no cover - exercised only where the build had no compiler
         return None
-    scan: ScanFunction = native.scan_data_frames
-    return scan
 
 
-_LOADED: Final = _load()
-apply_mask: Final[MaskFunction] = _LOADED[0]
+#: ``migrelay._speedups`` (masking, the data-frame fast path, and the I/O layer's
+#: ``send_nogil``), None where the build had no compiler; imported once, here.
+NATIVE: Final = _import_native()
+apply_mask: Final[MaskFunction] = apply_mask_python if NATIVE is None else NATIVE.apply_mask
 #: The receiving side's data-frame fast path, None without the C extension (the
 #: Python parser then does all of it, as it always does for everything unusual).
-scan_data_frames: Final[ScanFunction | None] = _load_scan()
+scan_data_frames: Final[ScanFunction | None] = None if NATIVE is None else NATIVE.scan_data_frames
 #: ``"c"`` when the native extension is in use, ``"python"`` for the fallback.
-MASK_IMPLEMENTATION: Final[str] = _LOADED[1]
+MASK_IMPLEMENTATION: Final[str] = "python" if NATIVE is None else "c"
 
 
 def mask_implementation_warning() -> str | None:
