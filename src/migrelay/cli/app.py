@@ -1028,7 +1028,8 @@ def bench(
         typer.Option(
             help="Measure the relays alone, without QEMU: a random file on /dev/shm pushed"
             " through connect and serve into a sink (benches/README.md). Takes --runs"
-            " (default 5 here), --modes (direct, socat, ws, wss; default all four), --json"
+            " (default 5 here), --modes (direct, socat, splice, ws, wss; default all but"
+            " splice), --json"
             " and the options below."
         ),
     ] = False,
@@ -1109,10 +1110,7 @@ def bench(
         mode_list = lab_bench.available_modes(
             [m.strip() for m in modes.split(",") if m], baseline=baseline is not None
         )
-        if baseline is not None:
-            lab_bench.baseline_command(baseline)
-        extra = shlex.split(relay_args)
-        baseline_extra = shlex.split(baseline_relay_args)
+        extra, baseline_extra = _relay_arguments(relay_args, baseline, baseline_relay_args)
         work = lab_bench.Workload.parse(workload)
         if content not in RAM_CONTENTS:
             raise ValueError(f"unknown --content {content!r} (one of {', '.join(RAM_CONTENTS)})")
@@ -1215,6 +1213,22 @@ def _named(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
+def _relay_arguments(
+    relay_args: str, baseline: Path | None, baseline_relay_args: str
+) -> tuple[list[str], list[str]]:
+    """Both benches' ``--relay-args`` and ``--baseline-relay-args``, split as a shell
+    would; a ``--baseline`` checkout is checked for its interpreter first.
+
+    Raises:
+        ValueError: the baseline has no ``.venv``, or a quote is not closed.
+    """
+    from migrelay.lab.bench import baseline_command
+
+    if baseline is not None:
+        baseline_command(baseline)
+    return shlex.split(relay_args), shlex.split(baseline_relay_args)
+
+
 def _bench_relays(
     runs: int | None,
     modes: str | None,
@@ -1241,10 +1255,7 @@ def _bench_relays(
         channel_counts = relaybench.parse_channels(channels)
         core_counts = relaybench.parse_cores(cores)
         relaybench.check_size(size_bytes, channel_counts)
-        if baseline is not None:
-            relaybench.baseline_command(baseline)
-        extra = shlex.split(relay_args)
-        baseline_extra = shlex.split(baseline_relay_args)
+        extra, baseline_extra = _relay_arguments(relay_args, baseline, baseline_relay_args)
     except ValueError as exc:
         exit_with(str(exc))
     rounds = runs if runs is not None else relaybench.DEFAULT_RUNS
