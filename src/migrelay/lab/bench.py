@@ -471,6 +471,27 @@ def baseline_command(checkout: Path) -> list[str]:
     return [str(python), "-m", "migrelay"]
 
 
+def relay_command(
+    mode_name: str,
+    baseline_mode: bool,
+    migrelay: Sequence[str],
+    relay_args: Sequence[str],
+    baseline: Sequence[str] | None,
+    baseline_relay_args: Sequence[str],
+) -> tuple[Sequence[str], Sequence[str]]:
+    """The command that runs a mode's relays, and the extra arguments that follow their
+    own: this checkout's, or for a ``base:`` mode the baseline checkout's (both benches).
+
+    Raises:
+        RelayError: a ``base:`` mode without a baseline checkout.
+    """
+    if not baseline_mode:
+        return migrelay, relay_args
+    if baseline is None:
+        raise RelayError(f"mode {mode_name} needs a baseline checkout")
+    return baseline, baseline_relay_args
+
+
 class _Process:
     """A relay process whose CPU time and peak RSS are read before it is stopped.
 
@@ -995,11 +1016,10 @@ class Bench:
             pem = (work / "cert.pem").read_text(encoding="ascii")
             pin = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
             connect_tls = ["--fingerprint", pin]
-        command, extra = self.migrelay, self.relay_args
-        if mode.baseline:
-            if self.baseline is None:
-                raise RelayError(f"mode {mode.name} needs a baseline checkout")
-            command, extra = self.baseline, self.baseline_relay_args
+        command, extra = relay_command(
+            mode.name, mode.baseline, self.migrelay, self.relay_args,
+            self.baseline, self.baseline_relay_args,
+        )  # fmt: skip
         server = _Process("serve", [*self.dst_prefix, *command, "serve", "--listen",
                           f"{self.dest_host}:{port}", "--target", str(dest_sock), "--insecure",
                           *serve_tls, *extra], work / "serve.log")  # fmt: skip

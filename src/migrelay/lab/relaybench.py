@@ -91,6 +91,7 @@ from migrelay.lab.bench import (
     format_paired,
     machine_info,
     make_certificate,
+    relay_command,
 )
 from migrelay.units import GIB, MIB
 
@@ -856,11 +857,10 @@ class RelayBench:
             source_argv = [*pin, "socat", "-b", str(SOCAT_BUFFER_BYTES),
                            f"UNIX-LISTEN:{source_sock},fork", f"TCP:127.0.0.1:{port}"]  # fmt: skip
         else:
-            command, extra = self.migrelay, self.relay_args
-            if mode.baseline:
-                if self.baseline is None:
-                    raise RelayError(f"mode {mode.name} needs a baseline checkout")
-                command, extra = self.baseline, self.baseline_relay_args
+            command, extra = relay_command(
+                mode.name, mode.baseline, self.migrelay, self.relay_args,
+                self.baseline, self.baseline_relay_args,
+            )  # fmt: skip
             serve_tls: list[str] = []
             connect_tls: list[str] = []
             if mode.transport == "wss":
