@@ -1,7 +1,7 @@
 """Relay-only throughput and CPU per GiB: migrelay's relays against socat, without QEMU.
 
 Usage: ``.venv/bin/python benches/relay.py [--size 4G] [--runs 5]
-[--modes direct,socat,ws,wss] [--channels 1,2,4] [--cores all|1,2]
+[--modes direct,socat,splice,ws,wss] [--channels 1,2,4] [--cores all|1,2]
 [--relay-args "..."] [--baseline DIR] [--json FILE]``
 
 A file of random bytes on tmpfs is pushed (``sendfile``, one connection per channel)
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="4G", help="bytes pushed per run (default 4G)")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="rounds (default 5)")
     parser.add_argument(
-        "--modes", default=",".join(DEFAULT_MODES), help="comma-separated: direct,socat,ws,wss"
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help="comma-separated: direct,socat,splice,ws,wss (default all but splice)",
     )
     parser.add_argument(
         "--channels",
