@@ -18,6 +18,12 @@ from pathlib import Path
 FACTOR: float = float(os.environ.get("MIGRELAY_TEST_TIMEOUT_FACTOR", "1"))
 #: One millisecond of timeout, scaled (websockets ``tests/utils.py`` MS).
 MS: float = 0.001 * FACTOR
+#: Worker loops of the relays the integration tests run in-process, unless a test says
+#: (``ServerConfig.workers``, ``ClientConfig.workers``): ``MIGRELAY_TEST_WORKERS=2``
+#: runs their channels on worker threads. The one place the variable is read.
+WORKERS: int = int(os.environ.get("MIGRELAY_TEST_WORKERS", "1"))
+#: The worker counts the tests of the relays' key paths run with, whatever WORKERS is.
+BOTH_WORKER_COUNTS: tuple[int, ...] = (1, 2)
 
 
 async def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None:

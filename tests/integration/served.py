@@ -71,7 +71,8 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
 async def serving(
     sock_dir: Path, logs: pytest.LogCaptureFixture, **config: Any
 ) -> AsyncIterator[Served]:
-    """``serve --target-dir`` holding vm1.sock and vm2.sock, with two tokens."""
+    """``serve --target-dir`` holding vm1.sock and vm2.sock, with two tokens (and
+    `helpers.WORKERS` worker loops unless ``config`` says)."""
     loop = asyncio.get_running_loop()
     sink = Sink()
     listeners = [
@@ -84,6 +85,7 @@ async def serving(
         "target_dir": sock_dir,
         "tokens": entries,
         "wait_target": 0.5,
+        "workers": helpers.WORKERS,
     }
     settings.update(config)
     server = RelayServer(ServerConfig(**settings))

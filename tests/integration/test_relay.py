@@ -31,6 +31,7 @@ from tests.processes import MigrelayProcesses
 
 from migrelay.aio.client import ClientConfig, SourceRelay, open_websocket
 from migrelay.aio.server import ANONYMOUS, RelayServer, ServerConfig
+from migrelay.aio.workers import call_on
 from migrelay.core.frames import Opcode, encode_frame
 from migrelay.errors import HandshakeRefused
 from migrelay.limits import Limits
@@ -151,16 +152,25 @@ class Relays:
 
 @contextlib.asynccontextmanager
 async def relays(
-    sock_dir: Path, *, limits: Limits | None = None, wait_target: float = 5.0
+    sock_dir: Path,
+    *,
+    limits: Limits | None = None,
+    wait_target: float = 5.0,
+    workers: int = helpers.WORKERS,
 ) -> AsyncIterator[Relays]:
-    """A RelayServer for ``dest.sock`` and a SourceRelay (``once``) on ``src.sock``."""
+    """A RelayServer for ``dest.sock`` and a SourceRelay (``once``) on ``src.sock``, each
+    with ``workers`` worker loops."""
     limits = limits or Limits()
     dest, src = sock_dir / "dest.sock", sock_dir / "src.sock"
-    server = RelayServer(ServerConfig(port=0, target=dest, wait_target=wait_target, limits=limits))
+    server = RelayServer(
+        ServerConfig(port=0, target=dest, wait_target=wait_target, limits=limits, workers=workers)
+    )
     await server.start()
     port = server.sockets[0].getsockname()[1]
     source = SourceRelay(
-        ClientConfig(url=f"ws://127.0.0.1:{port}/", limits=limits), src, once=True
+        ClientConfig(url=f"ws://127.0.0.1:{port}/", limits=limits, workers=workers),
+        src,
+        once=True,
     )
     await source.start()
     result = Relays(server, source, src, dest, port)
@@ -184,7 +194,10 @@ def channel_close_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 # -- data integrity and half-close ---------------------------------------------------
 
 
-def test_64_mib_each_way_at_once_arrive_intact(run_async: Run, sock_dir: Path) -> None:
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
+def test_64_mib_each_way_at_once_arrive_intact(
+    workers: int, run_async: Run, sock_dir: Path
+) -> None:
     size = 64 << 20
     results: dict[str, Any] = {}
 
@@ -193,7 +206,7 @@ def test_64_mib_each_way_at_once_arrive_intact(run_async: Run, sock_dir: Path) -
         results["dest_received"], results["dest_sent"] = received, sent
 
     async def main() -> None:
-        async with relays(sock_dir) as r:
+        async with relays(sock_dir, workers=workers) as r:
             dest = UnixPeerServer(destination)
             await dest.start(r.dest)
             reader, writer = await asyncio.open_unix_connection(str(r.src))
@@ -288,8 +301,9 @@ async def open_channel(url: str, session: str, number: int) -> asyncio.Transport
     return transport
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_channels_reach_destination_in_channel_order_when_websockets_arrive_out_of_order(
-    run_async: Run, sock_dir: Path
+    workers: int, run_async: Run, sock_dir: Path
 ) -> None:
     async def main() -> None:
         dest_path = sock_dir / "dest.sock"
@@ -299,7 +313,9 @@ def test_channels_reach_destination_in_channel_order_when_websockets_arrive_out_
         dest = await loop.create_unix_server(
             lambda: FirstBytesRecorder(log, dest_transports), str(dest_path)
         )
-        server = RelayServer(ServerConfig(port=0, target=dest_path, wait_target=5.0))
+        server = RelayServer(
+            ServerConfig(port=0, target=dest_path, wait_target=5.0, workers=workers)
+        )
         await server.start()
         url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
         session = "order-test"
@@ -336,15 +352,16 @@ def test_channels_reach_destination_in_channel_order_when_websockets_arrive_out_
     run_async(main())
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_source_relay_channels_opened_one_after_another_all_reach_destination_in_order(
-    run_async: Run, sock_dir: Path
+    workers: int, run_async: Run, sock_dir: Path
 ) -> None:
     # QEMU's pattern: the main channel connects (and is relayed) first, the multifd
     # channels follow once it is up. Each later channel belongs to the same session.
     async def main() -> None:
         log: list[bytearray] = []
         dest_transports: list[asyncio.BaseTransport] = []
-        async with relays(sock_dir) as r:
+        async with relays(sock_dir, workers=workers) as r:
             loop = asyncio.get_running_loop()
             dest = await loop.create_unix_server(
                 lambda: FirstBytesRecorder(log, dest_transports), str(r.dest)
@@ -427,13 +444,14 @@ def test_destination_socket_never_created_is_503_with_retry_after_at_the_deadlin
     run_async(main())
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_source_peer_is_closed_when_destination_never_appears(
-    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+    workers: int, run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     wait = 0.3
 
     async def main() -> None:
-        async with relays(sock_dir, wait_target=wait) as r:
+        async with relays(sock_dir, workers=workers, wait_target=wait) as r:
             started = time.monotonic()
             reader, writer = await asyncio.open_unix_connection(str(r.src))
             writer.write(b"x" * 1000)
@@ -451,8 +469,9 @@ def test_source_peer_is_closed_when_destination_never_appears(
 # -- failures: the other side sees them promptly ---------------------------------------
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_destination_closing_mid_stream_closes_source_peer_promptly(
-    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+    workers: int, run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     closed_at: list[float] = []
 
@@ -462,7 +481,7 @@ def test_destination_closing_mid_stream_closes_source_peer_promptly(
         closed_at.append(time.monotonic())
 
     async def main() -> None:
-        async with relays(sock_dir) as r:
+        async with relays(sock_dir, workers=workers) as r:
             dest = UnixPeerServer(destination)
             await dest.start(r.dest)
             reader, writer = await asyncio.open_unix_connection(str(r.src))
@@ -564,8 +583,9 @@ def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_c
     run_async(main())
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_websocket_dropped_closes_both_unix_peers_promptly(
-    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+    workers: int, run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     dest_done: list[float] = []
 
@@ -574,7 +594,7 @@ def test_websocket_dropped_closes_both_unix_peers_promptly(
         dest_done.append(time.monotonic())
 
     async def main() -> None:
-        async with relays(sock_dir) as r:
+        async with relays(sock_dir, workers=workers) as r:
             dest = UnixPeerServer(destination)
             await dest.start(r.dest)
             reader, writer = await asyncio.open_unix_connection(str(r.src))
@@ -586,7 +606,7 @@ def test_websocket_dropped_closes_both_unix_peers_promptly(
             )
             dropped_at = time.monotonic()
             for channel in list(r.server.channels):
-                channel.ws_transport.abort()
+                call_on(channel._loop, channel.ws_transport.abort)  # its worker's transport
             await asyncio.wait_for(read_until_closed(reader), PROMPT_SECONDS)
             assert time.monotonic() - dropped_at < PROMPT_SECONDS
             await asyncio.wait_for(pump, PROMPT_SECONDS)
@@ -611,8 +631,9 @@ LIVENESS = Limits(ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT)
 TIMER_SLACK = 0.05
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_peer_silent_after_handshake_is_closed_after_ping_interval_plus_timeout(
-    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+    workers: int, run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
         silence = asyncio.Event()
@@ -638,7 +659,9 @@ def test_peer_silent_after_handshake_is_closed_after_ping_interval_plus_timeout(
         server = await asyncio.start_server(silent_server, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         src = sock_dir / "src.sock"
-        relay = SourceRelay(ClientConfig(url=f"ws://127.0.0.1:{port}/", limits=LIVENESS), src)
+        relay = SourceRelay(
+            ClientConfig(url=f"ws://127.0.0.1:{port}/", limits=LIVENESS, workers=workers), src
+        )
         await relay.start()
         try:
             reader, writer = await asyncio.open_unix_connection(str(src))
@@ -733,13 +756,14 @@ async def close_source_relay_during_handshake(r: Relays) -> asyncio.StreamReader
         writer.close()
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_source_relay_closed_while_a_channel_awaits_its_101_reports_no_lost_error(
-    run_async: Run, sock_dir: Path
+    workers: int, run_async: Run, sock_dir: Path
 ) -> None:
     # run_async fails the test on anything the loop's exception handler receives, such
     # as "Future exception was never retrieved" for the handshake's outcome.
     async def main() -> None:
-        async with relays(sock_dir, wait_target=30.0) as r:
+        async with relays(sock_dir, workers=workers, wait_target=30.0) as r:
             await close_source_relay_during_handshake(r)
             await asyncio.wait_for(r.server.close(), PROMPT_SECONDS)
             await wait_until(lambda: not r.server.sessions, PROMPT_SECONDS, "sessions to end")
@@ -751,13 +775,14 @@ def test_source_relay_closed_while_a_channel_awaits_its_101_reports_no_lost_erro
         gc.collect()  # whatever leaked is reported here, not in a later test
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_source_relay_closed_while_a_channel_awaits_its_101_closes_the_source_peer(
-    run_async: Run, sock_dir: Path
+    workers: int, run_async: Run, sock_dir: Path
 ) -> None:
     # QEMU must see its migration connection end when the relay stops (migrate --to runs
     # the source relay inside a process that lives on), not wait for the process to exit.
     async def main() -> None:
-        async with relays(sock_dir, wait_target=30.0) as r:
+        async with relays(sock_dir, workers=workers, wait_target=30.0) as r:
             reader = await close_source_relay_during_handshake(r)
             await asyncio.wait_for(read_until_closed(reader), PROMPT_SECONDS)
 

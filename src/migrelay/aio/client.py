@@ -9,11 +9,17 @@ destination QEMU in the same order (DESIGN.md §3).
 Only the socket's owners (`ClientConfig.socket_owners`: this user and root by default)
 may open a channel: the relay reads the peer's credentials (``SO_PEERCRED``) of every
 connection and closes one from any other user at once, before a WebSocket is opened.
+
+With ``workers`` > 1 (`migrelay.aio.workers`) the main loop accepts QEMU's connections,
+checks them and numbers them in their session; a worker loop wraps each one, opens its
+WebSocket (TLS, proxy) and runs its channel. `SourceRelay._open_channel` runs on the
+worker; every other method of `SourceRelay` on the main loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -29,9 +35,11 @@ from pathlib import Path
 from typing import cast
 
 from migrelay.aio.channel import Channel, UnixLeg
+from migrelay.aio.listener import DescriptorReserve, accept_forever
 from migrelay.aio.local import SocketOwners, peer_credentials, storage_socket
 from migrelay.aio.proxy import ProxyURL, open_tunnel
 from migrelay.aio.tls import check_peer_fingerprint
+from migrelay.aio.workers import SocketHandoff, Worker, WorkerPool, abort_channel, call_on, run_on
 from migrelay.core.handshake import Accepted, ClientHandshake
 from migrelay.core.headers import ChannelLabel, channel_headers
 from migrelay.core.session import RelaySession, Role
@@ -101,6 +109,9 @@ class ClientConfig:
     #: The users whose processes may connect to the relay's unix socket (source QEMU);
     #: a connection from anyone else is closed unread, no WebSocket opened.
     socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
+    #: Event loops the channels run on (`migrelay.aio.workers`): 1 runs everything on
+    #: the caller's loop; more start that many worker threads.
+    workers: int = 1
 
 
 #: Seconds between two attempts to open a channel's WebSocket (`ClientConfig.open_retry`).
@@ -314,23 +325,10 @@ def prepare_unix_listener(path: Path, mode: int = 0o600) -> socket.socket:
     return sock
 
 
-class _SourceUnixLeg(UnixLeg):
-    def __init__(self, relay: SourceRelay, storage: bool) -> None:
-        super().__init__(relay.config.limits.read_bytes)
-        self.relay = relay
-        #: Accepted on the storage (NBD) socket rather than the migration socket.
-        self.storage = storage
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # reading paused: nothing is read yet
-        refusal = self.relay._refusal(transport)
-        if refusal is not None:
-            # Closed unread; connection_lost() then finds no channel and stays quiet.
-            logger.warning("%s", refusal)
-            assert self.transport is not None
-            self.transport.abort()
-            return
-        self.relay._accepted(self)
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a task's outcome as seen (its awaiters may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
@@ -379,11 +377,19 @@ class SourceRelay:
         #: for 3 s (liveness timeout)``), for a caller that says why a migration failed.
         self.first_failure: str | None = None
         self._session: _SourceSession | None = None
-        self._servers: list[asyncio.AbstractServer] = []
+        self._listeners: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._reserve: DescriptorReserve | None = None
+        #: The loops the channels run on (the main loop alone for 1).
+        self._pool = WorkerPool(config.workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: set[Channel] = set()
+        #: Set while no channel is open (channels end on their own loops).
+        self._no_channels = asyncio.Event()
+        self._no_channels.set()
         #: What the channels that have ended sent (see `bytes_sent`).
         self._ended_bytes_sent = 0
+        self._close_task: asyncio.Task[None] | None = None
 
     @property
     def bytes_sent(self) -> int:
@@ -399,25 +405,45 @@ class SourceRelay:
         WebSocketURL.parse(self.config.url)  # fail early on a bad URL
         loop = asyncio.get_running_loop()
         try:
-            for path, storage in ((self.listen_path, False), (self.storage_path, True)):
-                sock = prepare_unix_listener(path, self.mode)
-                self._servers.append(
-                    await loop.create_unix_server(
-                        functools.partial(_SourceUnixLeg, self, storage), sock=sock
-                    )
-                )
+            for path in (self.listen_path, self.storage_path):
+                self._listeners.append(prepare_unix_listener(path, self.mode))
+            self._pool.start()
         except BaseException:
             await self._stop_listening()
             raise
+        self._reserve = reserve = DescriptorReserve()
+        for sock, storage in zip(self._listeners, (False, True), strict=True):
+            self._accept_tasks.append(
+                loop.create_task(
+                    accept_forever(
+                        sock,
+                        functools.partial(self._accepted, storage),
+                        reserve,
+                        self._out_of_descriptors,
+                    )
+                )
+            )
         logger.info("listening on %s, relaying to %s", self.listen_path, self.config.url)
         logger.debug("listening for disk copies (NBD) on %s", self.storage_path)
 
+    def _out_of_descriptors(self, exc: OSError) -> None:
+        logger.warning(
+            "accept on %s failed: %s; dropped the oldest connection", self.listen_path, exc
+        )
+
     async def _stop_listening(self) -> None:
-        servers, self._servers = self._servers, []
-        for server in servers:
-            server.close()
-            await server.wait_closed()
-        if not servers:
+        tasks, self._accept_tasks = self._accept_tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        listeners, self._listeners = self._listeners, []
+        for sock in listeners:
+            sock.close()
+        if self._reserve is not None:
+            self._reserve.close()
+            self._reserve = None
+        if not listeners:
             return
         for path in (self.listen_path, self.storage_path):
             try:
@@ -427,21 +453,42 @@ class SourceRelay:
                 pass
 
     async def close(self) -> None:
-        """Stop listening, abort open channels, remove the socket files."""
-        await self._stop_listening()
-        for task in list(self._tasks):
-            task.cancel()
-        for channel in list(self._channels):
-            channel.abort("relay stopped")
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop listening, abort open channels, remove the socket files, stop the workers.
 
-    def _refusal(self, transport: asyncio.BaseTransport) -> str | None:
+        Once begun, closing goes on to its end even if the caller is cancelled: a later
+        call waits for the same end.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close())
+            self._close_task.add_done_callback(_retrieve)
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        try:
+            await self._stop_listening()
+            for task in list(self._tasks):
+                task.cancel()
+            for channel in list(self._channels):
+                abort_channel(channel, "relay stopped")
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._pool.threaded:
+                # A channel ends on its worker: it must have before the worker stops.
+                for channel in list(self._channels):
+                    abort_channel(channel, "relay stopped")  # opened meanwhile
+                if self._channels:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._no_channels.wait(), self.config.limits.close_timeout
+                        )
+        finally:
+            await self._pool.stop(self.config.limits.close_timeout)
+
+    def _refusal(self, sock: socket.socket) -> str | None:
         """Why the process that connected may not open a channel; None if it may."""
-        sock = transport.get_extra_info("socket")
         try:
             credentials = peer_credentials(sock)
-        except (AttributeError, OSError) as exc:
+        except OSError as exc:
             return f"refused a connection on {self.listen_path}: its peer is unknown ({exc})"
         owners = self.config.socket_owners
         if credentials.uid in owners.uids:
@@ -451,7 +498,14 @@ class SourceRelay:
             f" not an expected socket owner ({owners.describe()}); nothing was relayed"
         )
 
-    def _accepted(self, leg: _SourceUnixLeg) -> None:
+    def _accepted(self, storage: bool, conn: socket.socket, address: object) -> None:
+        """QEMU connected (to the storage socket if ``storage``): number its channel."""
+        refusal = self._refusal(conn)
+        if refusal is not None:
+            # Closed unread, before anything else happens.
+            logger.warning("%s", refusal)
+            conn.close()
+            return
         session = self._session
         if session is None or session.open_channels == 0:
             # A new migration: earlier channels of the last one have all ended.
@@ -459,31 +513,49 @@ class SourceRelay:
             logger.debug("= new session %s", session.id)
             # Waiting on `finished` means waiting for this session now, not a failed one.
             self.finished.clear()
-        if leg.storage:
+        if storage:
             label = ChannelLabel(session.next_storage_channel, storage=True)
             session.next_storage_channel += 1
         else:
             label = ChannelLabel(session.next_channel)
             session.next_channel += 1
         session.open_channels += 1
-        task = asyncio.get_running_loop().create_task(self._open_channel(leg, session, label))
+        worker = self._pool.pick()
+        worker.load += 1
+        handoff = SocketHandoff(conn)
+        task = asyncio.get_running_loop().create_task(
+            run_on(worker.loop, self._open_channel, handoff, session, label, worker)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._not_opened(handoff, session, worker))
+
+    def _not_opened(self, handoff: SocketHandoff, session: _SourceSession, worker: Worker) -> None:
+        """A connection whose worker never took it (the relay stopped first)."""
+        if handoff.close():
+            self._channel_ended(session, None, worker)
 
     async def _open_channel(
-        self, leg: _SourceUnixLeg, session: _SourceSession, label: ChannelLabel
+        self, handoff: SocketHandoff, session: _SourceSession, label: ChannelLabel, worker: Worker
     ) -> None:
+        """On the channel's worker: wrap QEMU's connection, open the WebSocket, relay."""
+        main = self._pool.main_loop
         name = f"{session.id}/{label}"
         headers = channel_headers(session.id, label)
         deadline = time.monotonic() + self.config.open_retry
         retrying = False
+        leg: UnixLeg | None = None
+        read_bytes = self.config.limits.read_bytes
         try:
+            # Reading paused (no channel yet): QEMU's bytes wait in the kernel.
+            _, leg = await asyncio.get_running_loop().create_unix_connection(
+                lambda: UnixLeg(read_bytes), sock=handoff.take()
+            )
             while True:
                 try:
                     transport, trailing = await open_websocket(self.config, headers)
                     break
                 except (RelayError, OSError) as exc:
-                    # QEMU's bytes wait in the kernel meanwhile (reading is paused).
                     if not _transient(exc) or leg.early_lost is not None:
                         raise
                     if time.monotonic() + OPEN_RETRY_INTERVAL_S > deadline:
@@ -500,22 +572,16 @@ class SourceRelay:
                     await asyncio.sleep(OPEN_RETRY_INTERVAL_S)
         except asyncio.CancelledError:
             # The relay is closing: QEMU's connection must not outlive it.
-            if leg.transport is not None:
+            if leg is not None and leg.transport is not None:
                 leg.transport.abort()
-            self._channel_ended(session, None)
+            call_on(main, self._channel_ended, session, None, worker)
             raise
         except (RelayError, OSError) as exc:
             logger.error("channel %s: cannot open websocket to %s: %s", name, self.config.url, exc)
-            self._note_failing_channels()
-            if self.first_error is None and self.first_failure is None:
-                # Only as the first problem: after a channel failed, QEMU's NBD client
-                # reconnects once (QEMU 7.2), and that attempt failing too is no cause.
-                self.first_error = exc
-            session.failed = True
-            if leg.transport is not None:
+            if leg is not None and leg.transport is not None:
                 # QEMU must see the failure now, not wait on a socket nobody reads.
                 leg.transport.abort()
-            self._channel_ended(session, None)
+            call_on(main, self._open_failed, session, exc, worker)
             return
         channel = Channel(
             RelaySession(Role.CLIENT, max_message_bytes=self.config.limits.max_message_bytes),
@@ -523,13 +589,30 @@ class SourceRelay:
             transport,
             self.config.limits,
             name,
-            on_closed=lambda ch: self._channel_ended(session, ch),
+            on_closed=lambda ch: call_on(main, self._channel_ended, session, ch, worker),
         )
-        self._channels.add(channel)
-        session.channels.append(channel)
+        # Told before anything the channel does can tell the main loop it closed.
+        call_on(main, self._channel_opened, session, channel, worker)
         where = self.storage_path if label.storage else self.listen_path
         logger.info("channel %s opened: %s -> %s", name, where, self.config.url)
         channel.start(trailing)
+
+    def _channel_opened(self, session: _SourceSession, channel: Channel, worker: Worker) -> None:
+        self._channels.add(channel)
+        self._no_channels.clear()
+        session.channels.append(channel)
+        worker.channels += 1
+
+    def _open_failed(
+        self, session: _SourceSession, exc: RelayError | OSError, worker: Worker
+    ) -> None:
+        self._note_failing_channels()
+        if self.first_error is None and self.first_failure is None:
+            # Only as the first problem: after a channel failed, QEMU's NBD client
+            # reconnects once (QEMU 7.2), and that attempt failing too is no cause.
+            self.first_error = exc
+        session.failed = True
+        self._channel_ended(session, None, worker)
 
     def _note_failing_channels(self) -> None:
         """Record, as `first_failure`, a channel that failed but has not ended yet.
@@ -544,9 +627,15 @@ class SourceRelay:
                 self.first_failure = f"channel {channel.name}: {channel.end_reason}"
                 return
 
-    def _channel_ended(self, session: _SourceSession, channel: Channel | None) -> None:
+    def _channel_ended(
+        self, session: _SourceSession, channel: Channel | None, worker: Worker
+    ) -> None:
+        worker.load -= 1
         if channel is not None:
+            worker.channels -= 1
             self._channels.discard(channel)
+            if not self._channels:
+                self._no_channels.set()
             self._ended_bytes_sent += channel.bytes_sent
             if not channel.clean:
                 session.failed = True

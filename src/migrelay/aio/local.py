@@ -10,7 +10,7 @@ next migration's guest RAM, or put a symlink there. So:
   symlink, nobody else may write) before use. Paths given explicitly, ``/tmp`` ones
   included, still work.
 * The relays connect to a socket only through a descriptor opened without following a
-  symlink (:func:`connect_path`), and then check who listens there (``SO_PEERCRED``):
+  symlink (:func:`connect_socket`), and then check who listens there (``SO_PEERCRED``):
   the listener must run as one of the expected owners (:class:`SocketOwners`; by
   default the relay's own user and root).
 """
@@ -24,10 +24,10 @@ import pwd
 import socket
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 from migrelay.errors import ConfigError, PeerRefused
 
@@ -38,7 +38,7 @@ __all__ = [
     "check_directory",
     "check_listener_owner",
     "check_relay_socket",
-    "connect_path",
+    "connect_socket",
     "describe_user",
     "ensure_private_dir",
     "peer_credentials",
@@ -49,8 +49,6 @@ __all__ = [
 SYSTEM_RUNTIME_DIR: Final = Path("/run/migrelay")
 
 _PEERCRED: Final = struct.Struct("3i")
-
-ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
 
 
 def runtime_dir() -> Path:
@@ -255,10 +253,12 @@ def open_socket_path(path: Path) -> int:
     return fd
 
 
-async def connect_path(
-    factory: Callable[[], ProtocolT], path: Path, owners: SocketOwners
-) -> tuple[asyncio.Transport, ProtocolT]:
+async def connect_socket(path: Path, owners: SocketOwners) -> socket.socket:
     """Connect the unix socket at ``path`` (no symlinks) and check who listens there.
+
+    Returns:
+        The connected socket (non-blocking), not yet wrapped in a transport: `serve`
+        connects on its main loop and relays on a worker loop (`migrelay.aio.workers`).
 
     Raises:
         FileNotFoundError, ConnectionRefusedError, OSError: as a connect does.
@@ -277,8 +277,7 @@ async def connect_path(
         raise
     finally:
         os.close(fd)
-    transport, protocol = await loop.create_unix_connection(factory, sock=sock)
-    return transport, protocol
+    return sock
 
 
 def check_listener_owner(path: Path, owners: SocketOwners) -> None:

@@ -4,6 +4,12 @@ Accepts WebSocket upgrades, checks them (path, subprotocol, token, session order
 connects the destination unix socket, and only then answers 101 (DESIGN.md §3), so a
 client that got 101 knows its bytes reach QEMU. Every refusal is an HTTP status with a
 one-line body and one log line; a refused or failed connection never disturbs another.
+
+With ``workers`` > 1 (`migrelay.aio.workers`) the main loop accepts, admits and decides
+(sessions, quotas, order, the destination's connect, metrics) and a worker loop runs
+each connection: its TLS and HTTP handshakes, then its channel. `_HandshakeProtocol`
+and `RelayServer._attach` run on the connection's worker; every other method of
+`RelayServer` on the main loop.
 """
 
 from __future__ import annotations
@@ -30,9 +36,19 @@ from migrelay.aio.listener import (
     open_listeners,
     raise_descriptor_limit,
 )
-from migrelay.aio.local import PeerRefused, SocketOwners, connect_path, storage_socket
+from migrelay.aio.local import PeerRefused, SocketOwners, connect_socket, storage_socket
 from migrelay.aio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
 from migrelay.aio.ratelimit import LogLimiter, clip
+from migrelay.aio.workers import (
+    DESCRIPTORS_PER_WORKER,
+    SocketHandoff,
+    Worker,
+    WorkerPool,
+    abort_channel,
+    call_on,
+    close_channel,
+    run_on,
+)
 from migrelay.core.frames import CloseCode
 from migrelay.core.handshake import SUBPROTOCOL, ServerHandshake, UpgradeRequest
 from migrelay.core.headers import (
@@ -59,6 +75,8 @@ REFUSAL_LOG_BURST: Final = 100
 REFUSAL_LOG_RATE: Final = 10.0
 #: Seconds between attempts to connect a destination socket that is not there yet.
 TARGET_RETRY_SECONDS: Final = 0.05
+#: The Content-Type of ``/healthz``.
+PLAIN_TEXT: Final = "text/plain; charset=utf-8"
 
 
 #: ``prepare_target(name, target, request_headers)``: see `ServerConfig.prepare_target`.
@@ -124,6 +142,9 @@ class ServerConfig:
     #: Bearer tokens that may read ``/metrics``; empty: ``/metrics`` is open to anyone
     #: who reaches the port (``/healthz`` always is: load balancers probe it).
     metrics_tokens: Sequence[access.TokenEntry] = ()
+    #: Event loops the connections run on (`migrelay.aio.workers`): 1 runs everything
+    #: on the caller's loop; more start that many worker threads.
+    workers: int = 1
 
 
 def check_bearer(
@@ -183,6 +204,16 @@ class _MigrationSession:
         return self.connected[number]
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """A channel about to open: what the main loop registers it under."""
+
+    session: _MigrationSession
+    #: ``session/label``.
+    name: str
+    target_name: str
+
+
 class RelayServer:
     """The destination relay's listener and its sessions."""
 
@@ -194,8 +225,16 @@ class RelayServer:
         self.channels: set[Channel] = set()
         self._listeners: list[socket.socket] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
+        #: The loops connections and channels run on (the main loop alone for 1).
+        self._pool = WorkerPool(config.workers)
+        #: Connections until their TLS handshake is done (main loop tasks).
         self._opening: set[asyncio.Task[None]] = set()
-        self._connections: set[_HandshakeProtocol] = set()
+        #: Connections in their handshake, per worker (each set is its worker's own).
+        self._connections: dict[Worker, set[_HandshakeProtocol]] = {}
+        #: Upgrade requests being checked, routed and connected (main loop tasks).
+        self._upgrading: dict[_HandshakeProtocol, asyncio.Task[None]] = {}
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
         self.admission = Admission(config.max_handshakes, config.max_handshakes_per_address)
         self._reserve: DescriptorReserve | None = None
         #: Refusals and dropped connections are logged at most this often: a burst of
@@ -209,6 +248,9 @@ class RelayServer:
         self.draining = False
         #: Set once draining and the last session has ended.
         self._drained = asyncio.Event()
+        #: Set while no channel is open (channels end on their own loops).
+        self._no_channels = asyncio.Event()
+        self._no_channels.set()
         self._idle_task: asyncio.Task[None] | None = None
         #: `ServerConfig.finish_target` calls under way, by target name.
         self._finishing: dict[str, asyncio.Task[None]] = {}
@@ -223,6 +265,12 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         self._check_descriptor_budget(raise_descriptor_limit())
         self._listeners = open_listeners(self.config.host, self.config.port, backlog=128)
+        try:
+            self._pool.start()
+        except BaseException:
+            self._stop_listening()
+            raise
+        self._connections = {worker: set() for worker in self._pool.workers}
         self._reserve = DescriptorReserve()
         for sock in self._listeners:
             self._accept_tasks.append(
@@ -247,7 +295,8 @@ class RelayServer:
         """
         config = self.config
         channels = config.max_sessions * config.max_channels * 2
-        room = limit - channels - SPARE_DESCRIPTORS
+        loops = DESCRIPTORS_PER_WORKER * self._pool.count if self._pool.threaded else 0
+        room = limit - channels - SPARE_DESCRIPTORS - loops
         if room < self.admission.max_total:
             cap = max(room, 16)
             logger.warning(
@@ -275,17 +324,37 @@ class RelayServer:
             # The return path and postcopy page requests are small and latency-bound.
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = asyncio.get_running_loop().create_task(self._open_connection(conn, client))
+        worker = self._pool.pick()
+        worker.load += 1
+        handoff = SocketHandoff(conn)
+        task = asyncio.get_running_loop().create_task(
+            run_on(worker.loop, self._open_connection, worker, handoff, client)
+        )
         self._opening.add(task)
         task.add_done_callback(self._opening.discard)
+        task.add_done_callback(lambda _: self._not_opened(worker, handoff, client))
 
-    async def _open_connection(self, conn: socket.socket, client: str) -> None:
-        """Run the TLS handshake (if any) within the handshake timeout, then the HTTP one."""
+    def _not_opened(self, worker: Worker, handoff: SocketHandoff, client: str) -> None:
+        """A connection whose worker never took it (the relay stopped first)."""
+        if handoff.close():
+            self.admission.release(client)
+            self._unload(worker)
+
+    def _unload(self, worker: Worker) -> None:
+        """A connection assigned to ``worker`` ended before it became a channel."""
+        worker.load -= 1
+
+    async def _open_connection(self, worker: Worker, handoff: SocketHandoff, client: str) -> None:
+        """Run the TLS handshake (if any) within the handshake timeout, then the HTTP one.
+
+        On the connection's worker.
+        """
+        conn = handoff.take()
         loop = asyncio.get_running_loop()
         timeout = self.config.limits.handshake_timeout
         deadline = loop.time() + timeout
         context = self.config.ssl_context  # the newest: SIGHUP replaces it whole
-        protocol = _HandshakeProtocol(self, client, deadline)
+        protocol = _HandshakeProtocol(self, worker, client, deadline)
         try:
             await loop.connect_accepted_socket(
                 lambda: protocol,
@@ -296,12 +365,27 @@ class RelayServer:
         except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError) as exc:
             conn.close()
             protocol._release_admission()
+            protocol._unload()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self.metrics.refused(400, "tls_handshake")
-            self._log_refusal(
-                "TLS handshake with %s failed: %s", client, clip(str(exc) or type(exc).__name__)
-            )
+            call_on(self._pool.main_loop, self._tls_failed, client, exc)
+
+    def _tls_failed(self, client: str, exc: BaseException) -> None:
+        self.metrics.refused(400, "tls_handshake")
+        self._log_refusal(
+            "TLS handshake with %s failed: %s", client, clip(str(exc) or type(exc).__name__)
+        )
+
+    def _count_refusal(
+        self, peer: str, what: str, refusal: Refusal, handshake_seconds: float
+    ) -> None:
+        """Log (rate-limited) and count a refusal of the connection from ``peer``."""
+        detail = f" ({clip(refusal.detail, 200)})" if refusal.detail else ""
+        self._log_refusal(
+            "refused %s from %s: %d %s%s", what, peer, refusal.status, refusal.reason, detail
+        )
+        self.metrics.refused(refusal.status, refusal.kind)
+        self.metrics.handshake_seconds.observe(handshake_seconds)
 
     def _out_of_descriptors(self, exc: OSError) -> None:
         self.metrics.refused(503, "out_of_descriptors")
@@ -319,28 +403,51 @@ class RelayServer:
         logger.info(message, *args)
 
     async def close(self) -> None:
-        """Stop listening and close every connection and channel."""
+        """Stop listening, close every connection and channel, stop the workers.
+
+        Once begun, closing goes on to its end even if the caller is cancelled (a
+        second stop signal while draining): a later call waits for the same end.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close())
+            self._close_task.add_done_callback(_retrieve)
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        self._closing = True
         self._stop_listening()
-        for task in list(self._opening):
-            task.cancel()
-        if self._opening:
-            await asyncio.gather(*self._opening, return_exceptions=True)
-        if self._idle_task is not None:
-            self._idle_task.cancel()
-            await asyncio.gather(self._idle_task, return_exceptions=True)
-            self._idle_task = None
-        for connection in list(self._connections):
+        try:
+            for task in list(self._opening):
+                task.cancel()
+            if self._opening:
+                await asyncio.gather(*self._opening, return_exceptions=True)
+            upgrading = list(self._upgrading.values())
+            for task in upgrading:
+                task.cancel()
+            if upgrading:
+                await asyncio.gather(*upgrading, return_exceptions=True)
+            if self._idle_task is not None:
+                self._idle_task.cancel()
+                await asyncio.gather(self._idle_task, return_exceptions=True)
+                self._idle_task = None
+            for worker in self._pool.workers if self._pool.active else ():
+                await run_on(worker.loop, self._abort_connections, worker)
+            for channel in list(self.channels):
+                abort_channel(channel, "relay stopped")
+            if self.channels:
+                await asyncio.wait_for(self._no_channels.wait(), timeout=5)
+            if self._finishing:
+                await asyncio.wait(list(self._finishing.values()), timeout=FINISH_TIMEOUT_S)
+        finally:
+            if self._reserve is not None:
+                self._reserve.close()
+                self._reserve = None
+            await self._pool.stop(self.config.limits.close_timeout)
+
+    async def _abort_connections(self, worker: Worker) -> None:
+        """Drop the connections still in their handshake on ``worker`` (on it)."""
+        for connection in list(self._connections.get(worker, ())):
             connection.abort()
-        for channel in list(self.channels):
-            channel.abort("relay stopped")
-        waits = [channel.closed.wait() for channel in self.channels]
-        if waits:
-            await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
-        if self._finishing:
-            await asyncio.wait(list(self._finishing.values()), timeout=FINISH_TIMEOUT_S)
-        if self._reserve is not None:
-            self._reserve.close()
-            self._reserve = None
 
     def _stop_listening(self) -> None:
         for task in self._accept_tasks:
@@ -381,13 +488,65 @@ class RelayServer:
             shown = "/" if name == "/" else f"/{name}"
             raise Refusal(403, f"token not valid for target {shown}", kind="target_not_allowed")
 
+    def _upgrade_requested(self, connection: _HandshakeProtocol, request: UpgradeRequest) -> None:
+        """A connection's request is complete: check and route it (`handle_upgrade`)."""
+        if self._closing:
+            call_on(connection.worker.loop, connection.abort)
+            return
+        task = asyncio.get_running_loop().create_task(self._upgrade(connection, request))
+        self._upgrading[connection] = task
+        task.add_done_callback(lambda _: self._upgrading.pop(connection, None))
+
+    def _upgrade_abandoned(self, connection: _HandshakeProtocol) -> None:
+        """The client left before its upgrade was answered: stop working on it."""
+        task = self._upgrading.get(connection)
+        if task is not None:
+            task.cancel()
+
+    async def _upgrade(self, connection: _HandshakeProtocol, request: UpgradeRequest) -> None:
+        try:
+            await self.handle_upgrade(connection, request)
+        except Refusal as refusal:
+            self._refuse(connection, refusal, request)
+        except Exception:
+            logger.exception(
+                "internal error while handling %s from %s", request.path, connection.peer
+            )
+            self._refuse(connection, Refusal(500, "internal error"), request)
+
+    def _refuse(
+        self, connection: _HandshakeProtocol, refusal: Refusal, request: UpgradeRequest
+    ) -> None:
+        """Count and log a refusal decided here, and have the connection's loop send it."""
+        what = clip(request.path, LOGGED_PATH_CHARS)
+        self._count_refusal(connection.peer, what, refusal, connection.age())
+        call_on(connection.worker.loop, connection.send_refusal, refusal)
+
+    def plain_response(self, request: UpgradeRequest) -> tuple[int, bytes, str]:
+        """The answer to a request that is not an upgrade (health checks, metrics).
+
+        Raises:
+            Refusal: 401/403 for ``/metrics`` without its token; 426 for anything else.
+        """
+        path = request.path
+        prefixed = access.strip_prefix(path, self.config.path_prefix)
+        if prefixed is not None:
+            path = prefixed  # the same answers directly and through the reverse proxy
+        if path == "/healthz":
+            return 200, b"ok\n", PLAIN_TEXT
+        if path == "/metrics":
+            check_bearer(request, self.config.metrics_tokens)
+            return 200, self.metrics.exposition(), METRICS_CONTENT_TYPE
+        raise Refusal(426, "this is a migrelay websocket endpoint", (("Upgrade", "websocket"),))
+
     async def handle_upgrade(
         self, connection: _HandshakeProtocol, request: UpgradeRequest
     ) -> None:
         """Check and route one upgrade; answer 101 once the unix side is connected."""
         peer = connection.peer
         if not request.is_websocket:
-            connection.respond_plain(request)
+            status, body, content_type = self.plain_response(request)
+            call_on(connection.worker.loop, connection.send_response, status, body, content_type)
             return
         if SUBPROTOCOL not in request.subprotocols:
             raise Refusal(400, f"subprotocol {SUBPROTOCOL} required")
@@ -449,39 +608,22 @@ class RelayServer:
         session.pending += 1
         try:
             await self._prepare_target(session, name, target, request)
-            unix = await self._connect_channel(session, label, target)
-            channel_name = f"{session_id}/{label}"
-            transport = connection.transport
-            if transport is None or transport.is_closing():
-                # The client left while we waited; let QEMU see a closed connection.
-                assert unix.transport is not None
-                unix.transport.close()
-                logger.info("channel %s abandoned by %s before 101", channel_name, peer)
-                return
-            transport.write(connection.handshake.accept(SUBPROTOCOL))
-            channel = Channel(
-                RelaySession(Role.SERVER, max_message_bytes=self.config.limits.max_message_bytes),
-                unix,
-                transport,
-                self.config.limits,
-                channel_name,
-                on_closed=lambda ch: self._channel_closed(session, ch),
-            )
-            connection.handed_over = True
-            self._connections.discard(connection)
-            self.channels.add(channel)
-            session.channels.add(channel)
-            self.metrics.channel_opened(channel, name)
-            self.metrics.handshake_seconds.observe(connection.age())
+            handoff = SocketHandoff(await self._connect_channel(session, label, target))
+            opened = _Opened(session, f"{session_id}/{label}", name)
+            # Logged here, on the main loop, as the destination's connect: in channel
+            # order (the lines of channels on different workers would not be).
             logger.info(
                 "channel %s opened: %s -> %s (%s%s)",
-                channel_name,
+                opened.name,
                 peer,
                 storage_socket(target) if label.storage else target,
                 "target /" if name == "/" else f"target {name}",
                 "" if principal == ANONYMOUS else f", token {principal}",
             )
-            channel.start(connection.handshake.trailing_data)
+            try:
+                await run_on(connection.worker.loop, self._attach, connection, handoff, opened)
+            finally:
+                handoff.close()  # unless the worker took it
         finally:
             # Only now, once the channel belongs to the session (or failed): forgetting
             # the session between the unix connect and the registration made a channel
@@ -566,9 +708,54 @@ class RelayServer:
                 detail=f"{type(exc).__name__}: {exc}",
             ) from exc
 
+    async def _attach(
+        self, connection: _HandshakeProtocol, handoff: SocketHandoff, opened: _Opened
+    ) -> None:
+        """On the connection's worker: wrap the destination socket, answer 101, and
+        relay.
+
+        The main loop learns of the channel (`_channel_opened`) before the client can
+        see the 101, and before anything the channel does can tell it that it closed.
+        """
+        read_bytes = self.config.limits.read_bytes
+        _, unix = await asyncio.get_running_loop().create_unix_connection(
+            lambda: UnixLeg(read_bytes), sock=handoff.take()
+        )
+        transport = connection.transport
+        if transport is None or transport.is_closing():
+            # The client left while we waited; let QEMU see a closed connection.
+            assert unix.transport is not None
+            unix.transport.close()
+            logger.info("channel %s abandoned by %s before 101", opened.name, connection.peer)
+            return
+        main, worker, session = self._pool.main_loop, connection.worker, opened.session
+        channel = Channel(
+            RelaySession(Role.SERVER, max_message_bytes=self.config.limits.max_message_bytes),
+            unix,
+            transport,
+            self.config.limits,
+            opened.name,
+            on_closed=lambda ch: call_on(main, self._channel_closed, session, ch, worker),
+        )
+        connection.hand_over()
+        call_on(main, self._channel_opened, opened, channel, worker, connection.age())
+        # The channel's backpressure covers the 101 too: QEMU is not read until it left.
+        transport.write(connection.handshake.accept(SUBPROTOCOL))
+        channel.start(connection.handshake.trailing_data)
+
+    def _channel_opened(
+        self, opened: _Opened, channel: Channel, worker: Worker, handshake_seconds: float
+    ) -> None:
+        self.channels.add(channel)
+        self._no_channels.clear()
+        opened.session.channels.add(channel)
+        worker.channels += 1
+        self.metrics.channel_opened(channel, opened.target_name)
+        self.metrics.handshake_seconds.observe(handshake_seconds)
+
     async def _connect_channel(
         self, session: _MigrationSession, label: ChannelLabel, target: Path
-    ) -> UnixLeg:
+    ) -> socket.socket:
         """Connect a channel: a migration channel in order, a storage one at once.
 
         A storage channel is one NBD connection of source QEMU to the destination's
@@ -581,7 +768,7 @@ class RelayServer:
 
     async def _connect_in_order(
         self, session: _MigrationSession, number: int, target: Path
-    ) -> UnixLeg:
+    ) -> socket.socket:
         wait = self.config.wait_target
         if number > 0:
             # QEMU tells channels apart by the order they connect: channel N goes to
@@ -609,15 +796,11 @@ class RelayServer:
             slot.set_result(None)
         return unix
 
-    async def _connect_target(self, target: Path, wait: float) -> UnixLeg:
+    async def _connect_target(self, target: Path, wait: float) -> socket.socket:
         deadline = time.monotonic() + wait
-        read_bytes = self.config.limits.read_bytes
         while True:
             try:
-                _, leg = await connect_path(
-                    lambda: UnixLeg(read_bytes), target, self.config.socket_owners
-                )
-                return leg
+                return await connect_socket(target, self.config.socket_owners)
             except PeerRefused as exc:
                 # A symlink or another user's listener where QEMU's socket should be:
                 # never send it guest RAM. The client learns only that it is refused.
@@ -641,9 +824,15 @@ class RelayServer:
                     503, "destination socket unreachable", (("Retry-After", "1"),)
                 ) from None
 
-    def _channel_closed(self, session: _MigrationSession, channel: Channel) -> None:
+    def _channel_closed(
+        self, session: _MigrationSession, channel: Channel, worker: Worker
+    ) -> None:
         self.channels.discard(channel)
+        if not self.channels:
+            self._no_channels.set()
         session.channels.discard(channel)
+        worker.channels -= 1
+        worker.load -= 1
         close = channel.session.close_rcvd or channel.session.close_sent
         self.metrics.channel_closed(channel, close[0] if close else None)
         self._forget_if_idle(session)
@@ -720,13 +909,14 @@ class RelayServer:
                 len(self.channels),
             )
             for channel in list(self.channels):
-                channel.close(CloseCode.SHUTDOWN, f"relay shut down after {deadline_s:g} s")
-            waits = [channel.closed.wait() for channel in self.channels]
-            if waits:
-                await asyncio.wait(
-                    [asyncio.ensure_future(wait) for wait in waits],
-                    timeout=self.config.limits.close_timeout + 1,
+                close_channel(
+                    channel, CloseCode.SHUTDOWN, f"relay shut down after {deadline_s:g} s"
                 )
+            if self.channels:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._no_channels.wait(), timeout=self.config.limits.close_timeout + 1
+                    )
         await self.close()
 
     async def _watch_idle(self, idle_s: float) -> None:
@@ -747,10 +937,18 @@ class RelayServer:
                 if last is None or last[0] != total:
                     seen[channel] = (total, now)
                 elif now - last[1] >= idle_s:
-                    channel.close(CloseCode.IDLE_TIMEOUT, f"idle for {idle_s:g} s (idle timeout)")
+                    close_channel(
+                        channel, CloseCode.IDLE_TIMEOUT, f"idle for {idle_s:g} s (idle timeout)"
+                    )
                     seen[channel] = (total, float("inf"))
             for channel in [channel for channel in seen if channel not in self.channels]:
                 del seen[channel]
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a task's outcome as seen (its awaiters may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _format_address(address: object) -> str:
@@ -761,21 +959,31 @@ def _format_address(address: object) -> str:
 
 
 class _HandshakeProtocol(asyncio.Protocol):
-    """A connection until its upgrade is accepted (then the channel takes over)."""
+    """A connection until its upgrade is accepted (then the channel takes over).
 
-    def __init__(self, server: RelayServer, client: str, deadline: float) -> None:
+    It lives on its worker's loop; what it tells the server goes to the main loop.
+    """
+
+    def __init__(self, server: RelayServer, worker: Worker, client: str, deadline: float) -> None:
         self.server = server
+        #: The loop this connection, and its channel if any, runs on.
+        self.worker = worker
+        self._main = server._pool.main_loop
         self.handshake = ServerHandshake(server.config.limits.max_head_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.handed_over = False
-        self._task: asyncio.Task[None] | None = None
+        #: Whether its request is complete (and with the server).
+        self._requested = False
         self._timer: asyncio.TimerHandle | None = None
         self._started = time.monotonic()
         #: The client's address (its IP), which `RelayServer.admission` counts this
         #: connection under until its request is complete.
         self.address = client
         self._admitted = True
+        #: Whether it counts in its worker's load as a connection (a channel counts
+        #: from its hand-over on).
+        self._loaded = True
         #: Loop time by which the request must be complete (the TLS handshake, if
         #: any, spent part of it already).
         self._deadline = deadline
@@ -789,17 +997,28 @@ class _HandshakeProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         self.peer = _format_address(peername)
-        self.server._connections.add(self)
+        self.server._connections[self.worker].add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(self._deadline, self._handshake_timed_out)
 
     def _release_admission(self) -> None:
         if self._admitted:
-            self.server.admission.release(self.address)
             self._admitted = False
+            call_on(self._main, self.server.admission.release, self.address)
+
+    def _unload(self) -> None:
+        if self._loaded:
+            self._loaded = False
+            call_on(self._main, self.server._unload, self.worker)
+
+    def hand_over(self) -> None:
+        """Its transport now belongs to a channel (which carries the worker's load)."""
+        self.handed_over = True
+        self._loaded = False
+        self.server._connections[self.worker].discard(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._task is not None:
+        if self._requested:
             self.handshake.receive_data(data)  # trailing bytes, kept for the channel
             return
         try:
@@ -829,47 +1048,26 @@ class _HandshakeProtocol(asyncio.Protocol):
         if client is not None:
             # Log lines name the client a trusted reverse proxy speaks for.
             self.peer = f"{client} via {self.peer}"
-        self._task = asyncio.get_running_loop().create_task(self._handle(request))
+        self._requested = True
+        call_on(self._main, self.server._upgrade_requested, self, request)
 
-    async def _handle(self, request: UpgradeRequest) -> None:
-        try:
-            await self.server.handle_upgrade(self, request)
-        except Refusal as refusal:
-            self._refuse(refusal, request)
-        except Exception:
-            logger.exception("internal error while handling %s from %s", request.path, self.peer)
-            self._refuse(Refusal(500, "internal error"), request)
+    def send_response(self, status: int, body: bytes, content_type: str) -> None:
+        """Answer a request that is not an upgrade, and close."""
+        self._send_and_close(self.handshake.respond(status, body, content_type))
 
-    def respond_plain(self, request: UpgradeRequest) -> None:
-        """Answer a request that is not an upgrade (health checks)."""
-        path = request.path
-        prefixed = access.strip_prefix(path, self.server.config.path_prefix)
-        if prefixed is not None:
-            path = prefixed  # the same answers directly and through the reverse proxy
-        if path == "/healthz":
-            self._send_and_close(self.handshake.respond(200, b"ok\n"))
-            return
-        if path == "/metrics":
-            check_bearer(request, self.server.config.metrics_tokens)
-            body = self.server.metrics.exposition()
-            self._send_and_close(self.handshake.respond(200, body, METRICS_CONTENT_TYPE))
-            return
-        raise Refusal(426, "this is a migrelay websocket endpoint", (("Upgrade", "websocket"),))
-
-    def _refuse(self, refusal: Refusal, request: UpgradeRequest | None = None) -> None:
-        what = clip(request.path, LOGGED_PATH_CHARS) if request is not None else "request"
-        detail = f" ({clip(refusal.detail, 200)})" if refusal.detail else ""
-        self.server._log_refusal(
-            "refused %s from %s: %d %s%s", what, self.peer, refusal.status, refusal.reason, detail
-        )
-        metrics = self.server.metrics
-        metrics.refused(refusal.status, refusal.kind)
-        metrics.handshake_seconds.observe(self.age())
+    def send_refusal(self, refusal: Refusal) -> None:
+        """Send ``refusal`` (counted and logged already), and close."""
         try:
             response = self.handshake.refuse(refusal.status, refusal.reason, refusal.headers)
         except Exception:  # already answered
             response = b""
         self._send_and_close(response)
+
+    def _refuse(self, refusal: Refusal, request: UpgradeRequest | None = None) -> None:
+        """Refuse on this loop's own account (a malformed request, a timeout)."""
+        what = clip(request.path, LOGGED_PATH_CHARS) if request is not None else "request"
+        call_on(self._main, self.server._count_refusal, self.peer, what, refusal, self.age())
+        self.send_refusal(refusal)
 
     def _send_and_close(self, response: bytes) -> None:
         transport = self.transport
@@ -887,9 +1085,12 @@ class _HandshakeProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server._connections.discard(self)
+        self.server._connections[self.worker].discard(self)
         self._release_admission()
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is not None and not self._task.done() and not self.handed_over:
-            self._task.cancel()
+        if self.handed_over:
+            return
+        if self._requested:
+            call_on(self._main, self.server._upgrade_abandoned, self)
+        self._unload()

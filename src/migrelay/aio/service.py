@@ -29,6 +29,7 @@ from typing import Final
 from migrelay.aio import access, local, tls
 from migrelay.aio.runner import wait_first
 from migrelay.aio.server import FinishTarget, PrepareTarget, RelayServer, ServerConfig
+from migrelay.aio.workers import resolve_workers
 from migrelay.errors import ConfigError, RelayError
 from migrelay.limits import Limits
 
@@ -93,6 +94,9 @@ class ServeSettings:
     #: 120 s lets a migration of a few dozen GiB finish on a 1 GiB/s link; systemd's
     #: unit waits 150 s (TimeoutStopSec) so that this comes first.
     shutdown_timeout: float = 120.0
+    #: Event loops (threads) the channels are spread over (`migrelay.aio.workers`); 0:
+    #: one per CPU this process may use, at most `~migrelay.aio.workers.DEFAULT_MAX_WORKERS`.
+    workers: int = 0
     limits: Limits = field(default_factory=Limits)
 
 
@@ -184,6 +188,10 @@ def load_server_config(
         target_dir = target_dir.resolve()
     if target is not None:
         local.prepare_default_dir(target)
+    try:
+        workers = resolve_workers(settings.workers)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     config = ServerConfig(
         host=host,
         port=port,
@@ -208,6 +216,7 @@ def load_server_config(
         max_channels=settings.max_channels,
         idle_timeout=settings.idle_timeout,
         metrics_tokens=metrics_tokens,
+        workers=workers,
     )
     return config, credentials
 

@@ -33,6 +33,7 @@ from migrelay.aio.client import ClientConfig, SourceRelay, WebSocketURL
 from migrelay.aio.local import SocketOwners
 from migrelay.aio.proxy import ProxyURL, proxy_for
 from migrelay.aio.runner import wait_first
+from migrelay.aio.workers import resolve_workers
 from migrelay.errors import ConfigError
 from migrelay.limits import Limits
 
@@ -77,6 +78,9 @@ class ClientSettings:
     #: ``--socket-owner``: the users whose processes may connect to the relay's socket
     #: (source QEMU); by default this user and root.
     socket_owners: SocketOwners = field(default_factory=SocketOwners.default)
+    #: Event loops (threads) the channels are spread over (`migrelay.aio.workers`); 0:
+    #: one per CPU this process may use, at most `~migrelay.aio.workers.DEFAULT_MAX_WORKERS`.
+    workers: int = 0
 
     def load(self) -> ClientConfig:
         """Read the files and check the values; return the relay's configuration.
@@ -88,6 +92,10 @@ class ClientSettings:
         try:
             url = WebSocketURL.parse(self.url)
             proxy = choose_proxy(self.url, self.proxy)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            workers = resolve_workers(self.workers)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         ssl_context, pin = self._tls()
@@ -107,6 +115,7 @@ class ClientSettings:
             proxy=proxy,
             open_retry=self.open_retry,
             socket_owners=self.socket_owners,
+            workers=workers,
         )
 
     def _refuse_tls_options(self) -> None:

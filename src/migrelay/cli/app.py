@@ -59,6 +59,7 @@ from migrelay.cli.options import (
     TlsKeyOpt,
     TokenFileOpt,
     VerboseOpt,
+    WorkersOpt,
 )
 from migrelay.cli.running import (
     EXIT_FAILURE,
@@ -340,6 +341,7 @@ def serve(
             envvar="MIGRELAY_SHUTDOWN_TIMEOUT",
         ),
     ] = ServeSettings.shutdown_timeout,
+    workers: WorkersOpt = ServeSettings.workers,
     metrics_token_file: Annotated[
         Path | None,
         typer.Option(
@@ -377,6 +379,7 @@ def serve(
         max_channels=max_channels,
         idle_timeout=idle_timeout,
         shutdown_timeout=shutdown_timeout,
+        workers=workers,
         limits=_limits(
             max_message,
             ping_interval=ping_interval,
@@ -426,6 +429,7 @@ def connect(
     proxy: ProxyOpt = None,
     socket_owner: SocketOwnerOpt = None,
     max_message: MaxMessageOpt = DEFAULT_MAX_MESSAGE,
+    workers: WorkersOpt = ClientSettings.workers,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -443,6 +447,7 @@ def connect(
         proxy=proxy,
         limits=_limits(max_message, ping_interval=ping_interval, ping_timeout=ping_timeout),
         open_retry=retry_open,
+        workers=workers,
     )
     run_command(lambda stop: run_source_relay(settings, listen_unix, stop, once=once))
 

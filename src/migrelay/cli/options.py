@@ -36,6 +36,7 @@ __all__ = [
     "TlsKeyOpt",
     "TokenFileOpt",
     "VerboseOpt",
+    "WorkersOpt",
     "config_callback",
 ]
 
@@ -132,6 +133,16 @@ ProxyOpt = Annotated[
         help="HTTP CONNECT proxy http://[USER:PASS@]HOST:PORT ('direct': none)"
         " [default: https_proxy/http_proxy unless no_proxy].",
         envvar="MIGRELAY_PROXY",
+    ),
+]
+# The relays' threads: serve and connect (migrelay.aio.workers).
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Event loops (threads) the channels are spread over: 1 runs everything on one"
+        " loop; 0: one per CPU this process may use, at most 4.",
+        envvar="MIGRELAY_WORKERS",
     ),
 ]
 # Liveness, shared by serve, connect and migrate --to (DESIGN.md §3).
