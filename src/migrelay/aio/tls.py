@@ -1,17 +1,20 @@
 """TLS contexts for ``wss://``: the server's (reloadable), the client's (CA or pin).
 
 Certificate pinning: with ``--fingerprint`` the client skips chain and name checks and
-instead requires the SHA-256 of the server's certificate (DER) to match, the way
-``openssl x509 -fingerprint -sha256`` prints it. That suits self-signed relay
-certificates between hypervisor hosts, where no CA is at hand.
+instead requires the SHA-256 of the server's certificate (DER) to match. That suits
+self-signed relay certificates between hypervisor hosts, where no CA is at hand. The
+fingerprint is given as ``openssl x509 -noout -fingerprint -sha256 -in cert.pem`` prints
+it, whole or from its first hex digit on (`normalize_fingerprint`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import ssl
 from pathlib import Path
+from typing import Final
 
 from migrelay.errors import ConnectError
 
@@ -62,23 +65,46 @@ class ReloadableServerContext:
         return self.current
 
 
+#: What ``openssl x509 -noout -fingerprint`` prints before the digest. The name is the
+#: digest option as typed: ``sha256 Fingerprint=`` for ``-sha256`` (OpenSSL 3),
+#: ``SHA256 Fingerprint=`` for ``-SHA256`` (or by 1.1 for ``-sha256``); without a digest
+#: option, ``SHA1 Fingerprint=`` (seen: OpenSSL 3.0.19).
+_OPENSSL_LABEL_RE: Final = re.compile(r"([A-Za-z0-9-]+) Fingerprint=")
+#: The names of SHA-256 in that label, lower-cased (``-sha2-256`` is OpenSSL 3's alias).
+_SHA256_NAMES: Final = frozenset({"sha256", "sha2-256"})
+#: ``AB:CD:…`` (openssl's form, either case) or the same digits without colons.
+_HEX_RE: Final = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})*|[0-9A-Fa-f]+")
+
+
 def normalize_fingerprint(text: str) -> bytes:
-    """Parse ``AB:CD:…`` or plain hex (optionally prefixed ``sha256:``) into 32 bytes.
+    """Parse a SHA-256 certificate fingerprint into its 32 bytes.
+
+    Accepted: exactly what ``openssl x509 -noout -fingerprint -sha256`` prints
+    (``sha256 Fingerprint=AB:CD:…``, or ``SHA256 Fingerprint=`` from OpenSSL 1.1), the hex
+    digits alone with or without the colons, and ``sha256:`` followed by them. Spaces
+    and a newline around the whole are ignored.
 
     Raises:
-        ValueError: not a SHA-256 fingerprint.
+        ValueError: not a SHA-256 fingerprint; the message says what is wrong with it.
     """
     value = text.strip()
-    if value.lower().startswith("sha256:"):
+    label = _OPENSSL_LABEL_RE.match(value)
+    if label is not None:
+        algorithm = label.group(1)
+        if algorithm.lower() not in _SHA256_NAMES:
+            raise ValueError(
+                f"a {algorithm} fingerprint, not a SHA-256 one: print it with"
+                " openssl x509 -noout -fingerprint -sha256"
+            )
+        value = value[label.end() :]
+    elif value[:7].lower() == "sha256:":
         value = value[7:]
-    value = value.replace(":", "").replace(" ", "")
-    try:
-        digest = bytes.fromhex(value)
-    except ValueError:
-        raise ValueError(f"not a hexadecimal SHA-256 fingerprint: {text}") from None
-    if len(digest) != 32:
-        raise ValueError(f"a SHA-256 fingerprint has 32 bytes, this one {len(digest)}")
-    return digest
+    if not _HEX_RE.fullmatch(value):
+        raise ValueError(f"not a hexadecimal SHA-256 fingerprint: {text.strip()!r}")
+    digits = value.replace(":", "")
+    if len(digits) != 64:
+        raise ValueError(f"a SHA-256 fingerprint has 64 hex digits, this one {len(digits)}")
+    return bytes.fromhex(digits)
 
 
 def client_context(
