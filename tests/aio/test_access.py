@@ -52,7 +52,8 @@ def one(line: str) -> TokenEntry:
         f"{SECRET}   # any target",
         f"{SECRET} #note",
         f"{SECRET}\t#note",
-        f"{SECRET}#",  # no: "#" inside a field is part of it, see below
+        f"{SECRET} #",
+        f"{SECRET} ##",
         f"  {SECRET}  ",
         f"{SECRET}\r",
         f"{SECRET} # vm1,vm2 name=x",
@@ -61,10 +62,7 @@ def one(line: str) -> TokenEntry:
 def test_comment_after_a_secret_leaves_it_unrestricted(line: str) -> None:
     entry = one(line)
     assert entry.targets is None
-    if line.startswith(f"{SECRET}#"):
-        assert entry.secret == f"{SECRET}#".encode()
-    else:
-        assert entry.secret == SECRET.encode()
+    assert entry.secret == SECRET.encode()
 
 
 @pytest.mark.parametrize(
@@ -97,9 +95,34 @@ def test_comments_and_blank_lines_are_skipped() -> None:
     assert [entry.targets for entry in entries] == [None, {"vm1", "vm2"}, {"/"}]
 
 
-def test_a_hash_inside_a_secret_is_part_of_it() -> None:
-    assert one("ab#cd vm1").secret == b"ab#cd"
-    assert one("ab#cd #c").secret == b"ab#cd"
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"{SECRET}#note",  # neither the secret "...#note" nor a comment
+        f"{SECRET}#",
+        f"{SECRET}# any target",  # else: the secret "...#" limited to a target "any"
+        "ab#cd vm1",
+        "ab#cd #c",
+        f"{SECRET} vm1,#note",  # never a target named "#note"
+        f"{SECRET} vm1#note",
+        f"{SECRET} vm1,vm2# only these",
+        f"{SECRET} vm1 name=a#b",
+        f"{SECRET} vm1 name=a# c",
+        f"{SECRET} name=#a",
+    ],
+)
+def test_a_hash_inside_a_field_is_refused(line: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_token_lines(["# a comment", "", line], source="tokens")
+    assert str(caught.value) == (
+        "tokens line 3: '#' inside a field: a comment begins with '#' at the start of the"
+        " line or after a space or tab"
+    )
+
+
+def test_a_hash_that_begins_a_field_always_begins_a_comment() -> None:
+    assert one(f"{SECRET} #vm1,vm2 name=x").targets is None
+    assert one(f"{SECRET} vm1 #vm2 name=x") == TokenEntry(SECRET.encode(), frozenset({"vm1"}))
 
 
 def test_derived_name_is_a_short_digest() -> None:
@@ -118,6 +141,8 @@ def test_entry_built_directly_gets_a_name() -> None:
 
 FIXED_MESSAGES = {
     "expected 'SECRET [TARGET,...] [name=NAME]'",
+    "'#' inside a field: a comment begins with '#' at the start of the line or after a space"
+    " or tab",
     "empty target name",
     "invalid target name (a target is / or 1 to 64 of A-Z a-z 0-9 _ . -, "
     "starting with a letter or digit, without a leading /)",
@@ -157,6 +182,8 @@ FIXED_MESSAGES = {
         (f"{SECRET}\u00a0vm1", "visible ASCII"),  # NBSP is no separator
         ("name=backup vm1", "token is missing"),
         ("name=backup", "token is missing"),
+        (f"{SECRET} vm1,#x", "'#' inside a field"),
+        (f"x#{SECRET}", "'#' inside a field"),
     ],
 )
 def test_invalid_lines(line: str, message: str) -> None:

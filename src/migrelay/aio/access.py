@@ -4,28 +4,32 @@ Pure functions over what a request carries; :mod:`migrelay.aio.server` calls the
 only I/O here is reading a token file. Everything that comes from the network is parsed
 strictly: what does not match the grammar is refused, never guessed at.
 
-Token file (``--token-file``), one token a line::
+Token file, one token a line: ``serve --token-file`` and ``--metrics-token-file``, and
+the ``--token-file`` of ``connect`` and ``migrate --to``, which send the first token of
+theirs (`load_token_entries` reads them all)::
 
     # comments and blank lines are skipped
-    9f0c2e…                                   # any target
-    71ab33…  vm1,vm2                          # only /vm1 and /vm2
-    c4d8e1…  /           name=default-only    # only the default target (the path /)
-    5be0a7…  name=backup                      # any target, named "backup" in logs
+    9f0c2e...                                 # any target
+    71ab33...  vm1,vm2                        # only /vm1 and /vm2
+    c4d8e1...  /         name=default-only    # only the default target (the path /)
+    5be0a7...  name=backup                    # any target, named "backup" in logs
 
 Grammar (fields are separated by spaces or tabs)::
 
     line    = [ SECRET [ TARGETS ] [ "name=" NAME ] ] [ COMMENT ]
     COMMENT = "#" any characters to the end of the line      ; only where a field begins
-    SECRET  = visible ASCII (! to ~), not starting with "#" or "name=" ; "a#b" is one
+    SECRET  = visible ASCII (! to ~) but "#", not starting with "name="
     TARGETS = TARGET *( "," TARGET )                          ; no spaces, no empty names
     TARGET  = "/" | NAME                                      ; "/" is the default target
     NAME    = [A-Za-z0-9][A-Za-z0-9_.-]{0,63}                 ; `TARGET_NAME_RE`
 
-A ``#`` starts a comment only at the start of a field (the start of the line or after
-whitespace); inside a field it is an ordinary character, so a secret may contain ``#``
-but cannot begin with one. Tokens are hex or base64url in practice and contain neither.
-A secret is what a client sends in ``Authorization: Bearer``, so it must be visible
-ASCII; anything else could never be sent in that header and is refused.
+A ``#`` at the start of a field (the start of the line, or after a space or tab) begins
+a comment; anywhere else it is an error (`HASH_INSIDE_A_FIELD`), so a line never means
+something else for want of a space: ``SECRET#note`` is neither the secret ``SECRET#note``
+nor the secret ``SECRET`` with a comment, and ``SECRET vm1,#note`` names no target
+``#note``. Tokens are hex or base64url in practice and contain no ``#``. A secret is
+what a client sends in ``Authorization: Bearer``, so it must be visible ASCII; anything
+else could never be sent in that header and is refused.
 
 Each token has a name for logs, metrics and quotas, never the secret itself:
 ``name=NAME``, or by default ``sha256:`` and the first 8 hex digits of the SHA-256 of
@@ -60,6 +64,11 @@ TARGET_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 #: The grammar of a token file line, for error messages (no content of the line).
 TOKEN_LINE_SYNTAX: Final = "expected 'SECRET [TARGET,...] [name=NAME]'"
+#: The error for a ``#`` that does not begin a field (see the module docstring).
+HASH_INSIDE_A_FIELD: Final = (
+    "'#' inside a field: a comment begins with '#' at the start of the line or after a space"
+    " or tab"
+)
 
 _FIELD_SEPARATOR: Final = re.compile(r"[ \t]+")
 _SECRET_RE: Final = re.compile(r"[!-~]+")
@@ -118,6 +127,10 @@ def _line_fields(line: str) -> list[str]:
 
 
 def _parse_token_line(fields: list[str], where: str) -> TokenEntry:
+    if any("#" in item for item in fields):
+        # Checked first, so that "vm1,#x" or "name=a#b" gets this error, not the
+        # name syntax's.
+        raise ConfigError(f"{where}: {HASH_INSIDE_A_FIELD}")
     secret, rest = fields[0], fields[1:]
     if not _SECRET_RE.fullmatch(secret):
         raise ConfigError(f"{where}: a token is visible ASCII characters only")
@@ -152,8 +165,8 @@ def parse_token_lines(lines: Iterable[str], source: str = "token file") -> list[
 
     Raises:
         ConfigError: a line breaks the grammar (a field too many, an invalid secret,
-            target or name), or repeats an earlier line's secret or name. The message
-            gives the line number, never the line.
+            target or name, a ``#`` inside a field), or repeats an earlier line's secret
+            or name. The message gives the line number, never the line.
     """
     entries: list[TokenEntry] = []
     secrets: dict[bytes, int] = {}
