@@ -406,6 +406,57 @@ def test_bench_migrates_given_vms_once_and_leaves_their_ram_to_the_user(
     assert results[0]["seconds"] > 0
 
 
+#: The given VMs' RAM: not --ram's default (1G), nor the 32M of the other tests.
+GIVEN_RAM_BYTES = 48 << 20
+
+
+def test_bench_rates_given_vms_by_their_own_ram_and_says_it_did_not_compare_it(
+    run_e2e: AsyncRunner, tmp_path: Path, vm_pair: VMPairFactory
+) -> None:
+    async def scenario() -> tuple[dict[str, object], str]:
+        async with vm_pair(GIVEN_RAM_BYTES) as (src, dst):
+            report_path = tmp_path / "given.json"
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "migrelay", "bench", "--modes", "ws", "--runs", "1",
+                "--src-qmp", str(src.qmp_path), "--dst-qmp", str(dst.qmp_path),
+                "--json", str(report_path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            stdout, stderr = await process.communicate()
+            assert process.returncode == 0, (stdout + stderr).decode()
+            report: dict[str, object] = json.loads(report_path.read_text())
+            return report, stdout.decode()
+
+    report, table = run_e2e(scenario())
+    # The size and the rate are the migrated VMs', not --ram's default of 1 GiB.
+    assert report["ram_bytes"] == GIVEN_RAM_BYTES
+    run = _only(report, "results")
+    assert run["ram_bytes"] == GIVEN_RAM_BYTES and run["ram_matched"] is None
+    assert run["throughput_bytes_per_s"] == pytest.approx(GIVEN_RAM_BYTES / run["seconds"])
+    row = _only(report, "summary")
+    assert row["median_throughput_bytes_per_s"] == pytest.approx(
+        GIVEN_RAM_BYTES / row["median_seconds"]
+    )
+    # QEMU sent at least the RAM, and not several times as much: the size is the VMs'.
+    assert GIVEN_RAM_BYTES <= run["transferred_bytes"] < 2 * GIVEN_RAM_BYTES, run
+    # Not compared, and the table says so rather than "ok"; not a failure either.
+    assert row["all_ram_matched"] is None
+    mode_line = table.splitlines()[1]
+    assert mode_line.startswith("ws ") and mode_line.endswith(" not compared"), table
+    assert f"{GIVEN_RAM_BYTES / run['seconds'] / (1 << 20):.0f}" in mode_line.split(), table
+    assert not lab_bench.any_failed(report)
+
+
+def test_bench_refuses_a_ram_size_for_given_vms(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--ram", "256M", "--modes", "ws", "--runs", "1",
+         "--src-qmp", str(tmp_path / "a.qmp"), "--dst-qmp", str(tmp_path / "b.qmp")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "--ram is for test VMs; your own VMs' RAM size is read from QEMU" in result.output
+
+
 def test_bench_refuses_several_runs_of_given_vms(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "migrelay", "bench", "--runs", "2", "--modes", "ws",

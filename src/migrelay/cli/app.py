@@ -1080,8 +1080,9 @@ def bench(
     """Benchmark migrations: the tunnel against a direct TCP migration, same VMs.
 
     With --src-qmp and --dst-qmp it migrates your own two VMs once, in one mode, and
-    leaves them as QEMU does (their RAM is not compared). With --relay-only it measures
-    the relays alone, against socat, without QEMU.
+    leaves them as QEMU does (their RAM is not compared; the rate is of their RAM size,
+    as the source QEMU reports it). With --relay-only it measures the relays alone,
+    against socat, without QEMU.
     """
     # Named on the command line (not defaulted): which bench the options belong to.
     named = {name for name in ctx.params if _named(ctx, name)}
@@ -1137,6 +1138,8 @@ def bench(
         exit_with("your own VMs can be migrated once: give one --modes, --runs 1, no --link")
     if given is not None and disk_bytes is not None:
         exit_with("--disk is for test VMs; your own VMs keep their disks")
+    if given is not None and "ram" in named:
+        exit_with("--ram is for test VMs; your own VMs' RAM size is read from QEMU")
     if given is not None and (work.dirties or content != "random"):
         exit_with("--workload and --content are for test VMs; your own VMs run as they are")
     if plot is not None:

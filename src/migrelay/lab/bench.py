@@ -340,6 +340,9 @@ class RunResult:
 
     mode: str
     run: int
+    #: The guest RAM of the VMs migrated: the test VMs' ``--ram``, or what the user's
+    #: source VM reports (``query-memory-size-summary``). Rates and CPU per GiB are of it.
+    ram_bytes: int | None = None
     #: ``completed``, ``not converged`` (still running at the run's timeout: cancelled),
     #: or ``failed`` (see ``error``).
     outcome: str = "failed"
@@ -396,7 +399,9 @@ class ModeSummary:
     ratio_to_tcp: float | None
     relay_cpu_seconds_per_gib: dict[str, float]
     relay_peak_rss_bytes: dict[str, int]
-    all_ram_matched: bool
+    #: False: a run's destination RAM differed; True: compared, and equal; None: not
+    #: compared in any run (the user's own VMs, runs that did not complete).
+    all_ram_matched: bool | None
     #: None: no disk.
     all_disks_matched: bool | None
     #: Runs cancelled at their timeout (a guest dirtying faster than the link).
@@ -715,7 +720,7 @@ class Bench:
 
     async def run(self, mode: Mode, run: int) -> RunResult:
         """Migrate once in ``mode``; failures are reported in the result, not raised."""
-        result = RunResult(mode.name, run)
+        result = RunResult(mode.name, run, ram_bytes=self.ram_size)
         disks = [self.disk] if self.disk is not None else []
         if self.disk is not None:
             result.disk_matched = False  # until compared
@@ -797,7 +802,8 @@ class Bench:
 
         They are left as QEMU leaves them (source ``postmigrate``, destination
         running); their RAM is not compared (``ram_matched`` stays None) since where
-        it lives is not known here.
+        it lives is not known here. Their RAM size is the source's own
+        (``query-memory-size-summary``), not ``ram_size``: the rate is of what moved.
         """
         if self.disk is not None:
             raise ValueError("a disk is for test VMs; the user's own VMs keep theirs")
@@ -807,6 +813,7 @@ class Bench:
             async with QMP("bench-src") as src_qmp, QMP("bench-dst") as dst_qmp:
                 await src_qmp.connect(str(src_qmp_path))
                 await dst_qmp.connect(str(dst_qmp_path))
+                result.ram_bytes = await src_qmp.query_memory_size()
                 await self._migrate(mode, src_qmp, dst_qmp, relays, result)
         except Exception as exc:  # a failed run is a result, not the end of the bench
             result.error = f"{type(exc).__name__}: {exc}"
@@ -897,9 +904,10 @@ class Bench:
         result.downtime_ms = info.downtime_ms
         await self._count_wire_bytes(mode, result, wire_before, metrics)
         disk_bytes = self.disk.size if self.disk is not None else 0
-        result.throughput_bytes_per_s = (
-            (info.total or self.ram_size) + disk_bytes
-        ) / result.seconds
+        # The RAM of the VMs migrated (seen: the user's 256 MiB VMs rated as the 1 GiB
+        # of --ram's default, 2771 MiB/s for ~700); QEMU's ram.total if QEMU did not say.
+        ram_bytes = result.ram_bytes or info.total or self.ram_size
+        result.throughput_bytes_per_s = (ram_bytes + disk_bytes) / result.seconds
         for relay in relays:
             used = relay.cpu_seconds() - idle_cpu[relay.name]
             result.relay_cpu_seconds[relay.name] = used
@@ -1168,8 +1176,9 @@ def summarize(
     with a ``base:`` twin, compared with it round by round (`Paired`).
 
     With ``disk_size`` the times, rates and CPU per GiB are of disk and RAM together.
+    The RAM is each run's own (`RunResult.ram_bytes`: the user's VMs' size, not
+    ``ram_size``), ``ram_size`` only for a run that does not know it.
     """
-    copied = ram_size + (disk_size or 0)
     by_mode: dict[str, list[RunResult]] = {}
     for result in results:
         by_mode.setdefault(result.mode, []).append(result)
@@ -1204,6 +1213,9 @@ def summarize(
             if r.error is None and r.seconds is not None and r.outcome == "completed"
         ]
         not_converged = sum(r.outcome == "not converged" for r in runs)
+        sizes = [r.ram_bytes if r.ram_bytes is not None else ram_size for r in good or runs]
+        copied = statistics.median(sizes) + (disk_size or 0)
+        compared = [r.ram_matched for r in runs if r.ram_matched is not None]
         wire_sources = {r.wire_source for r in good if r.wire_source is not None}
         times = [r.seconds for r in good if r.seconds is not None]
         median = statistics.median(times) if times else None
@@ -1228,7 +1240,7 @@ def summarize(
                 ratio_to_tcp=median / tcp_median if median and tcp_median else None,
                 relay_cpu_seconds_per_gib=cpu,
                 relay_peak_rss_bytes=rss,
-                all_ram_matched=all(r.ram_matched is not False for r in runs),
+                all_ram_matched=all(compared) if compared else None,
                 all_disks_matched=(
                     all(r.disk_matched is not False for r in runs) if disk_size else None
                 ),
@@ -1299,7 +1311,8 @@ async def run_bench(
     removed here). With ``link_rate`` the two sides run in network namespaces joined by
     a veth pair shaped to that rate (``"none"``: unshaped). With ``given_qmp`` (source,
     destination QMP sockets) the user's own VMs are migrated once, in the one mode
-    given. With ``disk_size`` each test VM has a disk of that size, copied before RAM
+    given, and the report's RAM size is theirs (`Bench.run_given`), not ``ram_size``.
+    With ``disk_size`` each test VM has a disk of that size, copied before RAM
     (`Bench`); the work directory made here is then on tmpfs (``/dev/shm`` when
     ``/tmp`` is not): test disks live there (DESIGN §7), so that the destination's
     writes are not timed against the host's own disk. ``workload``, ``ram_content``
@@ -1377,6 +1390,9 @@ async def run_bench(
             shutil.rmtree(work, ignore_errors=True)
         if ram_dir is not None:
             shutil.rmtree(ram_dir, ignore_errors=True)
+    if given_qmp is not None:
+        # The user's VMs: their own size, when the source told it (not --ram's default).
+        ram_size = next((r.ram_bytes for r in results if r.ram_bytes is not None), ram_size)
     return {
         "machine": machine_info(),
         "command": shlex.join(sys.argv),
@@ -1421,6 +1437,14 @@ WIRE_LEGEND = (
     " compressing them). qemu MiB: QEMU's transferred. passes: dirty-sync-count. thr%:"
     " the largest auto-converge CPU throttle seen."
 )
+
+
+#: The ``ram`` column of `format_table`, by `ModeSummary.all_ram_matched`.
+RAM_VERDICTS: Mapping[bool | None, str] = {
+    True: "ok",
+    False: "MISMATCH",
+    None: "not compared",
+}
 
 
 def format_table(report: dict[str, object]) -> str:
@@ -1476,7 +1500,7 @@ def format_table(report: dict[str, object]) -> str:
             f"{number(row.get('median_passes'), '.0f', 8)}"
             f"{row.get('max_throttle_percent', 0):>6}"
             f"  {cpu or '-':<38}{rss or '-':<14}"
-            f"{'ok' if row['all_ram_matched'] else 'MISMATCH'}{disk_ok}"
+            f"{RAM_VERDICTS[row['all_ram_matched']]}{disk_ok}"
             + (f" ({', '.join(notes)})" if notes else "")
         )
     names = {row["mode"] for row in summary}
@@ -1498,7 +1522,7 @@ def any_failed(report: dict[str, object]) -> bool:
     summary = report["summary"]
     assert isinstance(summary, list)
     return any(
-        row["failures"] or not row["all_ram_matched"] or row.get("all_disks_matched") is False
+        row["failures"] or row["all_ram_matched"] is False or row.get("all_disks_matched") is False
         for row in summary
     )
 
