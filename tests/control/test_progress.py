@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from migrelay.control.progress import (
     disk_bar_line,
     disk_line,
     eta_seconds,
+    fit_fields,
     progress_line,
     renderer_for,
     snapshot_document,
@@ -27,6 +29,7 @@ from migrelay.control.progress import (
 from migrelay.control.qmp import DiskProgress, MigrationInfo, MigrationStatus
 
 MIB = 1024 * 1024
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 class FakeClock:
@@ -106,6 +109,64 @@ def test_bar_fills_with_the_pass() -> None:
     line = bar_line(active(48 * MIB, 16 * MIB, passes=1))
     assert line.startswith("[###############-----]  75% active  48.0 MiB sent  16.0 MiB left")
     assert line.endswith("pass 1")
+
+
+#: The snapshot the README's "What the operator sees" shows.
+README_SNAPSHOT = MigrationInfo(
+    status=MigrationStatus.ACTIVE,
+    transferred=170 * MIB + 300 * 1024,
+    remaining=86 * MIB + 512 * 1024,
+    total=256 * MIB,
+    rate_bytes_per_s=127 * MIB + 400 * 1024,
+    dirty_pages_rate=0,
+    dirty_sync_count=1,
+    page_size=4096,
+)
+
+
+@pytest.mark.parametrize("width", range(19, 140))
+def test_the_bar_leaves_out_whole_figures_to_fit_the_terminal(width: int) -> None:
+    full = bar_line(README_SNAPSHOT, width=None).split("  ")
+    line = bar_line(README_SNAPSHOT, width=width)
+    assert len(line) <= width
+    # Figures appear whole and in order, from the first: a prefix of the full line's.
+    shown = line.split("  ")
+    if line.startswith("["):
+        assert shown == full[: len(shown)], line
+    else:  # too narrow for the bar: the percentage and status lead
+        assert shown[0] == "66% active", line
+        assert shown[1:] == full[2 : 1 + len(shown)], line
+    if width >= len("  ".join(full)):
+        assert line == "  ".join(full)
+
+
+def test_fit_fields_cuts_only_a_first_field_wider_than_the_terminal() -> None:
+    assert fit_fields(["abcdef", "gh"], 4) == "abcd"
+    assert fit_fields(["ab", "cd", "ef"], 6) == "ab  cd"
+    assert fit_fields(["ab", "cd"], None) == "ab  cd"
+
+
+def test_the_readme_shows_the_terminal_and_the_lines_as_printed() -> None:
+    readme = README.read_text(encoding="utf-8")
+    # An 80-column terminal: the bar in 79 cells (the last one would wrap).
+    assert f"\n{bar_line(README_SNAPSHOT, width=79)}\n" in readme
+    assert f"\n{progress_line(README_SNAPSHOT)}\n" in readme
+    completed = Summary(
+        status="completed",
+        elapsed_s=2.3,
+        total_time_ms=2190,
+        setup_time_ms=12,
+        downtime_ms=172,
+        transferred_bytes=256 * MIB + 700 * 1024,
+        total_bytes=256 * MIB,
+        average_rate_bytes_per_s=117 * MIB + 200 * 1024,
+        passes=3,
+        error=None,
+        aftermath="source stopped (postmigrate)",
+    )
+    assert f"\n{completed.text()}\n" in readme
+    failed = Summary.build(MigrationInfo(status=MigrationStatus.FAILED), 0.53)
+    assert f"\n{failed.text()}\n" in readme
 
 
 def test_line_progress_prints_at_most_one_line_a_second_and_every_status_change() -> None:
@@ -209,7 +270,7 @@ def test_summary_without_any_snapshot_says_none() -> None:
     summary = Summary.build(None, 0.25, "qmp socket unreachable")
     assert summary.status == "none"
     assert summary.transferred_bytes is None
-    assert summary.text() == "none in 0.25 s: ? at ?"
+    assert summary.text() == "none in 0.25 s: no RAM sent"
 
 
 def test_summary_text_says_one_pass() -> None:
@@ -249,11 +310,12 @@ def play_ram_migration(renderer: ProgressRenderer, clock: FakeClock) -> None:
 def test_terminal_output_without_disks_is_unchanged() -> None:
     out, clock = TTY(), FakeClock()
     play_ram_migration(TerminalProgress(out, clock), clock)
+    # 80 columns: the figures that fit in 79 cells, each whole; the rest left out.
     assert out.getvalue() == (
         "\r[--------------------]   ?% setup  ? sent  ? left  ?  eta ?  dirty ?  pass ?\x1b[K"
-        "\r[#####---------------]  25% active  16.0 MiB sent  48.0 MiB left  32.0 MiB/s  e\x1b[K"
-        "\r[##########----------]  50% active  32.0 MiB sent  32.0 MiB left  32.0 MiB/s  e\x1b[K"
-        "\r[####################] 100% completed  64.0 MiB sent  0 B left  40.0 MiB/s  eta\x1b[K"
+        "\r[#####---------------]  25% active  16.0 MiB sent  48.0 MiB left  32.0 MiB/s\x1b[K"
+        "\r[##########----------]  50% active  32.0 MiB sent  32.0 MiB left  32.0 MiB/s\x1b[K"
+        "\r[####################] 100% completed  64.0 MiB sent  0 B left  40.0 MiB/s\x1b[K"
         "\r\x1b[Kcompleted in 2.00 s: 64.0 MiB at 32.0 MiB/s, downtime 12 ms, 3 passes\n"
     )
 
@@ -464,22 +526,16 @@ def test_terminal_draws_a_line_per_disk_and_redraws_them_in_place() -> None:
         assert len(screens[-1]) == 3  # disk0, disk1, ram
         assert all(len(row) <= 59 for row in screens[-1])
     first, ready, ram = screens[0], screens[3], screens[5]
-    # Each line as it would be on a wide terminal, cut to the 59 cells of this one.
+    # Each line with the figures that fit whole in the 59 cells of this terminal.
     assert first == [
-        line[:59]
-        for line in (
-            "[--------------------]   0% disk0  0 B of 32.0 MiB  50.0 MiB/s  eta 0.64 s",
-            "[--------------------]   0% disk1  0 B of 48.0 MiB  ?  eta ?",
-            "ram: waits for the disks",
-        )
+        "[--------------------]   0% disk0  0 B of 32.0 MiB",
+        "[--------------------]   0% disk1  0 B of 48.0 MiB  ?",
+        "ram: waits for the disks",
     ]
     assert ready == [
-        line[:59]
-        for line in (
-            "[####################] 100% disk0  ready  32.0 MiB, following writes",
-            "[####################] 100% disk1  ready  48.0 MiB, following writes",
-            "ram: waits for the disks",
-        )
+        "[####################] 100% disk0  ready",
+        "[####################] 100% disk1  ready",
+        "ram: waits for the disks",
     ]
     assert ram[2].startswith("[##########----------]  50% active  32.0 MiB sent")
     assert screens[1][0].startswith("[##########----------]  50% disk0  16.0 MiB of 32.0 MiB")
@@ -511,12 +567,12 @@ def test_terminal_erases_the_lines_a_shorter_redraw_no_longer_uses() -> None:
     renderer.update(disk_phase(mirror("disk0", 0), mirror("disk1", 0)))
     renderer.update(FAILED)  # a final snapshot that no longer lists the disks
     screen.play(out.getvalue())
-    assert screen.shown() == [bar_line(FAILED)[:59]]
+    assert screen.shown() == [bar_line(FAILED, width=59)]
     drawn = len(out.getvalue())
     renderer.finish()
     screen.play(out.getvalue()[drawn:])
     assert screen.shown() == [
-        "failed in 0.00 s: ? at ?; disks: disk0 0 B of 32.0 MiB, disk1 0 B of 32.0 MiB copied"
+        "failed in 0.00 s: no RAM sent; disks: disk0 0 B of 32.0 MiB, disk1 0 B of 32.0 MiB copied"
     ]
 
 

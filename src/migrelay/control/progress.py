@@ -131,22 +131,52 @@ def progress_line(info: MigrationInfo) -> str:
     return " ".join(parts)
 
 
-def bar_line(info: MigrationInfo, cells: int = BAR_CELLS) -> str:
-    """The terminal form of a snapshot: a bar and the same figures, shorter labels."""
-    fraction = fraction_done(info)
+def fit_fields(fields: list[str], width: int | None) -> str:
+    """Join ``fields`` with two spaces, as many as fit in ``width`` cells, whole.
+
+    A field that does not fit is left out with every field after it, so a narrow
+    terminal shows the first figures whole instead of a line cut in the middle of one.
+    The first field is always shown; only a terminal narrower than it cuts it.
+    """
+    line = fields[0]
+    for field in fields[1:]:
+        if width is not None and len(line) + 2 + len(field) > width:
+            break
+        line += f"  {field}"
+    return line if width is None else line[:width]
+
+
+def _bar_head(fraction: float | None, cells: int, what: str, width: int | None) -> str:
+    """``[####----]  50% WHAT``: the bar goes first when even this would not fit."""
     filled = round((fraction or 0.0) * cells)
     bar = "#" * filled + "-" * (cells - filled)
     percent = f"{fraction * 100:3.0f}%" if fraction is not None else "  ?%"
-    return (
-        f"[{bar}] {percent} {info.status}{policy_text(info)}"
-        f"  {format_bytes(info.transferred)} sent"
-        f"  {format_bytes(info.remaining)} left"
-        f"  {format_rate(info.rate_bytes_per_s)}"
-        f"  eta {format_duration(eta_seconds(info))}"
-        f"  dirty {dirty_rate_text(info)}"
-        f"  pass {info.dirty_sync_count if info.dirty_sync_count is not None else '?'}"
-        + (f"  wire {format_bytes(info.wire_bytes)}" if info.wire_bytes is not None else "")
-    )
+    head = f"[{bar}] {percent} {what}"
+    if width is not None and len(head) > width:
+        return f"{percent.strip()} {what}"
+    return head
+
+
+def bar_line(info: MigrationInfo, cells: int = BAR_CELLS, width: int | None = None) -> str:
+    """The terminal form of a snapshot: a bar and the same figures, shorter labels.
+
+    Args:
+        info: the snapshot.
+        cells: the bar's width.
+        width: the cells the line may take (`fit_fields`); None: all of it.
+    """
+    fields = [
+        _bar_head(fraction_done(info), cells, f"{info.status}{policy_text(info)}", width),
+        f"{format_bytes(info.transferred)} sent",
+        f"{format_bytes(info.remaining)} left",
+        format_rate(info.rate_bytes_per_s),
+        f"eta {format_duration(eta_seconds(info))}",
+        f"dirty {dirty_rate_text(info)}",
+        f"pass {info.dirty_sync_count if info.dirty_sync_count is not None else '?'}",
+    ]
+    if info.wire_bytes is not None:
+        fields.append(f"wire {format_bytes(info.wire_bytes)}")
+    return fit_fields(fields, width)
 
 
 def disk_fraction(disk: DiskProgress) -> float | None:
@@ -183,33 +213,37 @@ def disk_line(disk: DiskProgress) -> str:
     return " ".join(parts)
 
 
-def disk_bar_line(disk: DiskProgress, cells: int = BAR_CELLS) -> str:
-    """The terminal form of a disk's mirror: a bar as wide as the RAM bar, so they align."""
-    fraction = disk_fraction(disk)
-    filled = round((fraction or 0.0) * cells)
-    bar = "#" * filled + "-" * (cells - filled)
-    percent = f"{fraction * 100:3.0f}%" if fraction is not None else "  ?%"
-    head = f"[{bar}] {percent} {disk.disk}"
+def disk_bar_line(disk: DiskProgress, cells: int = BAR_CELLS, width: int | None = None) -> str:
+    """The terminal form of a disk's mirror: a bar as wide as the RAM bar, so they align;
+    ``width`` as for `bar_line`."""
+    head = _bar_head(disk_fraction(disk), cells, disk.disk, width)
     if disk.ready and disk.status == "concluded":
-        return f"{head}  done  {format_bytes(disk.copied)} copied"
+        return fit_fields([head, "done", f"{format_bytes(disk.copied)} copied"], width)
     if disk.status == "ready":
-        return f"{head}  ready  {format_bytes(disk.copied)}, following writes"
-    status = f"  {disk.status}" if disk.status != "running" else ""
-    return (
-        f"{head}{status}"
-        f"  {format_bytes(disk.copied)} of {format_bytes(disk.total)}"
-        f"  {format_rate(disk.rate_bytes_per_s)}"
-        f"  eta {format_duration(disk.eta_s)}"
+        return fit_fields([head, "ready", f"{format_bytes(disk.copied)}, following writes"], width)
+    status = [disk.status] if disk.status != "running" else []
+    return fit_fields(
+        [
+            head,
+            *status,
+            f"{format_bytes(disk.copied)} of {format_bytes(disk.total)}",
+            format_rate(disk.rate_bytes_per_s),
+            f"eta {format_duration(disk.eta_s)}",
+        ],
+        width,
     )
 
 
-def terminal_lines(info: MigrationInfo, cells: int = BAR_CELLS) -> list[str]:
-    """The terminal's block for a snapshot: a line per disk, then the RAM line."""
-    lines = [disk_bar_line(disk, cells) for disk in info.disks]
+def terminal_lines(
+    info: MigrationInfo, cells: int = BAR_CELLS, width: int | None = None
+) -> list[str]:
+    """The terminal's block for a snapshot: a line per disk, then the RAM line, each
+    fitted to ``width`` (`fit_fields`)."""
+    lines = [disk_bar_line(disk, cells, width) for disk in info.disks]
     if info.disks and info.status is MigrationStatus.NONE:
-        lines.append(RAM_WAITS_FOR_DISKS)
+        lines.append(RAM_WAITS_FOR_DISKS if width is None else RAM_WAITS_FOR_DISKS[:width])
     else:
-        lines.append(bar_line(info, cells))
+        lines.append(bar_line(info, cells, width))
     return lines
 
 
@@ -442,16 +476,21 @@ class Summary:
         return json.dumps(document)
 
     def text(self) -> str:
-        """One line for people: ``completed in 1.23 s: 64.1 MiB at 52.0 MiB/s, …``.
+        """One line for people: ``completed in 1.23 s: 64.1 MiB at 52.0 MiB/s, …``, or
+        ``failed in 0.30 s: no RAM sent`` when QEMU reported no RAM figures.
 
         With disks it ends with ``; disks: disk0 32.0 MiB, disk1 48.0 MiB copied``.
         """
         seconds = self.total_time_ms / 1000 if self.total_time_ms else self.elapsed_s
-        line = (
-            f"{self.status} in {format_duration(seconds)}:"
-            f" {format_bytes(self.transferred_bytes)}"
-            f" at {format_rate(self.average_rate_bytes_per_s)}"
-        )
+        if self.transferred_bytes is None:
+            # QEMU reports RAM figures from ``active`` on: it ended before sending RAM.
+            line = f"{self.status} in {format_duration(seconds)}: no RAM sent"
+        else:
+            line = (
+                f"{self.status} in {format_duration(seconds)}:"
+                f" {format_bytes(self.transferred_bytes)}"
+                f" at {format_rate(self.average_rate_bytes_per_s)}"
+            )
         if self.downtime_ms is not None:
             line += f", downtime {self.downtime_ms} ms"
         if self.passes is not None:
@@ -591,8 +630,9 @@ class TerminalProgress(ProgressRenderer):
     Args:
         stream: a terminal.
         clock: monotonic seconds.
-        columns: the terminal's width; every line is cut to fit, because a line that
-            wraps takes two rows and the cursor would no longer go back to the top.
+        columns: the terminal's width; every line is fitted to it, whole figures left
+            out from the end (`fit_fields`), because a line that wraps takes two rows
+            and the cursor would no longer go back to the top.
     """
 
     def __init__(
@@ -605,7 +645,8 @@ class TerminalProgress(ProgressRenderer):
 
     def draw(self, info: MigrationInfo) -> None:
         """Redraw the block: a line per disk, then the RAM line."""
-        lines = [line[: self.columns - 1] for line in terminal_lines(info)]
+        # Never the last column: a line that reaches it wraps on many terminals.
+        lines = terminal_lines(info, width=self.columns - 1)
         text = _cursor_up(self._drawn_lines - 1)
         text += "\n".join(f"\r{line}{_ERASE_LINE}" for line in lines)
         # Fewer lines than last time (a final snapshot without its disks): erase the
