@@ -23,11 +23,16 @@ certificate would be checked against). A relay session then crosses nginx both w
 byte into a scratch root as the README installs it (``/etc/systemd/system/``), beside
 the host's unit files, ``kill`` and the command ``tools/setup`` made in this checkout
 at the place the unit runs it from (``/opt/migrelay`` in the README), and
-``systemd-analyze verify --root`` must report nothing at all.
+``systemd-analyze verify --root`` must report nothing at all. No systemd runs the unit
+here, so what its sandbox relies on is checked on its own: ``/run/migrelay`` as the
+README's tmpfiles line makes it, and a socket root makes there with the README's umask,
+let a user of the group ``migrelay`` (a stand-in uid and gid, through ``setpriv``)
+connect but not bind, and the usual umask 022 would lock that user out.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -330,3 +335,62 @@ def test_systemd_unit_verifies_clean_where_the_readme_installs_it(tmp_path: Path
         capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False, cwd=root,
     )  # fmt: skip
     assert missing.returncode != 0 and "is not executable" in missing.stderr, missing.stderr
+
+
+#: A user and a group that stand for the unit's dynamic user and the group ``migrelay``
+#: (numbers outside the system's and the dynamic users' ranges; nothing is created).
+UNIT_UID, MIGRELAY_GID = 47_123, 47_124
+
+
+def connects_as_unit_user(path: Path) -> subprocess.CompletedProcess[str]:
+    """Connect to ``path`` as a user whose only other group is ``MIGRELAY_GID``."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={UNIT_UID}", f"--regid={UNIT_UID}", f"--groups={MIGRELAY_GID}",
+         "socat", "-u", "OPEN:/dev/null", f"UNIX-CONNECT:{path}"],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("umask", "reachable"), [("007", True), ("022", False)])
+def test_unit_group_reaches_sockets_root_qemu_makes_as_the_readme_says(
+    sock_dir: Path, umask: str, reachable: bool
+) -> None:
+    (steps,) = fenced_blocks("**The systemd unit.**", "sh")
+    match = re.search(r"echo '(d /run/migrelay \S+ \S+ \S+ -)' > /etc/tmpfiles\.d/", steps)
+    assert match is not None, steps
+    kind, path, mode, user, group, _ = match.group(1).split()
+    assert (kind, path, user, group) == ("d", "/run/migrelay", "root", "migrelay")
+    assert "`(umask 007; qemu-system-x86_64 ... -qmp" in README.read_text(encoding="utf-8")
+    # /run/migrelay as tmpfiles makes it, with a stand-in for the group migrelay.
+    run_dir = sock_dir / "run-migrelay"
+    run_dir.mkdir()
+    os.chown(run_dir, 0, MIGRELAY_GID)
+    run_dir.chmod(int(mode, 8))
+    sock_dir.chmod(0o755)  # the way to it is open, as /run is
+    qmp = run_dir / "vm1.qmp"
+    # Root QEMU's socket, made with the umask the README gives (or the usual 022).
+    listener = subprocess.Popen(
+        ["sh", "-c", f'umask {umask}; exec socat -u "UNIX-LISTEN:{qmp}" OPEN:/dev/null'],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while not qmp.exists():
+            assert listener.poll() is None and time.monotonic() < deadline, "no socket"
+            time.sleep(0.01)
+        assert qmp.stat().st_gid == MIGRELAY_GID  # the directory's setgid bit
+        result = connects_as_unit_user(qmp)
+        assert (result.returncode == 0) is reachable, result.stderr
+        if not reachable:
+            assert "Permission denied" in result.stderr, result.stderr
+        # Nobody but root may put a socket there, the group included.
+        planted = subprocess.run(
+            ["setpriv", f"--reuid={UNIT_UID}", f"--regid={UNIT_UID}",
+             f"--groups={MIGRELAY_GID}", "socat", "-u",
+             f"UNIX-LISTEN:{run_dir / 'vm2.qmp'}", "OPEN:/dev/null"],
+            capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        assert planted.returncode != 0 and "Permission denied" in planted.stderr
+    finally:
+        listener.kill()
+        listener.wait()
