@@ -112,9 +112,11 @@ def test_migration_to_nowhere_exits_1_with_qemus_text(
 
     async def main() -> None:
         async with vm_pair(RAM_BYTES) as (src, _dst):
+            # --wait-socket 0: no wait for the relay's socket; QEMU says it is missing.
             command = await commands.run(
-                "migrate", "--qmp", str(src.qmp_path), "--socket", str(nowhere), "--json"
-            )
+                "migrate", "--qmp", str(src.qmp_path), "--socket", str(nowhere), "--json",
+                "--wait-socket", "0",
+            )  # fmt: skip
             qemu_text = f"Failed to connect to '{nowhere}': No such file or directory"
             assert_one_line_error(command, f"migration failed: {qemu_text}")
             document = json.loads(command.stdout())
@@ -129,7 +131,7 @@ def test_migration_to_nowhere_exits_1_with_qemus_text(
             # service's log pipeline.
             logged = await commands.run(
                 "migrate", "--qmp", str(src.qmp_path), "--socket", str(nowhere),
-                "--log-format", "json",
+                "--log-format", "json", "--wait-socket", "0",
             )  # fmt: skip
             assert logged.popen.returncode == 1, logged.describe()
             lines = logged.stderr().splitlines()

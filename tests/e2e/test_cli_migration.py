@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import pytest
 from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM
 from tests.e2e.cli_helpers import (
+    QUICK_TIMEOUT_S,
     Commands,
     assert_one_line_error,
     check_migrated,
@@ -30,6 +32,7 @@ from tests.e2e.cli_helpers import (
     summary_line,
 )
 from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcesses
 
@@ -37,6 +40,8 @@ pytestmark = pytest.mark.e2e
 
 #: Terminal width for the bar test: room for every figure of the bar.
 COLUMNS = 160
+#: What the steps of the four-step form wait for each other here (README: 30 s).
+WAIT_S = 30 * FACTOR
 
 
 def _check_line_output(stdout: str) -> None:
@@ -91,6 +96,7 @@ def test_four_commands_in_the_original_order_copy_ram_exactly(
             assert await migrate.wait() == 0, migrate.describe()
             _check_line_output(migrate.stdout())
             await check_migrated(src, dst)
+            _check_log_lines_as_in_the_readme(serve.log())
 
     run_e2e(main())
 
@@ -104,6 +110,9 @@ def test_four_commands_in_the_original_order_copy_ram_exactly(
         # The migration starts before the destination listens: the server waits
         # (bounded, --wait-target) for the destination socket to appear.
         ("connect", "serve", "migrate", "incoming"),
+        # migrate first, serve last (README: "in this order or any other"): migrate
+        # waits (--wait-socket) for connect's socket, connect (--retry-open) for serve.
+        ("migrate", "connect", "incoming", "serve"),
     ],
     ids="-".join,
 )
@@ -128,12 +137,20 @@ def test_four_commands_in_another_order_copy_ram_exactly(
                 if step == "serve":
                     procs.serve("--target", str(dest_sock), listen=f"127.0.0.1:{port}")
                 elif step == "connect":
-                    procs.connect(url, source_sock)
+                    procs.connect(url, source_sock, "--retry-open", str(WAIT_S))
                 elif step == "incoming":
                     incoming = await commands.run(
                         "incoming", "--qmp", str(dst.qmp_path), "--socket", str(dest_sock)
                     )
                     assert incoming.popen.returncode == 0, incoming.describe()
+                elif order[0] == "migrate":
+                    migrate = commands.migrate(
+                        src, "--socket", str(source_sock), "--wait-socket", str(WAIT_S)
+                    )
+                    # Waiting for connect's socket: QEMU not told anything yet.
+                    await asyncio.sleep(1.0)
+                    assert migrate.popen.poll() is None, migrate.describe()
+                    assert (await source_state(src))[1].status is MigrationStatus.NONE
                 else:
                     migrate = commands.migrate(src, "--socket", str(source_sock))
                     # The migration has really started before the next step runs.
@@ -143,6 +160,84 @@ def test_four_commands_in_another_order_copy_ram_exactly(
             await check_migrated(src, dst)
 
     run_e2e(main())
+
+
+def test_migrate_socket_waits_bounded_for_the_relay_then_says_so_in_one_line(
+    run_e2e: AsyncRunner, vm_pair: VMPairFactory, sock_dir: Path, commands: Commands
+) -> None:
+    missing = sock_dir / "source.sock"
+    wait_s = 2.0
+
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, _dst):
+            started = time.monotonic()
+            migrate = commands.migrate(
+                src, "--socket", str(missing), "--wait-socket", f"{wait_s:g}"
+            )
+            await migrate.wait(QUICK_TIMEOUT_S)
+            took = time.monotonic() - started
+            assert_one_line_error(
+                migrate,
+                f"no relay socket at {missing} after {wait_s:g} s (--wait-socket)",
+                "start migrelay connect",
+            )
+            # Not before the bound; after it, no more than a start-up's worth.
+            assert wait_s <= took <= wait_s + 10 * FACTOR, took
+            assert migrate.stdout() == ""
+            # QEMU was never told to migrate.
+            assert (await source_state(src))[1].status is MigrationStatus.NONE
+
+    run_e2e(main())
+
+
+def test_four_steps_with_serve_down_name_connect_and_its_log_in_the_error_line(
+    run_e2e: AsyncRunner,
+    vm_pair: VMPairFactory,
+    sock_dir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    source_sock = sock_dir / "source.sock"
+
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, _dst):
+            connect = migrelay_procs.connect(f"ws://127.0.0.1:{_free_port()}/", source_sock)
+            migrate = commands.migrate(src, "--socket", str(source_sock))
+            await migrate.wait(QUICK_TIMEOUT_S)
+            _runstate, info = await source_state(src)
+            assert info.status is MigrationStatus.FAILED and info.error_desc
+            # QEMU's text whole, then where the cause is; the cause is in connect's log.
+            assert_one_line_error(
+                migrate,
+                f"migration failed: {info.error_desc} (migrelay connect on {source_sock}"
+                " closed qemu's stream; its log says why: serve unreachable or refusing,"
+                " or the destination gone)",
+            )
+            assert "cannot open websocket" in connect.log()
+            # stdout: the progress, then the summary of how far it got (README).
+            assert re.fullmatch(r"failed in [\d.]+ s: .+", summary_line(migrate.stdout()))
+
+    run_e2e(main())
+
+
+#: A relay's log line of a channel opened and closed, with its time (README: "each
+#: relay logs ...").
+OPENED_LOG_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO channel [0-9a-f]{16}/\d+ opened:"
+    r" \S+ -> \S+ \(target /[^)]*\)"
+)
+CLOSED_LOG_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO channel [0-9a-f]{16}/\d+ closed:"
+    r" completed; sent [\d.]+ \w*B, received [\d.]+ \w*B in [\d.]+ s \([\d.]+ \w*B/s\);"
+    r" close code 1000 normal"
+)
+
+
+def _check_log_lines_as_in_the_readme(serve_log: str) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for pattern in (OPENED_LOG_LINE, CLOSED_LOG_LINE):
+        assert any(pattern.fullmatch(line) for line in readme.splitlines()), pattern
+        assert any(pattern.fullmatch(line) for line in serve_log.splitlines()), serve_log
 
 
 def _free_port() -> int:

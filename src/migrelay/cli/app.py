@@ -109,6 +109,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain text: rich markup took "[serve]" and "[default: ...]" for
+    # tags and printed nothing in their place.
+    rich_markup_mode=None,
 )
 
 
@@ -661,6 +664,16 @@ def migrate(
             "--to", help="ws:// or wss:// URL of migrelay serve; runs the relay in-process."
         ),
     ] = None,
+    wait_socket: Annotated[
+        float,
+        typer.Option(
+            "--wait-socket",
+            min=0,
+            help="With --socket: seconds to wait for migrelay connect's socket to appear,"
+            " so that migrate may start first; 0: do not wait.",
+            envvar="MIGRELAY_WAIT_SOCKET",
+        ),
+    ] = commands.DEFAULT_WAIT_SOCKET_S,
     multifd: MultifdOpt = None,
     postcopy: PostcopyOpt = False,
     max_bandwidth: Annotated[
@@ -672,7 +685,12 @@ def migrate(
     ] = None,
     downtime_limit: Annotated[
         int | None,
-        typer.Option("--downtime-limit", min=0, help="Longest pause in ms [QEMU: 300]."),
+        typer.Option(
+            "--downtime-limit",
+            min=0,
+            help=f"Longest pause in ms [default: {DEFAULT_DOWNTIME_LIMIT_MS}, QEMU's; raised"
+            " in steps up to --max-downtime while precopy does not converge].",
+        ),
     ] = None,
     postcopy_after: Annotated[
         int | None,
@@ -790,6 +808,7 @@ def migrate(
     socket_owner: SocketOwnerOpt = None,
     ping_interval: PingIntervalOpt = Limits.ping_interval,
     ping_timeout: PingTimeoutOpt = Limits.ping_timeout,
+    config_file: ConfigOpt = None,
     verbose: VerboseOpt = 0,
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -816,6 +835,9 @@ def migrate(
     proxy_source = ctx.get_parameter_source("proxy")
     if to is None and proxy_source is not None and proxy_source.name == "COMMANDLINE":
         exit_with("--proxy needs --to: with --socket, migrelay connect reaches the server")
+    wait_source = ctx.get_parameter_source("wait_socket")
+    if to is not None and wait_source is not None and wait_source.name == "COMMANDLINE":
+        exit_with("--wait-socket needs --socket: with --to the relay runs in this command")
     relay = None
     if to is not None:
         relay = ClientSettings(
@@ -875,6 +897,7 @@ def migrate(
         convergence=_convergence(options, timeout, on_timeout, max_downtime),
         keep_paused=keep_paused,
         quit_source=quit_source,
+        wait_socket=wait_socket,
     )
     renderer = _renderer(json_output)
     renderer.aftermath = _aftermath(quit_source, keep_paused if to is not None else None)

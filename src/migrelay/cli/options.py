@@ -84,7 +84,8 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="TOML file setting any of this command's flags (table [serve] or [connect]).",
+        help="TOML file setting any of this command's flags, in the table named after"
+        " the command: [serve], [connect] or [migrate].",
         envvar="MIGRELAY_CONFIG",
         is_eager=True,
         callback=config_callback,
@@ -203,7 +204,7 @@ CompressLevelOpt = Annotated[
         "--compress-level",
         min=0,
         max=20,
-        help="Level of --compress: zlib 0-9, zstd 0-20 [QEMU: 1].",
+        help="Level of --compress: zlib 0-9, zstd 0-20 [default: QEMU's, 1].",
     ),
 ]
 KeepPausedOpt = Annotated[

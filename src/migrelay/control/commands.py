@@ -78,6 +78,7 @@ from migrelay.errors import (
 
 __all__ = [
     "DEFAULT_EXPORT_TIMEOUT_S",
+    "DEFAULT_WAIT_SOCKET_S",
     "MIGRATION_HEADER",
     "POSTCOPY_AFTER_PASSES",
     "RELAY_DRAIN_TIMEOUT_S",
@@ -92,6 +93,7 @@ __all__ = [
     "recover_incoming",
     "run_migration",
     "vm_name",
+    "wait_for_sockets",
     "watch",
 ]
 
@@ -483,6 +485,10 @@ class MigrateRequest:
     keep_paused: bool = False
     #: ``--quit-source``: quit the source QEMU once the destination acknowledged.
     quit_source: bool = False
+    #: ``--wait-socket``: seconds to wait for ``socket`` to appear (``connect`` started
+    #: after ``migrate``), as ``serve --wait-target`` waits for the destination's; 0:
+    #: do not wait, a missing socket is QEMU's to report.
+    wait_socket: float = 0.0
 
 
 async def run_migration(
@@ -503,7 +509,11 @@ async def run_migration(
 
     Raises:
         MigrationFailed: the migration failed or was cancelled; the source VM runs on
-            as it was (a paused postcopy migration stays paused, to be resumed).
+            as it was (a paused postcopy migration stays paused, to be resumed). Also
+            when ``stop`` is set while waiting for ``request.socket``: QEMU was not
+            contacted.
+        ConnectError: ``request.socket`` did not appear within ``request.wait_socket``
+            seconds; QEMU was not contacted.
         ConfigError: the relay's settings cannot be used; nothing was changed.
         PeerRefused: ``request.socket`` was bound by another user, or could be
             (`local.check_relay_socket`); QEMU was not contacted.
@@ -511,9 +521,13 @@ async def run_migration(
     """
     if request.relay is None:
         socket = request.socket or DEFAULT_SOURCE_SOCKET
-        local.check_relay_socket(socket, request.socket_owners)
+        sockets = [socket]
         if request.storage is not None:
-            local.check_relay_socket(local.storage_socket(socket), request.socket_owners)
+            sockets.append(local.storage_socket(socket))
+        if request.wait_socket > 0:
+            await wait_for_sockets(sockets, request.wait_socket, stop)
+        for path in sockets:
+            local.check_relay_socket(path, request.socket_owners)
         return await _migrate_reporting(
             request, f"unix:{socket}", None, on_progress, interval, stop
         )
@@ -534,6 +548,46 @@ async def run_migration(
                 "relay channels still open %g s after completion", RELAY_DRAIN_TIMEOUT_S
             )
         return result
+
+
+#: ``migrate --wait-socket``'s default: as long as ``serve --wait-target`` waits for the
+#: destination's socket, so that the four steps may start in any order within it.
+DEFAULT_WAIT_SOCKET_S = 30.0
+#: How often a missing relay socket is looked for: a person starting ``connect`` in
+#: another terminal does not notice 50 ms.
+SOCKET_POLL_INTERVAL_S = 0.05
+
+
+async def wait_for_sockets(
+    paths: Sequence[Path], timeout_s: float, stop: asyncio.Event | None = None
+) -> None:
+    """Wait up to ``timeout_s`` seconds for every unix socket of ``paths`` to exist.
+
+    Only their existence: connecting to see whether anyone listens would be a
+    connection the relay takes for QEMU's first channel. Who bound them is
+    `local.check_relay_socket`'s to check afterwards.
+
+    Raises:
+        ConnectError: one is still missing after ``timeout_s`` seconds.
+        MigrationFailed: ``stop`` was set meanwhile (``interrupted``).
+    """
+    deadline = time.monotonic() + timeout_s
+    logged = False
+    while missing := [path for path in paths if not path.is_socket()]:
+        if stop is not None and stop.is_set():
+            text = f"interrupted while waiting for {missing[0]}; nothing was changed"
+            raise MigrationFailed(text, text, interrupted=True)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectError(
+                f"no relay socket at {missing[0]} after {timeout_s:g} s (--wait-socket):"
+                " start migrelay connect with that --listen-unix, or give migrate its"
+                " --socket"
+            )
+        if not logged:
+            logged = True
+            logger.info("waiting up to %g s for %s (migrelay connect)", timeout_s, missing[0])
+        await sleep_or_stop(min(SOCKET_POLL_INTERVAL_S, left), stop)
 
 
 async def _announce_source(
@@ -635,7 +689,27 @@ async def _migrate_reporting(
                 # error"); the relay knows why (liveness timeout, destination closed).
                 error = f"{error} (relay: {relay.first_failure})"
                 message = f"migration failed: {error}"
+            elif relay is None and _stream_dropped(error):
+                # The four-step form: the relay is another process (connect), whose
+                # log has the cause; QEMU only saw its end of the socket close.
+                message = f"{message} ({_RELAY_DROPPED_HINT.format(uri.removeprefix('unix:'))})"
         raise MigrationFailed(message, error) from exc
+
+
+#: What QEMU says when the peer of its migration socket closed or reset it. In the
+#: four-step form that peer is always ``migrelay connect``. Seen with serve down: QEMU
+#: 7.2 said "Unable to write to socket: Broken pipe" and nothing more.
+_DROPPED_STREAM_TEXTS = ("Broken pipe", "Connection reset by peer", "Input/output error")
+#: Appended to such a failure's line in the four-step form: the likely cause, and where
+#: the actual one is.
+_RELAY_DROPPED_HINT = (
+    "migrelay connect on {} closed qemu's stream; its log says why: serve unreachable"
+    " or refusing, or the destination gone"
+)
+
+
+def _stream_dropped(error: str) -> bool:
+    return any(text in error for text in _DROPPED_STREAM_TEXTS)
 
 
 #: How long a failed ``migrate --to`` waits for its relay's channels to end, so that
