@@ -3,6 +3,20 @@
 It speaks enough of the QMP wire protocol for ``qemu.qmp.QMPClient``: the greeting,
 ``qmp_capabilities``, then one reply per command from a script. Every command received is
 recorded, so tests can assert the exact sequence the orchestrator sent.
+
+A command the test did not script gets QEMU 7.2's usual reply from `DEFAULT_REPLIES`,
+or ``{}``: the fake agrees with anything, so a behaviour shown only here is shown
+against a script, not against QEMU. Each one that real QEMU can show has an e2e test
+too (``tests/e2e/``: capability mismatches in ``test_capability_mismatch.py``, postcopy
+resume retries, timeouts, Ctrl-C while paused and ``incoming --recover`` in
+``test_postcopy_recovery.py``). What stays fake-only, and why:
+
+* an older QEMU's refusals (3.1 without multifd, 4.2 without multifd compression): only
+  Debian's QEMU 7.2 installs here;
+* a QEMU built without zstd: Debian's is built with it;
+* the exact status sequences and command orders of the control plane's error paths,
+  which a real QEMU reaches only by chance of timing (a resume refused while QEMU still
+  tears down the last attempt, say).
 """
 
 from __future__ import annotations

@@ -151,6 +151,8 @@ QEMU_3_1_VERSION = {"qemu": {"major": 3, "minor": 1, "micro": 0}, "package": ""}
 def test_a_qemu_without_multifd_is_told_so_before_anything_changes(
     run_async: AsyncRunner, sock_dir: Path
 ) -> None:
+    """Fake QMP only: a QEMU 3.1 (no multifd) cannot run here; only 7.2 installs
+    (Debian), so the fake plays the old QEMU's capability list and version."""
     fake = FakeQMP(
         replies={
             "query-status": status("running"),
@@ -175,6 +177,7 @@ def test_a_qemu_without_multifd_is_told_so_before_anything_changes(
 def test_a_capability_the_qemu_lacks_is_left_out_when_it_is_off(
     run_async: AsyncRunner, sock_dir: Path
 ) -> None:
+    """Fake QMP only: QEMU 3.1 played by the fake (only 7.2 installs here)."""
     # The same QEMU 3.1 migrates without multifd: "multifd off" is not sent at all.
     fake = FakeQMP(
         replies={
@@ -498,6 +501,8 @@ QEMU_4_2_VERSION = {"qemu": {"major": 4, "minor": 2, "micro": 1}, "package": ""}
 def test_compression_on_a_qemu_without_it_is_refused_naming_its_version(
     run_async: AsyncRunner, sock_dir: Path
 ) -> None:
+    """Fake QMP only: QEMU 4.2 (multifd, no compression) played by the fake (only 7.2
+    installs here)."""
     # QEMU 4.2 has multifd but no multifd-compression parameter (it came in 5.0).
     fake = FakeQMP(
         replies={
@@ -523,6 +528,8 @@ def test_compression_on_a_qemu_without_it_is_refused_naming_its_version(
 def test_a_qemu_built_without_zstd_is_refused_with_its_own_words(
     run_async: AsyncRunner, sock_dir: Path
 ) -> None:
+    """Fake QMP only: Debian's QEMU 7.2 is built with zstd, so its refusal is played by
+    the fake, in QEMU's own words."""
     refusal = QMPFail("Parameter 'multifd-compression' does not accept value 'zstd'")
     fake = FakeQMP(
         replies={
