@@ -117,6 +117,15 @@ class UnixPeerServer:
         finally:
             writer.close()
 
+    async def handlers_done(self, seconds: float) -> None:
+        """Wait until every connection's handler has ended by itself.
+
+        Call it before `close` when the handler's own results are checked: the relay may
+        have finished and closed its end while bytes still wait unread in this side's
+        socket, and `close` aborts the connection, dropping them.
+        """
+        await asyncio.wait_for(asyncio.gather(*self._tasks), seconds)
+
     async def close(self) -> None:
         """Stop listening, abort the connections still open, and await their handlers."""
         if self._server is not None:
@@ -215,6 +224,7 @@ def test_64_mib_each_way_at_once_arrive_intact(
             )
             writer.close()
             await r.wait_all_closed()
+            await dest.handlers_done(PROMPT_SECONDS)
             await dest.close()
             assert received == (size, results["dest_sent"])
             assert results["dest_received"] == (size, sent)
@@ -260,6 +270,7 @@ def test_source_eof_reaches_destination_while_reply_keeps_flowing(
             assert reader.at_eof()
             writer.close()
             await r.wait_all_closed()
+            await dest.handlers_done(PROMPT_SECONDS)
             await dest.close()
             assert events == ["dest got b'request' then EOF", "dest sent reply and EOF"]
             assert r.source.all_clean
