@@ -7,8 +7,9 @@ sampled from ``/proc/PID/status``. The README ("Data path and memory") states th
 a channel holds at most 4 MiB of migration data in user space, whatever the speed of
 either peer; the kernel's socket buffers absorb the rest. The test holds each relay to
 that figure, written here as a number (not read from `migrelay.limits.Limits`, which
-would move with the code it checks), plus a measured allowance for the interpreter. An unbounded queue anywhere would grow by tens of MiB
-here, since the source can outrun the destination by ~10×.
+would move with the code it checks), plus a measured allowance for the interpreter. An
+unbounded queue anywhere would grow by tens of MiB here, since the source can outrun the
+destination by ~10×.
 """
 
 from __future__ import annotations
