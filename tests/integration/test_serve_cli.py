@@ -39,10 +39,10 @@ PROMPT_S = 5.0 * FACTOR
 EXIT_S = 15.0 * FACTOR
 LISTENING_WS = r"listening on ws://(\[[^\]]+\]|[^\s:\"]+):(\d+)"
 TOKEN = "config-file-token"
-#: The refusal that names both ways out.
+#: The refusal that names every way out.
 NO_AUTH_LINE = re.compile(
     r"migrelay: error: refusing to listen on (\S+) without authentication: "
-    r"give --token-file \(or --insecure on a trusted network\)"
+    r"give --token-file or --client-ca \(mTLS\), or --insecure on a trusted network"
 )
 
 

@@ -167,7 +167,7 @@ def load_server_config(
     if not authenticated and not is_loopback(host) and not settings.insecure:
         raise ConfigError(
             f"refusing to listen on {host} without authentication: "
-            "give --token-file (or --insecure on a trusted network)"
+            "give --token-file or --client-ca (mTLS), or --insecure on a trusted network"
         )
     try:
         allowed_origins = access.parse_allowed_origins(settings.allow_origin)
