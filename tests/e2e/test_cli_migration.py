@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM
 from tests.e2e.cli_helpers import (
     QUICK_TIMEOUT_S,
+    SLOW_BANDWIDTH,
     Commands,
     assert_one_line_error,
     check_migrated,
@@ -30,6 +32,7 @@ from tests.e2e.cli_helpers import (
     serve_qmp_dir,
     source_state,
     summary_line,
+    under_way,
 )
 from tests.e2e.vms import DEFAULT_RAM_BYTES, VMPairFactory
 from tests.helpers import FACTOR
@@ -216,6 +219,61 @@ def test_four_steps_with_serve_down_name_connect_and_its_log_in_the_error_line(
             assert "cannot open websocket" in connect.log()
             # stdout: the progress, then the summary of how far it got (README).
             assert re.fullmatch(r"failed in [\d.]+ s: .+", summary_line(migrate.stdout()))
+
+    run_e2e(main())
+
+
+def test_four_steps_with_connect_frozen_stall_timeout_says_migrate_shut_the_stream_down(
+    run_e2e: AsyncRunner,
+    vm_pair: VMPairFactory,
+    sock_dir: Path,
+    migrelay_procs: MigrelayProcesses,
+    commands: Commands,
+) -> None:
+    # The other side of the test above: here migrate itself shut the stream down
+    # (--stall-timeout), so QEMU's "Broken pipe" is migrate's doing and the line must
+    # not send the operator to connect's log as if connect had dropped it.
+    source_sock, dest_sock = sock_dir / "source.sock", sock_dir / "dest.sock"
+    stall_s = 2
+
+    async def main() -> None:
+        async with vm_pair(DEFAULT_RAM_BYTES) as (src, dst):
+            serve = migrelay_procs.serve("--target", str(dest_sock))
+            connect = migrelay_procs.connect(f"{serve.url}/", source_sock)
+            incoming = await commands.run(
+                "incoming", "--qmp", str(dst.qmp_path), "--socket", str(dest_sock)
+            )
+            assert incoming.popen.returncode == 0, incoming.describe()
+            migrate = commands.migrate(
+                src, "--socket", str(source_sock), "--max-bandwidth", SLOW_BANDWIDTH,
+                "--stall-timeout", str(stall_s),
+            )  # fmt: skip
+            await under_way(serve, "/", migrate)
+            # Frozen, connect keeps its socket open and reads nothing: only the stall
+            # timeout can end this migration (stop() sends SIGCONT at teardown).
+            os.kill(connect.pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            await migrate.wait(QUICK_TIMEOUT_S)
+            took = time.monotonic() - frozen_at
+            runstate, info = await source_state(src)
+            assert info.status is MigrationStatus.FAILED and info.error_desc
+            # The warning of the shutdown as it happens, then the one error line: what
+            # migrate did, then QEMU's text whole, and no hint after it.
+            assert migrate.popen.returncode == 1, migrate.describe()
+            warning, error = migrate.stderr().splitlines()
+            assert warning.endswith(
+                f" WARNING {src.name}: no data moved for {stall_s} s; the stream is stuck"
+                " (a frozen relay or peer?): shutting it down"
+            ), migrate.describe()
+            assert error == (
+                f"migrelay: error: migration failed: no data moved for {stall_s} s, so the"
+                " stuck stream was shut down (a frozen relay or peer?); qemu:"
+                f" {info.error_desc}"
+            ), migrate.describe()
+            assert "closed qemu's stream" not in migrate.stderr()
+            # Not before the stall timeout; after it, a poll and the shutdown.
+            assert stall_s <= took <= stall_s + 10 * FACTOR, took
+            assert runstate is RunState.PRELAUNCH
 
     run_e2e(main())
 

@@ -44,6 +44,7 @@ from migrelay.control.migration import (
     check_incoming,
     follow_migration,
     prepare_incoming,
+    shut_down_when_stalled,
     sleep_or_stop,
     start_migration,
 )
@@ -689,9 +690,11 @@ async def _migrate_reporting(
                 # error"); the relay knows why (liveness timeout, destination closed).
                 error = f"{error} (relay: {relay.first_failure})"
                 message = f"migration failed: {error}"
-            elif relay is None and _stream_dropped(error):
+            elif relay is None and _stream_dropped(error) and not shut_down_when_stalled(exc):
                 # The four-step form: the relay is another process (connect), whose
-                # log has the cause; QEMU only saw its end of the socket close.
+                # log has the cause; QEMU only saw its end of the socket close. Not
+                # when migrate shut the stream down itself (--stall-timeout): then
+                # QEMU's "Broken pipe" is that shutdown, and the line already says so.
                 message = f"{message} ({_RELAY_DROPPED_HINT.format(uri.removeprefix('unix:'))})"
         raise MigrationFailed(message, error) from exc
 
