@@ -64,23 +64,54 @@ def run_migrelay(
     )
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for a command that must not listen)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("0.0.0.0", 0))
-        port: int = probe.getsockname()[1]
-        return port
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A TCP port this test listens on, for every address of both families.
+
+    For a command that must refuse before it binds anything. Had it tried to listen on
+    this port, it would have failed with "Address already in use" instead of printing
+    its refusal: the refusal's exact stderr shows that it never bound. (A probe after
+    the command exited could not fail: its sockets close with it.)
+    """
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        # Dual-stack and without SO_REUSEADDR: any bind to this port on 0.0.0.0, [::],
+        # 127.0.0.1 or [::1] fails while it listens, SO_REUSEADDR or not.
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(("::", 0))
+        listener.listen(1)
+        port: int = listener.getsockname()[1]
+        yield port
+    finally:
+        listener.close()
 
 
-def assert_nothing_listens(port: int) -> None:
-    """Fail if a connection to ``port`` on IPv4 or IPv6 loopback is accepted."""
-    for address in ("127.0.0.1", "::1"):
+@contextlib.contextmanager
+def held_unix_socket(path: Path) -> Iterator[None]:
+    """A unix listener at ``path``, for a ``connect`` that must refuse before listening.
+
+    ``connect`` probes a socket file before it replaces one, and refuses one that has a
+    listener ("in use by another listener"): had it got that far, its stderr would say
+    so, and the probe's connection would wait here. On leaving, fails if one does, or
+    if the file is no longer this listener's.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.setblocking(False)
+        inode = path.lstat().st_ino
+        yield
         try:
-            connection = socket.create_connection((address, port), timeout=PROMPT_S)
-        except OSError:
-            continue
-        connection.close()
-        raise AssertionError(f"something listens on {address} port {port}")
+            probe, _ = listener.accept()
+        except BlockingIOError:
+            pass
+        else:
+            probe.close()
+            raise AssertionError(f"something connected to {path}: the command reached it")
+        assert path.lstat().st_ino == inode, f"{path} was replaced"
+    finally:
+        listener.close()
 
 
 def write_file(path: Path, text: str) -> Path:
@@ -189,8 +220,10 @@ def start_serve(
 def test_serve_refuses_to_listen_beyond_loopback_without_token_file_or_insecure(
     host: str, sock_dir: Path
 ) -> None:
-    port = free_port()
-    result = run_migrelay("serve", "--listen", f"{host}:{port}", "--target", str(sock_dir / "x"))
+    with held_port() as port:
+        result = run_migrelay(
+            "serve", "--listen", f"{host}:{port}", "--target", str(sock_dir / "x")
+        )
     assert result.returncode == 1, result
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -198,22 +231,20 @@ def test_serve_refuses_to_listen_beyond_loopback_without_token_file_or_insecure(
     match = NO_AUTH_LINE.fullmatch(lines[0])
     assert match is not None, lines[0]
     assert match.group(1) == (host.strip("[]") or "0.0.0.0")
-    assert_nothing_listens(port)
 
 
 def test_the_refusal_to_start_is_a_json_record_under_log_format_json(sock_dir: Path) -> None:
-    port = free_port()
-    result = run_migrelay(
-        "serve", "--listen", f"0.0.0.0:{port}", "--target", str(sock_dir / "x"),
-        "--log-format", "json",
-    )  # fmt: skip
+    with held_port() as port:
+        result = run_migrelay(
+            "serve", "--listen", f"0.0.0.0:{port}", "--target", str(sock_dir / "x"),
+            "--log-format", "json",
+        )  # fmt: skip
     assert result.returncode == 1, result
     [line] = result.stderr.splitlines()
     record = json.loads(line)
     assert set(record) == {"time", "level", "logger", "message"}
     assert record["level"] == "error"
     assert NO_AUTH_LINE.fullmatch(f"migrelay: error: {record['message']}"), record
-    assert_nothing_listens(port)
 
 
 @pytest.mark.parametrize("listen", ["localhost:0", "127.0.0.2:0", "[::1]:0"])
@@ -562,10 +593,10 @@ def unknown_key_config(sock_dir: Path, command: str, port: int) -> Path:
 def test_unknown_config_key_is_an_error_that_names_it_and_starts_nothing(
     command: str, sock_dir: Path
 ) -> None:
-    port = free_port()
-    config = unknown_key_config(sock_dir, command, port)
-    url = [f"ws://127.0.0.1:{port}/"] if command == "connect" else []
-    result = run_migrelay(command, "--config", str(config), *url, env={"COLUMNS": "200"})
+    with held_port() as port, held_unix_socket(sock_dir / "s.sock"):
+        config = unknown_key_config(sock_dir, command, port)
+        url = [f"ws://127.0.0.1:{port}/"] if command == "connect" else []
+        result = run_migrelay(command, "--config", str(config), *url, env={"COLUMNS": "200"})
     assert result.returncode == 2, result
     assert result.stdout == ""
     key = UNKNOWN_KEYS[command][0]
@@ -573,24 +604,21 @@ def test_unknown_config_key_is_an_error_that_names_it_and_starts_nothing(
         f"migrelay: error: {config}: unknown setting '{key}' in [{command}]"
     ]
     assert "listening" not in result.stderr
-    assert_nothing_listens(port)
-    assert not (sock_dir / "s.sock").exists()
 
 
 def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_file_and_key(
     sock_dir: Path,
 ) -> None:
-    port = free_port()
-    config = write_file(
-        sock_dir / "c.toml", f'[serve]\nlisten = "127.0.0.1:{port}"\nmax-sessions = "eight"\n'
-    )
-    # The variable of the same option is set too, and must not be blamed.
-    result = run_migrelay("serve", "--config", str(config), env={"MIGRELAY_MAX_SESSIONS": ""})
+    with held_port() as port:
+        config = write_file(
+            sock_dir / "c.toml", f'[serve]\nlisten = "127.0.0.1:{port}"\nmax-sessions = "eight"\n'
+        )
+        # The variable of the same option is set too, and must not be blamed.
+        result = run_migrelay("serve", "--config", str(config), env={"MIGRELAY_MAX_SESSIONS": ""})
     assert result.returncode == 2, result
     [line] = result.stderr.splitlines()
     assert line.startswith(f"migrelay: error: {config}: setting 'max-sessions' in [serve]: "), line
     assert "MIGRELAY_MAX_SESSIONS" not in line
-    assert_nothing_listens(port)
 
 
 def test_a_list_setting_written_as_one_string_is_taken_as_a_list_of_one(
@@ -615,14 +643,14 @@ def test_connect_with_a_token_file_it_cannot_use_says_so_in_one_line(
     token_file = sock_dir / "token"
     if problem == "empty":
         token_file.write_text("# no token here\n")
-    result = run_migrelay(
-        "connect", "ws://127.0.0.1:9/", "--listen-unix", str(sock_dir / "s.sock"),
-        "--token-file", str(token_file),
-    )  # fmt: skip
+    with held_unix_socket(sock_dir / "s.sock"):
+        result = run_migrelay(
+            "connect", "ws://127.0.0.1:9/", "--listen-unix", str(sock_dir / "s.sock"),
+            "--token-file", str(token_file),
+        )  # fmt: skip
     assert result.returncode == 1, result
     expected = {
         "missing": f"migrelay: error: cannot read {token_file}: No such file or directory",
         "empty": f"migrelay: error: {token_file} holds no token",
     }[problem]
     assert result.stderr.splitlines() == [expected]
-    assert not (sock_dir / "s.sock").exists()
