@@ -1,10 +1,11 @@
-"""``--config FILE``: a TOML file that sets any flag of ``serve`` and ``connect``.
+"""``--config FILE``: a TOML file that sets any flag of ``serve``, ``connect`` and ``migrate``.
 
-One table per command; keys are the long flag names, with dashes or underscores::
+One table per command (``[serve]``, ``[connect]``, ``[migrate]``); keys are the long flag
+names, with dashes or underscores::
 
     [serve]
     listen = "0.0.0.0:8765"
-    target-dir = "/run/migrelay/vms"
+    target-dir = "/run/migrelay"
     token-file = "/etc/migrelay/tokens"
     tls-cert = "/etc/migrelay/cert.pem"
     tls-key = "/etc/migrelay/key.pem"
@@ -15,6 +16,11 @@ One table per command; keys are the long flag names, with dashes or underscores:
     [connect]
     url = "wss://dst.example.com:8765/vm"
     ca = "/etc/migrelay/ca.pem"
+
+    [migrate]
+    token-file = "/root/.migrelay-token"
+    ca = "/etc/migrelay/ca.pem"
+    multifd = 4
 
 Precedence, highest first: the command line, ``MIGRELAY_*`` environment variables, the
 config file, the built-in defaults. Other tables (for commands that do not read the
@@ -39,7 +45,7 @@ def load_section(path: Path, command: str, known: Collection[str]) -> dict[str, 
 
     Args:
         path: the config file.
-        command: the table to read (``serve``, ``connect``).
+        command: the table to read (``serve``, ``connect``, ``migrate``).
         known: the command's parameter names (underscores).
 
     Returns:

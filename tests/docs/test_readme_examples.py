@@ -28,7 +28,9 @@ from typing import Any
 import pytest
 import typer
 from typer.core import TyperGroup
+from typer.testing import CliRunner
 
+from migrelay import config_file
 from migrelay.aio.access import TokenEntry, derived_token_name, load_token_entries
 from migrelay.aio.source import read_first_token
 from migrelay.aio.tls import normalize_fingerprint
@@ -212,6 +214,18 @@ def test_readme_certificate_commands_print_a_fingerprint_that_connect_pins(
     assert normalize_fingerprint(params["fingerprint"]) == hashlib.sha256(der).digest()
 
 
+@pytest.mark.parametrize("command", ["connect", "migrate"])
+def test_fingerprint_help_names_the_openssl_command_of_the_readme(command: str) -> None:
+    # --help says what the README says --fingerprint takes, and shows it whole (plain
+    # text: no markup that would take the backquotes or the brackets).
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    printing = "openssl x509 -noout -fingerprint -sha256"
+    assert f"(as `{printing}` prints it: 'sha256 Fingerprint=AB:CD:...'," in flat, flat
+    assert f"`{printing} -in cert.pem`" in README.read_text(encoding="utf-8")
+
+
 # -- tokens -----------------------------------------------------------------------------------
 
 
@@ -341,3 +355,22 @@ def test_readme_serve_toml_is_the_walkthroughs_serve_command(
         assert {name: printed[name] for name in shared} == {
             name: from_file[name] for name in shared
         }, command
+
+
+def test_config_file_docstring_example_is_read_by_each_of_its_commands(tmp_path: Path) -> None:
+    # The module's own example (`migrelay.config_file`): one table per command that
+    # reads the file, every key one of that command's settings.
+    doc = config_file.__doc__ or ""
+    example = doc.split("::\n\n", 1)[1].split("\n\nPrecedence", 1)[0]
+    path = tmp_path / "example.toml"
+    path.write_text("\n".join(line.removeprefix("    ") for line in example.splitlines()))
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    tables = re.findall(r"^\[(\w+)\]$", path.read_text(), re.MULTILINE)
+    assert tables == ["serve", "connect", "migrate"]
+    for command in tables:
+        known = {param.name for param in group.commands[command].params if param.name}
+        assert config_file.load_section(path, command, known), command
+    # The serve table serves what the README's serve.toml serves.
+    (target_dir,) = re.findall(r'^target-dir = "(.*)"$', path.read_text(), re.MULTILINE)
+    assert target_dir == "/run/migrelay"

@@ -112,7 +112,9 @@ CaOpt = Annotated[
 FingerprintOpt = Annotated[
     str | None,
     typer.Option(
-        help="Accept only the server certificate with this SHA-256 fingerprint.",
+        help="Accept only the server certificate with this SHA-256 fingerprint (as"
+        " `openssl x509 -noout -fingerprint -sha256` prints it: 'sha256 Fingerprint=AB:CD:...',"
+        " or its hex digits, with or without the colons).",
         envvar="MIGRELAY_FINGERPRINT",
     ),
 ]
