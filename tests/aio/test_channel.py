@@ -9,6 +9,7 @@ path rule it checks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -644,5 +645,45 @@ def test_send_direct_leaves_errors_and_closing_transports_to_the_transport(
         await wait_until(transport.is_closing, PROMPT_SECONDS, "the transport to close")
         await asyncio.sleep(0)  # connection_lost
         ours.close()  # uvloop works on a duplicate of the descriptor
+
+    run_async(main())
+
+
+def test_send_direct_lets_the_caller_read_what_a_vanished_peer_wrote_before_the_error(
+    run_async: Run,
+) -> None:
+    """A peer that wrote, then died: the failed send calls ``before_error`` while the
+    descriptor is still open, and what the peer wrote can still be read there."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.create_unix_connection(_Sink, sock=ours)
+        fd = direct_fd(transport)
+        last_words = os.urandom(100_000)
+        theirs.sendall(last_words)  # unread by the relay when the peer dies
+        theirs.close()
+        salvaged = bytearray()
+
+        def salvage() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(fd, 1 << 16):
+                    salvaged.extend(chunk)
+
+        send_direct(transport, fd, memoryview(b"to a dead peer"), salvage)
+        assert bytes(salvaged) == last_words
+        await wait_until(transport.is_closing, PROMPT_SECONDS, "the transport to close")
+        await asyncio.sleep(0)  # connection_lost
+
+        # A write the socket takes: before_error is not called.
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.create_unix_connection(_Sink, sock=ours)
+        called: list[bool] = []
+        send_direct(
+            transport, direct_fd(transport), memoryview(b"fine"), lambda: called.append(True)
+        )
+        assert called == [] and theirs.recv(10) == b"fine"
+        transport.close()
+        theirs.close()
 
     run_async(main())

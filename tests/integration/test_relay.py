@@ -557,8 +557,9 @@ def test_destination_that_stopped_reading_then_closes_fails_the_channel_promptly
     run_async(main())
 
 
+@pytest.mark.parametrize("workers", helpers.BOTH_WORKER_COUNTS)
 def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_closes(
-    run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
+    workers: int, run_async: Run, sock_dir: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     # Destination QEMU writes its last words on the return path (an error, a postcopy
     # page request) and dies at once: the source must get every byte, then the end.
@@ -573,7 +574,7 @@ def test_what_the_destination_wrote_before_crashing_reaches_the_source_then_it_c
         writer.transport.abort()  # no shutdown, no close handshake: the process is gone
 
     async def main() -> None:
-        async with relays(sock_dir) as r:
+        async with relays(sock_dir, workers=workers) as r:
             dest = UnixPeerServer(destination)
             await dest.start(r.dest)
             reader, writer = await asyncio.open_unix_connection(str(r.src))

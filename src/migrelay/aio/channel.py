@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -77,6 +78,10 @@ logger = logging.getLogger(__name__)
 
 #: Room reserved in front of each unix read for the frame header.
 HEADROOM: Final = MAX_HEADER_BYTES
+#: The most a channel reads from QEMU's socket after a write to it failed
+#: (`Channel._salvage_unix`): more than a QEMU's unix send buffer holds (Linux's default
+#: 208 KiB, at most net.core.wmem_max).
+SALVAGE_BYTES: Final = 4 << 20
 #: SO_SNDBUF asked for on unix legs (Linux doubles it, capped by net.core.wmem_max).
 UNIX_SNDBUF_BYTES: Final = 2 << 20
 
@@ -101,11 +106,18 @@ def direct_fd(transport: asyncio.BaseTransport) -> int:
     return -1 if sock is None else int(sock.fileno())
 
 
-def send_direct(transport: asyncio.WriteTransport, fd: int, data: memoryview) -> None:
+def send_direct(
+    transport: asyncio.WriteTransport,
+    fd: int,
+    data: memoryview,
+    before_error: Callable[[], None] | None = None,
+) -> None:
     """``transport.write(data)``, the part the socket takes at once sent without the GIL.
 
     Only while the transport has nothing queued (else the bytes would overtake it) and
-    is not closing (its descriptor may be gone, or soon reused).
+    is not closing (its descriptor may be gone, or soon reused). When the socket refuses
+    with an error (its peer is gone), ``before_error`` runs first, while the descriptor
+    is still open; then the transport's write reports the error and closes it.
     """
     if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
         assert send_nogil is not None  # direct_fd gives -1 without it
@@ -114,6 +126,8 @@ def send_direct(transport: asyncio.WriteTransport, fd: int, data: memoryview) ->
             return
         if sent > 0:
             data = data[sent:]
+        elif sent < 0 and before_error is not None:
+            before_error()
     transport.write(data)
 
 
@@ -484,6 +498,27 @@ class Channel:
             if not self._unix_closed and self.unix.transport is not None:
                 self.unix.transport.resume_reading()
 
+    def _salvage_unix(self) -> None:
+        """QEMU's socket refused a write (it died or shut its reading side): relay what it
+        wrote before that, still unread in the kernel, ahead of the error.
+
+        Its last words (an error, a postcopy page request) must not depend on whether the
+        loop polled the socket for reading before the next write failed. At most
+        `SALVAGE_BYTES`: QEMU's send buffer bounds what can wait there.
+        """
+        fd = self._unix_fd
+        budget = SALVAGE_BYTES
+        while budget > 0 and not self._unix_closed and self.session.accepts_local_data:
+            try:
+                chunk = os.read(fd, min(self.limits.read_bytes, budget))
+            except OSError:  # BlockingIOError: nothing more; ECONNRESET: that was all
+                return
+            if not chunk:
+                return
+            budget -= len(chunk)
+            # OWNERSHIP: a fresh buffer, never reused, as start() does for early data.
+            self.unix_data(memoryview(bytearray(HEADROOM) + chunk), len(chunk))
+
     # -- WebSocket → unix --------------------------------------------------------------
 
     def ws_data(self, view: memoryview, in_read_buffer: bool = True) -> None:
@@ -546,7 +581,7 @@ class Channel:
                     session.local_undeliverable()
                     break
                 self.bytes_rcvd += len(event.data)
-                send_direct(unix_transport, self._unix_fd, event.data)
+                send_direct(unix_transport, self._unix_fd, event.data, self._salvage_unix)
             elif isinstance(event, EndOfStream):
                 if self.debug:
                     self.log.debug("< %s: end of stream", self.name)
