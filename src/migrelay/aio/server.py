@@ -371,9 +371,15 @@ class RelayServer:
             call_on(self._pool.main_loop, self._tls_failed, client, exc)
 
     def _tls_failed(self, client: str, exc: BaseException) -> None:
+        """A TLS handshake failed or timed out: one refusal line, counted as 400.
+
+        With ``--client-ca`` this is where a client without a valid certificate is
+        refused: the server's side of the handshake fails, TLS 1.3 included (the client
+        believes it done and learns of the refusal on its first read).
+        """
         self.metrics.refused(400, "tls_handshake")
         self._log_refusal(
-            "TLS handshake with %s failed: %s", client, clip(str(exc) or type(exc).__name__)
+            "TLS handshake with %s failed: %s", client, clip(describe_tls_failure(exc), 200)
         )
 
     def _count_refusal(
@@ -943,6 +949,28 @@ class RelayServer:
                     seen[channel] = (total, float("inf"))
             for channel in [channel for channel in seen if channel not in self.channels]:
                 del seen[channel]
+
+
+#: OpenSSL's reason for a client that sent no certificate to a server that requires one.
+_NO_CLIENT_CERTIFICATE: Final = "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+
+
+def describe_tls_failure(exc: BaseException) -> str:
+    """What a failed server-side TLS handshake means, for its log line.
+
+    The operator's two cases are named (no client certificate; one ``--client-ca`` does
+    not vouch for); otherwise OpenSSL's text without its ``[SSL: ...]`` prefix and
+    ``(_ssl.c:NNN)`` source location.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason == _NO_CLIENT_CERTIFICATE:
+        return "no client certificate (--client-ca requires one)"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLError):
+        text = text.split("] ", 1)[-1]
+        text = text.split(" (_ssl.c:", 1)[0]
+    return text
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
