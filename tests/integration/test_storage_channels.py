@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-from tests import helpers
 from tests.helpers import wait_until
 from tests.integration.test_relay import (
     PROMPT_SECONDS,
@@ -142,6 +142,21 @@ def test_storage_channels_are_numbered_apart_and_a_repeated_one_is_refused(
     run_async(main())
 
 
+def preparation_started(server: RelayServer, session_id: str) -> bool:
+    """Whether the `ServerConfig.prepare_target` task of ``session_id`` has run a step.
+
+    A task's first step runs on a later loop iteration than its creation: until then
+    it has not reached any await, so nothing it does first has happened yet.
+    """
+    for session in server.sessions.values():
+        if session.id == session_id and isinstance(session.prepared, asyncio.Task):
+            coro = session.prepared.get_coro()
+            return inspect.iscoroutine(coro) and (
+                inspect.getcoroutinestate(coro) != inspect.CORO_CREATED
+            )
+    return False
+
+
 async def read_until_closed_handler(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
@@ -177,7 +192,11 @@ def test_finish_hook_runs_once_after_the_last_channel_and_before_the_next_prepar
                 await asyncio.wait_for(finish_started.wait(), PROMPT_SECONDS)
                 # A new session to the same target waits for the clean-up of the last.
                 third_task = asyncio.ensure_future(open_channel(url, "b", 0))
-                await asyncio.sleep(0.2 * helpers.FACTOR)
+                # b's preparation has begun and is parked: at the wait for a's clean-up,
+                # or it would have called the hook, which records "prepare b" at once.
+                await wait_until(
+                    lambda: preparation_started(server, "b"), PROMPT_SECONDS, "b's preparation"
+                )
                 assert events == ["prepare a", "finish a start"]
                 release_finish.set()
                 third = await asyncio.wait_for(third_task, PROMPT_SECONDS)
@@ -208,9 +227,11 @@ def test_finish_hook_waits_while_another_session_to_the_target_runs(
             retry = await open_channel(url, "retry", 0)
             await wait_until(lambda: len(server.channels) == 2, PROMPT_SECONDS, "2 channels")
             old.abort()
+            # The server decides on the clean-up in the call that forgets the session:
+            # once it is gone, any clean-up task has been created (and may have run).
             await wait_until(lambda: len(server.sessions) == 1, PROMPT_SECONDS, "old gone")
-            await asyncio.sleep(0.2 * helpers.FACTOR)
             # The retry's set-up is the target's state now: not the old session's to undo.
+            assert not server._finishing, server._finishing
             assert finished == []
             retry.abort()
             await wait_until(lambda: finished == ["retry"], PROMPT_SECONDS, "the finish")
