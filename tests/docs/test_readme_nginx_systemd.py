@@ -27,7 +27,10 @@ at the place the unit runs it from (``/opt/migrelay`` in the README), and
 here, so what its sandbox relies on is checked on its own: ``/run/migrelay`` as the
 README's tmpfiles line makes it, and a socket root makes there with the README's umask,
 let a user of the group ``migrelay`` (a stand-in uid and gid, through ``setpriv``)
-connect but not bind, and the usual umask 022 would lock that user out.
+connect but not bind, and the usual umask 022 would lock that user out. Where QEMU runs
+as another user, ``/run/migrelay/vms`` as the README makes it lets that user (a stand-in,
+in the group) create its sockets there, the unit's user connect to them, and ``serve``
+take the directory as its ``--target-dir``.
 """
 
 from __future__ import annotations
@@ -394,3 +397,52 @@ def test_unit_group_reaches_sockets_root_qemu_makes_as_the_readme_says(
     finally:
         listener.kill()
         listener.wait()
+
+
+#: A stand-in for a destination QEMU that runs as another user (``libvirt-qemu``).
+QEMU_UID = 47_125
+
+
+def test_another_users_qemu_makes_sockets_the_unit_reaches_in_the_readmes_vms_directory(
+    sock_dir: Path, migrelay_procs: MigrelayProcesses
+) -> None:
+    # "Only where destination QEMU runs as another user ...": /run/migrelay as the
+    # tmpfiles line makes it, /run/migrelay/vms inside it as the README's second line
+    # makes it; that user, in the group, creates its socket there with umask 007, the
+    # unit's user (also in the group) connects to it, and serve takes the directory as
+    # its target-dir (sticky, so a shared directory is allowed).
+    readme = README.read_text(encoding="utf-8")
+    (line,) = re.findall(r"add the line `(d /run/migrelay/vms \S+ \S+ \S+ -)` to\s+`", readme)
+    kind, path, mode, user, group, _ = line.split()
+    assert (kind, path, user, group) == ("d", "/run/migrelay/vms", "root", "migrelay")
+    assert "usermod -aG migrelay libvirt-qemu" in readme
+    assert 'socket-owner = ["libvirt-qemu"]' in readme
+    (steps,) = fenced_blocks("**The systemd unit.**", "sh")
+    outer = re.search(r"echo '(d /run/migrelay \S+ \S+ \S+ -)' > /etc/tmpfiles\.d/", steps)
+    assert outer is not None, steps
+    run_dir, vms = sock_dir / "run-migrelay", sock_dir / "run-migrelay" / "vms"
+    for directory, directory_mode in ((run_dir, outer.group(1).split()[2]), (vms, mode)):
+        directory.mkdir()
+        os.chown(directory, 0, MIGRELAY_GID)
+        directory.chmod(int(directory_mode, 8))
+    sock_dir.chmod(0o755)
+    qmp = vms / "vm1.qmp"
+    listener = subprocess.Popen(
+        ["setpriv", f"--reuid={QEMU_UID}", f"--regid={QEMU_UID}", f"--groups={MIGRELAY_GID}",
+         "sh", "-c", f'umask 007; exec socat -u "UNIX-LISTEN:{qmp}" OPEN:/dev/null'],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while not qmp.exists():
+            assert listener.poll() is None, "that user could not create its socket there"
+            assert time.monotonic() < deadline, "no socket"
+            time.sleep(0.01)
+        assert (qmp.stat().st_uid, qmp.stat().st_gid) == (QEMU_UID, MIGRELAY_GID)
+        result = connects_as_unit_user(qmp)
+        assert result.returncode == 0, result.stderr
+    finally:
+        listener.kill()
+        listener.wait()
+    # serve takes the directory (a group-writable one without the sticky bit it refuses).
+    migrelay_procs.serve("--target-dir", str(vms), "--qmp-dir", str(vms))
