@@ -253,8 +253,13 @@ def test_shutdown_waits_for_a_running_channel_to_finish(
         async with serving(sock_dir, logs) as served:
             transport = await upgrade(served)
             shutdown = asyncio.ensure_future(served.server.shutdown(PROMPT_S))
-            await asyncio.sleep(0.2)
+            # Its line says that it reached its wait, and for what.
+            waiting = f"shutting down: waiting up to {PROMPT_S:g} s for 1 session(s), 1 channel(s)"
+            await wait_until(lambda: waiting in served.lines(), "shutdown's wait")
+            # Had it not waited, it would have gone on at once: deadline, 4004, close.
             assert not shutdown.done()
+            assert len(served.server.channels) == 1
+            assert not [line for line in served.lines() if "deadline" in line], served.lines()
             # New connections are no longer accepted.
             with pytest.raises(ConnectError):
                 await upgrade(served)
