@@ -50,6 +50,7 @@ def test_every_byte_arrives_on_its_channel_and_rows_have_their_references() -> N
             SIZE,
             1,
             sampling=Sampling.full(),
+            relay_args=["--workers", "2"],
         ),
         "asyncio",
         timeout=240,
@@ -78,6 +79,15 @@ def test_every_byte_arrives_on_its_channel_and_rows_have_their_references() -> N
         if r["mode"] in ("ws", "wss"):
             # The relays connect channel N to the destination after 0..N-1.
             assert r["in_order"], r
+            # Per-thread CPU: the main loop and one named thread per worker, adding up
+            # to the process's CPU.
+            workers = ["migrelay-w0", "migrelay-w1"]
+            for relay in ("source", "destination"):
+                threads = r[f"{relay}_threads"]
+                assert {"main", *workers} <= threads.keys(), threads
+                assert sum(threads.values()) == pytest.approx(
+                    r[f"{relay}_cpu_seconds"], abs=0.05, rel=0.1
+                )
 
     rows = {(row["mode"], row["channels"]): row for row in report["summary"]}  # type: ignore[attr-defined]
     assert set(rows) == {(mode, channels) for mode in MODES for channels in CHANNELS}
@@ -93,8 +103,10 @@ def test_every_byte_arrives_on_its_channel_and_rows_have_their_references() -> N
         assert rows["direct", channels]["reference"] is None
         assert rows["direct", channels]["cpu_s_per_gib"].keys() == {"harness"}
     assert all(row["all_intact"] and not row["failures"] for row in rows.values())
+    assert set(rows["ws", CHANNELS[0]]["thread_cpu_s_per_gib"]) == {"source", "destination"}
     table = relaybench.format_table(report)
     assert "tls floor" in table and "TLS floor:" in table and "wss" in table
+    assert "CPU s/GiB by thread: source main" in table
     assert not relaybench.any_failed(report)
 
 

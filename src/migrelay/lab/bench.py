@@ -515,6 +515,23 @@ class _Process:
         """CPU seconds of the tree: each live process's own and its reaped children's."""
         return sum(_cpu_seconds(pid) for pid in _process_tree(self.popen.pid))
 
+    def thread_cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds of each thread of the process itself, by its kernel name (``comm``;
+        the relay's worker threads are ``migrelay-wN``); the main thread is ``main``."""
+        pid = self.popen.pid
+        threads: dict[str, float] = {}
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # ended meanwhile
+                # utime, stime: fields 14-15 of proc(5); [0] here is field 3.
+                seconds = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+                threads[name] = threads.get(name, 0.0) + seconds
+        return threads
+
     def sample_rss(self) -> None:
         """Note the tree's summed resident memory (call it while the relay works)."""
         total = sum(_status_kib(pid, "VmRSS:") for pid in _process_tree(self.popen.pid))

@@ -488,6 +488,10 @@ class RelayRun:
     destination_cpu_seconds: float | None = None
     #: This process's (pushers, sink, the bench's loop) over the same window.
     harness_cpu_seconds: float | None = None
+    #: CPU seconds over the timed window of each thread of each relay process, by thread
+    #: name (``main``, ``migrelay-w0``...; `_Process.thread_cpu_seconds`).
+    source_threads: dict[str, float] = field(default_factory=dict)
+    destination_threads: dict[str, float] = field(default_factory=dict)
     #: What each connection delivered to the sink, in the order it was accepted.
     bytes_received: list[int] = field(default_factory=list)
     #: Every connection matched a slice: its byte count and digest.
@@ -507,6 +511,11 @@ class RelayRun:
         if self.harness_cpu_seconds is not None:
             figures["harness"] = self.harness_cpu_seconds / gib
         return figures
+
+
+def _thread_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each thread's CPU seconds between two readings (a thread started meanwhile: all)."""
+    return {name: seconds - before.get(name, 0.0) for name, seconds in sorted(after.items())}
 
 
 class _Received:
@@ -753,15 +762,20 @@ class RelayBench:
             await self._wait(lambda: sink.all_accepted, OPEN_TIMEOUT_S, relays, pushers,
                              f"the sink did not accept {channels} channels")  # fmt: skip
             before = [relay.cpu_seconds() for relay in relays]
+            threads_before = [relay.thread_cpu_seconds() for relay in relays]
             harness_before = _harness_cpu_seconds()
             started = pushers.release()
             await self._wait(lambda: sink.drained, self.run_timeout, relays, pushers,
                              "the sink did not drain")  # fmt: skip
             after = [relay.cpu_seconds() for relay in relays]
+            threads_after = [relay.thread_cpu_seconds() for relay in relays]
             result.harness_cpu_seconds = _harness_cpu_seconds() - harness_before
             if relays:
                 result.source_cpu_seconds = after[0] - before[0]
                 result.destination_cpu_seconds = after[1] - before[1]
+                result.source_threads, result.destination_threads = (
+                    _thread_delta(threads_before[index], threads_after[index]) for index in (0, 1)
+                )
             result.seconds = sink.last_end() - started
             result.gib_per_s = self.source.size / GIB / result.seconds
             self._check(result, sink, pushers, expected, relays)
@@ -920,6 +934,9 @@ class RelaySummary:
     paired_cpu_diff_stderr: float | None = None
     paired_rounds: int = 0
     rounds_cheaper_than_baseline: int = 0
+    #: Medians of each relay thread's CPU s/GiB, ``source`` and ``destination``, by thread
+    #: name (``main``, ``migrelay-w0``...): how the work spreads over ``--workers``.
+    thread_cpu_s_per_gib: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def summarize(
@@ -981,10 +998,26 @@ def summarize(
                 all_in_order=all(r.in_order for r in runs),
             )
         )
+        if mode.migrelay:
+            row.thread_cpu_s_per_gib = _thread_medians(runs, size)
         base_runs = groups.get((BASELINE_PREFIX + mode_name, channels, cores))
         if mode.migrelay and not mode.baseline and base_runs:
             _compare_with_baseline(row, runs, base_runs, size)
     return rows
+
+
+def _thread_medians(runs: Sequence[RelayRun], size: int) -> dict[str, dict[str, float]]:
+    """`RelaySummary.thread_cpu_s_per_gib` of ``runs`` (the ones that succeeded)."""
+    gib = size / GIB
+    good = [run for run in runs if run.error is None]
+    figures: dict[str, dict[str, float]] = {}
+    for relay in ("source", "destination"):
+        per_run = [getattr(run, f"{relay}_threads") for run in good]
+        names = sorted({name for threads in per_run for name in threads})
+        figures[relay] = {
+            name: statistics.median(t.get(name, 0.0) for t in per_run) / gib for name in names
+        }
+    return figures
 
 
 def _compare_with_baseline(
@@ -1140,6 +1173,17 @@ def format_table(report: dict[str, object]) -> str:
             f"{number(row['speed_vs_socat'], 9)}{number(row['cpu_ratio'], 7)}"
             f"  {row['reference'] or '-':<10}{intact}"
         )
+    for row in summary:
+        threads = row.get("thread_cpu_s_per_gib") or {}
+        if any(len(named) > 1 for named in threads.values()):
+            spread = "; ".join(
+                f"{relay} " + ", ".join(f"{name} {value:.2f}" for name, value in named.items())
+                for relay, named in threads.items()
+            )
+            lines.append(
+                f"{row['mode']} x{row['channels']} cores {row['cores']}"
+                f" CPU s/GiB by thread: {spread}"
+            )
     for row in summary:
         if row["baseline_cpu_ratio"] is None:
             continue
