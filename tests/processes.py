@@ -249,4 +249,4 @@ class RssSampler:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(STOP_TIMEOUT_SECONDS)

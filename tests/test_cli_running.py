@@ -24,6 +24,7 @@ from migrelay.cli.running import (
     run_command,
 )
 from migrelay.errors import ConfigError, ConnectError, MigrationError
+from tests.helpers import FACTOR
 
 Body = Callable[[asyncio.Event], Awaitable[int]]
 
@@ -105,7 +106,7 @@ def test_the_error_is_also_handed_to_on_error() -> None:
 def test_sigterm_sets_the_stop_event_instead_of_killing_the_command() -> None:
     async def body(stop: asyncio.Event) -> int:
         asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGTERM)
-        await asyncio.wait_for(stop.wait(), 5)
+        await asyncio.wait_for(stop.wait(), 5 * FACTOR)
         return EXIT_INTERRUPTED
 
     assert _exit_code(body) == EXIT_INTERRUPTED

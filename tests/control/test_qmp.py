@@ -12,8 +12,13 @@ import pytest
 from migrelay.control.qmp import QMP, MigrationInfo, MigrationStatus, RunState
 from migrelay.errors import ConnectError, MigrationError
 from tests.control.fake_qmp import HANG, HANGUP, FakeQMP, QMPFail, serve
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 
+#: Seconds a connect gets to reach a socket that is there, or appears.
+CONNECT_S = 5.0 * FACTOR
+#: The connect timeout of a socket that never appears (the test waits it out).
+ABSENT_S = 0.1 * FACTOR
 QEMU_TEXT = "Failed to connect to '/nowhere/x.sock': No such file or directory"
 
 
@@ -25,8 +30,10 @@ def test_connect_to_missing_socket_says_so_in_one_sentence(
     async def main() -> None:
         async with QMP("dst") as qmp:
             with pytest.raises(ConnectError) as info:
-                await qmp.connect(str(path), timeout_s=0.1)
-        assert str(info.value) == f"qmp socket {path} of dst did not appear within 0.1 s"
+                await qmp.connect(str(path), timeout_s=ABSENT_S)
+        assert str(info.value) == (
+            f"qmp socket {path} of dst did not appear within {ABSENT_S:g} s"
+        )
 
     run_async(main())
 
@@ -42,7 +49,7 @@ def test_connect_to_dead_socket_names_the_socket_and_the_cause(
     async def main() -> None:
         async with QMP("src") as qmp:
             with pytest.raises(ConnectError) as info:
-                await qmp.connect(str(path), timeout_s=1)
+                await qmp.connect(str(path), timeout_s=CONNECT_S)
         assert str(info.value) == (
             f"cannot connect to qmp socket {path} of src: [Errno 111] Connection refused"
         )
@@ -71,7 +78,7 @@ def test_a_socket_that_is_not_qmp_is_named_in_one_line(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", BytesWarning)
                 with pytest.raises(ConnectError) as info:
-                    await qmp.connect(str(path), timeout_s=5)
+                    await qmp.connect(str(path), timeout_s=CONNECT_S)
                 message = str(info.value)
             assert "\n" not in message
             assert message.startswith(f"cannot connect to qmp socket {path} of src: ")
@@ -91,17 +98,22 @@ def test_connect_retries_a_socket_bound_but_not_yet_listening(
     sock.bind(str(path))
 
     async def main() -> None:
+        done = asyncio.Event()
+
         async def listen_late() -> None:
             await asyncio.sleep(0.3)
             sock.listen()
             server = await asyncio.start_unix_server(fake.handle, sock=sock)
             async with server:
-                await asyncio.sleep(1)
+                await done.wait()  # until the client is done, however long it took
 
         listener = asyncio.create_task(listen_late())
-        async with QMP("src") as qmp:
-            await qmp.connect(str(path), timeout_s=5)
-            assert await qmp.query_status() is RunState.RUNNING
+        try:
+            async with QMP("src") as qmp:
+                await qmp.connect(str(path), timeout_s=CONNECT_S)
+                assert await qmp.query_status() is RunState.RUNNING
+        finally:
+            done.set()
         await listener
 
     run_async(main())
@@ -111,15 +123,20 @@ def test_connect_waits_for_the_socket_to_appear(run_async: AsyncRunner, sock_dir
     fake = FakeQMP(replies={"query-status": {"status": "running", "running": True}})
 
     async def main() -> None:
+        done = asyncio.Event()
+
         async def late_server() -> None:
             await asyncio.sleep(0.2)
             async with serve(fake, sock_dir / "late.qmp"):
-                await asyncio.sleep(1)
+                await done.wait()  # until the client is done, however long it took
 
         server = asyncio.create_task(late_server())
-        async with QMP("src") as qmp:
-            await qmp.connect(str(sock_dir / "late.qmp"), timeout_s=5)
-            assert await qmp.query_status() is RunState.RUNNING
+        try:
+            async with QMP("src") as qmp:
+                await qmp.connect(str(sock_dir / "late.qmp"), timeout_s=CONNECT_S)
+                assert await qmp.query_status() is RunState.RUNNING
+        finally:
+            done.set()
         await server
 
     run_async(main())

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 
 from migrelay.aio.client import ClientConfig, open_websocket
@@ -17,7 +18,7 @@ from migrelay.errors import HandshakeRefused, Refusal
 Call = tuple[str, Path, dict[str, str]]
 
 #: Generous bound for anything local to happen (a close, a connect).
-PROMPT_S = 5.0
+PROMPT_S = 5.0 * FACTOR
 
 
 class _Destination(asyncio.Protocol):
