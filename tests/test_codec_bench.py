@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import FACTOR
+
 BENCH = Path(__file__).resolve().parent.parent / "benches" / "codec.py"
 SIZES = [64 * 1024, 1024 * 1024, 4 * 1024 * 1024]
 CASES = {
@@ -35,7 +37,7 @@ def test_quick_codec_bench_writes_json_with_every_size_and_case(tmp_path: Path) 
         [sys.executable, str(BENCH), "--quick", "--json", str(output)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120 * FACTOR,
         check=False,
     )
     assert completed.returncode == 0, completed.stderr

@@ -268,7 +268,7 @@ async def check_migrated(src: DisposableVM, dst: DisposableVM) -> MigrationInfo:
         await src_qmp.connect(str(src.qmp_path))
         assert await src_qmp.query_status() is RunState.POSTMIGRATE
         await src_qmp.quit()
-    assert await dst.wait(30) == 0
-    assert await src.wait(30) == 0
+    assert await dst.wait(QUICK_TIMEOUT_S) == 0
+    assert await src.wait(QUICK_TIMEOUT_S) == 0
     assert first_difference(src.ram_path, dst.ram_path) is None
     return final

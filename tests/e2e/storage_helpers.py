@@ -102,7 +102,7 @@ def read_pattern(image: Path, spec: DiskSpec, offset: int, pattern: int) -> str:
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=SETTLE_TIMEOUT_S,
         check=False,
     )
     return (result.stdout + result.stderr).strip()

@@ -18,6 +18,7 @@ from migrelay.errors import RelayError
 from migrelay.lab import bench as lab_bench
 from migrelay.lab.vm import first_difference
 from tests.e2e.vms import VMPairFactory
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +37,7 @@ def _bench_with_table(tmp_path: Path, *args: str) -> tuple[dict[str, object], st
     result = subprocess.run(
         [sys.executable, "-m", "migrelay", "bench", "--ram", "32M", "--json",
          str(report_path), *args],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True, text=True, timeout=600 * FACTOR, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report: dict[str, object] = json.loads(report_path.read_text())
@@ -181,7 +182,7 @@ def test_bench_refuses_a_workload_larger_than_the_ram(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "migrelay", "bench", "--ram", "32M", "--modes", "ws",
          "--workload", "dirty:32M"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60 * FACTOR, check=False,
     )  # fmt: skip
     assert result.returncode == 1
     assert "more than the 33554432 bytes of RAM" in result.stderr
@@ -393,8 +394,8 @@ def test_bench_migrates_given_vms_once_and_leaves_their_ram_to_the_user(
                 assert (await dq.query_migrate()).status is MigrationStatus.COMPLETED
                 await sq.quit()
                 await dq.quit()
-            await src.wait(30)
-            await dst.wait(30)
+            await src.wait(30 * FACTOR)
+            await dst.wait(30 * FACTOR)
             assert first_difference(src.ram_path, dst.ram_path) is None
             report: dict[str, object] = json.loads(report_path.read_text())
             return report
@@ -461,7 +462,7 @@ def test_bench_refuses_several_runs_of_given_vms(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "migrelay", "bench", "--runs", "2", "--modes", "ws",
          "--src-qmp", str(tmp_path / "a.qmp"), "--dst-qmp", str(tmp_path / "b.qmp")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60 * FACTOR, check=False,
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip() == (
@@ -474,7 +475,7 @@ def test_bench_refuses_a_disk_for_given_vms(tmp_path: Path) -> None:
         [sys.executable, "-m", "migrelay", "bench", "--runs", "1", "--modes", "ws",
          "--disk", "8M", "--src-qmp", str(tmp_path / "a.qmp"),
          "--dst-qmp", str(tmp_path / "b.qmp")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60 * FACTOR, check=False,
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip() == (

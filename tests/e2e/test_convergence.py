@@ -363,7 +363,7 @@ def test_quit_source_quits_it_once_the_destination_has_the_vm(link: Link) -> Non
         migrate = link.migrate(src, dst, "--quit-source")
         assert await migrate.wait(MIGRATION_TIMEOUT_S) == 0, migrate.describe()
         assert summary_line(migrate.stdout()).startswith("completed in ")
-        assert await src.wait(10) == 0  # QEMU quit, cleanly
+        assert await src.wait(10 * FACTOR) == 0  # QEMU quit, cleanly
         state, status = await vm_state(dst)
         assert status is MigrationStatus.COMPLETED
         # The source never ran (-S, prelaunch), so the destination does not run either.
@@ -371,7 +371,7 @@ def test_quit_source_quits_it_once_the_destination_has_the_vm(link: Link) -> Non
         async with QMP(dst.name) as qmp:
             await qmp.connect(str(dst.qmp_path))
             await qmp.quit()
-        assert await dst.wait(30) == 0
+        assert await dst.wait(30 * FACTOR) == 0
         assert first_difference(src.ram_path, dst.ram_path) is None
 
     link.run(body())

@@ -24,12 +24,13 @@ from migrelay.control.migration import (
 from migrelay.control.qmp import QMP, UNLIMITED_BANDWIDTH, MigrationStatus, RunState
 from migrelay.lab.vm import DisposableVM, first_difference
 from tests.e2e.vms import VMPairFactory
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 
 pytestmark = pytest.mark.e2e
 
 #: Generous for 64 MiB (~0.5 s here), so a loaded 2-core host does not make it flaky.
-MIGRATION_TIMEOUT_S = 120.0
+MIGRATION_TIMEOUT_S = 120.0 * FACTOR
 
 
 async def migrate_direct(
@@ -58,8 +59,8 @@ async def migrate_direct(
         assert await src_qmp.query_status() is RunState.POSTMIGRATE
         await src_qmp.quit()
         await dst_qmp.quit()
-    assert await src.wait(30) == 0
-    assert await dst.wait(30) == 0
+    assert await src.wait(30 * FACTOR) == 0
+    assert await dst.wait(30 * FACTOR) == 0
     return result, progress
 
 

@@ -35,10 +35,11 @@ from migrelay.lab.guest import (
 )
 from migrelay.lab.vm import ZERO_RAM_RANDOM_PAGE_EVERY, DisposableVM
 from migrelay.units import MIB
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 
 #: Booting through SeaBIOS under TCG takes a moment on a busy machine.
-BOOT_TIMEOUT_S = 30.0
+BOOT_TIMEOUT_S = 30.0 * FACTOR
 
 
 def _immediate(code: bytes, name: str) -> int:

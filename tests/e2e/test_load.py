@@ -88,8 +88,8 @@ def test_eight_concurrent_migrations_through_one_serve_complete_within_memory_bo
         await all_closed.wait()
         await sq.quit()
         await dq.quit()
-        assert await src.wait(30) == 0
-        assert await dst.wait(30) == 0
+        assert await src.wait(30 * FACTOR) == 0
+        assert await dst.wait(30 * FACTOR) == 0
         # DESIGN.md §7: the files are compared once both QEMUs have exited.
         assert first_difference(src.ram_path, dst.ram_path) is None, f"vm{index} RAM differs"
 

@@ -42,17 +42,18 @@ from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import first_difference
 from tests.e2e.cli_helpers import Commands, check_migrated, serve_qmp_dir
 from tests.e2e.vms import VMPairFactory
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 from tests.pki import PKI, SERVER_NAMES, issue, make_pki
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 
-MIGRATION_TIMEOUT_S = 120.0
+MIGRATION_TIMEOUT_S = 120.0 * FACTOR
 RAM_BYTES = 32 << 20
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
-DAEMON_START_S = 10.0
+DAEMON_START_S = 10.0 * FACTOR
 
 
 # -- certificates ------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
         if process.poll() is not None:
             raise AssertionError(f"{process.args!r} exited: {log.read_text(errors='replace')}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection(("127.0.0.1", port), timeout=FACTOR).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -204,8 +205,8 @@ async def migrate(
         assert (await sq.query_migrate()).status is MigrationStatus.COMPLETED
         await sq.quit()
         await dq.quit()
-        assert await src.wait(30) == 0
-        assert await dst.wait(30) == 0
+        assert await src.wait(30 * FACTOR) == 0
+        assert await dst.wait(30 * FACTOR) == 0
         assert first_difference(src.ram_path, dst.ram_path) is None
 
 
@@ -415,7 +416,7 @@ def test_connect_through_tinyproxy_carries_a_migration_intact(
         ],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=30 * FACTOR,
         check=False,
     )
     assert refused.returncode != 0
@@ -520,7 +521,7 @@ def test_sigterm_during_a_migration_lets_it_complete(
     # 32 MiB at 8 MiB/s: about four seconds of migration to send SIGTERM into.
     slow = MigrationOptions(max_bandwidth=8 << 20)
     run_e2e(migrate(vm_pair, sock_dir, slow, during=terminate_serve))
-    assert server.wait(10) == 0
+    assert server.wait(10 * FACTOR) == 0
     log = server.log()
     assert "shutting down" in log and "closed: completed" in log, log
     assert "4004" not in log
@@ -544,7 +545,7 @@ def _upgrade_status(port: int, ca: Path, token: str) -> int:
             ssl=context,
             subprotocols=[Subprotocol("migrelay.v1")],
             additional_headers={"Authorization": f"Bearer {token}"},
-            open_timeout=10,
+            open_timeout=10 * FACTOR,
         ):
             return 101
     except InvalidStatus as exc:
@@ -557,7 +558,7 @@ def _metrics_status(port: int, ca: Path, token: str | None) -> int:
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        with urllib.request.urlopen(request, timeout=10 * FACTOR, context=context) as response:
             status: int = response.status
             return status
     except urllib.error.HTTPError as exc:
@@ -639,7 +640,7 @@ def test_metrics_after_a_migration_show_the_bytes_it_moved(
     run_e2e(migrate(vm_pair, sock_dir))
     server.wait_for_log(r"channel \S+ closed: completed")
     url = f"http://{server.host}:{server.port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=10 * FACTOR) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
     moved = re.search(

@@ -21,12 +21,13 @@ from migrelay.control.migration import (
 from migrelay.control.qmp import QMP, MigrationStatus
 from migrelay.lab.vm import DisposableVM, first_difference
 from tests.e2e.vms import VMPairFactory
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 
-MIGRATION_TIMEOUT_S = 120.0
+MIGRATION_TIMEOUT_S = 120.0 * FACTOR
 RAM_BYTES = 64 << 20
 
 
@@ -36,8 +37,8 @@ async def _finish(src: DisposableVM, dst: DisposableVM, src_qmp: QMP, dst_qmp: Q
     assert (await src_qmp.query_migrate()).status is MigrationStatus.COMPLETED
     await src_qmp.quit()
     await dst_qmp.quit()
-    assert await src.wait(30) == 0
-    assert await dst.wait(30) == 0
+    assert await src.wait(30 * FACTOR) == 0
+    assert await dst.wait(30 * FACTOR) == 0
     assert first_difference(src.ram_path, dst.ram_path) is None
 
 

@@ -31,13 +31,14 @@ from migrelay.control.qmp import QMP, MigrationStatus, RunState
 from migrelay.lab.guest import BOOT_CODE, FLOPPY_BYTES, floppy_args, floppy_image, guest_counter
 from migrelay.lab.vm import DisposableVM, first_difference
 from migrelay.units import MIB
+from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
 from tests.processes import MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 
 RAM_BYTES = 64 * MIB
-MIGRATION_TIMEOUT_S = 120.0
+MIGRATION_TIMEOUT_S = 120.0 * FACTOR
 #: A quarter of what the guest writes on each of its passes (1024 pages, 1 to 5 MiB):
 #: far above what a VM that writes nothing sends beyond its RAM size (~130 KiB here).
 RESENT_AT_LEAST_BYTES = 1 * MIB
@@ -69,7 +70,7 @@ def test_running_guest_dirtying_ram_migrates_through_relays_with_identical_ram(
             await sq.execute("cont")
             # The guest runs: its counter (random bytes until the guest's first pass)
             # climbs from 1. Booting through the BIOS under TCG takes a moment.
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 30 * FACTOR
             first = 0
             while not 3 <= (first := guest_counter(src.ram_path)) < 1 << 20:
                 assert time.monotonic() < deadline, "the guest did not start its loop"

@@ -56,7 +56,7 @@ from migrelay.units import MIB
 from tests.e2e.cli_helpers import Command, NetnsCommand, assert_one_line_error
 from tests.helpers import FACTOR
 from tests.loops import AsyncRunner
-from tests.processes import MigrelayProcess, MigrelayProcesses
+from tests.processes import STOP_TIMEOUT_SECONDS, MigrelayProcess, MigrelayProcesses
 
 pytestmark = pytest.mark.e2e
 
@@ -73,6 +73,8 @@ FAULT_AFTER_BYTES = 1 * MIB
 #: ``migrate`` exits this soon after the fault: liveness (3 s) or the stall timeout (4 s),
 #: a poll interval (1 s), the clean-up, and margin for a busy 2-core host.
 EXIT_BOUND_S = 15.0 * FACTOR
+#: Seconds a QEMU gets to exit after ``quit`` (or after it was killed).
+QUIT_TIMEOUT_S = 30.0 * FACTOR
 #: What is left of migrelay's on either side is gone this soon after ``migrate`` exited
 #: (the source's: at once, ``migrate`` removes it before it exits; the destination's
 #: exports: once ``serve`` has seen the session end, by liveness for a cut link).
@@ -300,8 +302,8 @@ async def migrate_again(hosts: Hosts, src: DisposableVM, sq: QMP, dst: Disposabl
         await dq.quit()
     assert await sq.query_status() is RunState.POSTMIGRATE
     await sq.quit()
-    assert await dst.wait(30) == 0
-    assert await src.wait(30) == 0
+    assert await dst.wait(QUIT_TIMEOUT_S) == 0
+    assert await src.wait(QUIT_TIMEOUT_S) == 0
     for spec in src.disks:
         difference = await asyncio.to_thread(
             compare_images, src.disk_path(spec), dst.disk_path(spec)
@@ -396,7 +398,7 @@ def run_fault(hosts: Hosts, fault_name: str, phase: Phase) -> str:
 
             # The destination.
             if not fault.dest_survives:
-                await dst.wait(10)
+                await dst.wait(QUIT_TIMEOUT_S)
                 dest_fate = "killed"
             else:
                 exited = await wait_dest_exit(dst) if phase is RAM_PHASE else None
@@ -411,7 +413,7 @@ def run_fault(hosts: Hosts, fault_name: str, phase: Phase) -> str:
             if fault_name == "link-cut":
                 hosts.ns.set_link(True)
             if not fault.serve_survives:
-                serve.popen.wait(5)
+                serve.popen.wait(STOP_TIMEOUT_SECONDS)
                 hosts.serve()
             retry_dst = dst
             if not dst.running:

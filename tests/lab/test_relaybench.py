@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.helpers import FACTOR
 from tests.loops import run
 from typer.testing import CliRunner
 
@@ -53,7 +54,7 @@ def test_every_byte_arrives_on_its_channel_and_rows_have_their_references() -> N
             relay_args=["--workers", "2"],
         ),
         "asyncio",
-        timeout=240,
+        timeout=240 * FACTOR,
     )
     assert json.loads(json.dumps(report)) == report  # what --json writes
     assert report["size_bytes"] == SIZE and report["runs"] == 1
@@ -146,7 +147,7 @@ def test_benches_relay_py_and_bench_relay_only_write_the_report(tmp_path: Path) 
     script = subprocess.run(
         [sys.executable, str(BENCH), "--size", "8M", "--runs", "2", "--modes", "ws",
          "--channels", "2", "--baseline", str(tmp_path / "base"), "--json", str(script_json)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120 * FACTOR, check=False,
     )  # fmt: skip
     assert script.returncode == 0, script.stdout + script.stderr
     assert "x socat" in script.stdout and "run 1: ws x2" in script.stderr
@@ -164,7 +165,7 @@ def test_benches_relay_py_and_bench_relay_only_write_the_report(tmp_path: Path) 
         [sys.executable, "-m", "migrelay", "bench", "--relay-only", "--size", "8M", "--runs",
          "1", "--modes", "socat,ws", "--channels", "1", "--cores", "1", "--relay-args",
          "--max-message 4M", "--json", str(cli_json)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120 * FACTOR, check=False,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stdout + cli.stderr
     report = json.loads(cli_json.read_text())
