@@ -23,6 +23,8 @@ import pytest
 from tests import helpers
 from tests.processes import MigrelayProcesses
 
+from migrelay.aio.client import prepare_unix_listener
+
 FACTOR = helpers.FACTOR
 #: Seconds a socket operation or a refusing command gets.
 PROMPT_S = 5.0 * FACTOR
@@ -197,3 +199,40 @@ def test_path_that_is_not_a_socket_is_refused_and_left_intact(kind: str, sock_di
     )
     assert (os.readlink(path) if path.is_symlink() else path.read_bytes()) == content
     assert sorted(sock_dir.iterdir()) == others
+
+
+def test_the_socket_file_appears_only_once_it_listens(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever sees the file can connect: it is bound and listening under a temporary
+    name, then renamed into place (a connect between bind() and listen() is refused)."""
+    path = sock_dir / "src.sock"
+    seen_at_listen: list[bool] = []
+    listen = socket.socket.listen
+
+    def listen_and_look(sock: socket.socket, backlog: int = 0) -> None:
+        seen_at_listen.append(path.exists())
+        listen(sock, backlog)
+
+    monkeypatch.setattr(socket.socket, "listen", listen_and_look)
+    sock = prepare_unix_listener(path)
+    try:
+        assert seen_at_listen == [False]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert sorted(p.name for p in sock_dir.iterdir()) == ["src.sock"]  # no leftover
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+    finally:
+        sock.close()
+
+    # A path too long for the temporary name is bound in place, and still works.
+    long_dir = sock_dir / ("d" * (106 - len(str(sock_dir)) - 2 - len("s.sock")))
+    long_dir.mkdir()
+    long_path = long_dir / "s.sock"
+    assert len(os.fsencode(long_path)) == 106  # the longest path Linux binds is 107
+    sock = prepare_unix_listener(long_path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(long_path))
+    finally:
+        sock.close()

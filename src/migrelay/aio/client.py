@@ -32,7 +32,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Final, cast
 
 from migrelay.aio.channel import Channel, UnixLeg
 from migrelay.aio.listener import DescriptorReserve, accept_forever
@@ -310,19 +310,34 @@ def prepare_unix_listener(path: Path, mode: int = 0o600) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound and listening under a temporary name, then renamed into place: whoever sees
+    # the file can connect (a connect between bind() and listen() is refused; seen in
+    # the relay bench, whose pushers start when the file appears). A path too long for
+    # the temporary name is bound in place.
+    temporary = path.with_name(f"{path.name}.{os.getpid()}~")
+    bound = temporary if len(os.fsencode(temporary)) < _SUN_PATH_BYTES else path
     # Bind under a umask so the file is never, even briefly, more open than ``mode``.
     old_umask = os.umask(0o777 & ~mode)
     try:
-        sock.bind(str(path))
+        bound.unlink(missing_ok=True)  # our own leftover: the name holds our pid
+        sock.bind(str(bound))
+        os.chmod(bound, mode)
+        sock.listen(64)
+        if bound != path:
+            os.rename(bound, path)
     except OSError:
         sock.close()
+        if bound != path:
+            bound.unlink(missing_ok=True)
         raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
-    sock.listen(64)
     sock.setblocking(False)
     return sock
+
+
+#: sun_path's size on Linux: a unix socket's path must be shorter.
+_SUN_PATH_BYTES: Final = 108
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
