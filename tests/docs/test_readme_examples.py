@@ -4,7 +4,8 @@ A reader copies these blocks; these tests copy them too, so that the README cann
 from what migrelay does. Each block is found by a stable marker (its first line, or a
 command it holds), never by its position. Shell blocks run in ``sh -eu`` with only their
 root paths moved into the test's directory (`as_run_here`); file examples go through
-the real parsers and loaders (the token file's, ``serve --config``'s).
+the real parsers and loaders (the token file's, ``serve --config``'s). Every default the
+README states in words is compared with the command's own (`README_DEFAULTS`).
 
 The shell blocks create a group and files of mode 0640 group ``migrelay`` as the README
 does (as root): ``groupadd`` gets ``--prefix`` so that it writes a copy of ``/etc``, and
@@ -374,3 +375,53 @@ def test_config_file_docstring_example_is_read_by_each_of_its_commands(tmp_path:
     # The serve table serves what the README's serve.toml serves.
     (target_dir,) = re.findall(r'^target-dir = "(.*)"$', path.read_text(), re.MULTILINE)
     assert target_dir == "/run/migrelay"
+
+
+# -- defaults the README states ---------------------------------------------------------------
+
+
+#: The README's words for the liveness defaults (Wire protocol).
+_PING = "a ping after `--ping-interval` seconds without traffic (15)"
+_PONG = "no answer within `--ping-timeout` (15)"
+#: (command, parameter, its default in the code, the README's words for it).
+README_DEFAULTS = [
+    ("serve", "wait_target", 30.0, "`--wait-target` seconds (default 30)"),
+    ("migrate", "wait_socket", 30.0, "`--wait-socket` seconds (default 30)"),
+    ("connect", "retry_open", 0.0, "(default 0: it fails the connection at once)"),
+    ("serve", "ping_interval", 15.0, _PING),
+    ("connect", "ping_interval", 15.0, _PING),
+    ("serve", "ping_timeout", 15.0, _PONG),
+    ("connect", "ping_timeout", 15.0, _PONG),
+    ("migrate", "stall_timeout", 60.0, "`--stall-timeout` seconds (60 by default"),
+    ("migrate", "recover_timeout", 300.0, "(`--recover-timeout`, default 300 s)"),
+    ("migrate", "max_downtime", 2000, "`--max-downtime` (default 2000 ms"),
+    ("migrate", "disk_copy_mode", "background", "in the default `--disk-copy-mode background`"),
+    ("incoming", "export_timeout", 3600.0, "(at most `--export-timeout`, 3600 s)"),
+    ("serve", "max_handshakes", 512, "`--max-handshakes` (512)"),
+    ("serve", "max_handshakes_per_address", 32, "`--max-handshakes-per-address` (32)"),
+    ("serve", "handshake_timeout", 10.0, "`--handshake-timeout` (10 s)"),
+    ("serve", "max_channels", 64, "`--max-channels` (64)"),
+    ("serve", "max_sessions_per_token", 16, "`--max-sessions-per-token` (16)"),
+    ("serve", "max_sessions_per_target", 4, "`--max-sessions-per-target` (4)"),
+    ("serve", "max_header_bytes", 16 * 1024, "`--max-header-bytes` (16 KiB)"),
+    ("serve", "max_sessions", 64, "`--max-sessions` (64)"),
+    ("serve", "max_message", "1M", "`--max-message` (1 MiB)"),
+    ("serve", "shutdown_timeout", 120.0, "`--shutdown-timeout` seconds (120 by default"),
+    ("serve", "idle_timeout", 0.0, "`--idle-timeout` is off by default"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "default", "words"),
+    README_DEFAULTS,
+    ids=[f"{command}-{name}" for command, name, _, _ in README_DEFAULTS],
+)
+def test_a_default_the_readme_states_is_the_commands_default(
+    command: str, name: str, default: object, words: str
+) -> None:
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    assert words in readme, f"the README no longer says {words!r}"
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    (param,) = (param for param in group.commands[command].params if param.name == name)
+    assert param.default == default, (command, name, param.default)
