@@ -299,6 +299,7 @@ async def migrate(
     disks: Sequence[Disk] | None = None,
     convergence: ConvergencePolicy | None = None,
     quit_source: bool = False,
+    before_start: Callable[[], Awaitable[None]] | None = None,
 ) -> MigrationResult | None:
     """Start migrating the VM behind ``qmp_path`` to ``uri`` and follow it to the end.
 
@@ -334,6 +335,10 @@ async def migrate(
             included. ``None``: no deadline, no downtime steps.
         quit_source: once the migration completed (with ``options.return_path``, so
             the destination acknowledged it), quit the source QEMU.
+        before_start: awaited once QEMU answered and the VM was found able to be a
+            source, before anything is changed (``migrate --socket`` waits for the
+            relay's socket there: a dead QMP socket or a VM that cannot migrate is told
+            at once, not after the wait).
 
     Returns:
         The result of the completed migration, or ``None`` when not waiting.
@@ -357,6 +362,10 @@ async def migrate(
             (await qmp.query_migrate()).status is MigrationStatus.POSTCOPY_PAUSED
         )
         mirrors: SourceMirrors | None = None
+        if before_start is not None:
+            if not paused:
+                await check_can_start(qmp)
+            await before_start()
         if paused:
             # follow_migration resumes it: the same path as a link that fails now (the
             # disks, if any, were in sync before postcopy began).
@@ -512,12 +521,13 @@ async def run_migration(
         MigrationFailed: the migration failed or was cancelled; the source VM runs on
             as it was (a paused postcopy migration stays paused, to be resumed). Also
             when ``stop`` is set while waiting for ``request.socket``: QEMU was not
-            contacted.
+            changed.
         ConnectError: ``request.socket`` did not appear within ``request.wait_socket``
-            seconds; QEMU was not contacted.
+            seconds (waited for once QEMU answered and the VM can migrate); QEMU was not
+            changed.
         ConfigError: the relay's settings cannot be used; nothing was changed.
         PeerRefused: ``request.socket`` was bound by another user, or could be
-            (`local.check_relay_socket`); QEMU was not contacted.
+            (`local.check_relay_socket`); QEMU was not changed.
         ConnectError, StateError, UnsupportedError, TimeoutError: as `migrate`.
     """
     if request.relay is None:
@@ -525,13 +535,17 @@ async def run_migration(
         sockets = [socket]
         if request.storage is not None:
             sockets.append(local.storage_socket(socket))
-        if request.wait_socket > 0:
-            await wait_for_sockets(sockets, request.wait_socket, stop)
-        for path in sockets:
-            local.check_relay_socket(path, request.socket_owners)
+
+        async def relay_socket_ready() -> None:
+            if request.wait_socket > 0:
+                await wait_for_sockets(sockets, request.wait_socket, stop)
+            for path in sockets:
+                local.check_relay_socket(path, request.socket_owners)
+
         return await _migrate_reporting(
-            request, f"unix:{socket}", None, on_progress, interval, stop
-        )
+            request, f"unix:{socket}", None, on_progress, interval, stop,
+            before_start=relay_socket_ready,
+        )  # fmt: skip
     options = request.options
     headers, disks = await _reporting(_announce_source(request))
     settings = dataclasses.replace(
@@ -630,6 +644,7 @@ async def _migrate_reporting(
     interval: float,
     stop: asyncio.Event | None,
     disks: Sequence[Disk] | None = None,
+    before_start: Callable[[], Awaitable[None]] | None = None,
 ) -> MigrationResult | None:
     """`migrate`, with its failure told in the operator's words (`MigrationFailed`)."""
     storage_socket = None
@@ -658,10 +673,13 @@ async def _migrate_reporting(
             disks=disks,
             convergence=request.convergence,
             quit_source=request.quit_source,
+            before_start=before_start,
         )
     except NotConvergingError as exc:
         text = f"migration cancelled: {exc}"
         raise MigrationFailed(text, str(exc)) from exc
+    except MigrationFailed:
+        raise  # told in the operator's words already (before_start)
     except MigrationError as exc:
         stopped = stop is not None and stop.is_set()
         # A paused postcopy migration was not cancelled: its own text says so.
