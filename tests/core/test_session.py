@@ -100,13 +100,14 @@ def test_violation_queues_close_with_its_code_and_ignores_further_input() -> Non
     assert server.receive_data(memoryview(encode_frame(Opcode.BINARY, b"x", KEY))) == []
 
 
-def test_data_after_end_of_stream_is_a_protocol_error() -> None:
+def test_data_after_end_of_stream_is_a_policy_violation() -> None:
     client, server = _pair()
     client.send_end_of_stream()
     _deliver(client, server)
     late = encode_frame(Opcode.BINARY, b"late", KEY)
     events = server.receive_data(memoryview(late))
-    assert events == [ProtocolViolation(CloseCode.PROTOCOL_ERROR, "data after end of stream")]
+    assert events == [ProtocolViolation(CloseCode.POLICY_VIOLATION, "data after end of stream")]
+    assert server.close_sent == (CloseCode.POLICY_VIOLATION, "data after end of stream")
 
 
 def test_peer_close_is_echoed_and_frames_after_it_are_dropped() -> None:

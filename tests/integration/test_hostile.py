@@ -401,7 +401,7 @@ FRAME_CASES: list[tuple[str, bytes, int]] = [
     (
         "data-after-end-of-stream",
         masked(Opcode.BINARY, b"") + masked(Opcode.BINARY, b"late"),
-        1002,
+        1008,  # valid RFC 6455, against migrelay.v1's half-close: policy
     ),
 ]
 

@@ -53,7 +53,7 @@ from enum import Enum
 from typing import Final, Protocol, cast
 
 from migrelay.core.events import EndOfStream, Payload
-from migrelay.core.frames import MAX_HEADER_BYTES
+from migrelay.core.frames import MAX_HEADER_BYTES, CloseCode
 from migrelay.core.mask import NATIVE
 from migrelay.core.session import Liveness, LocalLoss, RelaySession, describe_close
 from migrelay.limits import Limits
@@ -291,7 +291,11 @@ class UnixLeg(asyncio.BufferedProtocol):
             assert self.transport is not None
             self.transport.pause_reading()
             return
-        channel.unix_data(buffers.view, nbytes)
+        try:
+            channel.unix_data(buffers.view, nbytes)
+        except Exception as exc:
+            channel.internal_error("relaying from the unix side", exc)
+            return
         if channel.ws_write_busy:
             # OWNERSHIP: the frame is (or may be) queued in the WebSocket transport.
             buffers.hold_current()
@@ -336,7 +340,11 @@ class WebSocketLeg(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         buffers = self.buffers
         channel = self.channel
-        channel.ws_data(buffers.view[:nbytes])
+        try:
+            channel.ws_data(buffers.view[:nbytes])
+        except Exception as exc:
+            channel.internal_error("relaying from the websocket", exc)
+            return
         if channel.unix_write_busy:
             # OWNERSHIP: payload views of this buffer are (or may be) queued in the
             # unix transport.
@@ -430,6 +438,13 @@ class Channel:
         """Start relaying: replay what happened on either side before the hand-over,
         then read the WebSocket (the caller hands it over with reading paused) unless
         the replay left a reason not to (`WsPause`)."""
+        try:
+            self._start(trailing_data)
+        except Exception as exc:
+            # The replay relays bytes as the legs' reads do: the same 1011.
+            self.internal_error("starting to relay", exc)
+
+    def _start(self, trailing_data: bytes) -> None:
         if trailing_data:
             self.ws_data(memoryview(bytearray(trailing_data)), in_read_buffer=False)
         if not self._ws_pauses and not self._ws_closed:
@@ -648,6 +663,23 @@ class Channel:
         self.session.send_close(code, "")
         self._flush_control()
         self._close_unix()
+
+    def internal_error(self, where: str, exc: Exception) -> None:
+        """A bug of the relay's while ``where``: fail the channel with 1011.
+
+        The traceback goes to the log, the peer gets only the code (STYLE §6; RFC 6455
+        §7.4.1: "1011 indicates that a server is terminating the connection because it
+        encountered an unexpected condition"), and both QEMUs see the channel end at
+        once instead of a transport left half-way. A second error while the 1011
+        handshake runs drops both connections.
+        """
+        if self.session.close_sent is not None and (
+            self.session.close_sent[0] == CloseCode.INTERNAL_ERROR
+        ):
+            self.abort(f"internal error while {where}")
+            return
+        self.log.error("channel %s: internal error while %s", self.name, where, exc_info=exc)
+        self.close(CloseCode.INTERNAL_ERROR, f"internal error while {where} ({exc!r})")
 
     def abort(self, reason: str) -> None:
         """Drop both connections now, without a close handshake."""

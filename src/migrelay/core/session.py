@@ -242,8 +242,12 @@ class RelaySession:
             elif isinstance(event, PongReceived):
                 self._ping_outstanding = False
             elif self.remote_ended:
-                # A payload after end-of-stream: the peer broke DESIGN.md §3.
-                violation = ProtocolViolation(CloseCode.PROTOCOL_ERROR, "data after end of stream")
+                # A payload after end-of-stream: valid RFC 6455, but it breaks
+                # migrelay.v1's half-close (DESIGN.md §3), so 1008, not 1002: "a message
+                # that violates its policy" (RFC 6455 §7.4.1).
+                violation = ProtocolViolation(
+                    CloseCode.POLICY_VIOLATION, "data after end of stream"
+                )
                 events[index:] = [violation]
                 self._violated(violation)
                 break
