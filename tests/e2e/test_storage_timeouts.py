@@ -273,6 +273,11 @@ def test_incoming_copy_storage_gives_up_after_export_timeout_and_removes_its_exp
                 f"dst: exporting its disks on {dest_sock}.nbd until the migration ends",
                 "dst: migration none; disk exports removed",
             ], told
+            # What happened, in one line.
+            assert result.stderr.splitlines() == [
+                f"migrelay: error: no migration ended within --export-timeout"
+                f" {EXPORT_TIMEOUT_S:g} s (migration none); disk exports removed"
+            ], told
             left = await leftovers(dst)
             assert left.exports == [], left
             # QEMU itself is untouched: still waiting for a migration.

@@ -641,7 +641,16 @@ def incoming(
         typer.echo(f"{qmp.stem}: migration {last.status}; disk exports removed")
         if last.status is MigrationStatus.COMPLETED:
             return EXIT_OK
-        return EXIT_INTERRUPTED if stop.is_set() else EXIT_FAILURE
+        if stop.is_set():
+            return EXIT_INTERRUPTED
+        if last.status.is_terminal:
+            report_error(f"migration {last.status}; disk exports removed")
+        else:
+            report_error(
+                f"no migration ended within --export-timeout {export_timeout:g} s"
+                f" (migration {last.status}); disk exports removed"
+            )
+        return EXIT_FAILURE
 
     run_command(main)
 
