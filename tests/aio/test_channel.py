@@ -230,11 +230,13 @@ def test_data_both_ways_intact_then_half_closes_then_a_clean_close(
 
 
 def assert_closed_line(caplog: pytest.LogCaptureFixture, expected_clean: bool) -> None:
-    """The one definition of clean: the log line says "completed" exactly when the test
-    saw ``Channel.clean == expected_clean`` (the source relay's exit status)."""
+    """The one definition of clean: the log line says who ended first ("ended by ...",
+    never "completed") exactly when the test saw ``Channel.clean == expected_clean``
+    (the source relay's exit status)."""
     lines = closed_lines(caplog)
     assert len(lines) == 1, lines
-    assert (" closed: completed;" in lines[0]) is expected_clean, lines
+    assert (" closed: ended by the " in lines[0]) is expected_clean, lines
+    assert " completed" not in lines[0], lines
     assert lines[0].endswith("close code 1000 normal") or not expected_clean, lines
 
 

@@ -152,12 +152,28 @@ def _closed_cleanly() -> tuple[RelaySession, RelaySession]:
 
 
 def test_both_ends_and_both_closes_with_1000_is_the_one_clean_outcome() -> None:
-    for session in _closed_cleanly():
-        assert session.outcome() == ChannelOutcome(True, CloseCode.NORMAL, "completed")
+    # The source (the client) ended first. Never "completed": a migration cancelled at
+    # the source ends its streams just like this (ChannelOutcome).
+    client, server = _closed_cleanly()
+    ended = "ended by the source, then by the destination"
+    assert client.outcome() == ChannelOutcome(True, CloseCode.NORMAL, ended)
+    assert server.outcome() == ChannelOutcome(True, CloseCode.NORMAL, ended)
+
+
+def test_a_clean_outcome_names_the_side_that_ended_first() -> None:
+    client, server = _pair()
+    server.send_end_of_stream()  # the destination first
+    _deliver(server, client)
+    client.send_end_of_stream()
+    _deliver(client, server)
+    _deliver(server, client)
+    ended = "ended by the destination, then by the source"
+    assert client.outcome() == ChannelOutcome(True, CloseCode.NORMAL, ended)
+    assert server.outcome() == ChannelOutcome(True, CloseCode.NORMAL, ended)
 
 
 def test_close_sent_with_1000_but_none_received_is_not_clean() -> None:
-    # Regression: the log line counted a Close *sent* with 1000 as "completed" while
+    # Regression: the log line counted a Close *sent* with 1000 as clean while
     # Channel.clean (the source relay's exit code) wanted one *received*.
     client, server = _pair()
     client.send_end_of_stream()

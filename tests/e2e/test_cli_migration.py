@@ -286,7 +286,8 @@ OPENED_LOG_LINE = re.compile(
 )
 CLOSED_LOG_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO channel [0-9a-f]{16}/\d+ closed:"
-    r" completed; sent [\d.]+ \w*B, received [\d.]+ \w*B in [\d.]+ s \([\d.]+ \w*B/s\);"
+    r" ended by the (?:source|destination), then by the (?:source|destination);"
+    r" sent [\d.]+ \w*B, received [\d.]+ \w*B in [\d.]+ s \([\d.]+ \w*B/s\);"
     r" close code 1000 normal"
 )
 

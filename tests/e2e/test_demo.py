@@ -43,8 +43,9 @@ def test_tools_demo_as_printed_migrates_and_finds_the_ram_identical() -> None:
     assert re.search(
         r"^completed in [\d.]+ s: .* source stopped \(postmigrate\)$", result.stdout, re.M
     ), told
-    # The relays' logs say the channel ended normally on both sides.
-    assert result.stdout.count("closed: completed;") == 2, told
+    # The relays' logs say the channel ended normally on both sides (who ended it first:
+    # a relay cannot tell a completed migration from a cancelled one).
+    assert result.stdout.count("closed: ended by the ") == 2, told
     # The comparison of every byte of RAM, source against destination.
     assert re.search(
         rf"^identical: {DEMO_RAM_BYTES} bytes \(\S+/src\.ram == \S+/dst\.ram\)$",

@@ -244,7 +244,7 @@ def connect(
 
 def assert_channels_completed(*relays: MigrelayProcess) -> None:
     for relay in relays:
-        relay.wait_for_log(r"channel \S+ closed: completed")
+        relay.wait_for_log(r"channel \S+ closed: ended by the ")
         closed = [line for line in relay.log().splitlines() if " closed: " in line]
         assert closed and all("close code 1000 normal" in line for line in closed), relay.log()
 
@@ -523,7 +523,7 @@ def test_sigterm_during_a_migration_lets_it_complete(
     run_e2e(migrate(vm_pair, sock_dir, slow, during=terminate_serve))
     assert server.wait(10 * FACTOR) == 0
     log = server.log()
-    assert "shutting down" in log and "closed: completed" in log, log
+    assert "shutting down" in log and "closed: ended by the " in log, log
     assert "4004" not in log
 
 
@@ -638,7 +638,7 @@ def test_metrics_after_a_migration_show_the_bytes_it_moved(
     server = serve(migrelay_procs, sock_dir)
     connect(migrelay_procs, sock_dir, f"{server.url}/")
     run_e2e(migrate(vm_pair, sock_dir))
-    server.wait_for_log(r"channel \S+ closed: completed")
+    server.wait_for_log(r"channel \S+ closed: ended by the ")
     url = f"http://{server.host}:{server.port}/metrics"
     with urllib.request.urlopen(url, timeout=10 * FACTOR) as response:
         assert response.headers["Content-Type"].startswith("text/plain")

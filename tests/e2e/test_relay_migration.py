@@ -95,9 +95,9 @@ def test_migration_through_the_tunnel_keeps_ram_identical(
 
     run_e2e(scenario())
     channels = 1 + (multifd or 0)
-    # One "closed" line per channel on each side, each saying it completed normally.
+    # One "closed" line per channel on each side, each saying it ended normally.
     for relay in (server, client):
-        relay.wait_for_log(rf"(?s)(channel \S+ closed: completed.*){{{channels}}}")
+        relay.wait_for_log(rf"(?s)(channel \S+ closed: ended by the .*){{{channels}}}")
         lines = _closed_lines(relay)
         assert len(lines) == channels, relay.log()
         assert all("close code 1000 normal" in line for line in lines), relay.log()
@@ -175,4 +175,6 @@ def test_second_migration_through_the_same_relays_completes(
     sessions = [
         line for line in client.log().splitlines() if "session " in line and "ended" in line
     ]
-    assert len(sessions) == 2 and all("completed" in line for line in sessions), client.log()
+    assert len(sessions) == 2 and all(line.endswith("closed cleanly") for line in sessions), (
+        client.log()
+    )

@@ -277,7 +277,9 @@ def test_source_eof_reaches_destination_while_reply_keeps_flowing(
             assert [channel.clean for channel in r.closed] == [True]
             lines = channel_close_lines(logs)
             assert len(lines) == 2, lines  # one per relay
-            assert all("completed" in line and "1000 normal" in line for line in lines), lines
+            assert all(
+                " closed: ended by the " in line and "1000 normal" in line for line in lines
+            ), lines
 
     run_async(main())
 

@@ -666,7 +666,8 @@ class SourceRelay:
                 "session %s ended: %d channel(s), %s",
                 session.id,
                 session.next_channel + session.next_storage_channel,
-                "failed" if session.failed else "completed",
+                # Not "completed": the relay cannot tell (ChannelOutcome).
+                "failed" if session.failed else "closed cleanly",
             )
             if self.once:
                 self.finished.set()

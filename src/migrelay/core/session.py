@@ -128,8 +128,12 @@ class ChannelOutcome:
         clean: both directions ended, Close frames went both ways with 1000, and no
             failure was recorded.
         close_code: the code to report: the peer's Close, else ours, else None.
-        description: ``"completed"`` when clean, else the first failure recorded,
-            else ``"closed"``.
+        description: when clean, which QEMU ended its stream first (``"ended by the
+            source, then by the destination"``), else the first failure recorded, else
+            ``"closed"``. Never ``"completed"``: a relay cannot tell a completed
+            migration from one cancelled at the source (``migrate_cancel`` shuts the
+            source's socket down, and both QEMUs then end their streams as after a
+            completed one); QEMU knows, and ``migrate`` and ``status`` say it.
     """
 
     clean: bool
@@ -189,6 +193,8 @@ class RelaySession:
         self.local_ended = False
         #: Whether the peer sent its end-of-stream message.
         self.remote_ended = False
+        #: Whether our direction ended before the peer's (for :meth:`outcome`).
+        self._local_ended_first = False
         self.close_sent: tuple[int, str] | None = None
         self.close_rcvd: tuple[int, str] | None = None
         #: Whether the peer broke the protocol (the close code says how).
@@ -412,7 +418,16 @@ class RelaySession:
             and rcvd == CloseCode.NORMAL
             and self.failure is None
         )
-        description = "completed" if clean else (self.failure or "closed")
+        if clean:
+            # What the relay saw, no more: which QEMU ended its stream first.
+            source, destination = "the source", "the destination"
+            local, remote = (
+                (destination, source) if self.role is Role.SERVER else (source, destination)
+            )
+            first, then = (local, remote) if self._local_ended_first else (remote, local)
+            description = f"ended by {first}, then by {then}"
+        else:
+            description = self.failure or "closed"
         return ChannelOutcome(clean, rcvd if rcvd is not None else sent, description)
 
     # -- what we send --------------------------------------------------------------------
@@ -446,6 +461,7 @@ class RelaySession:
         if self.local_ended or self.close_sent is not None:
             return
         self.local_ended = True
+        self._local_ended_first = not self.remote_ended
         self._to_send.append(self._encode(Opcode.BINARY, b""))
         self._close_if_done()
 
