@@ -275,7 +275,7 @@ def test_readme_nginx_site_carries_a_relay_session_to_serve_and_back(
     assert relay_session(source, payload) == payload
     echo.join()
     for relay in (server, client):
-        relay.wait_for_log(r"channel \S+ closed: completed", timeout=STEP_TIMEOUT_S)
+        relay.wait_for_log(r"channel \S+ closed: ended by the ", timeout=STEP_TIMEOUT_S)
     opened = [line for line in server.log().splitlines() if " opened: " in line]
     # nginx's X-Forwarded-For, believed from the --trusted-proxy, names the client.
     assert len(opened) == 1 and " via 127.0.0.1:" in opened[0], server.log()

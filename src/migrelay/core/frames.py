@@ -83,7 +83,9 @@ class CloseCode(IntEnum):
     TLS_HANDSHAKE = 1015
     #: migrelay: the destination's unix socket closed or failed
     DESTINATION_CLOSED = 4000
-    #: migrelay: the destination's unix socket could not be reached
+    #: migrelay, reserved and never sent: an unreachable destination socket is refused
+    #: with 503 before the upgrade (serve answers 101 only once it is connected). Kept so
+    #: that an older relay that sent it is still described by name.
     DESTINATION_UNREACHABLE = 4001
     #: migrelay: no pong within the liveness timeout
     IDLE_TIMEOUT = 4002
