@@ -37,6 +37,10 @@ the secret (`derived_token_name`). Those 32 bits identify a token among a file's
 few, and say nothing useful about a random secret of 128 bits or more (a short,
 guessable secret could be confirmed against them, as against anything derived from it).
 
+A privileged target (``serve --privileged-target NAME``, or a ``--target-map`` to
+libvirt's read-write socket: `privileged_targets`) is opened only with a token that
+lists it: an any-target token (the first line above) is refused there with 403.
+
 The same secret twice, or the same name twice, is an error. Errors name the file and
 the line number, never the line's content: it holds a secret. The file is read again on
 SIGHUP.
@@ -48,7 +52,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -103,6 +107,57 @@ class TokenEntry:
             f"TokenEntry(name={self.name!r}, secret=<{len(self.secret)} bytes>, "
             f"targets={self.targets!r})"
         )
+
+
+#: The file names of libvirt's read-write and admin sockets (the monolithic daemon's and
+#: the modular ones': ``libvirt-sock``, ``libvirt-admin-sock``, ``virtqemud-sock``,
+#: ``virtproxyd-admin-sock``...), not the read-only ``*-sock-ro``. A client of one can
+#: define and start domains as the daemon's user (root): a mapped target at such a path
+#: is privileged without ``--privileged-target`` (`parse_target_map`).
+LIBVIRT_RW_SOCKET_RE: Final = re.compile(r"(libvirt|virt[a-z]+d)(-admin)?-sock")
+
+
+def parse_target_map(values: Iterable[str]) -> dict[str, Path]:
+    """``--target-map NAME=PATH`` values as name -> socket path.
+
+    Raises:
+        ConfigError: not ``NAME=PATH``, an invalid or repeated name, a relative path.
+    """
+    mapped: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--target-map wants NAME=PATH, not {value!r}")
+        if not TARGET_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"--target-map: invalid target name {name!r} (1 to 64 of A-Z a-z 0-9 _ . -)"
+            )
+        if name in mapped:
+            raise ConfigError(f"--target-map: target {name!r} mapped twice")
+        socket_path = Path(path)
+        if not socket_path.is_absolute():
+            raise ConfigError(f"--target-map: {path!r} is not an absolute path")
+        mapped[name] = socket_path
+    return mapped
+
+
+def privileged_targets(explicit: Iterable[str], mapped: Mapping[str, Path]) -> frozenset[str]:
+    """The privileged targets: the ``--privileged-target`` names, and every mapped target
+    whose socket is libvirt's read-write or admin socket by its file name
+    (`LIBVIRT_RW_SOCKET_RE`).
+
+    Raises:
+        ConfigError: an explicit name is not a valid target name.
+    """
+    names = set()
+    for name in explicit:
+        if not TARGET_NAME_RE.fullmatch(name):
+            raise ConfigError(f"--privileged-target: invalid target name {name!r}")
+        names.add(name)
+    names.update(
+        name for name, path in mapped.items() if LIBVIRT_RW_SOCKET_RE.fullmatch(path.name)
+    )
+    return frozenset(names)
 
 
 def derived_token_name(secret: bytes) -> str:

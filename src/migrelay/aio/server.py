@@ -95,6 +95,13 @@ class ServerConfig:
     port: int = 8765
     target: Path | None = None
     target_dir: Path | None = None
+    #: ``--target-map NAME=PATH``: the path ``/NAME`` reaches PATH, any unix socket
+    #: (opened without following a symlink, its listener's owner checked as any
+    #: target's). A mapped name wins over ``target_dir``'s ``NAME.sock``.
+    target_map: Mapping[str, Path] = field(default_factory=dict)
+    #: Targets only a token that lists them may open (`access.privileged_targets`): an
+    #: any-target token, or no token at all, is refused with 403.
+    privileged_targets: frozenset[str] = frozenset()
     #: ``--token-file``: each secret with its name and the targets it may reach.
     tokens: Sequence[access.TokenEntry] = ()
     ssl_context: ssl.SSLContext | None = None
@@ -477,6 +484,9 @@ class RelayServer:
         name = path[1:]
         if not TARGET_NAME_RE.fullmatch(name):
             raise Refusal(404, "unknown target")
+        mapped = config.target_map.get(name)
+        if mapped is not None:
+            return name, mapped
         if config.target_dir is None:
             raise Refusal(404, "unknown target")
         return name, config.target_dir / f"{name}.sock"
@@ -486,7 +496,20 @@ class RelayServer:
         return check_bearer(request, self.config.tokens)
 
     def authorize(self, token: access.TokenEntry | None, name: str) -> None:
-        """Refuse with 403 when ``token`` is restricted to targets other than ``name``."""
+        """Refuse with 403 when ``token`` is restricted to targets other than ``name``, or
+        ``name`` is privileged and ``token`` does not list it."""
+        if name in self.config.privileged_targets and (
+            token is None or token.targets is None or name not in token.targets
+        ):
+            # A token for libvirt's read-write socket is a key to the hypervisor (README
+            # "Threat model"): it is never granted by a token for any target.
+            who = "no token" if token is None else f"token {token.name}"
+            raise Refusal(
+                403,
+                "target needs a token that names it",
+                kind="privileged_target",
+                detail=f"/{name} is privileged and {who} does not name it",
+            )
         if token is None:
             return
         allowed = token.targets

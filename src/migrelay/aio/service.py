@@ -62,10 +62,14 @@ class ServeSettings:
 
     #: ``HOST:PORT`` (``[::1]:8765``; a bare host takes `DEFAULT_PORT`).
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
-    #: Destination socket of the path ``/``; `DEFAULT_DEST_SOCKET` when neither
-    #: ``target`` nor ``target_dir`` is given.
+    #: Destination socket of the path ``/``; `DEFAULT_DEST_SOCKET` when none of
+    #: ``target``, ``target_dir`` and ``target_map`` is given.
     target: Path | None = None
     target_dir: Path | None = None
+    #: ``--target-map NAME=PATH`` values: ``/NAME`` reaches PATH (before ``target_dir``).
+    target_map: Sequence[str] = ()
+    #: ``--privileged-target NAME``: a token must list NAME to open it.
+    privileged_target: Sequence[str] = ()
     token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -147,7 +151,7 @@ def load_server_config(
     """
     host, port = parse_listen(settings.listen)
     target = settings.target
-    if target is None and settings.target_dir is None:
+    if target is None and settings.target_dir is None and not settings.target_map:
         target = DEFAULT_DEST_SOCKET
     entries = access.load_token_entries(settings.token_file)
     metrics_tokens = access.load_token_entries(settings.metrics_token_file)
@@ -188,6 +192,15 @@ def load_server_config(
         target_dir = target_dir.resolve()
     if target is not None:
         local.prepare_default_dir(target)
+    target_map = access.parse_target_map(settings.target_map)
+    privileged = access.privileged_targets(settings.privileged_target, target_map)
+    if privileged and not entries:
+        # Without tokens anyone who reaches the port (any local user, on loopback) would
+        # reach libvirt's socket with serve's rights.
+        raise ConfigError(
+            f"privileged target {sorted(privileged)[0]} needs --token-file, with a token"
+            " that names it"
+        )
     try:
         workers = resolve_workers(settings.workers)
     except ValueError as exc:
@@ -197,6 +210,8 @@ def load_server_config(
         port=port,
         target=target,
         target_dir=target_dir,
+        target_map=target_map,
+        privileged_targets=privileged,
         tokens=entries,
         ssl_context=credentials.current if credentials is not None else None,
         wait_target=settings.wait_target,

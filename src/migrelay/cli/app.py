@@ -178,6 +178,25 @@ def serve(
             envvar="MIGRELAY_TARGET_DIR",
         ),
     ] = None,
+    target_map: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=PATH",
+            help="The path /NAME reaches the unix socket PATH (no symlink); repeatable;"
+            " wins over --target-dir's NAME.sock. libvirt's read-write socket"
+            " (libvirt-sock, virtqemud-sock...) is a privileged target.",
+            envvar="MIGRELAY_TARGET_MAP",
+        ),
+    ] = None,
+    privileged_target: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME",
+            help="Only a token that lists NAME may open /NAME (an any-target token gets"
+            " 403); repeatable.",
+            envvar="MIGRELAY_PRIVILEGED_TARGET",
+        ),
+    ] = None,
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -362,6 +381,8 @@ def serve(
         listen=listen,
         target=target,
         target_dir=target_dir,
+        target_map=tuple(target_map or ()),
+        privileged_target=tuple(privileged_target or ()),
         token_file=token_file,
         tls_cert=tls_cert,
         tls_key=tls_key,
