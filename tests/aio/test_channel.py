@@ -23,6 +23,7 @@ from tests.helpers import FACTOR, wait_until
 
 from migrelay.aio.channel import (
     HEADROOM,
+    UNIX_SNDBUF_BYTES,
     Channel,
     ReadBuffers,
     UnixLeg,
@@ -685,6 +686,27 @@ def test_send_direct_lets_the_caller_read_what_a_vanished_peer_wrote_before_the_
             transport, direct_fd(transport), memoryview(b"fine"), lambda: called.append(True)
         )
         assert called == [] and theirs.recv(10) == b"fine"
+        transport.close()
+        theirs.close()
+
+    run_async(main())
+
+
+def test_a_unix_leg_asks_for_a_4_mib_send_buffer(run_async: Run) -> None:
+    """README (Data path and memory): "the unix legs ask for 4 MiB of send buffer, capped
+    by net.core.wmem_max" (Linux doubles what is asked, for its bookkeeping)."""
+
+    with open("/proc/sys/net/core/wmem_max") as limit:
+        wmem_max = int(limit.read())
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        default = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        transport, _ = await loop.create_unix_connection(lambda: UnixLeg(1 << 20), sock=ours)
+        asked = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert UNIX_SNDBUF_BYTES == 2 << 20
+        assert asked == 2 * min(UNIX_SNDBUF_BYTES, wmem_max) != default
         transport.close()
         theirs.close()
 
