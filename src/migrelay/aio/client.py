@@ -368,10 +368,20 @@ class SourceRelay:
         listen_path: the unix socket QEMU migrates to.
         once: stop after the first migration session ends.
         mode: the socket file's permissions.
+        storage: listen on `storage_path` too (not for ``connect --map``, whose
+            sockets are each named by the user: libvirt names its NBD socket itself).
+        finished: the `finished` event, shared by the relays of ``connect --map``.
     """
 
     def __init__(
-        self, config: ClientConfig, listen_path: Path, *, once: bool = False, mode: int = 0o600
+        self,
+        config: ClientConfig,
+        listen_path: Path,
+        *,
+        once: bool = False,
+        mode: int = 0o600,
+        storage: bool = True,
+        finished: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.listen_path = listen_path
@@ -379,9 +389,10 @@ class SourceRelay:
         self.mode = mode
         #: Where source QEMU's NBD client connects to copy disks.
         self.storage_path = storage_socket(listen_path)
+        self._paths = (listen_path, self.storage_path) if storage else (listen_path,)
         #: Set when ``once`` and the latest session ended; cleared when another begins
         #: (a postcopy migration resumed after a failed link opens a new session).
-        self.finished = asyncio.Event()
+        self.finished = asyncio.Event() if finished is None else finished
         #: Whether every channel of every finished session ended cleanly.
         self.all_clean = True
         #: The error that kept a channel from opening (a refusal, an unreachable
@@ -415,19 +426,24 @@ class SourceRelay:
         """
         return self._ended_bytes_sent + sum(channel.bytes_sent for channel in self._channels)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a session has a channel open (or opening)."""
+        return self._session is not None and self._session.open_channels > 0
+
     async def start(self) -> None:
         """Start listening. Raises RelayError/OSError when the socket cannot be made."""
         WebSocketURL.parse(self.config.url)  # fail early on a bad URL
         loop = asyncio.get_running_loop()
         try:
-            for path in (self.listen_path, self.storage_path):
+            for path in self._paths:
                 self._listeners.append(prepare_unix_listener(path, self.mode))
             self._pool.start()
         except BaseException:
             await self._stop_listening()
             raise
         self._reserve = reserve = DescriptorReserve()
-        for sock, storage in zip(self._listeners, (False, True), strict=True):
+        for sock, storage in zip(self._listeners, (False, True)[: len(self._paths)], strict=True):
             self._accept_tasks.append(
                 loop.create_task(
                     accept_forever(
@@ -439,7 +455,8 @@ class SourceRelay:
                 )
             )
         logger.info("listening on %s, relaying to %s", self.listen_path, self.config.url)
-        logger.debug("listening for disk copies (NBD) on %s", self.storage_path)
+        if len(self._paths) > 1:
+            logger.debug("listening for disk copies (NBD) on %s", self.storage_path)
 
     def _out_of_descriptors(self, exc: OSError) -> None:
         logger.warning(
@@ -460,7 +477,7 @@ class SourceRelay:
             self._reserve = None
         if not listeners:
             return
-        for path in (self.listen_path, self.storage_path):
+        for path in self._paths:
             try:
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()

@@ -3,9 +3,13 @@
 `ClientSettings` holds what the operator gave (a URL, file paths, header lines, a
 proxy); `ClientSettings.load` reads the files and returns the `ClientConfig` that
 `SourceRelay` runs with. `run_source_relay` is ``migrelay connect``: it listens until
-stopped (or, with ``once``, until the first migration ends). `private_relay` is
-``migrate --to``: the same relay on a socket in a fresh private directory, for one
-migration, removed afterwards.
+stopped (or, with ``once``, until the first migration ends). `run_mapped_relays` is
+``connect --map NAME=PATH ...``: one relay per socket, each to the target ``/NAME`` of
+the same server, as a libvirt migration needs (libvirt's RPC, QEMU's migration stream,
+the NBD disk copy); with ``once`` it ends when the migration has ended, that is once a
+session has ended on one of the sockets and no socket has a channel open any more.
+`private_relay` is ``migrate --to``: the same relay on a socket in a fresh private
+directory, for one migration, removed afterwards.
 
 What `ClientSettings.load` refuses beyond malformed values: TLS options with a ``ws://``
 URL (they would be ignored), and credentials (a token, an ``Authorization`` header)
@@ -19,10 +23,12 @@ one-host workflow on loopback; a remote ``ws://`` server is the operator's choic
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +49,9 @@ __all__ = [
     "ClientSettings",
     "choose_proxy",
     "parse_header_lines",
+    "parse_socket_map",
     "private_relay",
+    "run_mapped_relays",
     "run_source_relay",
 ]
 
@@ -226,6 +234,91 @@ async def run_source_relay(
     if once and not relay.finished.is_set():
         return EXIT_INTERRUPTED
     return 0 if relay.all_clean else 1
+
+
+def parse_socket_map(values: Sequence[str]) -> dict[str, Path]:
+    """``connect --map NAME=PATH`` values as target name -> socket path.
+
+    Raises:
+        ConfigError: not ``NAME=PATH``, an invalid target name, a name or path twice.
+    """
+    mapped: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--map wants NAME=PATH, not {value!r}")
+        if not access.TARGET_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"--map: invalid target name {name!r} (1 to 64 of A-Z a-z 0-9 _ . -)"
+            )
+        if name in mapped or Path(path) in mapped.values():
+            raise ConfigError(f"--map: {value!r} repeats a name or a path")
+        mapped[name] = Path(path)
+    return mapped
+
+
+def target_url(base: str, name: str) -> str:
+    """``base`` (the server's URL, maybe with a prefix) with ``/name`` appended."""
+    parts = urllib.parse.urlsplit(base)
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
+
+
+async def run_mapped_relays(
+    settings: ClientSettings,
+    sockets: Mapping[str, Path],
+    stop: asyncio.Event,
+    *,
+    once: bool = False,
+) -> int:
+    """``migrelay connect URL --map NAME=PATH ...``: listen on each PATH and carry its
+    connections to ``URL/NAME``, until ``stop`` (or, with ``once``, the migration's end).
+
+    A libvirt migration uses its sockets at overlapping times (``--p2p``: libvirt's RPC
+    connection lasts from before the first byte of RAM until after the domain started
+    on the destination; ``--copy-storage-all``: the NBD copy lasts until the stream
+    ends), so with ``once`` the migration has ended when a session ended on one of the
+    sockets and none has a channel open or opening any more.
+
+    Returns:
+        0 when every channel ended cleanly, 1 otherwise, `EXIT_INTERRUPTED` when
+        ``once`` was stopped before the migration ended.
+
+    Raises:
+        ConfigError: the settings cannot be used.
+        RelayError, OSError: a socket cannot be made; nothing was started.
+    """
+    ended = asyncio.Event()
+    relays = [
+        SourceRelay(
+            dataclasses.replace(settings, url=target_url(settings.url, name)).load(),
+            path,
+            once=once,
+            storage=False,
+            finished=ended,
+        )
+        for name, path in sockets.items()
+    ]
+    started: list[SourceRelay] = []
+    try:
+        for relay in relays:
+            local.prepare_default_dir(relay.listen_path)
+            await relay.start()
+            started.append(relay)
+        finished = False
+        while not finished:
+            await wait_first(stop.wait(), ended.wait())
+            if stop.is_set() or not once:
+                break
+            # Set by the relay whose session ended: the others may still carry one.
+            finished = not any(relay.busy for relay in relays)
+            if not finished:
+                ended.clear()
+    finally:
+        for relay in started:
+            await relay.close()
+    if once and not finished:
+        return EXIT_INTERRUPTED
+    return 0 if all(relay.all_clean for relay in relays) else 1
 
 
 @asynccontextmanager

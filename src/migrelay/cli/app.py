@@ -3,7 +3,7 @@
 | command    | calls                                              | layer          |
 |------------|----------------------------------------------------|----------------|
 | serve      | `migrelay.aio.service.serve`                       | I/O            |
-| connect    | `migrelay.aio.source.run_source_relay`             | I/O            |
+| connect    | `migrelay.aio.source.run_source_relay` / `run_mapped_relays` | I/O  |
 | incoming   | `migrelay.control.commands.incoming`               | control (QMP)  |
 | migrate    | `migrelay.control.commands.run_migration`          | control (QMP)  |
 | status     | `migrelay.control.commands.query` / `watch`        | control (QMP)  |
@@ -34,7 +34,13 @@ from migrelay.aio import local, runner, service
 from migrelay.aio.client import ClientConfig
 from migrelay.aio.local import SocketOwners
 from migrelay.aio.service import DEFAULT_DEST_SOCKET, ServeSettings
-from migrelay.aio.source import DEFAULT_SOURCE_SOCKET, ClientSettings, run_source_relay
+from migrelay.aio.source import (
+    DEFAULT_SOURCE_SOCKET,
+    ClientSettings,
+    parse_socket_map,
+    run_mapped_relays,
+    run_source_relay,
+)
 from migrelay.cli.options import (
     CaOpt,
     ClientCertOpt,
@@ -420,14 +426,32 @@ def serve(
 @app.command()
 def connect(
     url: Annotated[
-        str, typer.Argument(help="ws:// or wss:// URL of migrelay serve.", envvar="MIGRELAY_URL")
+        str,
+        typer.Argument(
+            help="ws:// or wss:// URL of migrelay serve (with --map: without the /NAME).",
+            envvar="MIGRELAY_URL",
+        ),
     ],
     listen_unix: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            help="Unix socket that source QEMU migrates to.", envvar="MIGRELAY_LISTEN_UNIX"
+            help=f"Unix socket that source QEMU migrates to [default: {DEFAULT_SOURCE_SOCKET}"
+            " unless --map].",
+            envvar="MIGRELAY_LISTEN_UNIX",
         ),
-    ] = DEFAULT_SOURCE_SOCKET,
+    ] = None,
+    map: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            metavar="NAME=PATH",
+            help="Listen on PATH and carry its connections to URL/NAME; repeatable: one"
+            " process for every socket of a libvirt migration (libvirt's RPC, migration,"
+            " NBD). With --once: exit when the migration has ended (no socket has a"
+            " channel open after one session ended).",
+            envvar="MIGRELAY_MAP",
+        ),
+    ] = None,
     token_file: TokenFileOpt = None,
     header: HeaderOpt = None,
     ca: CaOpt = None,
@@ -473,7 +497,16 @@ def connect(
         open_retry=retry_open,
         workers=workers,
     )
-    run_command(lambda stop: run_source_relay(settings, listen_unix, stop, once=once))
+    if map:
+        if listen_unix is not None:
+            exit_with("--listen-unix and --map exclude each other: give the socket as --map")
+        try:
+            sockets = parse_socket_map(map)
+        except ConfigError as exc:
+            exit_with(str(exc))
+        run_command(lambda stop: run_mapped_relays(settings, sockets, stop, once=once))
+    socket = DEFAULT_SOURCE_SOCKET if listen_unix is None else listen_unix
+    run_command(lambda stop: run_source_relay(settings, socket, stop, once=once))
 
 
 # -- QMP control: incoming, migrate, status, cancel ---------------------------------------
