@@ -38,7 +38,9 @@ def libvirt_hosts() -> Iterator[tuple[LibvirtHost, LibvirtHost]]:
     missing = [name for name in REQUIRED_PROGRAMS if shutil.which(name) is None]
     assert not missing, f"missing {', '.join(missing)}: run tools/setup"
     assert Path(LIBVIRTD).exists(), f"missing {LIBVIRTD}: run tools/setup"
-    with short_temp_dir() as root, host_pair(root) as hosts:
+    # On tmpfs: the RAM files are then shared memory, which postcopy's userfaultfd
+    # supports (not a file on ext4).
+    with short_temp_dir("/dev/shm") as root, host_pair(root) as hosts:
         yield hosts
 
 
