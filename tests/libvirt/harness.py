@@ -65,7 +65,8 @@ REQUIRED_PROGRAMS = ("virsh", "socat", "unshare", "nsenter", "qemu-system-x86_64
 #: migration sockets (``--migrateuri``, ``--disks-uri``) and, on the source, the socket
 #: its daemon reaches the destination's through (``--p2p``).
 SOCKET_DIR = "/run/migrelay-libvirt"
-#: The sockets in it, named NAME.sock so that ``serve --target-dir`` serves them as /NAME.
+#: The sockets in it, as the README's libvirt section names them (``serve --target-map``
+#: maps /libvirt, /migrate and /nbd to them, /libvirt to `DAEMON_SOCKET`).
 LIBVIRT_SOCKET = f"{SOCKET_DIR}/libvirt.sock"
 MIGRATION_SOCKET = f"{SOCKET_DIR}/migrate.sock"
 NBD_SOCKET = f"{SOCKET_DIR}/nbd.sock"
@@ -427,7 +428,8 @@ class MigrationCase:
 
     name: str
     #: ``--p2p``: the source daemon reaches the destination's itself, through
-    #: `LIBVIRT_SOCKET`; else virsh (the test process) talks to both daemons.
+    #: `LIBVIRT_SOCKET`; else virsh (the test process) does, through the same socket
+    #: (`rpc_socket_for`).
     p2p: bool
     flags: tuple[str, ...] = ()
     #: The domain has a disk, copied with ``--copy-storage-all`` through `NBD_SOCKET`.
@@ -450,17 +452,26 @@ CASES = (
 )
 
 
-def migrate_command(case: MigrationCase, domain: str, dst: LibvirtHost) -> list[str]:
-    """The ``virsh migrate`` arguments of ``case`` (run against the source)."""
-    # Without --p2p, virsh itself connects to the destination daemon, from the test's
-    # namespace; with it the source daemon does, inside its own, through the forwarded
-    # socket.
-    desturi = f"qemu+unix:///system?socket={LIBVIRT_SOCKET}" if case.p2p else dst.uri
-    args = ["migrate", "--live", *(["--p2p"] if case.p2p else []), domain, desturi]
+def migrate_command(case: MigrationCase, domain: str, rpc_socket: str) -> list[str]:
+    """The ``virsh migrate`` arguments of ``case`` (run against the source), in the
+    order the README prints them, with the destination daemon reached at ``rpc_socket``.
+
+    Without ``--p2p`` virsh itself connects to the destination daemon, so ``rpc_socket``
+    is a path where virsh runs (the test's namespace: `rpc_socket_for`); with it the
+    source daemon does, inside its own namespace, at `LIBVIRT_SOCKET`.
+    """
+    args = ["migrate", "--live", *(["--p2p"] if case.p2p else []), *case.flags, domain]
+    args += [f"qemu+unix:///system?socket={rpc_socket}"]
     args += ["--migrateuri", f"unix://{MIGRATION_SOCKET}"]
     if case.disk:
         args += ["--disks-uri", f"unix://{NBD_SOCKET}"]
-    return [*args, *case.flags]
+    return args
+
+
+def rpc_socket_for(case: MigrationCase, src: LibvirtHost) -> str:
+    """Where the process that opens the destination daemon (virsh, or the source daemon
+    with ``--p2p``) finds the source's `LIBVIRT_SOCKET`."""
+    return LIBVIRT_SOCKET if case.p2p else str(src.outside(LIBVIRT_SOCKET))
 
 
 def differing_pages(path_a: Path, path_b: Path) -> list[int]:
@@ -487,7 +498,8 @@ def run_case(
     """
     expected_ram = prepare_domain(src, dst, case, domain, seed)
     start = time.monotonic()
-    src.virsh(*migrate_command(case, domain, dst), timeout=MIGRATION_TIMEOUT_S)
+    command = migrate_command(case, domain, rpc_socket_for(case, src))
+    src.virsh(*command, timeout=MIGRATION_TIMEOUT_S)
     elapsed = time.monotonic() - start
     check_arrived(src, dst, case, domain, expected_ram)
     return elapsed
