@@ -542,10 +542,18 @@ async def run_migration(
             for path in sockets:
                 local.check_relay_socket(path, request.socket_owners)
 
+        if all(path.is_socket() for path in sockets) or request.wait_socket <= 0:
+            # Nothing to wait for: who bound the sockets is checked before QEMU is
+            # contacted at all.
+            await relay_socket_ready()
+            ready = None
+        else:
+            # Waited for once QEMU answered and the VM can migrate, so that a dead QMP
+            # socket or a VM that cannot be a source is told at once, not after the wait.
+            ready = relay_socket_ready
         return await _migrate_reporting(
-            request, f"unix:{socket}", None, on_progress, interval, stop,
-            before_start=relay_socket_ready,
-        )  # fmt: skip
+            request, f"unix:{socket}", None, on_progress, interval, stop, before_start=ready
+        )
     options = request.options
     headers, disks = await _reporting(_announce_source(request))
     settings = dataclasses.replace(
