@@ -35,9 +35,10 @@ ABSENT_UNLESS_GIVEN: dict[str, set[str]] = {
     "serve": {
         "--target-dir", "--token-file", "--tls-cert", "--tls-key", "--client-ca", "--qmp",
         "--qmp-dir", "--config", "--allow-host", "--trusted-proxy", "--path-prefix",
+        "--target-map",
     },
     "connect": {"--token-file", "--header", "--fingerprint", "--tls-cert", "--tls-key",
-                "--config"},
+                "--config", "--map"},
     "incoming": {"--multifd", "--compress", "--migrate-disks"},
     "migrate": {
         "--to", "--multifd", "--compress", "--xbzrle-cache", "--migrate-disks",
