@@ -35,7 +35,7 @@ ABSENT_UNLESS_GIVEN: dict[str, set[str]] = {
     "serve": {
         "--target-dir", "--token-file", "--tls-cert", "--tls-key", "--client-ca", "--qmp",
         "--qmp-dir", "--config", "--allow-host", "--trusted-proxy", "--path-prefix",
-        "--target-map",
+        "--target-map", "--privileged-target",
     },
     "connect": {"--token-file", "--header", "--fingerprint", "--tls-cert", "--tls-key",
                 "--config", "--map"},
