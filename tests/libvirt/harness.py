@@ -47,6 +47,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,6 +60,8 @@ from tests.helpers import FACTOR
 
 #: The programs the harness runs; ``tools/setup`` installs them.
 LIBVIRTD = "/usr/sbin/libvirtd"
+#: The direct runs' forwarder (a script, run by this interpreter).
+ORDERED_FORWARD = Path(__file__).with_name("ordered_forward.py")
 REQUIRED_PROGRAMS = ("virsh", "socat", "unshare", "nsenter", "qemu-system-x86_64")
 
 #: The socket directory both hosts have at the same path, with different contents: the
@@ -385,8 +388,9 @@ def write_random(path: Path, size: int, seed: int, *, in_place: bool = False) ->
 
 
 class Forwarders:
-    """``socat`` processes, each forwarding one unix socket to another, as libvirt's own
-    migration tests do; all stopped (with the connections they forked) by `stop_all`."""
+    """Processes each forwarding one unix socket to another, as libvirt's own migration
+    tests do with socat, but keeping the order of connections
+    (`tests.libvirt.ordered_forward`); all stopped by `stop_all`."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -396,7 +400,7 @@ class Forwarders:
         """Forward every connection to ``listen`` to ``target``; wait until it listens."""
         with (self.log_dir / f"socat-{len(self.popens)}.log").open("wb") as log:
             popen = subprocess.Popen(
-                ["socat", f"UNIX-LISTEN:{listen},fork,unlink-early", f"UNIX-CONNECT:{target}"],
+                [sys.executable, str(ORDERED_FORWARD), str(listen), str(target)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -406,7 +410,7 @@ class Forwarders:
         deadline = time.monotonic() + FORWARDER_START_S
         while not listen.is_socket():
             if popen.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"socat did not listen on {listen}")
+                raise AssertionError(f"the forwarder did not listen on {listen}")
             time.sleep(_POLL_S)
 
     def stop_all(self) -> None:
