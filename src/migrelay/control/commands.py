@@ -365,7 +365,11 @@ async def migrate(
         if before_start is not None:
             if not paused:
                 await check_can_start(qmp)
+            # QEMU's monitor serves one client at a time: let `status` and the others
+            # use it while this waits.
+            await qmp.release()
             await before_start()
+            await qmp.reconnect()
         if paused:
             # follow_migration resumes it: the same path as a link that fails now (the
             # disks, if any, were in sync before postcopy began).
