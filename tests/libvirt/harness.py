@@ -442,6 +442,19 @@ class MigrationCase:
     #: no boot device and halts, having written a few hundred pages of its RAM, which
     #: `check_arrived` then allows to differ (`FIRMWARE_BYTES`).
     running: bool = False
+    #: Switch to postcopy while the first pass runs (`virsh migrate-postcopy`, as an
+    #: operator would), and check that the switch was taken: with an idle guest the
+    #: first pass alone would complete the migration, and ``--postcopy-after-precopy``
+    #: would never switch. ``--bandwidth`` (MiB/s) on top of the printed command keeps
+    #: that pass long enough to be caught.
+    switch_to_postcopy: bool = False
+
+
+#: ``--bandwidth`` of the switching case: 64 MiB take 4 s, the switch comes within 1.
+SWITCH_BANDWIDTH_MIB_S = 16
+#: How long the switching case tries `virsh migrate-postcopy` (libvirt refuses it until
+#: its migration job is running).
+SWITCH_TIMEOUT_S = 30.0 * FACTOR
 
 
 #: The forms of issue 16.
@@ -451,7 +464,11 @@ CASES = (
     MigrationCase("copy-storage-all", p2p=True, flags=("--copy-storage-all",), disk=True),
     MigrationCase("parallel", p2p=True, flags=("--parallel", "--parallel-connections", "2")),
     MigrationCase(
-        "postcopy", p2p=True, flags=("--postcopy", "--postcopy-after-precopy"), running=True
+        "postcopy",
+        p2p=True,
+        flags=("--postcopy", "--postcopy-after-precopy"),
+        running=True,
+        switch_to_postcopy=True,
     ),
 )
 
@@ -503,10 +520,58 @@ def run_case(
     expected_ram = prepare_domain(src, dst, case, domain, seed)
     start = time.monotonic()
     command = migrate_command(case, domain, rpc_socket_for(case, src))
-    src.virsh(*command, timeout=MIGRATION_TIMEOUT_S)
+    if case.switch_to_postcopy:
+        migrate_switching_to_postcopy(src, domain, command)
+    else:
+        src.virsh(*command, timeout=MIGRATION_TIMEOUT_S)
     elapsed = time.monotonic() - start
     check_arrived(src, dst, case, domain, expected_ram)
     return elapsed
+
+
+def migrate_switching_to_postcopy(src: LibvirtHost, domain: str, command: list[str]) -> None:
+    """Run ``virsh migrate`` (``command``, at `SWITCH_BANDWIDTH_MIB_S`) and switch it to
+    postcopy while it runs.
+
+    Raises:
+        AssertionError: the switch was not taken before the migration ended, or the
+            migration failed.
+    """
+    rate = str(SWITCH_BANDWIDTH_MIB_S)
+    argv = ["virsh", "-q", "-c", src.uri, *command, "--bandwidth", rate]
+    # The postcopy phase at the same rate: long enough (seconds) to be seen.
+    argv += ["--postcopy-bandwidth", rate]
+    migrate = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + SWITCH_TIMEOUT_S
+        refusals: list[str] = []
+        while migrate.poll() is None and time.monotonic() < deadline:
+            answer = src.virsh("migrate-postcopy", domain, check=False)
+            if answer.returncode == 0:
+                break
+            refusals.append(answer.stderr.strip())  # no migration job yet
+            time.sleep(_POLL_S)
+        else:
+            raise AssertionError(
+                f"virsh migrate-postcopy {domain} was never accepted while the migration"
+                f" ran: {refusals[-3:]}\n{src.logs()}"
+            )
+        # The source is paused in postcopy until the destination has every page.
+        states: list[str] = []
+        while migrate.poll() is None and time.monotonic() < deadline + MIGRATION_TIMEOUT_S:
+            states.append(src.virsh("domstate", "--reason", domain, check=False).stdout.strip())
+            time.sleep(_POLL_S)
+        _out, err = migrate.communicate(timeout=MIGRATION_TIMEOUT_S)
+        assert any("post-copy" in state for state in states), (states, src.logs())
+    finally:
+        if migrate.poll() is None:
+            migrate.kill()
+            migrate.wait()
+    assert migrate.returncode == 0, (
+        f"virsh migrate exited {migrate.returncode}: {err}\n{src.logs()}"
+    )
 
 
 def disk_image(domain: str) -> str:
