@@ -117,28 +117,44 @@ class TokenEntry:
 LIBVIRT_RW_SOCKET_RE: Final = re.compile(r"(libvirt|virt[a-z]+d)(-admin)?-sock")
 
 
-def parse_target_map(values: Iterable[str]) -> dict[str, Path]:
-    """``--target-map NAME=PATH`` values as name -> socket path.
+def parse_name_paths(
+    values: Iterable[str], option: str, *, absolute: bool = False, distinct_paths: bool = False
+) -> dict[str, Path]:
+    """``NAME=PATH`` option values (``serve --target-map``, ``connect --map``) as target
+    name -> socket path.
+
+    Args:
+        option: the option's name, for the errors.
+        absolute: refuse a relative PATH.
+        distinct_paths: refuse a PATH given twice (under two names).
 
     Raises:
-        ConfigError: not ``NAME=PATH``, an invalid or repeated name, a relative path.
+        ConfigError: not ``NAME=PATH``, an invalid or repeated name, a relative or
+            repeated path (as asked).
     """
     mapped: dict[str, Path] = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not path:
-            raise ConfigError(f"--target-map wants NAME=PATH, not {value!r}")
+            raise ConfigError(f"{option} wants NAME=PATH, not {value!r}")
         if not TARGET_NAME_RE.fullmatch(name):
             raise ConfigError(
-                f"--target-map: invalid target name {name!r} (1 to 64 of A-Z a-z 0-9 _ . -)"
+                f"{option}: invalid target name {name!r} (1 to 64 of A-Z a-z 0-9 _ . -)"
             )
-        if name in mapped:
-            raise ConfigError(f"--target-map: target {name!r} mapped twice")
         socket_path = Path(path)
-        if not socket_path.is_absolute():
-            raise ConfigError(f"--target-map: {path!r} is not an absolute path")
+        if name in mapped:
+            raise ConfigError(f"{option}: target {name!r} mapped twice")
+        if distinct_paths and socket_path in mapped.values():
+            raise ConfigError(f"{option}: {path!r} mapped twice")
+        if absolute and not socket_path.is_absolute():
+            raise ConfigError(f"{option}: {path!r} is not an absolute path")
         mapped[name] = socket_path
     return mapped
+
+
+def parse_target_map(values: Iterable[str]) -> dict[str, Path]:
+    """``serve --target-map NAME=PATH`` values (`parse_name_paths`; absolute paths)."""
+    return parse_name_paths(values, "--target-map", absolute=True)
 
 
 def privileged_targets(explicit: Iterable[str], mapped: Mapping[str, Path]) -> frozenset[str]:

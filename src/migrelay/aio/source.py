@@ -237,24 +237,9 @@ async def run_source_relay(
 
 
 def parse_socket_map(values: Sequence[str]) -> dict[str, Path]:
-    """``connect --map NAME=PATH`` values as target name -> socket path.
-
-    Raises:
-        ConfigError: not ``NAME=PATH``, an invalid target name, a name or path twice.
-    """
-    mapped: dict[str, Path] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"--map wants NAME=PATH, not {value!r}")
-        if not access.TARGET_NAME_RE.fullmatch(name):
-            raise ConfigError(
-                f"--map: invalid target name {name!r} (1 to 64 of A-Z a-z 0-9 _ . -)"
-            )
-        if name in mapped or Path(path) in mapped.values():
-            raise ConfigError(f"--map: {value!r} repeats a name or a path")
-        mapped[name] = Path(path)
-    return mapped
+    """``connect --map NAME=PATH`` values (`access.parse_name_paths`): one listener per
+    path, so no path twice."""
+    return access.parse_name_paths(values, "--map", distinct_paths=True)
 
 
 def target_url(base: str, name: str) -> str:
