@@ -38,6 +38,7 @@ from migrelay.aio.channel import Channel, UnixLeg
 from migrelay.aio.listener import DescriptorReserve, accept_forever
 from migrelay.aio.local import SocketOwners, peer_credentials, storage_socket
 from migrelay.aio.proxy import ProxyURL, open_tunnel
+from migrelay.aio.runner import RunOnce
 from migrelay.aio.tls import check_peer_fingerprint
 from migrelay.aio.workers import SocketHandoff, Worker, WorkerPool, abort_channel, call_on, run_on
 from migrelay.core.handshake import Accepted, ClientHandshake
@@ -340,12 +341,6 @@ def prepare_unix_listener(path: Path, mode: int = 0o600) -> socket.socket:
 _SUN_PATH_BYTES: Final = 108
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark a task's outcome as seen (its awaiters may all have been cancelled)."""
-    if not task.cancelled():
-        task.exception()
-
-
 @dataclass
 class _SourceSession:
     id: str
@@ -415,7 +410,7 @@ class SourceRelay:
         self._no_channels.set()
         #: What the channels that have ended sent (see `bytes_sent`).
         self._ended_bytes_sent = 0
-        self._close_task: asyncio.Task[None] | None = None
+        self._close_once = RunOnce(self._close)
 
     @property
     def bytes_sent(self) -> int:
@@ -490,10 +485,7 @@ class SourceRelay:
         Once begun, closing goes on to its end even if the caller is cancelled: a later
         call waits for the same end.
         """
-        if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(self._close())
-            self._close_task.add_done_callback(_retrieve)
-        await asyncio.shield(self._close_task)
+        await self._close_once()
 
     async def _close(self) -> None:
         try:

@@ -6,7 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -82,3 +82,25 @@ async def wait_first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
             future.cancel()
         await asyncio.gather(*futures, return_exceptions=True)
     return done
+
+
+class RunOnce:
+    """``function()`` run at most once, to its end even if a caller is cancelled
+    meanwhile (a second stop signal while a relay closes); every call waits for that
+    same end and raises what it raised."""
+
+    def __init__(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._function = function
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._function())
+            self._task.add_done_callback(_retrieve)
+        await asyncio.shield(self._task)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a task's outcome as seen (its awaiters may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()

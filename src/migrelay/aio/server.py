@@ -39,6 +39,7 @@ from migrelay.aio.listener import (
 from migrelay.aio.local import PeerRefused, SocketOwners, connect_socket, storage_socket
 from migrelay.aio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RelayMetrics
 from migrelay.aio.ratelimit import LogLimiter, clip
+from migrelay.aio.runner import RunOnce
 from migrelay.aio.workers import (
     DESCRIPTORS_PER_WORKER,
     SocketHandoff,
@@ -241,7 +242,7 @@ class RelayServer:
         #: Upgrade requests being checked, routed and connected (main loop tasks).
         self._upgrading: dict[_HandshakeProtocol, asyncio.Task[None]] = {}
         self._closing = False
-        self._close_task: asyncio.Task[None] | None = None
+        self._close_once = RunOnce(self._close)
         self.admission = Admission(config.max_handshakes, config.max_handshakes_per_address)
         self._reserve: DescriptorReserve | None = None
         #: Refusals and dropped connections are logged at most this often: a burst of
@@ -421,10 +422,7 @@ class RelayServer:
         Once begun, closing goes on to its end even if the caller is cancelled (a
         second stop signal while draining): a later call waits for the same end.
         """
-        if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(self._close())
-            self._close_task.add_done_callback(_retrieve)
-        await asyncio.shield(self._close_task)
+        await self._close_once()
 
     async def _close(self) -> None:
         self._closing = True
@@ -994,12 +992,6 @@ def describe_tls_failure(exc: BaseException) -> str:
         text = text.split("] ", 1)[-1]
         text = text.split(" (_ssl.c:", 1)[0]
     return text
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark a task's outcome as seen (its awaiters may all have been cancelled)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _format_address(address: object) -> str:
