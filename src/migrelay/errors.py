@@ -23,6 +23,8 @@
          ├─ MigrationCancelledError     cancelled here or by another QMP client
          ├─ PostcopyPausedError         stayed postcopy-paused: resume, do not cancel
          ├─ NotConvergingError          precopy cancelled at its deadline; names the cause
+         ├─ StreamStalledError          no data moved for --stall-timeout: migrate shut
+         │                              the stream down itself; QEMU's text follows
          ├─ MigrationFailed             ``migrate`` did not complete: the operator's line
          └─ CompatibilityError          the destination vm differs from the source in
                                         what both must share (qemu, machine, ram, devices)
@@ -240,6 +242,14 @@ class NotConvergingError(MigrationError):
     """Precopy did not complete by its deadline and was cancelled; the source runs on.
 
     ``str()`` names the cause (the guest's dirty rate against the link's rate).
+    """
+
+
+class StreamStalledError(MigrationError):
+    """No data moved for ``--stall-timeout``, so ``migrate`` shut the stuck stream down.
+
+    ``str()`` says so, then QEMU's own text: its "Broken pipe" is the shutdown's doing,
+    not a sign that the relay dropped the stream.
     """
 
 

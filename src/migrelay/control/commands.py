@@ -44,7 +44,6 @@ from migrelay.control.migration import (
     check_incoming,
     follow_migration,
     prepare_incoming,
-    shut_down_when_stalled,
     sleep_or_stop,
     start_migration,
 )
@@ -75,6 +74,7 @@ from migrelay.errors import (
     NotConvergingError,
     PostcopyPausedError,
     StateError,
+    StreamStalledError,
 )
 
 __all__ = [
@@ -720,7 +720,11 @@ async def _migrate_reporting(
                 # error"); the relay knows why (liveness timeout, destination closed).
                 error = f"{error} (relay: {relay.first_failure})"
                 message = f"migration failed: {error}"
-            elif relay is None and _stream_dropped(error) and not shut_down_when_stalled(exc):
+            elif (
+                relay is None
+                and _stream_dropped(error)
+                and not isinstance(exc, StreamStalledError)
+            ):
                 # The four-step form: the relay is another process (connect), whose
                 # log has the cause; QEMU only saw its end of the socket close. Not
                 # when migrate shut the stream down itself (--stall-timeout): then

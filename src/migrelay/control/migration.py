@@ -44,6 +44,7 @@ from migrelay.errors import (
     PostcopyPausedError,
     StateError,
     StorageError,
+    StreamStalledError,
     UnsupportedError,
 )
 
@@ -68,7 +69,6 @@ __all__ = [
     "follow_migration",
     "prepare_incoming",
     "require",
-    "shut_down_when_stalled",
     "sleep_or_stop",
     "start_migration",
     "wait_destination_completed",
@@ -771,26 +771,10 @@ class _StallWatch:
     def raise_if_ended(self, info: MigrationInfo) -> None:
         """Say why a migration that this watch shut down failed."""
         if self.yanked and info.status is MigrationStatus.FAILED:
-            raise MigrationError(
-                f"{_STALL_SHUTDOWN_TEXT.format(self.timeout)}; qemu: {info.error_desc or 'failed'}"
+            raise StreamStalledError(
+                f"no data moved for {self.timeout:g} s, so the stuck stream was shut down"
+                f" (a frozen relay or peer?); qemu: {info.error_desc or 'failed'}"
             )
-
-
-#: How `follow_migration` reports a migration it shut down itself (`_StallWatch`);
-#: QEMU's own text follows it.
-_STALL_SHUTDOWN_TEXT = (
-    "no data moved for {:g} s, so the stuck stream was shut down (a frozen relay or peer?)"
-)
-_STALL_SHUTDOWN_PREFIX = _STALL_SHUTDOWN_TEXT.split("{", 1)[0]
-
-
-def shut_down_when_stalled(exc: MigrationError) -> bool:
-    """Whether `follow_migration` itself shut ``exc``'s migration down, its stream stuck.
-
-    Then QEMU's "Broken pipe" (or "Input/output error") is the shutdown's doing, not a
-    sign that the relay dropped the stream.
-    """
-    return type(exc) is MigrationError and str(exc).startswith(_STALL_SHUTDOWN_PREFIX)
 
 
 async def _resume_postcopy(
